@@ -1,0 +1,32 @@
+// Opening a backing chain: the top image and, recursively, the images its
+// headers name as backing files.
+//
+// A relative backing file name is resolved against the directory of the
+// image that names it, as QEMU does. The backing format extension decides
+// how a backing file is read; without it the file is probed (qcow2 magic,
+// else raw). Chains deeper than kMaxBackingDepth are refused, which also
+// stops a chain that loops back on itself.
+
+#ifndef QCOW2FUSE_DATA_BACKING_H_
+#define QCOW2FUSE_DATA_BACKING_H_
+
+#include <memory>
+#include <string>
+
+#include "data/layer.h"
+#include "qcow2fuse/image.h"
+
+namespace qcow2fuse {
+
+inline constexpr int kMaxBackingDepth = 64;
+
+// Opens the qcow2 image at `path` as the top of its chain.
+Task<absl::StatusOr<std::unique_ptr<Layer>>> OpenChain(const std::string& path,
+                                                       const ImageOptions& options);
+
+// The path of `name` as seen from the image at `image_path`.
+std::string ResolveRelativeTo(const std::string& image_path, const std::string& name);
+
+}  // namespace qcow2fuse
+
+#endif  // QCOW2FUSE_DATA_BACKING_H_

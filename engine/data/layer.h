@@ -1,0 +1,40 @@
+// Layer: one image of a backing chain, as the layer above it sees it. A
+// qcow2 layer resolves what it does not hold through its own backing layer,
+// so the top layer answers for the whole chain.
+
+#ifndef QCOW2FUSE_DATA_LAYER_H_
+#define QCOW2FUSE_DATA_LAYER_H_
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "qcow2fuse/image.h"
+#include "qcow2fuse/task.h"
+
+namespace qcow2fuse {
+
+class Layer {
+ public:
+  virtual ~Layer() = default;
+
+  // Size of the disk this layer presents.
+  virtual uint64_t size() const = 0;
+  // Cluster size, for st_blksize and alignment (raw files report 64 KiB).
+  virtual uint64_t cluster_size() const = 0;
+
+  // Fills `out` from `offset`; the caller keeps the range inside size().
+  virtual Task<absl::Status> Read(uint64_t offset, std::span<uint8_t> out) = 0;
+
+  // Kind and length (1..max_length) of the run at `offset` < size(),
+  // resolved through the backing layers.
+  virtual Task<absl::StatusOr<Extent>> BlockStatus(uint64_t offset, uint64_t max_length) = 0;
+
+  // Lines describing this layer and those below it, for logs.
+  virtual std::string Describe() const = 0;
+};
+
+}  // namespace qcow2fuse
+
+#endif  // QCOW2FUSE_DATA_LAYER_H_

@@ -1,0 +1,266 @@
+#include "data/qcow2_layer.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "base/endian.h"
+#include "format/spec.h"
+#include "qcow2fuse/status.h"
+
+namespace qcow2fuse {
+namespace {
+
+// Inflated clusters kept; with 2 MiB clusters this is 8 MiB at most.
+constexpr size_t kInflatedCacheEntries = 4;
+
+L2Format MakeL2Format(const Header& h) {
+  L2Format f;
+  f.extended_l2 = h.has_extended_l2();
+  f.external_data_file = h.has_data_file();
+  f.cluster_bits = h.cluster_bits;
+  return f;
+}
+
+CompressionType MakeCompressionType(const Header& h) {
+  return h.compression_type == spec::kCompressionZstd ? CompressionType::kZstd
+                                                      : CompressionType::kDeflate;
+}
+
+std::string SizeString(uint64_t bytes) {
+  if (bytes >= (1u << 20) && bytes % (1u << 20) == 0) return absl::StrFormat("%u MiB", bytes >> 20);
+  if (bytes >= (1u << 10) && bytes % (1u << 10) == 0) return absl::StrFormat("%u KiB", bytes >> 10);
+  return absl::StrFormat("%u bytes", bytes);
+}
+
+}  // namespace
+
+Qcow2Layer::Qcow2Layer(std::unique_ptr<BlockFile> file, Header header,
+                       std::unique_ptr<BlockFile> data_file, std::unique_ptr<Layer> backing,
+                       const ImageOptions& options)
+    : file_(std::move(file)),
+      header_(std::move(header)),
+      external_data_file_(std::move(data_file)),
+      data_file_(external_data_file_ ? external_data_file_.get() : file_.get()),
+      backing_(std::move(backing)),
+      format_(MakeL2Format(header_)),
+      compression_(MakeCompressionType(header_)),
+      l2_cache_(file_.get(), L2Cache::SliceSizeFor(header_.cluster_size()), options.l2_cache_size) {}
+
+Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Open(
+    std::unique_ptr<BlockFile> file, Header header, std::unique_ptr<BlockFile> data_file,
+    std::unique_ptr<Layer> backing, const ImageOptions& options) {
+  std::unique_ptr<Qcow2Layer> layer(new Qcow2Layer(std::move(file), std::move(header),
+                                                   std::move(data_file), std::move(backing),
+                                                   options));
+  // The header check has bounded the L1 table to 32 MiB and to the file.
+  const Header& h = layer->header_;
+  std::vector<uint8_t> raw(uint64_t{h.l1_size} * spec::kL2EntrySize);
+  CO_RETURN_IF_ERROR(co_await layer->file_->Read(h.l1_table_offset, raw));
+  layer->l1_.resize(h.l1_size);
+  for (uint32_t i = 0; i < h.l1_size; ++i) layer->l1_[i] = LoadBE64(raw.data() + i * spec::kL2EntrySize);
+  co_return layer;
+}
+
+Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint64_t max_length) {
+  const uint32_t cluster_bits = header_.cluster_bits;
+  const uint64_t cluster_size = header_.cluster_size();
+  const uint64_t l2_entries = header_.l2_entries();
+  const uint64_t bytes_per_l2 = cluster_size * l2_entries;
+
+  const uint64_t l1_index = offset / bytes_per_l2;
+  if (l1_index >= l1_.size()) {
+    co_return absl::OutOfRangeError(absl::StrFormat(
+        "%s: guest offset %#x is beyond the L1 table (%u entries)", file_->name(), offset, l1_.size()));
+  }
+  uint64_t end = std::min(offset + max_length, (l1_index + 1) * bytes_per_l2);
+
+  const uint64_t l2_offset = L1EntryL2Offset(l1_[l1_index]);
+  if (l2_offset == 0) co_return Mapping{SubclusterType::kUnallocatedPlain, end - offset, 0, {}};
+  if ((l2_offset & (cluster_size - 1)) != 0 || l2_offset >= file_->size()) {
+    co_return absl::DataLossError(absl::StrFormat(
+        "%s: L1 entry %u points to an L2 table at %#x, which is %s", file_->name(), l1_index,
+        l2_offset, l2_offset >= file_->size() ? "past the end of the file" : "not cluster aligned"));
+  }
+
+  // The slice of the L2 table that holds the entry, and the guest range it maps.
+  const uint64_t l2_index = (offset >> cluster_bits) % l2_entries;
+  const uint64_t entries_per_slice = l2_cache_.slice_size() / format_.entry_size();
+  const uint64_t first_in_slice = l2_index - l2_index % entries_per_slice;
+  const uint64_t slice_offset = l2_offset + first_in_slice * format_.entry_size();
+  const uint64_t slice_guest_start = l1_index * bytes_per_l2 + (first_in_slice << cluster_bits);
+  end = std::min(end, slice_guest_start + (entries_per_slice << cluster_bits));
+
+  absl::StatusOr<std::shared_ptr<const L2Slice>> slice = co_await l2_cache_.Get(slice_offset);
+  if (!slice.ok()) co_return Annotate(slice.status(), "reading L2 table");
+
+  const uint32_t subcluster_bits = format_.subcluster_bits();
+  struct Piece {
+    SubclusterType type;
+    L2Entry entry;
+    uint64_t host;  // host offset of the guest byte, for kNormal
+  };
+  auto classify = [&](uint64_t pos) -> absl::StatusOr<Piece> {
+    const uint64_t index_in_slice = ((pos - slice_guest_start) >> cluster_bits);
+    const L2Entry entry =
+        DecodeL2Entry((*slice)->data() + index_in_slice * format_.entry_size(), format_);
+    const uint32_t subcluster = (pos & (cluster_size - 1)) >> subcluster_bits;
+    const SubclusterType type = GetSubclusterType(entry, subcluster, format_);
+    auto damaged = [&](std::string_view why) {
+      return absl::DataLossError(absl::StrFormat(
+          "%s: L2 table at %#x, entry %u (guest offset %#x, value %#016x:%#016x): %s", file_->name(),
+          l2_offset, first_in_slice + index_in_slice, pos, entry.descriptor, entry.bitmap, why));
+    };
+    if (type == SubclusterType::kInvalid) return damaged("the subcluster is both allocated and zero, or allocated without a host cluster");
+    uint64_t host = 0;
+    if (type == SubclusterType::kNormal) {
+      const uint64_t host_cluster = L2EntryHostOffset(entry);
+      if ((host_cluster & (cluster_size - 1)) != 0) return damaged("host offset is not cluster aligned");
+      if (!external_data_file_ && host_cluster >= file_->size()) {
+        return damaged("host offset points past the end of the file");
+      }
+      host = host_cluster + (pos & (cluster_size - 1));
+    } else if (type == SubclusterType::kCompressed) {
+      if (header_.has_data_file()) return damaged("compressed cluster in an image with an external data file");
+      if (DecodeCompressedDescriptor(entry.descriptor, cluster_bits).host_offset >= file_->size()) {
+        return damaged("compressed data starts past the end of the file");
+      }
+    }
+    return Piece{type, entry, host};
+  };
+  auto next_boundary = [&](uint64_t pos, SubclusterType type) {
+    // A compressed cluster is one unit; everything else goes subcluster by subcluster.
+    const uint32_t bits = type == SubclusterType::kCompressed ? cluster_bits : subcluster_bits;
+    return std::min(end, ((pos >> bits) + 1) << bits);
+  };
+
+  absl::StatusOr<Piece> first = classify(offset);
+  if (!first.ok()) co_return first.status();
+  Mapping m{first->type, 0, first->host, {}};
+  if (m.type == SubclusterType::kCompressed) {
+    m.compressed = DecodeCompressedDescriptor(first->entry.descriptor, cluster_bits);
+    m.length = next_boundary(offset, m.type) - offset;
+    co_return m;
+  }
+  uint64_t pos = next_boundary(offset, m.type);
+  while (pos < end) {
+    absl::StatusOr<Piece> next = classify(pos);
+    // A damaged entry further on ends the run; the caller meets it next.
+    if (!next.ok() || next->type != m.type) break;
+    if (m.type == SubclusterType::kNormal && next->host != m.host_offset + (pos - offset)) break;
+    pos = next_boundary(pos, m.type);
+  }
+  m.length = pos - offset;
+  co_return m;
+}
+
+Task<absl::Status> Qcow2Layer::Read(uint64_t offset, std::span<uint8_t> out) {
+  while (!out.empty()) {
+    absl::StatusOr<Mapping> m = co_await Map(offset, out.size());
+    if (!m.ok()) co_return m.status();
+    std::span<uint8_t> chunk = out.first(m->length);
+    switch (m->type) {
+      case SubclusterType::kNormal:
+        CO_RETURN_IF_ERROR(co_await data_file_->Read(m->host_offset, chunk));
+        break;
+      case SubclusterType::kZeroPlain:
+      case SubclusterType::kZeroAlloc:
+        std::memset(chunk.data(), 0, chunk.size());
+        break;
+      case SubclusterType::kUnallocatedPlain:
+      case SubclusterType::kUnallocatedAlloc:
+        CO_RETURN_IF_ERROR(co_await ReadBacking(offset, chunk));
+        break;
+      case SubclusterType::kCompressed:
+        CO_RETURN_IF_ERROR(co_await ReadCompressed(offset, m->compressed, chunk));
+        break;
+      case SubclusterType::kInvalid:  // Map() reports these as errors
+        co_return absl::InternalError("invalid subcluster type from Map");
+    }
+    offset += chunk.size();
+    out = out.subspan(chunk.size());
+  }
+  co_return absl::OkStatus();
+}
+
+Task<absl::Status> Qcow2Layer::ReadBacking(uint64_t offset, std::span<uint8_t> out) {
+  // Past the end of a shorter backing file the disk reads as zeros.
+  const uint64_t backing_size = backing_ ? backing_->size() : 0;
+  const uint64_t from_backing = offset < backing_size ? std::min<uint64_t>(out.size(), backing_size - offset) : 0;
+  std::memset(out.data() + from_backing, 0, out.size() - from_backing);
+  if (from_backing == 0) co_return absl::OkStatus();
+  co_return co_await backing_->Read(offset, out.first(from_backing));
+}
+
+Task<absl::Status> Qcow2Layer::ReadCompressed(uint64_t offset, const CompressedDescriptor& descriptor,
+                                              std::span<uint8_t> out) {
+  absl::StatusOr<std::shared_ptr<const std::vector<uint8_t>>> cluster = co_await Decompress(descriptor);
+  if (!cluster.ok()) {
+    co_return Annotate(cluster.status(),
+                       absl::StrFormat("%s: compressed cluster at host offset %#x (guest offset %#x)",
+                                       file_->name(), descriptor.host_offset, offset));
+  }
+  const uint64_t in_cluster = offset & (header_.cluster_size() - 1);
+  std::memcpy(out.data(), (*cluster)->data() + in_cluster, out.size());
+  co_return absl::OkStatus();
+}
+
+Task<absl::StatusOr<std::shared_ptr<const std::vector<uint8_t>>>> Qcow2Layer::Decompress(
+    const CompressedDescriptor& descriptor) {
+  {
+    std::lock_guard lock(inflated_mu_);
+    for (auto it = inflated_.begin(); it != inflated_.end(); ++it) {
+      if (it->host_offset == descriptor.host_offset) {
+        inflated_.splice(inflated_.begin(), inflated_, it);
+        co_return it->data;
+      }
+    }
+  }
+  // The stream may be cut short by the end of the file; the decoder says
+  // whether what is there is enough.
+  const uint64_t available = file_->size() - descriptor.host_offset;
+  std::vector<uint8_t> compressed(std::min(descriptor.max_size, available));
+  CO_RETURN_IF_ERROR(co_await file_->Read(descriptor.host_offset, compressed));
+  auto cluster = std::make_shared<std::vector<uint8_t>>(header_.cluster_size());
+  CO_RETURN_IF_ERROR(DecompressCluster(compression_, compressed, *cluster));
+
+  std::lock_guard lock(inflated_mu_);
+  inflated_.push_front({descriptor.host_offset, cluster});
+  if (inflated_.size() > kInflatedCacheEntries) inflated_.pop_back();
+  co_return std::shared_ptr<const std::vector<uint8_t>>(std::move(cluster));
+}
+
+Task<absl::StatusOr<Extent>> Qcow2Layer::BlockStatus(uint64_t offset, uint64_t max_length) {
+  absl::StatusOr<Mapping> m = co_await Map(offset, max_length);
+  if (!m.ok()) co_return m.status();
+  switch (m->type) {
+    case SubclusterType::kNormal:
+    case SubclusterType::kCompressed:
+      co_return Extent{ExtentKind::kData, m->length};
+    case SubclusterType::kZeroPlain:
+    case SubclusterType::kZeroAlloc:
+      co_return Extent{ExtentKind::kZero, m->length};
+    default:
+      break;
+  }
+  const uint64_t backing_size = backing_ ? backing_->size() : 0;
+  if (offset >= backing_size) co_return Extent{ExtentKind::kUnallocated, m->length};
+  co_return co_await backing_->BlockStatus(offset, std::min(m->length, backing_size - offset));
+}
+
+std::string Qcow2Layer::Describe() const {
+  std::vector<std::string> traits;
+  traits.push_back(SizeString(header_.cluster_size()) + " clusters");
+  if (header_.has_extended_l2()) traits.push_back("extended L2");
+  if (header_.compression_type == spec::kCompressionZstd) traits.push_back("zstd");
+  if (external_data_file_) traits.push_back("data file " + external_data_file_->name());
+  if (header_.incompatible_features & spec::kIncompatDirty) traits.push_back("dirty");
+  if (header_.incompatible_features & spec::kIncompatCorrupt) traits.push_back("marked corrupt");
+  std::string line = absl::StrFormat("qcow2 v%u image %s (%u bytes; %s)", header_.version, file_->name(),
+                                     header_.size, absl::StrJoin(traits, ", "));
+  if (backing_) line += "\n  backed by " + backing_->Describe();
+  return line;
+}
+
+}  // namespace qcow2fuse

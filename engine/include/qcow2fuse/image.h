@@ -1,0 +1,90 @@
+// Image: a qcow2 disk image, with its backing chain, seen as a disk of
+// virtual_size() bytes. This is the engine's whole public API; front ends
+// (the FUSE binary, tests) use nothing else.
+//
+// Every operation is a Task. Open it with SyncWait(Image::Open(...)); run
+// the rest on a Scheduler. Operations on one Image may run concurrently.
+//
+// Today the engine reads; writes come with the write path.
+
+#ifndef QCOW2FUSE_IMAGE_H_
+#define QCOW2FUSE_IMAGE_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "qcow2fuse/task.h"
+
+namespace qcow2fuse {
+
+struct ImageOptions {
+  // Open for reading only. Must be true until the engine can write.
+  bool read_only = true;
+  // Bytes of L2 table slices each image of the chain may cache.
+  uint64_t l2_cache_size = uint64_t{4} << 20;
+  // Path of the external data file, overriding the name the image records.
+  std::string data_file;
+};
+
+// What a run of the disk holds, following the backing chain.
+enum class ExtentKind {
+  kData,         // stored data (possibly compressed) somewhere in the chain
+  kZero,         // known to read as zeros (zero clusters, holes of a raw file)
+  kUnallocated,  // allocated nowhere in the chain: reads as zeros
+};
+
+struct Extent {
+  ExtentKind kind;
+  uint64_t length;
+};
+
+class Layer;
+
+class Image {
+ public:
+  // Opens the qcow2 image at `path` and its whole backing chain. Errors say
+  // which file and which field are wrong.
+  static Task<absl::StatusOr<std::unique_ptr<Image>>> Open(std::string path, ImageOptions options);
+
+  ~Image();
+  Image(const Image&) = delete;
+  Image& operator=(const Image&) = delete;
+
+  // Size of the disk in bytes.
+  uint64_t virtual_size() const { return virtual_size_; }
+  uint64_t cluster_size() const { return cluster_size_; }
+  bool read_only() const { return options_.read_only; }
+
+  // Fills `out` with the disk's bytes from `offset`. The range must lie
+  // inside the disk (OutOfRangeError otherwise). A damaged metadata entry
+  // met on the way fails this read with DataLossError naming the entry;
+  // other reads are unaffected.
+  Task<absl::Status> Read(uint64_t offset, std::span<uint8_t> out);
+
+  // The kind of the run starting at `offset` (< virtual_size()) and its
+  // length, at most `max_length`. Adjacent runs of one kind are merged.
+  Task<absl::StatusOr<Extent>> BlockStatus(uint64_t offset, uint64_t max_length);
+
+  // Bytes of the disk that are kData, for st_blocks. Computed once.
+  Task<absl::StatusOr<uint64_t>> AllocatedBytes();
+
+  // One line per image of the chain, top first, for logs.
+  std::string DescribeChain() const;
+
+ private:
+  Image(std::unique_ptr<Layer> top, ImageOptions options);
+
+  const std::unique_ptr<Layer> top_;
+  const ImageOptions options_;
+  const uint64_t virtual_size_;
+  const uint64_t cluster_size_;
+  std::optional<uint64_t> allocated_bytes_;
+};
+
+}  // namespace qcow2fuse
+
+#endif  // QCOW2FUSE_IMAGE_H_

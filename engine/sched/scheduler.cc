@@ -1,0 +1,60 @@
+#include "qcow2fuse/scheduler.h"
+
+namespace qcow2fuse {
+
+Scheduler::Scheduler(int threads) {
+  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { RunThread(); });
+}
+
+Scheduler::~Scheduler() {
+  Drain();
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+  }
+  work_cv_.notify_all();
+  for (std::thread& t : threads_) t.join();
+}
+
+void Scheduler::Spawn(Task<void> task) {
+  {
+    std::lock_guard lock(mu_);
+    ++in_flight_;
+  }
+  Post(RunSpawned(this, std::move(task)).handle);
+}
+
+void Scheduler::Drain() {
+  std::unique_lock lock(mu_);
+  idle_cv_.wait(lock, [this] { return in_flight_ == 0; });
+}
+
+void Scheduler::Post(std::coroutine_handle<> h) {
+  {
+    std::lock_guard lock(mu_);
+    queue_.push_back(h);
+  }
+  work_cv_.notify_one();
+}
+
+internal::DetachedCoroutine Scheduler::RunSpawned(Scheduler* self, Task<void> task) {
+  co_await std::move(task);
+  std::lock_guard lock(self->mu_);
+  if (--self->in_flight_ == 0) self->idle_cv_.notify_all();
+}
+
+void Scheduler::RunThread() {
+  for (;;) {
+    std::coroutine_handle<> h;
+    {
+      std::unique_lock lock(mu_);
+      work_cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stop_ and nothing left
+      h = queue_.front();
+      queue_.pop_front();
+    }
+    h.resume();
+  }
+}
+
+}  // namespace qcow2fuse

@@ -1,0 +1,246 @@
+// qcow2fuse: shows a qcow2 disk image as one raw file.
+//
+// Start-up order matters for error reporting: everything that can fail
+// (options, opening the image and its chain, the mountpoint, the mount
+// itself) happens before the command returns, so a failure is one line on
+// stderr and a non-zero exit with nothing mounted. Without -f the work is
+// done in a child process, and the parent waits until the child reports
+// that the kernel's INIT was answered: then the view answers requests.
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "log.h"
+#include "ops.h"
+#include "options.h"
+#include "qcow2fuse/image.h"
+#include "qcow2fuse/scheduler.h"
+#include "qcow2fuse/status.h"
+
+namespace qcow2fuse {
+namespace {
+
+constexpr char kVersion[] = "0.1.0";
+
+// Reports the outcome of start-up to the waiting parent, once: an empty
+// message means success. Without a parent (-f) it does nothing.
+class StartupReport {
+ public:
+  explicit StartupReport(int fd) : fd_(fd) {}
+  ~StartupReport() {
+    if (fd_ >= 0) close(fd_);
+  }
+  void Send(const std::string& error) {
+    if (fd_ < 0) return;
+    const char status = error.empty() ? 0 : 1;
+    (void)!write(fd_, &status, 1);
+    (void)!write(fd_, error.data(), error.size());
+    close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_;
+};
+
+// Makes sure MOUNTPOINT is a regular file, creating it if missing. Returns
+// whether it was created (and so is ours to remove afterwards).
+absl::StatusOr<bool> PrepareMountpoint(const std::string& path, struct stat& st) {
+  if (stat(path.c_str(), &st) == 0) {
+    if (!S_ISREG(st.st_mode)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "mountpoint %s is not a regular file (the view is one file, not a directory)", path));
+    }
+    return false;
+  }
+  if (errno != ENOENT) return ErrnoStatus(errno, absl::StrFormat("mountpoint %s", path));
+  int fd = open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoStatus(errno, absl::StrFormat("create mountpoint %s", path));
+  fstat(fd, &st);
+  close(fd);
+  return true;
+}
+
+void DetachFromTerminal() {
+  setsid();
+  if (chdir("/") != 0) {
+    // Harmless: every path we use is absolute.
+  }
+  int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+  if (null >= 0) {
+    dup2(null, STDIN_FILENO);
+    dup2(null, STDOUT_FILENO);
+    dup2(null, STDERR_FILENO);
+    if (null > STDERR_FILENO) close(null);
+  }
+}
+
+// Everything from opening the image to unmounting. Returns the exit code.
+int Serve(const MountOptions& options, StartupReport& report) {
+  auto fail = [&](const std::string& message) {
+    if (options.foreground) std::fprintf(stderr, "qcow2fuse: %s\n", message.c_str());
+    report.Send(message);
+    return 1;
+  };
+
+  absl::StatusOr<std::unique_ptr<Image>> image =
+      SyncWait(Image::Open(options.image, options.image_options));
+  if (!image.ok()) return fail(std::string(image.status().message()));
+
+  MountState state;
+  state.image = image->get();
+  state.image_path = options.image;
+  absl::StatusOr<bool> created = PrepareMountpoint(options.mountpoint, state.mountpoint_stat);
+  if (!created.ok()) return fail(std::string(created.status().message()));
+  auto remove_created = [&] {
+    if (*created) unlink(options.mountpoint.c_str());
+  };
+
+  std::vector<std::string> arg_strings = {"qcow2fuse", "-o"};
+  std::string mount_opts = "fsname=" + options.image + ",subtype=qcow2fuse,default_permissions";
+  if (options.image_options.read_only) mount_opts += ",ro";
+  if (options.allow_other) mount_opts += ",allow_other";
+  arg_strings.push_back(mount_opts);
+  if (options.debug) arg_strings.push_back("-d");
+  std::vector<char*> argv;
+  for (std::string& s : arg_strings) argv.push_back(s.data());
+  struct fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+
+  fuse_session* session = fuse_session_new(&args, &Operations(), sizeof(fuse_lowlevel_ops), &state);
+  if (session == nullptr) {
+    remove_created();
+    return fail("cannot create the FUSE session");
+  }
+  if (fuse_session_mount(session, options.mountpoint.c_str()) != 0) {
+    fuse_session_destroy(session);
+    remove_created();
+    return fail(absl::StrFormat("cannot mount on %s (is /dev/fuse available?)", options.mountpoint));
+  }
+  if (fuse_set_signal_handlers(session) != 0) {
+    fuse_session_unmount(session);
+    fuse_session_destroy(session);
+    remove_created();
+    return fail("cannot install signal handlers");
+  }
+
+  if (!options.pidfile.empty()) {
+    if (FILE* f = std::fopen(options.pidfile.c_str(), "w")) {
+      std::fprintf(f, "%d\n", getpid());
+      std::fclose(f);
+    }
+  }
+
+  int loop_result;
+  {
+    // Threads start here, after any fork.
+    Scheduler scheduler(1);
+    state.scheduler = &scheduler;
+    state.on_ready = [&] {
+      if (!options.foreground) {
+        report.Send("");
+        LogToSyslog();
+        DetachFromTerminal();
+      }
+      Log(LogLevel::kInfo, absl::StrFormat("serving %s on %s: %s", options.image,
+                                           options.mountpoint, (*image)->DescribeChain()));
+    };
+    loop_result = fuse_session_loop(session);
+    // Requests still running hold `req` pointers of this session.
+    scheduler.Drain();
+  }
+
+  fuse_remove_signal_handlers(session);
+  fuse_session_unmount(session);
+  fuse_session_destroy(session);
+  remove_created();
+  if (!options.pidfile.empty()) unlink(options.pidfile.c_str());
+  // A signal ends the loop with -signum: a clean stop, as is an unmount.
+  if (loop_result != 0 && loop_result != -SIGTERM && loop_result != -SIGINT &&
+      loop_result != -SIGHUP) {
+    Log(LogLevel::kError, absl::StrFormat("FUSE session ended with error %d", loop_result));
+    return 1;
+  }
+  Log(LogLevel::kInfo, "unmounted");
+  return 0;
+}
+
+// Forks; the parent waits for the child's start-up report and exits with
+// its outcome, the child goes on to serve.
+int Daemonize(const MountOptions& options) {
+  int pipe_fds[2];
+  if (pipe2(pipe_fds, O_CLOEXEC) != 0) {
+    std::fprintf(stderr, "qcow2fuse: pipe: %s\n", std::strerror(errno));
+    return 1;
+  }
+  pid_t pid = fork();
+  if (pid < 0) {
+    std::fprintf(stderr, "qcow2fuse: fork: %s\n", std::strerror(errno));
+    return 1;
+  }
+  if (pid == 0) {
+    close(pipe_fds[0]);
+    StartupReport report(pipe_fds[1]);
+    int code = Serve(options, report);
+    _exit(code);
+  }
+  close(pipe_fds[1]);
+  char status = 1;
+  std::string message;
+  ssize_t n = read(pipe_fds[0], &status, 1);
+  char buf[4096];
+  ssize_t m;
+  while ((m = read(pipe_fds[0], buf, sizeof buf)) > 0) message.append(buf, m);
+  close(pipe_fds[0]);
+  if (n == 1 && status == 0) return 0;
+  if (message.empty()) {
+    int wstatus;
+    waitpid(pid, &wstatus, 0);
+    message = "the daemon exited during start-up";
+  }
+  std::fprintf(stderr, "qcow2fuse: %s\n", message.c_str());
+  return 1;
+}
+
+int Main(int argc, char** argv) {
+  absl::StatusOr<MountOptions> options = ParseCommandLine(argc, argv);
+  if (!options.ok()) {
+    std::fprintf(stderr, "qcow2fuse: %s\n%s", std::string(options.status().message()).c_str(),
+                 UsageText());
+    return 2;
+  }
+  if (options->help) {
+    std::fputs(UsageText(), stdout);
+    return 0;
+  }
+  if (options->version) {
+    std::printf("qcow2fuse %s (libfuse %s)\n", kVersion, fuse_pkgversion());
+    return 0;
+  }
+  if (!options->image_options.read_only) {
+    std::fprintf(stderr,
+                 "qcow2fuse: read-write mounts are not supported yet; mount with -o ro\n");
+    return 1;
+  }
+  if (options->foreground) {
+    StartupReport none(-1);
+    return Serve(*options, none);
+  }
+  return Daemonize(*options);
+}
+
+}  // namespace
+}  // namespace qcow2fuse
+
+int main(int argc, char** argv) { return qcow2fuse::Main(argc, argv); }

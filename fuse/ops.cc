@@ -1,0 +1,157 @@
+#include "ops.h"
+
+#include <errno.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "errno_map.h"
+#include "log.h"
+
+namespace qcow2fuse {
+namespace {
+
+// The kernel may cache the attributes of the view this long: the disk size
+// only changes when we change it.
+constexpr double kAttrTimeoutSeconds = 1.0;
+constexpr off_t kStatBlockSize = 512;  // st_blocks unit
+
+MountState& State(fuse_req_t req) { return *static_cast<MountState*>(fuse_req_userdata(req)); }
+
+void ReplyError(fuse_req_t req, const absl::Status& status, std::string_view what) {
+  const int err = StatusToErrno(status);
+  Log(LogLevel::kError, absl::StrFormat("%s: %s", what, status.ToString()));
+  fuse_reply_err(req, err);
+}
+
+Task<absl::StatusOr<struct stat>> Attributes(MountState& m) {
+  struct stat st = {};
+  st.st_ino = FUSE_ROOT_ID;
+  st.st_mode = S_IFREG | (m.mountpoint_stat.st_mode & 07777);
+  if (m.image->read_only()) st.st_mode &= ~(S_IWUSR | S_IWGRP | S_IWOTH);
+  st.st_nlink = 1;
+  st.st_uid = m.mountpoint_stat.st_uid;
+  st.st_gid = m.mountpoint_stat.st_gid;
+  st.st_size = m.image->virtual_size();
+  st.st_blksize = std::min<uint64_t>(m.image->cluster_size(), uint64_t{1} << 20);
+  absl::StatusOr<uint64_t> allocated = co_await m.image->AllocatedBytes();
+  if (!allocated.ok()) co_return allocated.status();
+  st.st_blocks = (*allocated + kStatBlockSize - 1) / kStatBlockSize;
+  struct stat image_st;
+  if (stat(m.image_path.c_str(), &image_st) == 0) {
+    st.st_atim = image_st.st_atim;
+    st.st_mtim = image_st.st_mtim;
+    st.st_ctim = image_st.st_ctim;
+  }
+  co_return st;
+}
+
+Task<void> GetAttr(fuse_req_t req) {
+  absl::StatusOr<struct stat> st = co_await Attributes(State(req));
+  if (!st.ok()) co_return ReplyError(req, st.status(), "getattr");
+  fuse_reply_attr(req, &*st, kAttrTimeoutSeconds);
+}
+
+Task<void> Read(fuse_req_t req, size_t size, off_t offset) {
+  Image& image = *State(req).image;
+  const uint64_t disk = image.virtual_size();
+  const uint64_t start = std::min<uint64_t>(offset, disk);
+  std::vector<uint8_t> buf(std::min<uint64_t>(size, disk - start));
+  absl::Status status = co_await image.Read(start, buf);
+  if (!status.ok()) {
+    co_return ReplyError(req, status, absl::StrFormat("read of %u bytes at offset %u", buf.size(), start));
+  }
+  fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), buf.size());
+}
+
+// SEEK_DATA and SEEK_HOLE, with a regular file's semantics: ENXIO at or past
+// the end, and for SEEK_DATA when no data follows; the end of the file is
+// the last hole.
+Task<void> Lseek(fuse_req_t req, off_t offset, int whence) {
+  Image& image = *State(req).image;
+  const uint64_t disk = image.virtual_size();
+  if (whence != SEEK_DATA && whence != SEEK_HOLE) co_return (void)fuse_reply_err(req, EINVAL);
+  if (offset < 0 || static_cast<uint64_t>(offset) >= disk) co_return (void)fuse_reply_err(req, ENXIO);
+  uint64_t pos = offset;
+  while (pos < disk) {
+    absl::StatusOr<Extent> e = co_await image.BlockStatus(pos, disk - pos);
+    if (!e.ok()) co_return ReplyError(req, e.status(), absl::StrFormat("lseek at offset %u", pos));
+    const bool data = e->kind == ExtentKind::kData;
+    if (data == (whence == SEEK_DATA)) co_return (void)fuse_reply_lseek(req, pos);
+    pos += e->length;
+  }
+  if (whence == SEEK_DATA) co_return (void)fuse_reply_err(req, ENXIO);
+  fuse_reply_lseek(req, disk);
+}
+
+void OnInit(void* userdata, struct fuse_conn_info* conn) {
+  conn->want |= conn->capable & FUSE_CAP_ASYNC_READ;
+  MountState& m = *static_cast<MountState*>(userdata);
+  if (m.on_ready) m.on_ready();
+}
+
+void OnGetAttr(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) {
+  State(req).scheduler->Spawn(GetAttr(req));
+}
+
+void OnSetAttr(fuse_req_t req, fuse_ino_t, struct stat*, int, struct fuse_file_info*) {
+  fuse_reply_err(req, State(req).image->read_only() ? EROFS : EOPNOTSUPP);
+}
+
+void OnOpen(fuse_req_t req, fuse_ino_t, struct fuse_file_info* fi) {
+  MountState& m = State(req);
+  if ((fi->flags & O_ACCMODE) != O_RDONLY && m.image->read_only()) {
+    fuse_reply_err(req, EROFS);
+    return;
+  }
+  // Nothing else changes the view of a read-only mount, so the kernel may
+  // keep what it cached across opens.
+  fi->keep_cache = m.image->read_only();
+  fuse_reply_open(req, fi);
+}
+
+void OnRead(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, struct fuse_file_info*) {
+  State(req).scheduler->Spawn(Read(req, size, offset));
+}
+
+void OnLseek(fuse_req_t req, fuse_ino_t, off_t offset, int whence, struct fuse_file_info*) {
+  State(req).scheduler->Spawn(Lseek(req, offset, whence));
+}
+
+void OnFlush(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_err(req, 0); }
+
+void OnRelease(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_err(req, 0); }
+
+void OnStatfs(fuse_req_t req, fuse_ino_t) {
+  // The space that matters is that of the filesystem holding the image.
+  struct statvfs st;
+  if (statvfs(State(req).image_path.c_str(), &st) != 0) {
+    fuse_reply_err(req, errno);
+    return;
+  }
+  fuse_reply_statfs(req, &st);
+}
+
+}  // namespace
+
+const fuse_lowlevel_ops& Operations() {
+  static const fuse_lowlevel_ops ops = [] {
+    fuse_lowlevel_ops o = {};
+    o.init = OnInit;
+    o.getattr = OnGetAttr;
+    o.setattr = OnSetAttr;
+    o.open = OnOpen;
+    o.read = OnRead;
+    o.flush = OnFlush;
+    o.release = OnRelease;
+    o.statfs = OnStatfs;
+    o.lseek = OnLseek;
+    return o;
+  }();
+  return ops;
+}
+
+}  // namespace qcow2fuse

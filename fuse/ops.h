@@ -1,0 +1,37 @@
+// The FUSE low-level operations of a mount. The file system has a single
+// inode, the root, which is the raw view of the image.
+//
+// Each callback copies what it needs from its arguments (libfuse frees
+// them when the callback returns), spawns a coroutine on the mount's
+// scheduler, and returns; the coroutine replies. No qcow2 logic lives here.
+
+#ifndef QCOW2FUSE_FUSE_OPS_H_
+#define QCOW2FUSE_FUSE_OPS_H_
+
+#define FUSE_USE_VERSION 314
+#include <fuse_lowlevel.h>
+#include <sys/stat.h>
+
+#include <functional>
+#include <string>
+
+#include "qcow2fuse/image.h"
+#include "qcow2fuse/scheduler.h"
+
+namespace qcow2fuse {
+
+struct MountState {
+  Image* image = nullptr;
+  Scheduler* scheduler = nullptr;
+  std::string image_path;  // for statfs and timestamps
+  struct stat mountpoint_stat {};  // owner and permissions of the view
+  // Called once, when the kernel's INIT has been answered: the mount is live.
+  std::function<void()> on_ready;
+};
+
+// The operations table; the session's userdata must be a MountState*.
+const fuse_lowlevel_ops& Operations();
+
+}  // namespace qcow2fuse
+
+#endif  // QCOW2FUSE_FUSE_OPS_H_

@@ -1,0 +1,140 @@
+#include "options.h"
+
+#include <limits.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+
+namespace qcow2fuse {
+namespace {
+
+// realpath() of the parent directory joined with the last component, so the
+// path survives the daemon's chdir("/") even if the file does not exist yet.
+absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
+  if (path.empty()) return absl::InvalidArgumentError("empty path");
+  if (path[0] == '/') return path;
+  char cwd[PATH_MAX];
+  if (getcwd(cwd, sizeof cwd) == nullptr) return absl::InternalError("cannot get the working directory");
+  return std::string(cwd) + "/" + path;
+}
+
+absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
+  std::vector<std::string> kv = absl::StrSplit(option, absl::MaxSplits('=', 1));
+  const std::string& key = kv[0];
+  const bool has_value = kv.size() == 2;
+  if (key == "ro" && !has_value) {
+    out.image_options.read_only = true;
+  } else if (key == "rw" && !has_value) {
+    out.image_options.read_only = false;
+  } else if (key == "allow_other" && !has_value) {
+    out.allow_other = true;
+  } else if (key == "l2_cache_size" && has_value) {
+    absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
+    if (!bytes.ok()) return bytes.status();
+    out.image_options.l2_cache_size = *bytes;
+  } else if (key == "data_file" && has_value && !kv[1].empty()) {
+    absl::StatusOr<std::string> path = AbsolutePath(kv[1]);
+    if (!path.ok()) return path.status();
+    out.image_options.data_file = *path;
+  } else {
+    return absl::InvalidArgumentError(absl::StrFormat("unknown mount option '%s'", option));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const char* UsageText() {
+  return "usage: qcow2fuse [options] IMAGE MOUNTPOINT\n"
+         "\n"
+         "Shows the qcow2 disk image IMAGE as the raw file MOUNTPOINT (a regular\n"
+         "file, created if missing and removed again at unmount).\n"
+         "Unmount with: fusermount3 -u MOUNTPOINT\n"
+         "\n"
+         "options:\n"
+         "  -o ro                  read-only view (required for now)\n"
+         "  -o allow_other         let other users access the view\n"
+         "  -o l2_cache_size=SIZE  L2 table cache per image (default 4M)\n"
+         "  -o data_file=PATH      the image's external data file\n"
+         "  -f                     stay in the foreground, log to stderr\n"
+         "  -d                     foreground, with libfuse's request trace\n"
+         "  --pidfile PATH         write the daemon's process id to PATH\n"
+         "  -h, --help             this text\n"
+         "  -V, --version          the version\n";
+}
+
+absl::StatusOr<uint64_t> ParseByteSize(const std::string& text) {
+  std::string digits = text;
+  uint64_t multiplier = 1;
+  if (!digits.empty()) {
+    switch (digits.back()) {
+      case 'k': case 'K': multiplier = uint64_t{1} << 10; break;
+      case 'm': case 'M': multiplier = uint64_t{1} << 20; break;
+      case 'g': case 'G': multiplier = uint64_t{1} << 30; break;
+      case 't': case 'T': multiplier = uint64_t{1} << 40; break;
+      default: break;
+    }
+    if (multiplier != 1) digits.pop_back();
+  }
+  uint64_t value;
+  if (!absl::SimpleAtoi(digits, &value) || value > UINT64_MAX / multiplier) {
+    return absl::InvalidArgumentError(absl::StrFormat("'%s' is not a size", text));
+  }
+  return value * multiplier;
+}
+
+absl::StatusOr<MountOptions> ParseCommandLine(int argc, char** argv) {
+  MountOptions out;
+  out.image_options.read_only = false;  // a plain mount asks for writing
+  std::vector<std::string> positional;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto next = [&]() -> absl::StatusOr<std::string> {
+      if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrFormat("%s needs a value", arg));
+      return std::string(argv[++i]);
+    };
+    if (arg == "-h" || arg == "--help") {
+      out.help = true;
+    } else if (arg == "-V" || arg == "--version") {
+      out.version = true;
+    } else if (arg == "-f") {
+      out.foreground = true;
+    } else if (arg == "-d") {
+      out.debug = out.foreground = true;
+    } else if (arg == "-o") {
+      absl::StatusOr<std::string> value = next();
+      if (!value.ok()) return value.status();
+      for (const std::string& option : std::vector<std::string>(absl::StrSplit(*value, ',', absl::SkipEmpty()))) {
+        if (absl::Status s = ApplyMountOption(option, out); !s.ok()) return s;
+      }
+    } else if (arg == "--pidfile") {
+      absl::StatusOr<std::string> value = next();
+      if (!value.ok()) return value.status();
+      absl::StatusOr<std::string> path = AbsolutePath(*value);
+      if (!path.ok()) return path.status();
+      out.pidfile = *path;
+    } else if (arg.size() > 1 && arg[0] == '-') {
+      return absl::InvalidArgumentError(absl::StrFormat("unknown option '%s'", arg));
+    } else {
+      positional.push_back(arg);
+    }
+  }
+  if (out.help || out.version) return out;
+  if (positional.size() != 2) {
+    return absl::InvalidArgumentError("expected an IMAGE and a MOUNTPOINT");
+  }
+  absl::StatusOr<std::string> image = AbsolutePath(positional[0]);
+  if (!image.ok()) return image.status();
+  absl::StatusOr<std::string> mountpoint = AbsolutePath(positional[1]);
+  if (!mountpoint.ok()) return mountpoint.status();
+  out.image = *image;
+  out.mountpoint = *mountpoint;
+  return out;
+}
+
+}  // namespace qcow2fuse

@@ -1,0 +1,39 @@
+// The command line of qcow2fuse.
+//
+//   qcow2fuse [-f] [-d] [-o OPT[,OPT...]] [--pidfile PATH] IMAGE MOUNTPOINT
+
+#ifndef QCOW2FUSE_FUSE_OPTIONS_H_
+#define QCOW2FUSE_FUSE_OPTIONS_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "qcow2fuse/image.h"
+
+namespace qcow2fuse {
+
+struct MountOptions {
+  std::string image;       // absolute path
+  std::string mountpoint;  // absolute path
+  bool foreground = false;
+  bool debug = false;  // libfuse's request trace; implies foreground
+  bool allow_other = false;
+  std::string pidfile;
+  bool help = false;
+  bool version = false;
+  ImageOptions image_options;
+};
+
+// Parses argv. Errors are usage errors, to print with the usage text.
+absl::StatusOr<MountOptions> ParseCommandLine(int argc, char** argv);
+
+// The --help text.
+const char* UsageText();
+
+// Parses "4096", "64K", "8M", "1G" (powers of 1024).
+absl::StatusOr<uint64_t> ParseByteSize(const std::string& text);
+
+}  // namespace qcow2fuse
+
+#endif  // QCOW2FUSE_FUSE_OPTIONS_H_
