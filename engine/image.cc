@@ -22,7 +22,7 @@ Task<absl::StatusOr<std::unique_ptr<Image>>> Image::Open(std::string path, Image
     co_return absl::UnimplementedError("writing is not supported yet; open the image read-only");
   }
   absl::StatusOr<std::unique_ptr<Layer>> top = co_await OpenChain(path, options);
-  if (!top.ok()) co_return Annotate(top.status(), path);
+  if (!top.ok()) co_return top.status();
   co_return std::unique_ptr<Image>(new Image(std::move(*top), std::move(options)));
 }
 
@@ -57,7 +57,12 @@ Task<absl::StatusOr<uint64_t>> Image::AllocatedBytes() {
   uint64_t total = 0;
   for (uint64_t offset = 0; offset < virtual_size_;) {
     absl::StatusOr<Extent> e = co_await BlockStatus(offset, virtual_size_ - offset);
-    if (!e.ok()) co_return e.status();
+    if (!e.ok()) {
+      // A damaged entry must not make the whole view unusable (getattr
+      // needs this count): count its cluster as data and go on.
+      const uint64_t next_cluster = (offset / cluster_size_ + 1) * cluster_size_;
+      e = Extent{ExtentKind::kData, std::min(next_cluster, virtual_size_) - offset};
+    }
     if (e->kind == ExtentKind::kData) total += e->length;
     offset += e->length;
   }

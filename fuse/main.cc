@@ -166,9 +166,10 @@ int Serve(const MountOptions& options, StartupReport& report) {
   fuse_session_destroy(session);
   remove_created();
   if (!options.pidfile.empty()) unlink(options.pidfile.c_str());
-  // A signal ends the loop with -signum: a clean stop, as is an unmount.
-  if (loop_result != 0 && loop_result != -SIGTERM && loop_result != -SIGINT &&
-      loop_result != -SIGHUP) {
+  // libfuse ends the loop with the number of the signal that stopped it: a
+  // clean stop, as is an unmount.
+  const int signal = loop_result < 0 ? -loop_result : loop_result;
+  if (loop_result != 0 && signal != SIGTERM && signal != SIGINT && signal != SIGHUP) {
     Log(LogLevel::kError, absl::StrFormat("FUSE session ended with error %d", loop_result));
     return 1;
   }

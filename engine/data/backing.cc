@@ -1,5 +1,7 @@
 #include "data/backing.h"
 
+#include <stdlib.h>
+
 #include <algorithm>
 
 #include "absl/strings/match.h"
@@ -25,15 +27,13 @@ absl::StatusOr<Format> ParseFormat(const std::string& name) {
       absl::StrFormat("backing file format '%s' is not supported (only qcow2 and raw)", name));
 }
 
-Task<absl::StatusOr<std::unique_ptr<Layer>>> OpenLayer(const std::string& path, Format format,
-                                                       const ImageOptions& options, int depth);
 
 Task<absl::StatusOr<std::unique_ptr<BlockFile>>> OpenDataFile(const std::string& image_path,
                                                               const Header& header,
                                                               const ImageOptions& options,
-                                                              int depth) {
+                                                              bool is_top) {
   // Only the top image's data file can be named on the command line.
-  std::string path = depth == 0 ? options.data_file : "";
+  std::string path = is_top ? options.data_file : "";
   if (path.empty()) {
     if (header.data_file.empty()) {
       co_return absl::InvalidArgumentError(
@@ -47,69 +47,103 @@ Task<absl::StatusOr<std::unique_ptr<BlockFile>>> OpenDataFile(const std::string&
   co_return file;
 }
 
-Task<absl::StatusOr<std::unique_ptr<Layer>>> OpenQcow2(const std::string& path,
-                                                       std::unique_ptr<BlockFile> file,
-                                                       const ImageOptions& options, int depth) {
-  std::vector<uint8_t> bytes(std::min(kHeaderReadSize, file->size()));
-  CO_RETURN_IF_ERROR(co_await file->Read(0, bytes));
-  absl::StatusOr<Header> header = DecodeHeader(bytes, file->size());
-  if (!header.ok()) co_return header.status();
+// Opens the images of one chain, top first. It remembers the real path of
+// each image opened, so that a chain coming back to one of them is reported
+// as a loop, and so that errors say which image named the failing one.
+class ChainOpener {
+ public:
+  explicit ChainOpener(const ImageOptions& options) : options_(options) {}
 
-  if (header->crypt_method != spec::kCryptNone) {
-    co_return absl::UnimplementedError(absl::StrFormat(
-        "the image is encrypted (%s); encrypted images are not supported",
-        header->crypt_method == spec::kCryptAes ? "legacy AES" : "LUKS"));
-  }
-  if ((header->incompatible_features & spec::kIncompatCorrupt) && !options.read_only) {
-    co_return absl::FailedPreconditionError(
-        "the image is marked corrupt; it can only be opened read-only (repair it with qemu-img check -r)");
-  }
-
-  std::unique_ptr<BlockFile> data_file;
-  if (header->has_data_file()) {
-    absl::StatusOr<std::unique_ptr<BlockFile>> opened = co_await OpenDataFile(path, *header, options, depth);
-    if (!opened.ok()) co_return opened.status();
-    data_file = std::move(*opened);
-  }
-
-  std::unique_ptr<Layer> backing;
-  if (!header->backing_file.empty()) {
-    if (depth + 1 >= kMaxBackingDepth) {
+  Task<absl::StatusOr<std::unique_ptr<Layer>>> Open(const std::string& path, Format format) {
+    const std::string where =
+        chain_.empty() ? path
+                       : absl::StrFormat("%s (backing file of %s)", path, chain_.back().path);
+    if (chain_.size() >= kMaxBackingDepth) {
       co_return absl::FailedPreconditionError(absl::StrFormat(
-          "backing chain is deeper than %d images (does it loop?)", kMaxBackingDepth));
+          "%s: the backing chain is deeper than %d images", where, kMaxBackingDepth));
     }
-    if (absl::StrContains(header->backing_file, ":") && !absl::StrContains(header->backing_file, "/")) {
+    absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path);
+    if (!file.ok()) co_return Annotate(file.status(), where);
+    char* real = realpath(path.c_str(), nullptr);
+    const std::string real_path = real ? real : path;
+    free(real);
+    for (const Opened& o : chain_) {
+      if (o.real_path == real_path) {
+        co_return absl::FailedPreconditionError(
+            absl::StrFormat("%s: the backing chain loops back to %s", where, o.path));
+      }
+    }
+    if (format == Format::kProbe) {
+      uint8_t magic[4];
+      CO_RETURN_IF_ERROR(co_await (*file)->Read(0, magic));
+      format = (*file)->size() >= sizeof magic && LoadBE32(magic) == spec::kMagic ? Format::kQcow2
+                                                                                   : Format::kRaw;
+    }
+    if (format == Format::kRaw) co_return NewRawLayer(std::move(*file));
+    chain_.push_back({path, real_path});
+    co_return co_await OpenQcow2(path, where, std::move(*file));
+  }
+
+ private:
+  // Errors of this image itself are prefixed with `where`; errors of the
+  // images below it already say where they are.
+  Task<absl::StatusOr<std::unique_ptr<Layer>>> OpenQcow2(const std::string& path,
+                                                         const std::string& where,
+                                                         std::unique_ptr<BlockFile> file) {
+    std::vector<uint8_t> bytes(std::min(kHeaderReadSize, file->size()));
+    CO_RETURN_IF_ERROR(co_await file->Read(0, bytes));
+    absl::StatusOr<Header> header = DecodeHeader(bytes, file->size());
+    if (!header.ok()) co_return Annotate(header.status(), where);
+
+    if (header->crypt_method != spec::kCryptNone) {
       co_return absl::UnimplementedError(absl::StrFormat(
-          "backing file '%s' names a protocol; only local files are supported", header->backing_file));
+          "%s: the image is encrypted (%s); encrypted images are not supported", where,
+          header->crypt_method == spec::kCryptAes ? "legacy AES" : "LUKS"));
     }
-    absl::StatusOr<Format> format = ParseFormat(header->backing_format);
-    if (!format.ok()) co_return format.status();
-    const std::string backing_path = ResolveRelativeTo(path, header->backing_file);
-    absl::StatusOr<std::unique_ptr<Layer>> opened =
-        co_await OpenLayer(backing_path, *format, options, depth + 1);
-    if (!opened.ok()) co_return Annotate(opened.status(), absl::StrFormat("backing file %s", backing_path));
-    backing = std::move(*opened);
+    if ((header->incompatible_features & spec::kIncompatCorrupt) && !options_.read_only) {
+      co_return absl::FailedPreconditionError(absl::StrFormat(
+          "%s: the image is marked corrupt; it can only be opened read-only (repair it with "
+          "qemu-img check -r)",
+          where));
+    }
+
+    std::unique_ptr<BlockFile> data_file;
+    if (header->has_data_file()) {
+      absl::StatusOr<std::unique_ptr<BlockFile>> opened =
+          co_await OpenDataFile(path, *header, options_, chain_.size() == 1);
+      if (!opened.ok()) co_return Annotate(opened.status(), where);
+      data_file = std::move(*opened);
+    }
+
+    std::unique_ptr<Layer> backing;
+    if (!header->backing_file.empty()) {
+      if (absl::StrContains(header->backing_file, ":") &&
+          !absl::StrContains(header->backing_file, "/")) {
+        co_return absl::UnimplementedError(absl::StrFormat(
+            "%s: backing file '%s' names a protocol; only local files are supported", where,
+            header->backing_file));
+      }
+      absl::StatusOr<Format> format = ParseFormat(header->backing_format);
+      if (!format.ok()) co_return Annotate(format.status(), where);
+      absl::StatusOr<std::unique_ptr<Layer>> opened =
+          co_await Open(ResolveRelativeTo(path, header->backing_file), *format);
+      if (!opened.ok()) co_return opened.status();
+      backing = std::move(*opened);
+    }
+
+    absl::StatusOr<std::unique_ptr<Qcow2Layer>> layer = co_await Qcow2Layer::Open(
+        std::move(file), std::move(*header), std::move(data_file), std::move(backing), options_);
+    if (!layer.ok()) co_return Annotate(layer.status(), where);
+    co_return std::unique_ptr<Layer>(std::move(*layer));
   }
 
-  absl::StatusOr<std::unique_ptr<Qcow2Layer>> layer = co_await Qcow2Layer::Open(
-      std::move(file), std::move(*header), std::move(data_file), std::move(backing), options);
-  if (!layer.ok()) co_return layer.status();
-  co_return std::unique_ptr<Layer>(std::move(*layer));
-}
-
-Task<absl::StatusOr<std::unique_ptr<Layer>>> OpenLayer(const std::string& path, Format format,
-                                                       const ImageOptions& options, int depth) {
-  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path);
-  if (!file.ok()) co_return file.status();
-  if (format == Format::kProbe) {
-    uint8_t magic[4];
-    CO_RETURN_IF_ERROR(co_await (*file)->Read(0, magic));
-    format = (*file)->size() >= sizeof magic && LoadBE32(magic) == spec::kMagic ? Format::kQcow2
-                                                                                 : Format::kRaw;
-  }
-  if (format == Format::kRaw) co_return NewRawLayer(std::move(*file));
-  co_return co_await OpenQcow2(path, std::move(*file), options, depth);
-}
+  struct Opened {
+    std::string path;       // as named
+    std::string real_path;  // symlinks and relative parts resolved
+  };
+  const ImageOptions& options_;
+  std::vector<Opened> chain_;
+};
 
 }  // namespace
 
@@ -122,9 +156,8 @@ std::string ResolveRelativeTo(const std::string& image_path, const std::string& 
 
 Task<absl::StatusOr<std::unique_ptr<Layer>>> OpenChain(const std::string& path,
                                                        const ImageOptions& options) {
-  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path);
-  if (!file.ok()) co_return file.status();
-  co_return co_await OpenQcow2(path, std::move(*file), options, 0);
+  ChainOpener opener(options);
+  co_return co_await opener.Open(path, Format::kQcow2);
 }
 
 }  // namespace qcow2fuse

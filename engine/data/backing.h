@@ -4,8 +4,8 @@
 // A relative backing file name is resolved against the directory of the
 // image that names it, as QEMU does. The backing format extension decides
 // how a backing file is read; without it the file is probed (qcow2 magic,
-// else raw). Chains deeper than kMaxBackingDepth are refused, which also
-// stops a chain that loops back on itself.
+// else raw). A chain that comes back to an image already in it is refused
+// as a loop, and so is one deeper than kMaxBackingDepth.
 
 #ifndef QCOW2FUSE_DATA_BACKING_H_
 #define QCOW2FUSE_DATA_BACKING_H_

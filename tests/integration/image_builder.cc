@@ -1,4 +1,8 @@
-#include "image_builder.h"
+#include "integration/image_builder.h"
+
+#include <unistd.h>
+
+#include <algorithm>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -16,7 +20,7 @@ constexpr size_t kSourceLengths[] = {65521, 300007, 1048583};
 ImageBuilder::ImageBuilder(std::string dir, uint64_t seed)
     : dir_(std::move(dir)), rng_(seed) {}
 
-std::string ImageBuilder::Path(std::string_view name) const {
+std::string ImageBuilder::Path(absl::string_view name) const {
   return absl::StrCat(dir_, "/", name);
 }
 
@@ -24,16 +28,16 @@ void ImageBuilder::Record(absl::Status status) {
   if (status_.ok() && !status.ok()) status_ = std::move(status);
 }
 
-void ImageBuilder::Create(std::string_view name, uint64_t size,
+void ImageBuilder::Create(absl::string_view name, uint64_t size,
                           const std::vector<std::string>& options,
-                          std::string_view format) {
+                          absl::string_view format) {
   if (!status_.ok()) return;
   Record(CreateImage(Path(name), format, size, options));
 }
 
-void ImageBuilder::Io(std::string_view name,
+void ImageBuilder::Io(absl::string_view name,
                       const std::vector<std::string>& commands,
-                      std::string_view format) {
+                      absl::string_view format) {
   if (!status_.ok()) return;
   Record(QemuIo(Path(name), format, commands));
 }
@@ -43,33 +47,33 @@ void ImageBuilder::QemuImg(const std::vector<std::string>& args) {
   Record(test::QemuImg(args).status());
 }
 
-void ImageBuilder::Convert(std::string_view src, std::string_view src_format,
-                           std::string_view dst, std::string_view dst_format,
+void ImageBuilder::Convert(absl::string_view src, absl::string_view src_format,
+                           absl::string_view dst, absl::string_view dst_format,
                            const std::vector<std::string>& extra) {
   if (!status_.ok()) return;
   Record(ConvertImage(Path(src), src_format, Path(dst), dst_format, extra));
 }
 
-void ImageBuilder::WriteRaw(std::string_view name, uint64_t offset,
-                            std::string_view data) {
+void ImageBuilder::WriteRaw(absl::string_view name, uint64_t offset,
+                            absl::string_view data) {
   if (!status_.ok()) return;
   Record(WriteFileAt(Path(name), offset, data));
 }
 
-void ImageBuilder::SetDirtyBit(std::string_view name) {
+void ImageBuilder::SetDirtyBit(absl::string_view name) {
   if (!status_.ok()) return;
-  absl::StatusOr<std::string> contents = ReadFile(Path(name));
-  if (!contents.ok() || contents->size() < 80) {
-    Record(contents.ok() ? absl::InternalError("header too short")
-                         : contents.status());
-    return;
-  }
+  absl::StatusOr<ScopedFd> fd = OpenReadOnly(Path(name));
+  if (!fd.ok()) return Record(fd.status());
   // Byte 79 holds the least significant bits of the big-endian field.
-  char last = static_cast<char>((*contents)[79] | 0x01);
-  Record(WriteFileAt(Path(name), 79, std::string_view(&last, 1)));
+  char last = 0;
+  if (pread(fd->get(), &last, 1, 79) != 1) {
+    return Record(absl::InternalError(absl::StrCat(name, ": short header")));
+  }
+  last |= 0x01;
+  Record(WriteFileAt(Path(name), 79, absl::string_view(&last, 1)));
 }
 
-void ImageBuilder::Check(std::string_view name, bool allow_leaks) {
+void ImageBuilder::Check(absl::string_view name, bool allow_leaks) {
   if (!status_.ok()) return;
   Record(CheckImage(Path(name), allow_leaks));
 }
@@ -99,8 +103,10 @@ const std::string& ImageBuilder::SourceFile() {
   return source_files_[Uniform(0, source_files_.size() - 1)];
 }
 
-std::string ImageBuilder::RandomWrite(uint64_t offset, uint64_t length) {
-  return absl::StrCat("write -s ", SourceFile(), " ", offset, " ", length);
+std::string ImageBuilder::RandomWrite(uint64_t offset, uint64_t length,
+                                      bool compressed) {
+  return absl::StrCat(compressed ? "write -c -s " : "write -s ", SourceFile(),
+                      " ", offset, " ", length);
 }
 
 std::vector<std::string> ImageBuilder::ScatteredWrites(int count,

@@ -23,10 +23,10 @@
 #include <cstdint>
 #include <random>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 
 namespace qcow2fuse::test {
 
@@ -41,35 +41,35 @@ class ImageBuilder {
   const absl::Status& status() const { return status_; }
 
   // Absolute path of `name` inside the directory.
-  std::string Path(std::string_view name) const;
+  std::string Path(absl::string_view name) const;
 
   // qemu-img create; `options` as for CreateImage() in support/qemu.h.
-  void Create(std::string_view name, uint64_t size,
+  void Create(absl::string_view name, uint64_t size,
               const std::vector<std::string>& options = {},
-              std::string_view format = "qcow2");
+              absl::string_view format = "qcow2");
 
   // One qemu-io run with all `commands`.
-  void Io(std::string_view name, const std::vector<std::string>& commands,
-          std::string_view format = "qcow2");
+  void Io(absl::string_view name, const std::vector<std::string>& commands,
+          absl::string_view format = "qcow2");
 
   // qemu-img with `args` as given (use Path() for file arguments).
   void QemuImg(const std::vector<std::string>& args);
 
   // qemu-img convert from `src` to `dst` with `extra` options.
-  void Convert(std::string_view src, std::string_view src_format,
-               std::string_view dst, std::string_view dst_format,
+  void Convert(absl::string_view src, absl::string_view src_format,
+               absl::string_view dst, absl::string_view dst_format,
                const std::vector<std::string>& extra = {});
 
   // Writes `data` at `offset` of a plain file (a raw image, say).
-  void WriteRaw(std::string_view name, uint64_t offset, std::string_view data);
+  void WriteRaw(absl::string_view name, uint64_t offset, absl::string_view data);
 
   // Sets the qcow2 "dirty" incompatible-feature bit (bit 0 of the
   // big-endian 64-bit field at header offset 72), which is what a crash
   // with lazy refcounts leaves behind.
-  void SetDirtyBit(std::string_view name);
+  void SetDirtyBit(absl::string_view name);
 
   // qemu-img check must accept the image (leaks allowed if `allow_leaks`).
-  void Check(std::string_view name, bool allow_leaks = false);
+  void Check(absl::string_view name, bool allow_leaks = false);
 
   // --- Random content, from the seeded generator. ---
 
@@ -86,8 +86,10 @@ class ImageBuilder {
   std::vector<std::string> ScatteredWrites(int count, uint64_t limit,
                                            uint64_t max_length);
 
-  // `write -s SOURCE offset length` with one of the random source files.
-  std::string RandomWrite(uint64_t offset, uint64_t length);
+  // `write -s SOURCE offset length` with one of the random source files;
+  // with `compressed`, `write -c -s ...`.
+  std::string RandomWrite(uint64_t offset, uint64_t length,
+                          bool compressed = false);
 
  private:
   void Record(absl::Status status);

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what qcow2fuse needs to build and test on Debian 12 (as root).
+set -euo pipefail
+packages=(
+  build-essential cmake ninja-build pkg-config git
+  libfuse3-dev fuse3 zlib1g-dev libzstd-dev libabsl-dev libgtest-dev
+  qemu-utils e2fsprogs util-linux coreutils
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}"
+fi

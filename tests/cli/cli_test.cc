@@ -1,0 +1,472 @@
+// The qcow2fuse command line as a user meets it:
+//
+//   qcow2fuse [-f] [-d] [-o OPT[,OPT...]] [--pidfile PATH] IMAGE MOUNTPOINT
+//
+// usage errors, the -o ro requirement, the mountpoint file's life cycle,
+// daemon mode (which must return only once the view is live), every way a
+// foreground mount can be stopped, and the l2_cache_size and data_file
+// options. Every mount is taken down by an RAII guard (MountedView for -f,
+// DaemonGuard for daemon mode) whatever happens to the test.
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "cli_util.h"
+#include "gtest/gtest.h"
+#include "support/command.h"
+#include "support/file_util.h"
+#include "support/mount.h"
+#include "support/qemu.h"
+#include "support/status_testing.h"
+#include "support/temp_dir.h"
+
+namespace qcow2fuse::test::cli {
+namespace {
+
+constexpr uint64_t kSampleSize = 64 * kMiB;
+
+bool Exists(const std::string& path) { return access(path.c_str(), F_OK) == 0; }
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    BecomeSubreaper();
+    absl::StatusOr<TempDir> dir = TempDir::Create("cli");
+    ASSERT_OK(dir);
+    dir_ = std::make_unique<TempDir>(std::move(*dir));
+  }
+
+  std::string Path(absl::string_view name) const { return dir_->Join(name); }
+
+  // A 64 MiB qcow2 image with some data, a zeroed range and holes, and its
+  // reference contents from `qemu-img convert -O raw`.
+  void MakeSample(const std::string& image, const std::string& reference,
+                  const std::vector<std::string>& create_options = {}) {
+    ASSERT_OK(CreateImage(image, "qcow2", kSampleSize, create_options));
+    ASSERT_OK(QemuIo(image, "qcow2",
+                     {"write -P 0x11 0 64k", "write -P 0x22 1M 4k",
+                      "write -P 0x33 33M 100k", "write -z 2M 64k",
+                      "write -P 0x44 63M 1M"}));
+    ASSERT_OK(ConvertToRaw(image, reference));
+  }
+
+  MountOptions ViewOptions(const std::string& image,
+                           const std::string& mountpoint) const {
+    MountOptions options;
+    options.binary = Binary();
+    options.image = image;
+    options.mountpoint = mountpoint;
+    return options;
+  }
+
+  // Declared first among the members a test body uses, destroyed last:
+  // after every guard that mounts inside it.
+  std::unique_ptr<TempDir> dir_;
+};
+
+// ---------------------------------------------------------------- usage --
+
+TEST_F(CliTest, HelpPrintsUsageAndExitsZero) {
+  for (const char* flag : {"-h", "--help"}) {
+    ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded({Binary(), flag}));
+    EXPECT_TRUE(run.status.success()) << run.Describe();
+    EXPECT_TRUE(absl::StrContains(run.stdout_text, "usage")) << run.Describe();
+    EXPECT_TRUE(absl::StrContains(run.stdout_text, "MOUNTPOINT")) << run.Describe();
+  }
+}
+
+TEST_F(CliTest, VersionPrintsVersionAndExitsZero) {
+  for (const char* flag : {"-V", "--version"}) {
+    ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded({Binary(), flag}));
+    EXPECT_TRUE(run.status.success()) << run.Describe();
+    EXPECT_TRUE(absl::StrContains(run.stdout_text, "qcow2fuse")) << run.Describe();
+    EXPECT_TRUE(std::regex_search(run.stdout_text, std::regex("[0-9]+\\.[0-9]+")))
+        << run.Describe();
+  }
+}
+
+TEST_F(CliTest, MissingArgumentsIsAUsageError) {
+  const std::string image = Path("disk.qcow2");
+  ASSERT_OK(CreateImage(image, "qcow2", kSampleSize));
+  const std::vector<std::vector<std::string>> cases = {
+      {Binary()},
+      {Binary(), "-o", "ro"},
+      {Binary(), "-o", "ro", image},
+      {Binary(), "-f", "-o", "ro", image},
+      {Binary(), "-o"},                       // -o without its value
+      {Binary(), "-o", "ro", "--pidfile"},    // --pidfile without its value
+  };
+  for (const std::vector<std::string>& argv : cases) {
+    ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded(argv));
+    EXPECT_FALSE(run.timed_out) << run.Describe();
+    EXPECT_TRUE(run.status.exited()) << run.Describe();
+    EXPECT_NE(run.status.code(), 0) << run.Describe();
+    EXPECT_TRUE(absl::StrContains(run.stderr_text, "usage")) << run.Describe();
+  }
+}
+
+TEST_F(CliTest, UnknownOptionExitsTwoWithUsage) {
+  const std::string image = Path("disk.qcow2");
+  const std::string mountpoint = Path("view.raw");
+  ASSERT_OK(CreateImage(image, "qcow2", kSampleSize));
+  const std::vector<std::vector<std::string>> cases = {
+      {Binary(), "--bogus", "-o", "ro", image, mountpoint},
+      {Binary(), "-x", "-o", "ro", image, mountpoint},
+      {Binary(), "-f", "-o", "ro,no_such_option", image, mountpoint},
+      {Binary(), "-f", "-o", "ro", "-o", "l2_cache_size=lots", image, mountpoint},
+  };
+  for (const std::vector<std::string>& argv : cases) {
+    RunOptions options;
+    options.watch_mountpoint = mountpoint;
+    ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded(argv, options));
+    EXPECT_TRUE(run.status.exited() && run.status.code() == 2) << run.Describe();
+    EXPECT_TRUE(absl::StrContains(run.stderr_text, "usage")) << run.Describe();
+    EXPECT_TRUE(absl::StartsWith(run.stderr_text, "qcow2fuse: ")) << run.Describe();
+    EXPECT_FALSE(run.mounted_during_run) << run.Describe();
+    EXPECT_FALSE(IsMounted(mountpoint));
+    EXPECT_FALSE(Exists(mountpoint)) << "a usage error created the mountpoint";
+  }
+}
+
+TEST_F(CliTest, MountWithoutReadOnlyIsRefused) {
+  const std::string image = Path("disk.qcow2");
+  const std::string mountpoint = Path("view.raw");
+  const std::string pidfile = Path("view.pid");
+  ASSERT_OK(CreateImage(image, "qcow2", kSampleSize));
+  const std::vector<std::vector<std::string>> cases = {
+      {Binary(), "-f", image, mountpoint},
+      {Binary(), "--pidfile", pidfile, image, mountpoint},
+      {Binary(), "-f", "-o", "allow_other", image, mountpoint},
+  };
+  for (const std::vector<std::string>& argv : cases) {
+    DaemonGuard guard(mountpoint, pidfile);
+    RunOptions options;
+    options.timeout = std::chrono::seconds(30);
+    options.watch_mountpoint = mountpoint;
+    ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded(argv, options));
+    const bool mounted_after = IsMounted(mountpoint);
+    guard.Cleanup();
+    EXPECT_TRUE(run.status.exited() && run.status.code() == 1) << run.Describe();
+    EXPECT_TRUE(absl::StrContains(run.stderr_text,
+                                  "read-write mounts are not supported yet"))
+        << run.Describe();
+    EXPECT_FALSE(run.mounted_during_run || mounted_after) << run.Describe();
+    EXPECT_FALSE(Exists(mountpoint)) << run.Describe();
+    EXPECT_FALSE(Exists(pidfile)) << run.Describe();
+  }
+}
+
+TEST_F(CliTest, DirectoryMountpointIsRefused) {
+  const std::string image = Path("disk.qcow2");
+  const std::string directory = Path("mnt");
+  const std::string pidfile = Path("mnt.pid");
+  ASSERT_OK(CreateImage(image, "qcow2", kSampleSize));
+  ASSERT_EQ(mkdir(directory.c_str(), 0755), 0);
+  const std::vector<std::vector<std::string>> cases = {
+      {Binary(), "-f", "-o", "ro", image, directory},
+      {Binary(), "-o", "ro", "--pidfile", pidfile, image, directory},
+  };
+  for (const std::vector<std::string>& argv : cases) {
+    DaemonGuard guard(directory, pidfile);
+    RunOptions options;
+    options.timeout = std::chrono::seconds(30);
+    options.watch_mountpoint = directory;
+    ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded(argv, options));
+    const bool mounted_after = IsMounted(directory);
+    guard.Cleanup();
+    EXPECT_FALSE(run.timed_out) << run.Describe();
+    EXPECT_TRUE(run.status.exited()) << run.Describe();
+    EXPECT_NE(run.status.code(), 0) << run.Describe();
+    EXPECT_FALSE(run.mounted_during_run || mounted_after) << run.Describe();
+    EXPECT_TRUE(absl::StartsWith(run.stderr_text, "qcow2fuse: ")) << run.Describe();
+    EXPECT_EQ(std::count(run.stderr_text.begin(), run.stderr_text.end(), '\n'), 1)
+        << run.Describe();
+    EXPECT_TRUE(absl::StrContains(run.stderr_text, "directory") ||
+                absl::StrContains(run.stderr_text, "regular file"))
+        << run.Describe();
+    struct stat st;
+    EXPECT_TRUE(stat(directory.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+        << "the directory must be left alone";
+    EXPECT_FALSE(Exists(pidfile)) << run.Describe();
+  }
+}
+
+// ------------------------------------------------------ mountpoint file --
+
+TEST_F(CliTest, MissingMountpointFileIsCreatedAndRemovedAtUnmount) {
+  const std::string image = Path("disk.qcow2");
+  const std::string reference = Path("disk.ref");
+  const std::string mountpoint = Path("view.raw");
+  MakeSample(image, reference);
+  ASSERT_FALSE(Exists(mountpoint));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view,
+                       MountedView::Start(ViewOptions(image, mountpoint)));
+  struct stat st;
+  ASSERT_EQ(stat(mountpoint.c_str(), &st), 0) << strerror(errno);
+  EXPECT_TRUE(S_ISREG(st.st_mode));
+  EXPECT_EQ(static_cast<uint64_t>(st.st_size), kSampleSize);
+  EXPECT_TRUE(absl::StartsWith(MountedFsType(mountpoint).value_or(""), "fuse"));
+  EXPECT_OK(CompareFiles(mountpoint, reference));
+  ASSERT_OK(view->Unmount());
+  ASSERT_TRUE(view->exit_status().has_value());
+  EXPECT_TRUE(view->exit_status()->success())
+      << view->exit_status()->ToString() << "\n" << view->ReadLog();
+  EXPECT_FALSE(IsMounted(mountpoint));
+  EXPECT_FALSE(Exists(mountpoint))
+      << "the mountpoint file qcow2fuse created must be removed at unmount";
+}
+
+TEST_F(CliTest, ExistingMountpointFileIsKeptAtUnmount) {
+  const std::string image = Path("disk.qcow2");
+  const std::string reference = Path("disk.ref");
+  const std::string mountpoint = Path("view.raw");
+  MakeSample(image, reference);
+  ASSERT_OK(WriteFileAt(mountpoint, 0, "keep me"));
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view,
+                         MountedView::Start(ViewOptions(image, mountpoint)));
+    EXPECT_OK(CompareFiles(mountpoint, reference));
+    ASSERT_OK(view->Unmount());
+    EXPECT_TRUE(view->exit_status() && view->exit_status()->success())
+        << view->ReadLog();
+  }
+  EXPECT_FALSE(IsMounted(mountpoint));
+  ASSERT_OK_AND_ASSIGN(std::string contents, ReadFile(mountpoint));
+  EXPECT_EQ(contents, "keep me") << "a mountpoint file that existed must be left as it was";
+}
+
+// ---------------------------------------------------------- daemon mode --
+
+TEST_F(CliTest, DaemonModeReturnsOnceLiveAndExitsAfterFusermountU) {
+  const std::string image = Path("disk.qcow2");
+  const std::string reference = Path("disk.ref");
+  const std::string mountpoint = Path("view.raw");
+  const std::string pidfile = Path("qcow2fuse.pid");
+  MakeSample(image, reference);
+
+  DaemonGuard guard(mountpoint, pidfile);
+  ASSERT_OK_AND_ASSIGN(
+      RunResult run,
+      RunBounded({Binary(), "-o", "ro", "--pidfile", pidfile, image, mountpoint}));
+  ASSERT_TRUE(run.status.success()) << run.Describe();
+  // No waiting: the command's return promises a live view.
+  EXPECT_OK(CompareFiles(mountpoint, reference));
+  EXPECT_TRUE(absl::StartsWith(MountedFsType(mountpoint).value_or(""), "fuse"))
+      << "not a fuse mount right after the command returned";
+
+  ASSERT_OK_AND_ASSIGN(pid_t pid, guard.ReadPid());
+  EXPECT_EQ(kill(pid, 0), 0) << "the daemon named in the pidfile is not running";
+  ASSERT_OK(RunChecked({"fusermount3", "-u", mountpoint}));
+  PidGone gone = WaitForPidGone(pid, std::chrono::seconds(20));
+  ASSERT_TRUE(gone.gone) << "daemon pid " << pid << " still running after fusermount3 -u";
+  guard.Forget();
+  if (gone.status) {  // known when the daemon was re-parented to us
+    EXPECT_TRUE(gone.status->success()) << gone.status->ToString();
+  }
+  EXPECT_FALSE(IsMounted(mountpoint));
+  EXPECT_FALSE(Exists(pidfile)) << "the pidfile must be removed at exit";
+  EXPECT_FALSE(Exists(mountpoint)) << "the created mountpoint file must be removed";
+}
+
+TEST_F(CliTest, RelativeImageAndMountpointWorkInDaemonMode) {
+  const std::string image = Path("disk.qcow2");
+  const std::string reference = Path("disk.ref");
+  const std::string mountpoint = Path("view.raw");
+  const std::string pidfile = Path("daemon.pid");
+  MakeSample(image, reference);
+
+  DaemonGuard guard(mountpoint, pidfile);
+  RunOptions options;
+  options.cwd = dir_->path();
+  ASSERT_OK_AND_ASSIGN(
+      RunResult run,
+      RunBounded({Binary(), "-o", "ro", "--pidfile", "daemon.pid", "disk.qcow2",
+                  "view.raw"},
+                 options));
+  ASSERT_TRUE(run.status.success()) << run.Describe();
+  EXPECT_TRUE(IsMounted(mountpoint)) << "expected the mount at " << mountpoint;
+  EXPECT_OK(CompareFiles(mountpoint, reference));
+  ASSERT_OK_AND_ASSIGN(pid_t pid, guard.ReadPid());
+
+  ASSERT_OK(RunChecked({"fusermount3", "-u", mountpoint}));
+  PidGone gone = WaitForPidGone(pid, std::chrono::seconds(20));
+  ASSERT_TRUE(gone.gone) << "daemon pid " << pid << " still running after fusermount3 -u";
+  guard.Forget();
+  if (gone.status) {
+    EXPECT_TRUE(gone.status->success()) << gone.status->ToString();
+  }
+  EXPECT_FALSE(IsMounted(mountpoint));
+  EXPECT_FALSE(Exists(mountpoint));
+  EXPECT_FALSE(Exists(pidfile));
+}
+
+// ---------------------------------------------- stopping a foreground run --
+
+class ForegroundStopTest : public CliTest {
+ protected:
+  // Mounts the sample with -f, checks the view, then runs `stop` and checks
+  // that qcow2fuse exited 0 on its own and left nothing behind.
+  template <typename Stop>
+  void MountCheckAndStop(Stop stop) {
+    const std::string image = Path("disk.qcow2");
+    const std::string reference = Path("disk.ref");
+    const std::string mountpoint = Path("view.raw");
+    MakeSample(image, reference);
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view,
+                         MountedView::Start(ViewOptions(image, mountpoint)));
+    EXPECT_OK(CompareFiles(mountpoint, reference));
+    stop(*view);
+    ASSERT_TRUE(view->exit_status().has_value())
+        << "qcow2fuse did not exit\n" << view->ReadLog();
+    EXPECT_TRUE(view->exit_status()->exited())
+        << view->exit_status()->ToString() << "\n" << view->ReadLog();
+    EXPECT_TRUE(view->exit_status()->success())
+        << view->exit_status()->ToString() << "\n" << view->ReadLog();
+    EXPECT_FALSE(IsMounted(mountpoint)) << view->ReadLog();
+    EXPECT_FALSE(Exists(mountpoint)) << view->ReadLog();
+  }
+};
+
+TEST_F(ForegroundStopTest, ExitsZeroOnSigterm) {
+  MountCheckAndStop([](MountedView& view) { EXPECT_OK(view.StopWithSignal(SIGTERM)); });
+}
+
+TEST_F(ForegroundStopTest, ExitsZeroOnSigint) {
+  MountCheckAndStop([](MountedView& view) { EXPECT_OK(view.StopWithSignal(SIGINT)); });
+}
+
+TEST_F(ForegroundStopTest, ExitsZeroOnFusermountU) {
+  MountCheckAndStop([](MountedView& view) {
+    EXPECT_OK(RunChecked({"fusermount3", "-u", view.path()}));
+    EXPECT_OK(view.Unmount());  // nothing left to unmount: waits for the exit
+  });
+}
+
+TEST_F(ForegroundStopTest, ExitsZeroOnUmount) {
+  MountCheckAndStop([](MountedView& view) {
+    EXPECT_OK(RunChecked({"umount", view.path()}));
+    EXPECT_OK(view.Unmount());
+  });
+}
+
+// -------------------------------------------------------------- options --
+
+// 4 KiB clusters and a 1 GiB disk: 512 L2 tables of 4 KiB each, one cluster
+// of data in every one of them. A 64 KiB cache holds 16 tables at most, so
+// reading across the disk must evict and reload tables all the time.
+TEST_F(CliTest, SmallL2CacheReadsLargeImageCorrectly) {
+  const std::string image = Path("big.qcow2");
+  const std::string reference = Path("big.ref");
+  const std::string mountpoint = Path("big.raw");
+  constexpr uint64_t kDisk = 1024 * kMiB;
+  constexpr uint64_t kCluster = 4 * kKiB;
+  constexpr uint64_t kPerL2 = kCluster * (kCluster / 8);  // 2 MiB
+  constexpr int kTables = kDisk / kPerL2;
+  ASSERT_OK(CreateImage(image, "qcow2", kDisk, {"cluster_size=4096"}));
+  std::vector<std::string> writes;
+  std::vector<uint64_t> offsets;
+  for (int i = 0; i < kTables; ++i) {
+    // A different entry of each table, and a pattern that tells them apart.
+    const uint64_t offset = i * kPerL2 + (i * 37 % 512) * kCluster;
+    offsets.push_back(offset);
+    writes.push_back(absl::StrFormat("write -P %d %u 4k", i % 250 + 1, offset));
+  }
+  ASSERT_OK(QemuIo(image, "qcow2", writes));
+  ASSERT_OK(ConvertToRaw(image, reference));
+
+  MountOptions options = ViewOptions(image, mountpoint);
+  options.extra_options = {"l2_cache_size=64K"};
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
+  {
+    ASSERT_OK_AND_ASSIGN(ScopedFd fd, OpenReadOnly(mountpoint));
+    ASSERT_OK_AND_ASSIGN(uint64_t size, FileSize(fd.get()));
+    EXPECT_EQ(size, kDisk);
+    // Backwards first, then in a stride that jumps between far tables.
+    std::vector<int> order;
+    for (int i = kTables - 1; i >= 0; --i) order.push_back(i);
+    for (int i = 0; i < kTables; ++i) order.push_back(i * 97 % kTables);
+    std::string buf(kCluster, '\0');
+    int mismatches = 0;
+    for (int i : order) {
+      ssize_t n = pread(fd.get(), buf.data(), buf.size(), offsets[i]);
+      ASSERT_EQ(n, static_cast<ssize_t>(kCluster))
+          << "read at " << offsets[i] << ": " << strerror(errno) << "\n" << view->ReadLog();
+      const char expected = static_cast<char>(i % 250 + 1);
+      if (std::count(buf.begin(), buf.end(), expected) != static_cast<long>(kCluster) &&
+          ++mismatches <= 5) {
+        ADD_FAILURE() << "cluster of table " << i << " at " << offsets[i]
+                      << " does not hold pattern " << (i % 250 + 1);
+      }
+      // Drop the page cache so every pass asks the daemon again.
+      posix_fadvise(fd.get(), 0, 0, POSIX_FADV_DONTNEED);
+    }
+    EXPECT_EQ(mismatches, 0);
+  }
+  EXPECT_OK(CompareFiles(mountpoint, reference));
+  ASSERT_OK(view->Unmount());
+  EXPECT_TRUE(view->exit_status() && view->exit_status()->success()) << view->ReadLog();
+}
+
+TEST_F(CliTest, DataFileOptionOverridesMovedExternalDataFile) {
+  const std::string image = Path("disk.qcow2");
+  const std::string data = Path("data.raw");
+  const std::string moved = Path("moved-data.raw");
+  const std::string reference = Path("disk.ref");
+  const std::string mountpoint = Path("view.raw");
+  MakeSample(image, reference, {"data_file=" + data});
+  ASSERT_EQ(rename(data.c_str(), moved.c_str()), 0) << strerror(errno);
+
+  MountOptions options = ViewOptions(image, mountpoint);
+  options.extra_options = {"data_file=" + moved};
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
+  EXPECT_OK(CompareFiles(mountpoint, reference));
+  ASSERT_OK(view->Unmount());
+  EXPECT_TRUE(view->exit_status() && view->exit_status()->success()) << view->ReadLog();
+}
+
+TEST_F(CliTest, RelativeDataFileOptionIsResolvedAgainstWorkingDirectory) {
+  const std::string image = Path("disk.qcow2");
+  const std::string data = Path("data.raw");
+  const std::string reference = Path("disk.ref");
+  const std::string mountpoint = Path("view.raw");
+  const std::string pidfile = Path("daemon.pid");
+  MakeSample(image, reference, {"data_file=" + data});
+  ASSERT_EQ(mkdir(Path("elsewhere").c_str(), 0755), 0);
+  ASSERT_EQ(rename(data.c_str(), Path("elsewhere/d.raw").c_str()), 0) << strerror(errno);
+
+  DaemonGuard guard(mountpoint, pidfile);
+  RunOptions run_options;
+  run_options.cwd = Path("elsewhere");
+  ASSERT_OK_AND_ASSIGN(
+      RunResult run,
+      RunBounded({Binary(), "-o", "ro,data_file=d.raw", "--pidfile", pidfile, image,
+                  mountpoint},
+                 run_options));
+  ASSERT_TRUE(run.status.success()) << run.Describe();
+  EXPECT_OK(CompareFiles(mountpoint, reference));
+  ASSERT_OK_AND_ASSIGN(pid_t pid, guard.ReadPid());
+  ASSERT_OK(RunChecked({"fusermount3", "-u", mountpoint}));
+  PidGone gone = WaitForPidGone(pid, std::chrono::seconds(20));
+  ASSERT_TRUE(gone.gone);
+  guard.Forget();
+  if (gone.status) {
+    EXPECT_TRUE(gone.status->success()) << gone.status->ToString();
+  }
+}
+
+}  // namespace
+}  // namespace qcow2fuse::test::cli

@@ -1,0 +1,280 @@
+// An ext4 file system inside a qcow2 image, read through the whole stack:
+// qcow2fuse view -> read-only loop device -> kernel ext4 mount.
+//
+// The file system is built without mounting anything on the host
+// (mkfs.ext4 -d populates it from a directory), converted to qcow2 (plain
+// and compressed), and every file read back through the stack must match
+// its original. Every layer sits in an RAII guard, torn down in reverse
+// order, so a failing test leaves no mount or loop device behind.
+//
+// Needs root and loop devices; skipped, with the reason, without them.
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "gtest/gtest.h"
+#include "support/command.h"
+#include "support/file_util.h"
+#include "support/mount.h"
+#include "support/qemu.h"
+#include "support/status_testing.h"
+#include "support/temp_dir.h"
+
+namespace qcow2fuse::test {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr std::chrono::seconds kDetachTimeout(10);
+
+// A read-only loop device over a file, detached on destruction.
+class LoopDevice {
+ public:
+  static absl::StatusOr<std::unique_ptr<LoopDevice>> AttachReadOnly(
+      const std::string& file) {
+    absl::StatusOr<std::string> out =
+        RunChecked({"losetup", "-r", "-f", "--show", file});
+    if (!out.ok()) return out.status();
+    std::string device(absl::StripAsciiWhitespace(*out));
+    return std::unique_ptr<LoopDevice>(new LoopDevice(device));
+  }
+
+  LoopDevice(const LoopDevice&) = delete;
+  LoopDevice& operator=(const LoopDevice&) = delete;
+
+  ~LoopDevice() {
+    absl::Status detached = RunChecked({"losetup", "-d", device_}).status();
+    if (!detached.ok()) std::cerr << "LoopDevice: " << detached << "\n";
+    // A busy device is only marked for auto-clear and let go on its last
+    // close; until then it keeps the view open and the view cannot be
+    // unmounted. So wait (bounded) until it is really gone.
+    const std::string backing = absl::StrCat(
+        "/sys/block/", fs::path(device_).filename().string(),
+        "/loop/backing_file");
+    const auto deadline = std::chrono::steady_clock::now() + kDetachTimeout;
+    while (fs::exists(backing) && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    if (fs::exists(backing)) {
+      std::cerr << "LoopDevice: " << device_ << " still attached\n";
+    }
+  }
+
+  const std::string& device() const { return device_; }
+
+ private:
+  explicit LoopDevice(std::string device) : device_(std::move(device)) {}
+
+  const std::string device_;
+};
+
+// A kernel mount of a block device, unmounted on destruction (lazily if a
+// plain umount fails, so the test never leaves it behind).
+class KernelMount {
+ public:
+  static absl::StatusOr<std::unique_ptr<KernelMount>> Mount(
+      const std::string& device, const std::string& dir,
+      const std::string& options) {
+    absl::Status mounted =
+        RunChecked({"mount", "-o", options, device, dir}).status();
+    if (!mounted.ok()) return mounted;
+    return std::unique_ptr<KernelMount>(new KernelMount(dir));
+  }
+
+  KernelMount(const KernelMount&) = delete;
+  KernelMount& operator=(const KernelMount&) = delete;
+
+  ~KernelMount() {
+    if (RunChecked({"umount", dir_}).ok()) return;
+    absl::Status lazy = RunChecked({"umount", "-l", dir_}).status();
+    if (!lazy.ok()) std::cerr << "KernelMount: " << lazy << "\n";
+  }
+
+ private:
+  explicit KernelMount(std::string dir) : dir_(std::move(dir)) {}
+
+  const std::string dir_;
+};
+
+// Why loop devices cannot be used here, or empty if they can.
+std::string LoopUnavailableReason() {
+  if (geteuid() != 0) return "not root: losetup and mount need root";
+  if (!fs::exists("/dev/loop-control")) return "no /dev/loop-control";
+  absl::StatusOr<CommandResult> free_device = RunCommand({"losetup", "-f"});
+  if (!free_device.ok()) return std::string(free_device.status().message());
+  if (!free_device->ok()) {
+    return absl::StrCat("losetup -f failed: ", free_device->stderr_text);
+  }
+  return "";
+}
+
+uint64_t TestSeed() {
+  uint64_t seed = 0;
+  const char* text = std::getenv("QCOW2FUSE_TEST_SEED");
+  if (text == nullptr || !absl::SimpleAtoi(text, &seed)) {
+    seed = std::random_device()();
+  }
+  return seed;
+}
+
+// Lays out a small tree of files of assorted shapes under `root`.
+absl::Status PopulateTree(const std::string& root, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  auto random_bytes = [&rng](size_t length) {
+    std::string bytes(length, '\0');
+    for (char& c : bytes) c = static_cast<char>(rng() & 0xff);
+    return bytes;
+  };
+  std::error_code error;
+  fs::create_directories(root + "/docs/nested/deeper", error);
+  fs::create_directories(root + "/bin", error);
+  if (error) return absl::InternalError(error.message());
+
+  std::string text;
+  for (int i = 0; i < 2000; ++i) {
+    absl::StrAppend(&text, "line ", i, ": qcow2fuse ext4 round trip\n");
+  }
+  struct File {
+    std::string name;
+    std::string data;
+  };
+  const std::vector<File> files = {
+      {"empty", ""},
+      {"hello.txt", "hello, world\n"},
+      {"docs/text.txt", text},
+      {"docs/nested/odd_size.bin", random_bytes(12345)},
+      {"docs/nested/deeper/one_block.bin", random_bytes(4096)},
+      {"bin/random_3m.bin", random_bytes(3 * kMiB + 17)},
+  };
+  for (const File& file : files) {
+    absl::Status written = WriteFileAt(root + "/" + file.name, 0, file.data);
+    if (!written.ok()) return written;
+  }
+  // A mostly sparse file with islands of data, to exercise holes.
+  const std::string sparse = root + "/bin/sparse_8m.bin";
+  for (uint64_t offset : {uint64_t{0}, 3 * kMiB + 5, 8 * kMiB - 100}) {
+    absl::Status written = WriteFileAt(sparse, offset, random_bytes(100));
+    if (!written.ok()) return written;
+  }
+  fs::create_symlink("docs/text.txt", root + "/link_to_text", error);
+  if (error) return absl::InternalError(error.message());
+  return absl::OkStatus();
+}
+
+// Every entry of `original` must exist in `mounted` with the same type,
+// and the same contents or symlink target.
+void CompareTrees(const std::string& original, const std::string& mounted) {
+  int compared_files = 0;
+  for (const fs::directory_entry& entry :
+       fs::recursive_directory_iterator(original)) {
+    // lexically: fs::relative() would resolve symlinks to their targets.
+    const fs::path relative = entry.path().lexically_relative(original);
+    const fs::path copy = fs::path(mounted) / relative;
+    SCOPED_TRACE(relative.string());
+    ASSERT_EQ(fs::symlink_status(copy).type(), entry.symlink_status().type());
+    if (entry.is_symlink()) {
+      EXPECT_EQ(fs::read_symlink(copy), fs::read_symlink(entry.path()));
+    } else if (entry.is_regular_file()) {
+      EXPECT_OK(CompareFiles(copy.string(), entry.path().string()));
+      absl::StatusOr<std::string> want = Sha256File(entry.path().string());
+      absl::StatusOr<std::string> got = Sha256File(copy.string());
+      ASSERT_OK(want);
+      ASSERT_OK(got);
+      EXPECT_EQ(*got, *want);
+      ++compared_files;
+    }
+  }
+  EXPECT_GT(compared_files, 0);
+  // Nothing extra either (mkfs adds lost+found, nothing else).
+  auto count = [](const std::string& root) {
+    int entries = 0;
+    for (const fs::directory_entry& entry :
+         fs::recursive_directory_iterator(root)) {
+      if (entry.path().filename() != "lost+found") ++entries;
+    }
+    return entries;
+  };
+  EXPECT_EQ(count(mounted), count(original));
+}
+
+struct Variant {
+  std::string name;
+  std::vector<std::string> convert_options;  // After qemu-img convert -O qcow2.
+};
+
+void PrintTo(const Variant& variant, std::ostream* out) {
+  *out << variant.name;
+}
+
+class Ext4ReadonlyTest : public ::testing::TestWithParam<Variant> {};
+
+TEST_P(Ext4ReadonlyTest, FilesReadBackThroughLoopMount) {
+  if (std::string reason = LoopUnavailableReason(); !reason.empty()) {
+    GTEST_SKIP() << "loop devices unavailable: " << reason;
+  }
+  const uint64_t seed = TestSeed();
+  std::cout << "QCOW2FUSE_TEST_SEED=" << seed << "\n";
+  RecordProperty("seed", absl::StrCat(seed));
+
+  // Declared first so it is removed last, after every mount inside it.
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("ext4-" + GetParam().name));
+  const std::string tree = dir.Join("tree");
+  const std::string raw = dir.Join("fs.raw");
+  const std::string image = dir.Join("fs.qcow2");
+  const std::string mount_dir = dir.Join("mnt");
+  ASSERT_OK(PopulateTree(tree, seed));
+  fs::create_directory(mount_dir);
+
+  ASSERT_OK(CreateImage(raw, "raw", 64 * kMiB));
+  ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", "-d", tree, raw}));
+  ASSERT_OK(ConvertImage(raw, "raw", image, "qcow2",
+                         GetParam().convert_options));
+
+  MountOptions options;
+  options.binary = Qcow2fuseBinary(QCOW2FUSE_BINARY);
+  options.image = image;
+  options.mountpoint = dir.Join("view.raw");
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view,
+                       MountedView::Start(options));
+  EXPECT_OK(CompareFiles(view->path(), raw));
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop,
+                         LoopDevice::AttachReadOnly(view->path()));
+    ASSERT_OK_AND_ASSIGN(
+        std::unique_ptr<KernelMount> mounted,
+        KernelMount::Mount(loop->device(), mount_dir, "ro,noload"));
+    CompareTrees(tree, mount_dir);
+    ASSERT_OK(RunChecked({"fsck.ext4", "-n", "-f", loop->device()}));
+  }  // umount, then losetup -d.
+
+  ASSERT_OK(view->Unmount());
+  ASSERT_TRUE(view->exit_status().has_value());
+  EXPECT_TRUE(view->exit_status()->success())
+      << view->exit_status()->ToString();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Images, Ext4ReadonlyTest,
+    ::testing::Values(
+        Variant{"plain", {}},
+        Variant{"zlib_compressed", {"-c"}},
+        Variant{"zstd_compressed_4k",
+                {"-c", "-o", "compression_type=zstd,cluster_size=4096"}}),
+    [](const ::testing::TestParamInfo<Variant>& info) {
+      return info.param.name;
+    });
+
+}  // namespace
+}  // namespace qcow2fuse::test

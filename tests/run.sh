@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 machine: installs what it
+# needs, builds, and runs every test with ctest. Run as root (the tests
+# mount FUSE file systems and loop devices).
+#
+#   tests/run.sh                  normal build, in build/
+#   SANITIZE=address,undefined tests/run.sh   sanitizer build, in build-asan/
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+"$root/packaging/install-deps.sh"
+if [[ -n "${SANITIZE:-}" ]]; then
+  export BUILD_DIR=${BUILD_DIR:-$root/build-${SANITIZE//[,]/-}}
+  "$root/packaging/build.sh" -DCMAKE_BUILD_TYPE=Debug -DQCOW2FUSE_SANITIZE="$SANITIZE"
+  export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
+  export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+else
+  export BUILD_DIR=${BUILD_DIR:-$root/build}
+  "$root/packaging/build.sh"
+fi
+cd "$BUILD_DIR"
+ctest --output-on-failure --parallel "$(nproc)" --timeout 600

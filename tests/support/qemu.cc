@@ -1,0 +1,177 @@
+#include "support/qemu.h"
+
+#include <regex>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "support/command.h"
+
+namespace qcow2fuse::test {
+namespace {
+
+// Returns the JSON value of "key" in a flat object, as text, or nullopt.
+std::optional<std::string> FieldText(const std::string& object,
+                                     const std::string& key) {
+  std::regex field("\"" + key + "\"\\s*:\\s*([^,}\\s]+)");
+  std::smatch match;
+  if (!std::regex_search(object, match, field)) return std::nullopt;
+  return match[1].str();
+}
+
+absl::StatusOr<uint64_t> NumberField(const std::string& object,
+                                     const std::string& key) {
+  std::optional<std::string> text = FieldText(object, key);
+  uint64_t value = 0;
+  if (!text || !absl::SimpleAtoi(*text, &value)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("no numeric \"", key, "\" in map entry: ", object));
+  }
+  return value;
+}
+
+absl::StatusOr<bool> BoolField(const std::string& object,
+                               const std::string& key) {
+  std::optional<std::string> text = FieldText(object, key);
+  if (text == "true") return true;
+  if (text == "false") return false;
+  return absl::InvalidArgumentError(
+      absl::StrCat("no boolean \"", key, "\" in map entry: ", object));
+}
+
+absl::StatusOr<MapExtent> ParseMapObject(const std::string& object) {
+  MapExtent extent;
+  absl::StatusOr<uint64_t> start = NumberField(object, "start");
+  absl::StatusOr<uint64_t> length = NumberField(object, "length");
+  absl::StatusOr<uint64_t> depth = NumberField(object, "depth");
+  absl::StatusOr<bool> zero = BoolField(object, "zero");
+  absl::StatusOr<bool> data = BoolField(object, "data");
+  for (const absl::Status& s : {start.status(), length.status(),
+                                depth.status(), zero.status(),
+                                data.status()}) {
+    if (!s.ok()) return s;
+  }
+  extent.start = *start;
+  extent.length = *length;
+  extent.depth = static_cast<int>(*depth);
+  extent.zero = *zero;
+  extent.data = *data;
+  // "present" appeared in QEMU 6.x; older output implies it from depth.
+  absl::StatusOr<bool> present = BoolField(object, "present");
+  extent.present = present.ok() ? *present : extent.data;
+  if (FieldText(object, "offset")) {
+    absl::StatusOr<uint64_t> offset = NumberField(object, "offset");
+    if (!offset.ok()) return offset.status();
+    extent.offset = *offset;
+  }
+  return extent;
+}
+
+}  // namespace
+
+absl::Status CreateImage(const std::string& path, absl::string_view format,
+                         uint64_t size,
+                         const std::vector<std::string>& options) {
+  std::vector<std::string> argv = {"qemu-img", "create", "-q", "-f",
+                                   std::string(format)};
+  if (!options.empty()) {
+    argv.push_back("-o");
+    argv.push_back(absl::StrJoin(options, ","));
+  }
+  argv.push_back(path);
+  argv.push_back(absl::StrCat(size));
+  return RunChecked(argv).status();
+}
+
+absl::Status QemuIo(const std::string& path, absl::string_view format,
+                    const std::vector<std::string>& commands) {
+  std::vector<std::string> argv = {"qemu-io", "-f", std::string(format)};
+  for (const std::string& command : commands) {
+    argv.push_back("-c");
+    argv.push_back(command);
+  }
+  argv.push_back(path);
+  return RunChecked(argv).status();
+}
+
+absl::StatusOr<std::string> QemuImg(const std::vector<std::string>& args) {
+  std::vector<std::string> argv = {"qemu-img"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return RunChecked(argv);
+}
+
+absl::Status ConvertImage(const std::string& src, absl::string_view src_format,
+                          const std::string& dst, absl::string_view dst_format,
+                          const std::vector<std::string>& extra) {
+  std::vector<std::string> args = {"convert", "-f", std::string(src_format),
+                                   "-O", std::string(dst_format)};
+  args.insert(args.end(), extra.begin(), extra.end());
+  args.push_back(src);
+  args.push_back(dst);
+  return QemuImg(args).status();
+}
+
+absl::Status ConvertToRaw(const std::string& qcow2, const std::string& raw) {
+  return ConvertImage(qcow2, "qcow2", raw, "raw");
+}
+
+absl::Status CheckImage(const std::string& path, bool allow_leaks,
+                        const std::vector<std::string>& extra) {
+  std::vector<std::string> argv = {"qemu-img", "check", "-f", "qcow2"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  argv.push_back(path);
+  absl::StatusOr<CommandResult> result = RunCommand(argv);
+  if (!result.ok()) return result.status();
+  if (result->ok()) return absl::OkStatus();
+  if (allow_leaks && result->status.exited() && result->status.code() == 3) {
+    return absl::OkStatus();
+  }
+  return absl::InternalError(absl::StrCat(
+      "qemu-img check failed (", result->status.ToString(),
+      "): ", CommandLine(argv), "\n", result->stdout_text,
+      result->stderr_text));
+}
+
+absl::StatusOr<uint64_t> VirtualSize(const std::string& path,
+                                     absl::string_view format) {
+  absl::StatusOr<std::string> info = QemuImg(
+      {"info", "-f", std::string(format), "--output=json", path});
+  if (!info.ok()) return info.status();
+  std::smatch match;
+  static const std::regex kVirtualSize("\"virtual-size\"\\s*:\\s*(\\d+)");
+  uint64_t size = 0;
+  if (!std::regex_search(*info, match, kVirtualSize) ||
+      !absl::SimpleAtoi(match[1].str(), &size)) {
+    return absl::InternalError(
+        absl::StrCat("no virtual-size in qemu-img info output: ", *info));
+  }
+  return size;
+}
+
+absl::StatusOr<std::vector<MapExtent>> MapImage(const std::string& path) {
+  absl::StatusOr<std::string> json =
+      QemuImg({"map", "--output=json", "-f", "qcow2", path});
+  if (!json.ok()) return json.status();
+  return ParseMapJson(*json);
+}
+
+absl::StatusOr<std::vector<MapExtent>> ParseMapJson(absl::string_view json) {
+  // The output is a flat array of flat objects: no nesting, so every
+  // object is exactly a {...} run without braces inside.
+  static const std::regex kObject("\\{[^{}]*\\}");
+  std::string text(json);
+  std::vector<MapExtent> extents;
+  for (std::sregex_iterator it(text.begin(), text.end(), kObject), end;
+       it != end; ++it) {
+    absl::StatusOr<MapExtent> extent = ParseMapObject(it->str());
+    if (!extent.ok()) return extent.status();
+    extents.push_back(*extent);
+  }
+  if (extents.empty() && text.find('{') != std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot parse qemu-img map output: ", text));
+  }
+  return extents;
+}
+
+}  // namespace qcow2fuse::test

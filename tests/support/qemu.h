@@ -1,0 +1,88 @@
+// qemu-img and qemu-io as the reference implementation.
+//
+// Tests build images with the tools that define the format in practice,
+// and compare qcow2fuse's view against what qemu itself reads:
+//
+//   ASSERT_OK(CreateImage(img, "qcow2", 16 * kMiB, {"cluster_size=4096"}));
+//   ASSERT_OK(QemuIo(img, "qcow2", {"write -P 0xab 1000 3000",
+//                                   "write -z 65536 64k"}));
+//   ASSERT_OK(ConvertToRaw(img, raw));
+//   ASSERT_OK_AND_ASSIGN(std::vector<MapExtent> map, MapImage(img));
+//
+// Every function fails with the full command line and qemu's stderr.
+
+#ifndef QCOW2FUSE_TESTS_SUPPORT_QEMU_H_
+#define QCOW2FUSE_TESTS_SUPPORT_QEMU_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace qcow2fuse::test {
+
+inline constexpr uint64_t kKiB = 1024;
+inline constexpr uint64_t kMiB = 1024 * kKiB;
+
+// One element of `qemu-img map --output=json`.
+struct MapExtent {
+  uint64_t start = 0;
+  uint64_t length = 0;
+  int depth = 0;         // 0: the image itself, 1: its backing file, ...
+  bool present = false;  // Allocated somewhere in the chain.
+  bool zero = false;     // Reads as zeros.
+  bool data = false;     // Has data (may still read as zeros).
+  std::optional<uint64_t> offset;  // Host offset, when qemu reports one.
+
+  uint64_t end() const { return start + length; }
+};
+
+// `qemu-img create -f FORMAT [-o OPTIONS] PATH SIZE`. `options` are
+// key=value strings, e.g. {"cluster_size=512", "backing_file=base.raw",
+// "backing_fmt=raw"}; they are joined into one -o argument.
+absl::Status CreateImage(const std::string& path, absl::string_view format,
+                         uint64_t size,
+                         const std::vector<std::string>& options = {});
+
+// `qemu-io -f FORMAT -c CMD1 -c CMD2 ... PATH`, all commands in one run.
+// qemu-io exits non-zero when a command fails; that is an error here.
+absl::Status QemuIo(const std::string& path, absl::string_view format,
+                    const std::vector<std::string>& commands);
+
+// `qemu-img ARGS...`, returning stdout. For anything without a dedicated
+// helper: snapshot, bitmap, resize, ...
+absl::StatusOr<std::string> QemuImg(const std::vector<std::string>& args);
+
+// `qemu-img convert -f SRC_FORMAT -O DST_FORMAT EXTRA... SRC DST`, e.g.
+// extra = {"-c", "-o", "compression_type=zstd"}.
+absl::Status ConvertImage(const std::string& src, absl::string_view src_format,
+                          const std::string& dst, absl::string_view dst_format,
+                          const std::vector<std::string>& extra = {});
+
+// The reference contents: `qemu-img convert -O raw` of a qcow2 image.
+absl::Status ConvertToRaw(const std::string& qcow2, const std::string& raw);
+
+// `qemu-img check -f qcow2 EXTRA... PATH`. Exit code 0 is success; leaked
+// clusters (exit code 3) are accepted too when `allow_leaks`, since they
+// are harmless for readers and some recipes legitimately leave them.
+absl::Status CheckImage(const std::string& path, bool allow_leaks = false,
+                        const std::vector<std::string>& extra = {});
+
+// The virtual disk size from `qemu-img info --output=json`.
+absl::StatusOr<uint64_t> VirtualSize(const std::string& path,
+                                     absl::string_view format = "qcow2");
+
+// `qemu-img map --output=json -f qcow2 PATH`, parsed.
+absl::StatusOr<std::vector<MapExtent>> MapImage(const std::string& path);
+
+// Parses the JSON array qemu-img map prints. A small regex parser for this
+// one flat shape; anything it does not understand is an error, not a skip.
+absl::StatusOr<std::vector<MapExtent>> ParseMapJson(absl::string_view json);
+
+}  // namespace qcow2fuse::test
+
+#endif  // QCOW2FUSE_TESTS_SUPPORT_QEMU_H_
