@@ -4,12 +4,12 @@
 
 #include "absl/strings/str_format.h"
 #include "data/backing.h"
-#include "data/layer.h"
+#include "data/qcow2_layer.h"
 #include "qcow2fuse/status.h"
 
 namespace qcow2fuse {
 
-Image::Image(std::unique_ptr<Layer> top, ImageOptions options)
+Image::Image(std::unique_ptr<Qcow2Layer> top, ImageOptions options)
     : top_(std::move(top)),
       options_(std::move(options)),
       virtual_size_(top_->size()),
@@ -18,28 +18,53 @@ Image::Image(std::unique_ptr<Layer> top, ImageOptions options)
 Image::~Image() = default;
 
 Task<absl::StatusOr<std::unique_ptr<Image>>> Image::Open(std::string path, ImageOptions options) {
-  if (!options.read_only) {
-    co_return absl::UnimplementedError("writing is not supported yet; open the image read-only");
+  if (options.force_share && !options.read_only) {
+    co_return absl::InvalidArgumentError("force_share is only allowed for read-only opens");
   }
-  absl::StatusOr<std::unique_ptr<Layer>> top = co_await OpenChain(path, options);
+  absl::StatusOr<std::unique_ptr<Qcow2Layer>> top = co_await OpenChain(path, options);
   if (!top.ok()) co_return top.status();
   co_return std::unique_ptr<Image>(new Image(std::move(*top), std::move(options)));
 }
 
-Task<absl::Status> Image::Read(uint64_t offset, std::span<uint8_t> out) {
-  if (offset > virtual_size_ || out.size() > virtual_size_ - offset) {
-    co_return absl::OutOfRangeError(absl::StrFormat(
-        "read of %u bytes at %u is outside the disk (%u bytes)", out.size(), offset, virtual_size_));
+namespace {
+absl::Status CheckRange(const char* what, uint64_t offset, uint64_t length, uint64_t disk) {
+  if (offset > disk || length > disk - offset) {
+    return absl::OutOfRangeError(absl::StrFormat("%s of %u bytes at %u is outside the disk (%u bytes)",
+                                                 what, length, offset, disk));
   }
+  return absl::OkStatus();
+}
+}  // namespace
+
+Task<absl::Status> Image::Read(uint64_t offset, std::span<uint8_t> out) {
+  CO_RETURN_IF_ERROR(CheckRange("read", offset, out.size(), virtual_size_));
   co_return co_await top_->Read(offset, out);
 }
 
+Task<absl::Status> Image::Write(uint64_t offset, std::span<const uint8_t> data) {
+  if (options_.read_only) co_return absl::FailedPreconditionError("the image is open read-only");
+  CO_RETURN_IF_ERROR(CheckRange("write", offset, data.size(), virtual_size_));
+  allocated_bytes_.reset();
+  co_return co_await top_->Write(offset, data);
+}
+
+Task<absl::Status> Image::Flush() { co_return co_await top_->Flush(); }
+
+Task<absl::Status> Image::Truncate(uint64_t new_size) {
+  if (options_.read_only) co_return absl::FailedPreconditionError("the image is open read-only");
+  allocated_bytes_.reset();
+  CO_RETURN_IF_ERROR(co_await top_->Truncate(new_size));
+  virtual_size_ = top_->size();
+  co_return absl::OkStatus();
+}
+
 Task<absl::StatusOr<Extent>> Image::BlockStatus(uint64_t offset, uint64_t max_length) {
-  if (offset >= virtual_size_) {
+  const uint64_t disk = virtual_size_;
+  if (offset >= disk) {
     co_return absl::OutOfRangeError(
-        absl::StrFormat("block status at %u is outside the disk (%u bytes)", offset, virtual_size_));
+        absl::StrFormat("block status at %u is outside the disk (%u bytes)", offset, disk));
   }
-  max_length = std::min(max_length, virtual_size_ - offset);
+  max_length = std::min(max_length, disk - offset);
   absl::StatusOr<Extent> first = co_await top_->BlockStatus(offset, max_length);
   if (!first.ok()) co_return first;
   // Layers answer one L2 slice at a time; callers want whole runs.
@@ -54,14 +79,15 @@ Task<absl::StatusOr<Extent>> Image::BlockStatus(uint64_t offset, uint64_t max_le
 
 Task<absl::StatusOr<uint64_t>> Image::AllocatedBytes() {
   if (allocated_bytes_) co_return *allocated_bytes_;
+  const uint64_t disk = virtual_size_;
   uint64_t total = 0;
-  for (uint64_t offset = 0; offset < virtual_size_;) {
-    absl::StatusOr<Extent> e = co_await BlockStatus(offset, virtual_size_ - offset);
+  for (uint64_t offset = 0; offset < disk;) {
+    absl::StatusOr<Extent> e = co_await BlockStatus(offset, disk - offset);
     if (!e.ok()) {
       // A damaged entry must not make the whole view unusable (getattr
       // needs this count): count its cluster as data and go on.
       const uint64_t next_cluster = (offset / cluster_size_ + 1) * cluster_size_;
-      e = Extent{ExtentKind::kData, std::min(next_cluster, virtual_size_) - offset};
+      e = Extent{ExtentKind::kData, std::min(next_cluster, disk) - offset};
     }
     if (e->kind == ExtentKind::kData) total += e->length;
     offset += e->length;

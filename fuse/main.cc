@@ -119,6 +119,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   struct fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
 
   fuse_session* session = fuse_session_new(&args, &Operations(), sizeof(fuse_lowlevel_ops), &state);
+  fuse_opt_free_args(&args);  // the session keeps copies of what it needs
   if (session == nullptr) {
     remove_created();
     return fail("cannot create the FUSE session");
@@ -160,6 +161,11 @@ int Serve(const MountOptions& options, StartupReport& report) {
     // Requests still running hold `req` pointers of this session.
     scheduler.Drain();
   }
+  // What was written reaches the disk before we go.
+  absl::Status flushed = SyncWait((*image)->Flush());
+  if (!flushed.ok()) {
+    Log(LogLevel::kError, absl::StrFormat("flushing the image at unmount: %s", flushed.ToString()));
+  }
 
   fuse_remove_signal_handlers(session);
   fuse_session_unmount(session);
@@ -169,6 +175,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   // libfuse ends the loop with the number of the signal that stopped it: a
   // clean stop, as is an unmount.
   const int signal = loop_result < 0 ? -loop_result : loop_result;
+  if (!flushed.ok()) return 1;
   if (loop_result != 0 && signal != SIGTERM && signal != SIGINT && signal != SIGHUP) {
     Log(LogLevel::kError, absl::StrFormat("FUSE session ended with error %d", loop_result));
     return 1;
@@ -228,11 +235,6 @@ int Main(int argc, char** argv) {
   if (options->version) {
     std::printf("qcow2fuse %s (libfuse %s)\n", kVersion, fuse_pkgversion());
     return 0;
-  }
-  if (!options->image_options.read_only) {
-    std::fprintf(stderr,
-                 "qcow2fuse: read-write mounts are not supported yet; mount with -o ro\n");
-    return 1;
   }
   if (options->foreground) {
     StartupReport none(-1);

@@ -67,6 +67,41 @@ Task<void> Read(fuse_req_t req, size_t size, off_t offset) {
   fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), buf.size());
 }
 
+Task<void> Write(fuse_req_t req, std::vector<uint8_t> data, off_t offset) {
+  Image& image = *State(req).image;
+  const uint64_t disk = image.virtual_size();
+  // The view is a file of fixed size, like a disk: no room past its end.
+  if (offset < 0 || static_cast<uint64_t>(offset) >= disk) co_return (void)fuse_reply_err(req, ENOSPC);
+  const size_t n = std::min<uint64_t>(data.size(), disk - offset);
+  absl::Status status = co_await image.Write(offset, std::span(data).first(n));
+  if (!status.ok()) {
+    co_return ReplyError(req, status, absl::StrFormat("write of %u bytes at offset %u", n, offset));
+  }
+  fuse_reply_write(req, n);
+}
+
+Task<void> Fsync(fuse_req_t req) {
+  absl::Status status = co_await State(req).image->Flush();
+  if (!status.ok()) co_return ReplyError(req, status, "fsync");
+  fuse_reply_err(req, 0);
+}
+
+Task<void> SetAttr(fuse_req_t req, struct stat attr, int to_set) {
+  MountState& m = State(req);
+  if (to_set & FUSE_SET_ATTR_SIZE) {
+    if (m.image->read_only()) co_return (void)fuse_reply_err(req, EROFS);
+    absl::Status status = co_await m.image->Truncate(attr.st_size);
+    if (!status.ok()) {
+      co_return ReplyError(req, status, absl::StrFormat("truncate to %u bytes", attr.st_size));
+    }
+  }
+  // Owner, mode and times belong to the image file, not the view: accept
+  // and ignore them, so that tools like touch and cp -p work.
+  absl::StatusOr<struct stat> st = co_await Attributes(m);
+  if (!st.ok()) co_return ReplyError(req, st.status(), "setattr");
+  fuse_reply_attr(req, &*st, kAttrTimeoutSeconds);
+}
+
 // SEEK_DATA and SEEK_HOLE, with a regular file's semantics: ENXIO at or past
 // the end, and for SEEK_DATA when no data follows; the end of the file is
 // the last hole.
@@ -97,8 +132,21 @@ void OnGetAttr(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) {
   State(req).scheduler->Spawn(GetAttr(req));
 }
 
-void OnSetAttr(fuse_req_t req, fuse_ino_t, struct stat*, int, struct fuse_file_info*) {
-  fuse_reply_err(req, State(req).image->read_only() ? EROFS : EOPNOTSUPP);
+void OnSetAttr(fuse_req_t req, fuse_ino_t, struct stat* attr, int to_set, struct fuse_file_info*) {
+  State(req).scheduler->Spawn(SetAttr(req, *attr, to_set));
+}
+
+void OnWrite(fuse_req_t req, fuse_ino_t, const char* buf, size_t size, off_t offset,
+             struct fuse_file_info*) {
+  // `buf` dies when this callback returns.
+  std::vector<uint8_t> data(buf, buf + size);
+  State(req).scheduler->Spawn(Write(req, std::move(data), offset));
+}
+
+void OnFsync(fuse_req_t req, fuse_ino_t, int /*datasync*/, struct fuse_file_info*) {
+  // fdatasync and fsync mean the same for the view: data and the metadata
+  // that finds it.
+  State(req).scheduler->Spawn(Fsync(req));
 }
 
 void OnOpen(fuse_req_t req, fuse_ino_t, struct fuse_file_info* fi) {
@@ -145,6 +193,8 @@ const fuse_lowlevel_ops& Operations() {
     o.setattr = OnSetAttr;
     o.open = OnOpen;
     o.read = OnRead;
+    o.write = OnWrite;
+    o.fsync = OnFsync;
     o.flush = OnFlush;
     o.release = OnRelease;
     o.statfs = OnStatfs;

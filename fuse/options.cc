@@ -31,6 +31,8 @@ absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
     out.image_options.read_only = true;
   } else if (key == "rw" && !has_value) {
     out.image_options.read_only = false;
+  } else if (key == "force_share" && !has_value) {
+    out.image_options.force_share = true;
   } else if (key == "allow_other" && !has_value) {
     out.allow_other = true;
   } else if (key == "l2_cache_size" && has_value) {
@@ -57,7 +59,8 @@ const char* UsageText() {
          "Unmount with: fusermount3 -u MOUNTPOINT\n"
          "\n"
          "options:\n"
-         "  -o ro                  read-only view (required for now)\n"
+         "  -o ro                  read-only view\n"
+         "  -o force_share         with ro: take no image locks, like qemu-img -U\n"
          "  -o allow_other         let other users access the view\n"
          "  -o l2_cache_size=SIZE  L2 table cache per image (default 4M)\n"
          "  -o data_file=PATH      the image's external data file\n"
@@ -125,6 +128,9 @@ absl::StatusOr<MountOptions> ParseCommandLine(int argc, char** argv) {
     }
   }
   if (out.help || out.version) return out;
+  if (out.image_options.force_share && !out.image_options.read_only) {
+    return absl::InvalidArgumentError("force_share needs ro: a writer must hold the image's locks");
+  }
   if (positional.size() != 2) {
     return absl::InvalidArgumentError("expected an IMAGE and a MOUNTPOINT");
   }

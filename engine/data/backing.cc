@@ -12,6 +12,7 @@
 #include "format/header.h"
 #include "format/spec.h"
 #include "io/block_file.h"
+#include "io/image_lock.h"
 #include "qcow2fuse/status.h"
 
 namespace qcow2fuse {
@@ -32,7 +33,8 @@ Task<absl::StatusOr<std::unique_ptr<BlockFile>>> OpenDataFile(const std::string&
                                                               const Header& header,
                                                               const ImageOptions& options,
                                                               bool is_top) {
-  // Only the top image's data file can be named on the command line.
+  // Only the top image's data file can be named on the command line, and
+  // only the top image is written.
   std::string path = is_top ? options.data_file : "";
   if (path.empty()) {
     if (header.data_file.empty()) {
@@ -42,7 +44,7 @@ Task<absl::StatusOr<std::unique_ptr<BlockFile>>> OpenDataFile(const std::string&
     }
     path = ResolveRelativeTo(image_path, header.data_file);
   }
-  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path);
+  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path, is_top && !options.read_only);
   if (!file.ok()) co_return Annotate(file.status(), "external data file");
   co_return file;
 }
@@ -54,25 +56,19 @@ class ChainOpener {
  public:
   explicit ChainOpener(const ImageOptions& options) : options_(options) {}
 
-  Task<absl::StatusOr<std::unique_ptr<Layer>>> Open(const std::string& path, Format format) {
-    const std::string where =
-        chain_.empty() ? path
-                       : absl::StrFormat("%s (backing file of %s)", path, chain_.back().path);
-    if (chain_.size() >= kMaxBackingDepth) {
-      co_return absl::FailedPreconditionError(absl::StrFormat(
-          "%s: the backing chain is deeper than %d images", where, kMaxBackingDepth));
-    }
-    absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path);
-    if (!file.ok()) co_return Annotate(file.status(), where);
-    char* real = realpath(path.c_str(), nullptr);
-    const std::string real_path = real ? real : path;
-    free(real);
-    for (const Opened& o : chain_) {
-      if (o.real_path == real_path) {
-        co_return absl::FailedPreconditionError(
-            absl::StrFormat("%s: the backing chain loops back to %s", where, o.path));
-      }
-    }
+  // The top image: always qcow2, writable unless the options say read-only.
+  Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> OpenTop(const std::string& path) {
+    absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenFile(path, path, !options_.read_only);
+    if (!file.ok()) co_return file.status();
+    co_return co_await OpenQcow2(path, path, std::move(*file));
+  }
+
+ private:
+  // A backing file, read-only, in the given format.
+  Task<absl::StatusOr<std::unique_ptr<Layer>>> OpenBacking(const std::string& path, Format format) {
+    const std::string where = absl::StrFormat("%s (backing file of %s)", path, chain_.back().path);
+    absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenFile(path, where, false);
+    if (!file.ok()) co_return file.status();
     if (format == Format::kProbe) {
       uint8_t magic[4];
       CO_RETURN_IF_ERROR(co_await (*file)->Read(0, magic));
@@ -80,16 +76,44 @@ class ChainOpener {
                                                                                    : Format::kRaw;
     }
     if (format == Format::kRaw) co_return NewRawLayer(std::move(*file));
-    chain_.push_back({path, real_path});
-    co_return co_await OpenQcow2(path, where, std::move(*file));
+    absl::StatusOr<std::unique_ptr<Qcow2Layer>> layer = co_await OpenQcow2(path, where, std::move(*file));
+    if (!layer.ok()) co_return layer.status();
+    co_return std::unique_ptr<Layer>(std::move(*layer));
   }
 
- private:
+  // Opens the next file of the chain, refusing a chain that loops or is too deep.
+  absl::StatusOr<std::unique_ptr<BlockFile>> OpenFile(const std::string& path,
+                                                      const std::string& where, bool writable) {
+    if (chain_.size() >= kMaxBackingDepth) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "%s: the backing chain is deeper than %d images", where, kMaxBackingDepth));
+    }
+    absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path, writable);
+    if (!file.ok()) return Annotate(file.status(), where);
+    // QEMU's byte-range locks: while we write, QEMU may not; while we read,
+    // nobody may write underneath us (unless the user said force_share).
+    if (!options_.force_share) {
+      absl::Status locked = LockImage((*file)->fd(), writable ? LockMode::kReadWrite : LockMode::kReadOnly, path);
+      if (!locked.ok()) return Annotate(locked, where);
+    }
+    char* real = realpath(path.c_str(), nullptr);
+    const std::string real_path = real ? real : path;
+    free(real);
+    for (const Opened& o : chain_) {
+      if (o.real_path == real_path) {
+        return absl::FailedPreconditionError(
+            absl::StrFormat("%s: the backing chain loops back to %s", where, o.path));
+      }
+    }
+    chain_.push_back({path, real_path});
+    return file;
+  }
+
   // Errors of this image itself are prefixed with `where`; errors of the
   // images below it already say where they are.
-  Task<absl::StatusOr<std::unique_ptr<Layer>>> OpenQcow2(const std::string& path,
-                                                         const std::string& where,
-                                                         std::unique_ptr<BlockFile> file) {
+  Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> OpenQcow2(const std::string& path,
+                                                              const std::string& where,
+                                                              std::unique_ptr<BlockFile> file) {
     std::vector<uint8_t> bytes(std::min(kHeaderReadSize, file->size()));
     CO_RETURN_IF_ERROR(co_await file->Read(0, bytes));
     absl::StatusOr<Header> header = DecodeHeader(bytes, file->size());
@@ -126,7 +150,7 @@ class ChainOpener {
       absl::StatusOr<Format> format = ParseFormat(header->backing_format);
       if (!format.ok()) co_return Annotate(format.status(), where);
       absl::StatusOr<std::unique_ptr<Layer>> opened =
-          co_await Open(ResolveRelativeTo(path, header->backing_file), *format);
+          co_await OpenBacking(ResolveRelativeTo(path, header->backing_file), *format);
       if (!opened.ok()) co_return opened.status();
       backing = std::move(*opened);
     }
@@ -134,7 +158,7 @@ class ChainOpener {
     absl::StatusOr<std::unique_ptr<Qcow2Layer>> layer = co_await Qcow2Layer::Open(
         std::move(file), std::move(*header), std::move(data_file), std::move(backing), options_);
     if (!layer.ok()) co_return Annotate(layer.status(), where);
-    co_return std::unique_ptr<Layer>(std::move(*layer));
+    co_return layer;
   }
 
   struct Opened {
@@ -154,10 +178,10 @@ std::string ResolveRelativeTo(const std::string& image_path, const std::string& 
   return image_path.substr(0, slash + 1) + name;
 }
 
-Task<absl::StatusOr<std::unique_ptr<Layer>>> OpenChain(const std::string& path,
-                                                       const ImageOptions& options) {
+Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> OpenChain(const std::string& path,
+                                                            const ImageOptions& options) {
   ChainOpener opener(options);
-  co_return co_await opener.Open(path, Format::kQcow2);
+  co_return co_await opener.OpenTop(path);
 }
 
 }  // namespace qcow2fuse

@@ -14,15 +14,17 @@
 #include <string>
 
 #include "data/layer.h"
+#include "data/qcow2_layer.h"
 #include "qcow2fuse/image.h"
 
 namespace qcow2fuse {
 
 inline constexpr int kMaxBackingDepth = 64;
 
-// Opens the qcow2 image at `path` as the top of its chain.
-Task<absl::StatusOr<std::unique_ptr<Layer>>> OpenChain(const std::string& path,
-                                                       const ImageOptions& options);
+// Opens the qcow2 image at `path` as the top of its chain: writable unless
+// options.read_only; the images below it always read-only.
+Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> OpenChain(const std::string& path,
+                                                            const ImageOptions& options);
 
 // The path of `name` as seen from the image at `image_path`.
 std::string ResolveRelativeTo(const std::string& image_path, const std::string& name);

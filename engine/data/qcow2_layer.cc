@@ -14,6 +14,9 @@ namespace {
 
 // Inflated clusters kept; with 2 MiB clusters this is 8 MiB at most.
 constexpr size_t kInflatedCacheEntries = 4;
+// Refcount blocks cached by a writable image: one 64 KiB block describes
+// 2 GiB of 64 KiB clusters, so a few cover any working set.
+constexpr uint64_t kRefcountCacheBytes = uint64_t{1} << 20;
 
 L2Format MakeL2Format(const Header& h) {
   L2Format f;
@@ -46,7 +49,7 @@ Qcow2Layer::Qcow2Layer(std::unique_ptr<BlockFile> file, Header header,
       backing_(std::move(backing)),
       format_(MakeL2Format(header_)),
       compression_(MakeCompressionType(header_)),
-      l2_cache_(file_.get(), L2Cache::SliceSizeFor(header_.cluster_size()), options.l2_cache_size) {}
+      l2_cache_(file_.get(), L2SliceSize(header_.cluster_size()), options.l2_cache_size) {}
 
 Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Open(
     std::unique_ptr<BlockFile> file, Header header, std::unique_ptr<BlockFile> data_file,
@@ -60,6 +63,10 @@ Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Open(
   CO_RETURN_IF_ERROR(co_await layer->file_->Read(h.l1_table_offset, raw));
   layer->l1_.resize(h.l1_size);
   for (uint32_t i = 0; i < h.l1_size; ++i) layer->l1_[i] = LoadBE64(raw.data() + i * spec::kL2EntrySize);
+  if (layer->file_->writable()) {
+    layer->refcounts_ = std::make_unique<Refcounts>(layer->file_.get(), h, kRefcountCacheBytes);
+    CO_RETURN_IF_ERROR(co_await layer->refcounts_->Load());
+  }
   co_return layer;
 }
 
@@ -76,23 +83,20 @@ Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint6
   }
   uint64_t end = std::min(offset + max_length, (l1_index + 1) * bytes_per_l2);
 
-  const uint64_t l2_offset = L1EntryL2Offset(l1_[l1_index]);
+  absl::StatusOr<uint64_t> l2_table = L2TableOffset(l1_index);
+  if (!l2_table.ok()) co_return l2_table.status();
+  const uint64_t l2_offset = *l2_table;
   if (l2_offset == 0) co_return Mapping{SubclusterType::kUnallocatedPlain, end - offset, 0, {}};
-  if ((l2_offset & (cluster_size - 1)) != 0 || l2_offset >= file_->size()) {
-    co_return absl::DataLossError(absl::StrFormat(
-        "%s: L1 entry %u points to an L2 table at %#x, which is %s", file_->name(), l1_index,
-        l2_offset, l2_offset >= file_->size() ? "past the end of the file" : "not cluster aligned"));
-  }
 
   // The slice of the L2 table that holds the entry, and the guest range it maps.
   const uint64_t l2_index = (offset >> cluster_bits) % l2_entries;
-  const uint64_t entries_per_slice = l2_cache_.slice_size() / format_.entry_size();
+  const uint64_t entries_per_slice = l2_cache_.table_size() / format_.entry_size();
   const uint64_t first_in_slice = l2_index - l2_index % entries_per_slice;
   const uint64_t slice_offset = l2_offset + first_in_slice * format_.entry_size();
   const uint64_t slice_guest_start = l1_index * bytes_per_l2 + (first_in_slice << cluster_bits);
   end = std::min(end, slice_guest_start + (entries_per_slice << cluster_bits));
 
-  absl::StatusOr<std::shared_ptr<const L2Slice>> slice = co_await l2_cache_.Get(slice_offset);
+  absl::StatusOr<std::shared_ptr<const Table>> slice = co_await l2_cache_.Get(slice_offset);
   if (!slice.ok()) co_return Annotate(slice.status(), "reading L2 table");
 
   const uint32_t subcluster_bits = format_.subcluster_bits();
@@ -153,6 +157,17 @@ Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint6
   }
   m.length = pos - offset;
   co_return m;
+}
+
+absl::StatusOr<uint64_t> Qcow2Layer::L2TableOffset(uint64_t l1_index) const {
+  const uint64_t l2_offset = L1EntryL2Offset(l1_[l1_index]);
+  if (l2_offset == 0) return 0;
+  if ((l2_offset & (header_.cluster_size() - 1)) != 0 || l2_offset >= file_->size()) {
+    return absl::DataLossError(absl::StrFormat(
+        "%s: L1 entry %u points to an L2 table at %#x, which is %s", file_->name(), l1_index,
+        l2_offset, l2_offset >= file_->size() ? "past the end of the file" : "not cluster aligned"));
+  }
+  return l2_offset;
 }
 
 Task<absl::Status> Qcow2Layer::Read(uint64_t offset, std::span<uint8_t> out) {

@@ -1,8 +1,25 @@
-// Qcow2Layer: the read path of one qcow2 image. It maps guest offsets to
-// host clusters through the L1 table (held in memory) and L2 slices (in an
-// L2Cache), reads data from the image or its external data file, inflates
-// compressed clusters, and sends what the image does not hold to its
-// backing layer.
+// Qcow2Layer: one qcow2 image. It maps guest offsets to host clusters
+// through the L1 table (held in memory) and L2 slices (in a TableCache),
+// reads data from the image or its external data file, inflates compressed
+// clusters, and sends what the image does not hold to its backing layer.
+//
+// The top image of a chain may be writable (qcow2_write.cc): allocating
+// writes with copy-on-write, refcounts, L1 growth, and a flush protocol
+// that keeps the image consistent on disk at every instant:
+//   1. refcount blocks (then new refcount table entries) and guest data,
+//      barrier: every cluster that will be referenced is counted and holds
+//      its data;
+//   2. dirty L2 slices, barrier;
+//   3. dirty L1 entries, barrier;
+//   4. only now drop the refcounts of clusters no longer referenced, and
+//      discard those that became free.
+// Until a flush, changed metadata lives in the caches; a crash loses the
+// unflushed writes (as a disk loses its write cache) and leaks at most the
+// clusters allocated for them.
+//
+// Threads: all calls run on the mount's scheduler thread, one at a time
+// between suspension points; file I/O completes inline today, so a
+// request's metadata update is never interleaved with another's.
 
 #ifndef QCOW2FUSE_DATA_QCOW2_LAYER_H_
 #define QCOW2FUSE_DATA_QCOW2_LAYER_H_
@@ -13,12 +30,15 @@
 #include <mutex>
 #include <vector>
 
+#include "absl/container/btree_set.h"
+
 #include "data/codec.h"
 #include "data/layer.h"
 #include "format/header.h"
 #include "format/l2_entry.h"
 #include "io/block_file.h"
-#include "meta/l2_cache.h"
+#include "meta/refcounts.h"
+#include "meta/table_cache.h"
 #include "qcow2fuse/image.h"
 
 namespace qcow2fuse {
@@ -41,6 +61,15 @@ class Qcow2Layer final : public Layer {
   std::string Describe() const override;
 
   const Header& header() const { return header_; }
+  bool writable() const { return refcounts_ != nullptr; }
+
+  // Writes `data` at guest `offset` (inside size()).
+  Task<absl::Status> Write(uint64_t offset, std::span<const uint8_t> data);
+  // Puts everything written so far on stable storage (the protocol above).
+  Task<absl::Status> Flush();
+  // Changes the virtual size. Growing makes the new space read as zeros;
+  // shrinking is refused (FailedPreconditionError) if data would be lost.
+  Task<absl::Status> Truncate(uint64_t new_size);
 
   // A run of guest bytes that one L2 entry type covers, from Map().
   struct Mapping {
@@ -64,15 +93,42 @@ class Qcow2Layer final : public Layer {
   Task<absl::StatusOr<std::shared_ptr<const std::vector<uint8_t>>>> Decompress(
       const CompressedDescriptor& descriptor);
 
+  // The offset of the L2 table for L1 entry `l1_index` after checking it,
+  // or 0 when the entry is unallocated.
+  absl::StatusOr<uint64_t> L2TableOffset(uint64_t l1_index) const;
+
+  // Write path (qcow2_write.cc).
+  Task<absl::Status> PrepareFirstWrite();
+  Task<absl::Status> WriteInCluster(uint64_t offset, std::span<const uint8_t> data);
+  Task<absl::Status> FillFromGuest(uint64_t offset, std::span<uint8_t> out);
+  Task<absl::StatusOr<L2Entry>> LookupEntry(uint64_t guest_offset);
+  Task<absl::Status> StoreEntry(uint64_t guest_offset, const L2Entry& entry);
+  Task<absl::StatusOr<uint64_t>> WritableL2Table(uint64_t l1_index);
+  Task<absl::StatusOr<uint64_t>> AllocateDataCluster(uint64_t guest_cluster);
+  void FreeLater(const L2Entry& old_entry);
+  Task<absl::Status> GrowL1(uint64_t entries);
+  Task<absl::Status> WriteHeaderField(uint32_t field_offset, std::span<const uint8_t> bytes);
+  Task<absl::Status> MarkBitmapsInUse();
+  Task<absl::Status> ZeroNewSpace(uint64_t old_size, uint64_t new_size);
+  Task<absl::Status> FlushIfCachesFull();
+
   const std::unique_ptr<BlockFile> file_;
-  const Header header_;
+  Header header_;  // size and table locations change as the image grows
   const std::unique_ptr<BlockFile> external_data_file_;
   BlockFile* const data_file_;  // external_data_file_ or file_
   const std::unique_ptr<Layer> backing_;
   const L2Format format_;
   const CompressionType compression_;
   std::vector<uint64_t> l1_;
-  L2Cache l2_cache_;
+  TableCache l2_cache_;
+
+  // Writing (null refcounts_ for a read-only layer).
+  std::unique_ptr<Refcounts> refcounts_;
+  bool prepared_for_write_ = false;
+  absl::btree_set<uint64_t> dirty_l1_;
+  // Host ranges (offset, clusters) to give back once no durable metadata
+  // points to them: step 4 of the flush protocol.
+  std::vector<std::pair<uint64_t, uint64_t>> pending_frees_;
 
   // The last few inflated clusters: FUSE reads 128 KiB to 1 MiB at a time,
   // so one compressed 2 MiB cluster would otherwise be inflated many times.

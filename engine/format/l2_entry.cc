@@ -24,6 +24,11 @@ L2Entry DecodeL2Entry(const uint8_t* p, const L2Format& format) {
   return e;
 }
 
+void EncodeL2Entry(const L2Entry& entry, uint8_t* p, const L2Format& format) {
+  StoreBE64(p, entry.descriptor);
+  if (format.extended_l2) StoreBE64(p + spec::kL2EntrySize, entry.bitmap);
+}
+
 uint64_t L2EntryHostOffset(const L2Entry& entry) { return entry.descriptor & spec::kL2OffsetMask; }
 
 uint64_t L2EntryReservedBits(const L2Entry& entry, const L2Format& format) {

@@ -35,6 +35,8 @@ struct L2Format {
 
 // Decodes the entry at `p` (8 or 16 bytes, big-endian).
 L2Entry DecodeL2Entry(const uint8_t* p, const L2Format& format);
+// Encodes `entry` at `p`, the inverse of DecodeL2Entry.
+void EncodeL2Entry(const L2Entry& entry, uint8_t* p, const L2Format& format);
 
 // What reading one subcluster must do. Standard L2 entries have one
 // subcluster per cluster. Names follow QEMU's, since the spec describes

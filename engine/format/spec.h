@@ -103,6 +103,14 @@ inline constexpr uint8_t kFeatureTypeAutoclear = 2;
 inline constexpr uint32_t kBitmapsExtSize = 24;
 inline constexpr uint32_t kMaxBitmaps = 65535;
 
+// "Bitmap directory" entries: a 24-byte fixed part, then extra data and
+// the name, padded to 8 bytes.
+inline constexpr uint32_t kBitmapDirEntryFixedSize = 24;
+inline constexpr uint32_t kBitmapDirOffFlags = 12;
+inline constexpr uint32_t kBitmapDirOffNameSize = 18;
+inline constexpr uint32_t kBitmapDirOffExtraDataSize = 20;
+inline constexpr uint32_t kBitmapFlagInUse = 1u << 0;
+
 // "Full disk encryption header pointer": offset (8), length (8).
 inline constexpr uint32_t kFdeExtSize = 16;
 

@@ -1,10 +1,13 @@
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_format.h"
 #include "io/block_file.h"
@@ -13,16 +16,30 @@
 namespace qcow2fuse {
 namespace {
 
+// The largest offset a file may reach: off_t is signed.
+constexpr uint64_t kMaxOffset = std::numeric_limits<off_t>::max();
+
 class PosixFile final : public BlockFile {
  public:
-  PosixFile(std::string name, int fd, uint64_t size) : name_(std::move(name)), fd_(fd), size_(size) {}
+  PosixFile(std::string name, int fd, uint64_t size, bool writable)
+      : name_(std::move(name)), fd_(fd), writable_(writable), size_(size) {}
   ~PosixFile() override { close(fd_); }
 
   Task<absl::Status> Read(uint64_t offset, std::span<uint8_t> out) override {
     co_return ReadSync(offset, out);
   }
+  Task<absl::Status> Write(uint64_t offset, std::span<const uint8_t> data) override {
+    co_return WriteSync(offset, data);
+  }
+  Task<absl::Status> Flush() override { co_return FlushSync(); }
+  Task<absl::Status> Discard(uint64_t offset, uint64_t length) override {
+    co_return DiscardSync(offset, length);
+  }
+  Task<absl::Status> Truncate(uint64_t size) override { co_return TruncateSync(size); }
 
-  uint64_t size() const override { return size_; }
+  uint64_t size() const override { return size_.load(); }
+  bool writable() const override { return writable_; }
+  int fd() const override { return fd_; }
   const std::string& name() const override { return name_; }
 
   absl::StatusOr<uint64_t> NextData(uint64_t offset) override { return Seek(offset, SEEK_DATA); }
@@ -47,28 +64,113 @@ class PosixFile final : public BlockFile {
     return absl::OkStatus();
   }
 
+  absl::Status WriteSync(uint64_t offset, std::span<const uint8_t> data) {
+    const std::string what =
+        absl::StrFormat("write %s at offset %u, %u bytes", name_, offset, data.size());
+    if (!writable_) return RefuseReadOnly(what);
+    // Checked here because the kernel would see a negative off_t and say
+    // EINVAL, which hides that the offset is simply too large.
+    if (offset > kMaxOffset || data.size() > kMaxOffset - offset) return ErrnoStatus(EFBIG, what);
+    size_t done = 0;
+    absl::Status status;
+    while (done < data.size()) {
+      ssize_t n = pwrite(fd_, data.data() + done, data.size() - done, offset + done);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        status = ErrnoStatus(errno, absl::StrFormat("write %s at offset %u, %u bytes", name_,
+                                                    offset + done, data.size() - done));
+        break;
+      }
+      if (n == 0) {  // pwrite makes no progress only on a broken device
+        status = ErrnoStatus(EIO, absl::StrFormat("write %s at offset %u, %u bytes", name_,
+                                                  offset + done, data.size() - done));
+        break;
+      }
+      done += n;
+    }
+    // Even a failed write may have extended the file by the part it wrote.
+    if (done > 0) GrowSizeTo(offset + done);
+    return status;
+  }
+
+  absl::Status FlushSync() {
+    if (!writable_) return absl::OkStatus();  // nothing was written through this fd
+    // Not retried on EINTR alone: any other error means the kernel may have
+    // dropped the dirty pages, so the data is in doubt and the caller must
+    // know (see BlockFile::Flush).
+    while (fdatasync(fd_) != 0) {
+      if (errno != EINTR) return ErrnoStatus(errno, absl::StrFormat("flush %s", name_));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status DiscardSync(uint64_t offset, uint64_t length) {
+    const std::string what =
+        absl::StrFormat("discard %s at offset %u, %u bytes", name_, offset, length);
+    if (!writable_) return RefuseReadOnly(what);
+    // KEEP_SIZE ignores the part past the end anyway; clamping also keeps
+    // "discard to the end" (length UINT64_MAX) within off_t.
+    const uint64_t size = size_.load();
+    if (offset >= size) return absl::OkStatus();
+    length = std::min(length, size - offset);
+    if (length == 0) return absl::OkStatus();  // fallocate says EINVAL for 0
+    while (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0) {
+      if (errno == EINTR) continue;
+      // A filesystem that cannot punch holes keeps the old bytes, which the
+      // contract allows: discarding is advice.
+      if (errno == EOPNOTSUPP || errno == ENOSYS) return absl::OkStatus();
+      return ErrnoStatus(errno, what);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status TruncateSync(uint64_t size) {
+    const std::string what = absl::StrFormat("truncate %s to %u bytes", name_, size);
+    if (!writable_) return RefuseReadOnly(what);
+    if (size > kMaxOffset) return ErrnoStatus(EFBIG, what);
+    while (ftruncate(fd_, size) != 0) {
+      if (errno != EINTR) return ErrnoStatus(errno, what);
+    }
+    size_.store(size);
+    return absl::OkStatus();
+  }
+
+  // Raises size_ to `end` unless a concurrent write already took it further.
+  void GrowSizeTo(uint64_t end) {
+    uint64_t current = size_.load();
+    while (end > current && !size_.compare_exchange_weak(current, end)) {
+    }
+  }
+
   absl::StatusOr<uint64_t> Seek(uint64_t offset, int whence) {
-    if (offset >= size_) return size_;
+    const uint64_t size = size_.load();
+    if (offset >= size) return size;
     off_t r = lseek(fd_, offset, whence);
     if (r < 0) {
-      if (errno == ENXIO) return size_;
+      if (errno == ENXIO) return size;
       // Filesystems without hole support: everything is data.
-      if (errno == EINVAL || errno == EOPNOTSUPP) return whence == SEEK_DATA ? offset : size_;
+      if (errno == EINVAL || errno == EOPNOTSUPP) return whence == SEEK_DATA ? offset : size;
       return ErrnoStatus(errno, absl::StrFormat("lseek %s at offset %u", name_, offset));
     }
-    return std::min<uint64_t>(r, size_);
+    return std::min<uint64_t>(r, size);
   }
 
   const std::string name_;
   const int fd_;
-  const uint64_t size_;
+  const bool writable_;
+  // Read by any thread (the FUSE front end asks for the size while writes
+  // run); grows with writes past the end, set by Truncate.
+  std::atomic<uint64_t> size_;
 };
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path) {
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoStatus(errno, absl::StrFormat("open %s", path));
+absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path,
+                                                         bool writable) {
+  int fd = open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+  if (fd < 0) {
+    return ErrnoStatus(errno, absl::StrFormat("open %s%s", path, writable ? " for writing" : ""));
+  }
   struct stat st;
   if (fstat(fd, &st) != 0) {
     absl::Status status = ErrnoStatus(errno, absl::StrFormat("stat %s", path));
@@ -90,7 +192,7 @@ absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path
     }
     size = end;
   }
-  return std::make_unique<PosixFile>(path, fd, size);
+  return std::make_unique<PosixFile>(path, fd, size, writable);
 }
 
 }  // namespace qcow2fuse

@@ -60,9 +60,9 @@ class LoopDevice {
     // A busy device is only marked for auto-clear and let go on its last
     // close; until then it keeps the view open and the view cannot be
     // unmounted. So wait (bounded) until it is really gone.
-    const std::string backing = absl::StrCat(
-        "/sys/block/", fs::path(device_).filename().string(),
-        "/loop/backing_file");
+    const std::string backing =
+        absl::StrCat("/sys/block/", fs::path(device_).filename().string(),
+                     "/loop/backing_file");
     const auto deadline = std::chrono::steady_clock::now() + kDetachTimeout;
     while (fs::exists(backing) && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -239,8 +239,8 @@ TEST_P(Ext4ReadonlyTest, FilesReadBackThroughLoopMount) {
 
   ASSERT_OK(CreateImage(raw, "raw", 64 * kMiB));
   ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", "-d", tree, raw}));
-  ASSERT_OK(ConvertImage(raw, "raw", image, "qcow2",
-                         GetParam().convert_options));
+  ASSERT_OK(
+      ConvertImage(raw, "raw", image, "qcow2", GetParam().convert_options));
 
   MountOptions options;
   options.binary = Qcow2fuseBinary(QCOW2FUSE_BINARY);
@@ -267,11 +267,10 @@ TEST_P(Ext4ReadonlyTest, FilesReadBackThroughLoopMount) {
 
 INSTANTIATE_TEST_SUITE_P(
     Images, Ext4ReadonlyTest,
-    ::testing::Values(
-        Variant{"plain", {}},
-        Variant{"zlib_compressed", {"-c"}},
-        Variant{"zstd_compressed_4k",
-                {"-c", "-o", "compression_type=zstd,cluster_size=4096"}}),
+    ::testing::Values(Variant{"plain", {}}, Variant{"zlib_compressed", {"-c"}},
+                      Variant{"zstd_compressed_4k",
+                              {"-c", "-o",
+                               "compression_type=zstd,cluster_size=4096"}}),
     [](const ::testing::TestParamInfo<Variant>& info) {
       return info.param.name;
     });

@@ -117,8 +117,8 @@ std::vector<std::string> ImageBuilder::ScatteredWrites(int count,
     uint64_t length = Uniform(1, std::min(max_length, limit));
     uint64_t offset = Uniform(0, limit - length);
     if (Uniform(0, 1) == 0) {
-      commands.push_back(absl::StrCat("write -P ", RandomPattern(), " ",
-                                      offset, " ", length));
+      commands.push_back(
+          absl::StrCat("write -P ", RandomPattern(), " ", offset, " ", length));
     } else {
       commands.push_back(RandomWrite(offset, length));
     }

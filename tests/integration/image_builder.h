@@ -61,7 +61,8 @@ class ImageBuilder {
                const std::vector<std::string>& extra = {});
 
   // Writes `data` at `offset` of a plain file (a raw image, say).
-  void WriteRaw(absl::string_view name, uint64_t offset, absl::string_view data);
+  void WriteRaw(absl::string_view name, uint64_t offset,
+                absl::string_view data);
 
   // Sets the qcow2 "dirty" incompatible-feature bit (bit 0 of the
   // big-endian 64-bit field at header offset 72), which is what a crash

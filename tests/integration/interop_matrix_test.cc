@@ -1,5 +1,7 @@
 // Interoperability matrix: images made by qemu-img/qemu-io in many shapes,
 // each mounted with qcow2fuse and checked against what qemu itself reads.
+// A recipe is a name plus a function that builds the image (see
+// AllRecipes() for the list); a new image shape is one more entry there.
 //
 // For every recipe:
 //   (a) the view's bytes equal `qemu-img convert -O raw` of the image
@@ -7,8 +9,9 @@
 //   (b) every SEEK_HOLE region of the view reads as zeros;
 //   (c) every range `qemu-img map` reports as data that does not read as
 //       zeros ("data": true, "zero": false) lies inside a SEEK_DATA
-//       region; ranges that are data but zero (preallocated, say) may be
-//       reported either way, as lseek allows;
+//       region; ranges that are data but zero (preallocation=metadata,
+//       say) may be reported either way, as lseek allows; and st_blocks
+//       is not 0 when there is such data;
 //   (d) `cp --sparse=always` of the view equals the reference;
 //   (e) after `fusermount3 -u` the daemon exits with status 0.
 //
@@ -552,7 +555,7 @@ void CheckContents(const std::string& view, const std::string& reference) {
   EXPECT_EQ(*view_sum, *reference_sum);
 }
 
-// (b) and (c); returns nothing, reports through gtest.
+// (b) and (c), from one SEEK_DATA/SEEK_HOLE walk of the view.
 void CheckSeekRegions(const std::string& view,
                       const std::vector<MapExtent>& map) {
   ASSERT_OK_AND_ASSIGN(ScopedFd fd, OpenReadOnly(view));

@@ -22,8 +22,7 @@ namespace qcow2fuse::test {
 namespace {
 
 absl::Status ErrnoError(absl::string_view what, int error_number) {
-  return absl::InternalError(
-      absl::StrCat(what, ": ", strerror(error_number)));
+  return absl::InternalError(absl::StrCat(what, ": ", strerror(error_number)));
 }
 
 // An unlinked temporary file that collects one output stream of a child.
@@ -38,9 +37,9 @@ class CaptureFile {
 
   absl::Status Open() {
     const char* tmpdir = getenv("TMPDIR");
-    std::string pattern = absl::StrCat(
-        (tmpdir != nullptr && *tmpdir != '\0') ? tmpdir : "/tmp",
-        "/qcow2fuse-capture-XXXXXX");
+    std::string pattern =
+        absl::StrCat((tmpdir != nullptr && *tmpdir != '\0') ? tmpdir : "/tmp",
+                     "/qcow2fuse-capture-XXXXXX");
     fd_ = mkostemp(pattern.data(), O_CLOEXEC);
     if (fd_ < 0) return ErrnoError(absl::StrCat("mkostemp ", pattern), errno);
     unlink(pattern.c_str());
@@ -81,8 +80,7 @@ bool IsShellSafe(char c) {
 }
 
 std::string ShellQuote(const std::string& word) {
-  if (!word.empty() &&
-      std::all_of(word.begin(), word.end(), IsShellSafe)) {
+  if (!word.empty() && std::all_of(word.begin(), word.end(), IsShellSafe)) {
     return word;
   }
   std::string quoted = "'";
@@ -124,8 +122,8 @@ std::string CommandLine(const std::vector<std::string>& argv) {
   return absl::StrJoin(words, " ");
 }
 
-absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv,
-                            int stdout_fd, int stderr_fd) {
+absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, int stdout_fd,
+                            int stderr_fd) {
   if (argv.empty()) return absl::InvalidArgumentError("empty argv");
   std::vector<char*> c_argv;
   for (const std::string& arg : argv) {
@@ -140,8 +138,8 @@ absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv,
   posix_spawn_file_actions_adddup2(&actions, stdout_fd, STDOUT_FILENO);
   posix_spawn_file_actions_adddup2(&actions, stderr_fd, STDERR_FILENO);
   pid_t pid = -1;
-  int error = posix_spawnp(&pid, c_argv[0], &actions, nullptr, c_argv.data(),
-                           environ);
+  int error =
+      posix_spawnp(&pid, c_argv[0], &actions, nullptr, c_argv.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
   if (error != 0) {
     return ErrnoError(absl::StrCat("cannot start ", CommandLine(argv)), error);
@@ -198,9 +196,9 @@ absl::StatusOr<std::string> RunChecked(const std::vector<std::string>& argv) {
   if (!result.ok()) return result.status();
   if (!result->ok()) {
     return absl::InternalError(absl::StrCat(
-        "command failed (", result->status.ToString(), "): ",
-        CommandLine(argv), "\n--- stderr ---\n", Tail(result->stderr_text),
-        "--- stdout ---\n", Tail(result->stdout_text)));
+        "command failed (", result->status.ToString(), "): ", CommandLine(argv),
+        "\n--- stderr ---\n", Tail(result->stderr_text), "--- stdout ---\n",
+        Tail(result->stdout_text)));
   }
   return std::move(result->stdout_text);
 }

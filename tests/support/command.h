@@ -80,8 +80,8 @@ absl::StatusOr<std::string> RunChecked(const std::vector<std::string>& argv);
 
 // Starts `argv` with stdin from /dev/null and stdout/stderr sent to the
 // given descriptors (which may be equal). Returns the child's pid.
-absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv,
-                            int stdout_fd, int stderr_fd);
+absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, int stdout_fd,
+                            int stderr_fd);
 
 // Waits for `pid` to exit, for as long as it takes.
 absl::StatusOr<ExitStatus> WaitForExit(pid_t pid);

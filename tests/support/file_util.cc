@@ -18,8 +18,7 @@ namespace {
 constexpr size_t kChunk = 1 << 20;
 
 absl::Status ErrnoError(absl::string_view what, int error_number) {
-  return absl::InternalError(
-      absl::StrCat(what, ": ", strerror(error_number)));
+  return absl::InternalError(absl::StrCat(what, ": ", strerror(error_number)));
 }
 
 // Reads up to `length` bytes at `offset`, retrying short reads; returns
@@ -31,8 +30,7 @@ absl::StatusOr<size_t> ReadFully(int fd, uint64_t offset, char* buffer,
     ssize_t n = pread(fd, buffer + done, length - done, offset + done);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
-      return ErrnoError(absl::StrCat("pread at offset ", offset + done),
-                        errno);
+      return ErrnoError(absl::StrCat("pread at offset ", offset + done), errno);
     }
     if (n == 0) break;
     done += n;
@@ -106,8 +104,8 @@ absl::Status WriteFileAt(const std::string& path, uint64_t offset,
   if (fd.get() < 0) return ErrnoError(absl::StrCat("open ", path), errno);
   size_t done = 0;
   while (done < data.size()) {
-    ssize_t n = pwrite(fd.get(), data.data() + done, data.size() - done,
-                       offset + done);
+    ssize_t n =
+        pwrite(fd.get(), data.data() + done, data.size() - done, offset + done);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return ErrnoError(absl::StrCat("pwrite ", path), errno);
     done += n;
@@ -130,9 +128,11 @@ absl::Status CompareFiles(const std::string& actual,
   const uint64_t common = std::min(*a_size, *b_size);
   for (uint64_t offset = 0; offset < common; offset += kChunk) {
     size_t want = std::min<uint64_t>(kChunk, common - offset);
-    absl::StatusOr<size_t> a_n = ReadFully(a->get(), offset, a_buf.data(), want);
+    absl::StatusOr<size_t> a_n =
+        ReadFully(a->get(), offset, a_buf.data(), want);
     if (!a_n.ok()) return a_n.status();
-    absl::StatusOr<size_t> b_n = ReadFully(b->get(), offset, b_buf.data(), want);
+    absl::StatusOr<size_t> b_n =
+        ReadFully(b->get(), offset, b_buf.data(), want);
     if (!b_n.ok()) return b_n.status();
     if (*a_n != want || *b_n != want) {
       return absl::DataLossError(absl::StrCat(
@@ -151,8 +151,8 @@ absl::Status CompareFiles(const std::string& actual,
   }
   if (*a_size != *b_size) {
     return absl::DataLossError(absl::StrCat(
-        actual, " has size ", *a_size, " but ", expected, " has size ",
-        *b_size, " (contents agree up to ", common, ")"));
+        actual, " has size ", *a_size, " but ", expected, " has size ", *b_size,
+        " (contents agree up to ", common, ")"));
   }
   return absl::OkStatus();
 }
@@ -189,8 +189,8 @@ absl::StatusOr<std::vector<ByteRange>> DataRegions(int fd) {
           "lseek contract broken: SEEK_DATA from ", offset, " gave ", data,
           ", SEEK_HOLE from there gave ", hole, ", file size ", *size));
     }
-    regions.push_back({static_cast<uint64_t>(data),
-                       static_cast<uint64_t>(hole - data)});
+    regions.push_back(
+        {static_cast<uint64_t>(data), static_cast<uint64_t>(hole - data)});
     offset = hole;
   }
   return regions;
@@ -201,7 +201,8 @@ std::vector<ByteRange> Complement(const std::vector<ByteRange>& regions,
   std::vector<ByteRange> gaps;
   uint64_t offset = 0;
   for (const ByteRange& region : regions) {
-    if (region.offset > offset) gaps.push_back({offset, region.offset - offset});
+    if (region.offset > offset)
+      gaps.push_back({offset, region.offset - offset});
     offset = std::max(offset, region.end());
   }
   if (offset < size) gaps.push_back({offset, size - offset});
@@ -210,8 +211,7 @@ std::vector<ByteRange> Complement(const std::vector<ByteRange>& regions,
 
 absl::Status CheckZeros(int fd, const ByteRange& range) {
   std::string buffer(kChunk, '\0');
-  for (uint64_t offset = range.offset; offset < range.end();
-       offset += kChunk) {
+  for (uint64_t offset = range.offset; offset < range.end(); offset += kChunk) {
     size_t want = std::min<uint64_t>(kChunk, range.end() - offset);
     absl::StatusOr<size_t> n = ReadFully(fd, offset, buffer.data(), want);
     if (!n.ok()) return n.status();

@@ -34,9 +34,9 @@ std::string DecodeMountInfoPath(absl::string_view field) {
     if (field[i] == '\\' && i + 3 < field.size() &&
         std::all_of(field.begin() + i + 1, field.begin() + i + 4,
                     [](char c) { return c >= '0' && c <= '7'; })) {
-      decoded += static_cast<char>((field[i + 1] - '0') * 64 +
-                                   (field[i + 2] - '0') * 8 +
-                                   (field[i + 3] - '0'));
+      decoded +=
+          static_cast<char>((field[i + 1] - '0') * 64 +
+                            (field[i + 2] - '0') * 8 + (field[i + 3] - '0'));
       i += 3;
     } else {
       decoded += field[i];
@@ -86,8 +86,7 @@ absl::StatusOr<std::vector<MountEntry>> ReadMountInfo() {
     // source super_options
     std::vector<absl::string_view> fields = absl::StrSplit(line, ' ');
     auto dash = std::find(fields.begin(), fields.end(), "-");
-    if (fields.size() < 5 || dash == fields.end() ||
-        fields.end() - dash < 3) {
+    if (fields.size() < 5 || dash == fields.end() || fields.end() - dash < 3) {
       continue;
     }
     MountEntry entry;
@@ -112,15 +111,14 @@ std::optional<std::string> MountedFsType(const std::string& path) {
 absl::StatusOr<std::unique_ptr<MountedView>> MountedView::Start(
     const MountOptions& options) {
   std::string mountpoint = CanonicalMountpoint(options.mountpoint);
-  std::string log_path = options.log_path.empty()
-                             ? mountpoint + ".log"
-                             : options.log_path;
+  std::string log_path =
+      options.log_path.empty() ? mountpoint + ".log" : options.log_path;
   std::vector<std::string> mount_options = {"ro"};
   mount_options.insert(mount_options.end(), options.extra_options.begin(),
                        options.extra_options.end());
-  std::vector<std::string> argv = {options.binary, "-f", "-o",
-                                   absl::StrJoin(mount_options, ","),
-                                   options.image, mountpoint};
+  std::vector<std::string> argv = {
+      options.binary, "-f",      "-o", absl::StrJoin(mount_options, ","),
+      options.image,  mountpoint};
 
   int log_fd =
       open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -138,9 +136,8 @@ absl::StatusOr<std::unique_ptr<MountedView>> MountedView::Start(
   close(log_fd);
   if (!pid.ok()) return pid.status();
 
-  std::unique_ptr<MountedView> view(
-      new MountedView(mountpoint, log_path, CommandLine(argv), *pid,
-                      options.stop_timeout));
+  std::unique_ptr<MountedView> view(new MountedView(
+      mountpoint, log_path, CommandLine(argv), *pid, options.stop_timeout));
   if (absl::Status live = view->WaitUntilLive(options.start_timeout);
       !live.ok()) {
     // A daemon that never came up has nothing to unmount cleanly; waiting
@@ -164,9 +161,10 @@ MountedView::~MountedView() {
   if (::testing::Test::HasFailure()) {
     // The daemon's own account is usually what explains a failed test.
     std::string log = ReadLog();
-    if (log.size() > kLogTail) log = "...\n" + log.substr(log.size() - kLogTail);
-    std::cerr << "--- qcow2fuse log (" << log_path_ << ") ---\n" << log
-              << "--- end of log ---\n";
+    if (log.size() > kLogTail)
+      log = "...\n" + log.substr(log.size() - kLogTail);
+    std::cerr << "--- qcow2fuse log (" << log_path_ << ") ---\n"
+              << log << "--- end of log ---\n";
   }
   if (!reaped_) {
     absl::Status unmounted = Unmount();
@@ -210,9 +208,9 @@ absl::Status MountedView::WaitUntilLive(std::chrono::milliseconds timeout) {
       return absl::OkStatus();
     }
     if (std::chrono::steady_clock::now() >= deadline) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "mount not live after ", timeout.count(), " ms: ", command_line_,
-          "\n--- log ---\n", ReadLog()));
+      return absl::DeadlineExceededError(
+          absl::StrCat("mount not live after ", timeout.count(),
+                       " ms: ", command_line_, "\n--- log ---\n", ReadLog()));
     }
     std::this_thread::sleep_for(kPollInterval);
   }

@@ -129,7 +129,8 @@ class MountedView {
   const std::string command_line_;
   const pid_t pid_;
   const std::chrono::milliseconds stop_timeout_;
-  bool reaped_ = false;  // True once waitpid() collected pid_: never signal it then.
+  bool reaped_ =
+      false;  // True once waitpid() collected pid_: never signal it then.
   std::optional<ExitStatus> exit_status_;
 };
 

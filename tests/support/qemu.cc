@@ -46,9 +46,8 @@ absl::StatusOr<MapExtent> ParseMapObject(const std::string& object) {
   absl::StatusOr<uint64_t> depth = NumberField(object, "depth");
   absl::StatusOr<bool> zero = BoolField(object, "zero");
   absl::StatusOr<bool> data = BoolField(object, "data");
-  for (const absl::Status& s : {start.status(), length.status(),
-                                depth.status(), zero.status(),
-                                data.status()}) {
+  for (const absl::Status& s : {start.status(), length.status(), depth.status(),
+                                zero.status(), data.status()}) {
     if (!s.ok()) return s;
   }
   extent.start = *start;
@@ -127,15 +126,14 @@ absl::Status CheckImage(const std::string& path, bool allow_leaks,
     return absl::OkStatus();
   }
   return absl::InternalError(absl::StrCat(
-      "qemu-img check failed (", result->status.ToString(),
-      "): ", CommandLine(argv), "\n", result->stdout_text,
-      result->stderr_text));
+      "qemu-img check failed (", result->status.ToString(), "): ",
+      CommandLine(argv), "\n", result->stdout_text, result->stderr_text));
 }
 
 absl::StatusOr<uint64_t> VirtualSize(const std::string& path,
                                      absl::string_view format) {
-  absl::StatusOr<std::string> info = QemuImg(
-      {"info", "-f", std::string(format), "--output=json", path});
+  absl::StatusOr<std::string> info =
+      QemuImg({"info", "-f", std::string(format), "--output=json", path});
   if (!info.ok()) return info.status();
   std::smatch match;
   static const std::regex kVirtualSize("\"virtual-size\"\\s*:\\s*(\\d+)");

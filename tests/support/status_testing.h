@@ -41,8 +41,8 @@ template <typename T>
 // `lhs = value of expr` (a StatusOr), or a fatal test failure showing the
 // error. `lhs` may be a declaration.
 #define ASSERT_OK_AND_ASSIGN(lhs, expr)                                     \
-  ASSERT_OK_AND_ASSIGN_IMPL_(                                               \
-      QCOW2FUSE_TEST_CONCAT_(_status_or_, __LINE__), lhs, expr)
+  ASSERT_OK_AND_ASSIGN_IMPL_(QCOW2FUSE_TEST_CONCAT_(_status_or_, __LINE__), \
+                             lhs, expr)
 #define ASSERT_OK_AND_ASSIGN_IMPL_(tmp, lhs, expr) \
   auto tmp = (expr);                               \
   ASSERT_OK(tmp.status());                         \

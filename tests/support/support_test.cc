@@ -140,8 +140,7 @@ TEST_F(FileUtilTest, CompareFilesNamesFirstMismatch) {
   ASSERT_OK(WriteFileAt(b, 2 * (1 << 20) + 12345, "y"));
   absl::Status differ = CompareFiles(a, b);
   EXPECT_FALSE(differ.ok());
-  EXPECT_TRUE(absl::StrContains(differ.message(), "offset 2109497"))
-      << differ;
+  EXPECT_TRUE(absl::StrContains(differ.message(), "offset 2109497")) << differ;
 
   ASSERT_OK(WriteFileAt(b, 0, data));
   ASSERT_OK(WriteFileAt(b, data.size(), "tail"));
@@ -165,7 +164,8 @@ TEST_F(FileUtilTest, DataRegionsCoverWrittenDataAndHolesReadZero) {
   ASSERT_OK_AND_ASSIGN(ScopedFd fd, OpenReadOnly(path));
   ASSERT_OK_AND_ASSIGN(std::vector<ByteRange> data, DataRegions(fd.get()));
   // A file system may report more data than was written, never less.
-  for (const ByteRange& written : {ByteRange{0, 4096}, ByteRange{1 << 20, 4096}}) {
+  for (const ByteRange& written :
+       {ByteRange{0, 4096}, ByteRange{1 << 20, 4096}}) {
     EXPECT_TRUE(std::any_of(data.begin(), data.end(), [&](const ByteRange& r) {
       return r.Contains(written);
     })) << written;

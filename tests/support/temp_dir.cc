@@ -48,8 +48,7 @@ absl::StatusOr<TempDir> TempDir::Create(absl::string_view label) {
         absl::StrCat("mkdtemp ", pattern, ": ", strerror(errno)));
   }
   std::error_code error;
-  std::filesystem::path canonical =
-      std::filesystem::canonical(pattern, error);
+  std::filesystem::path canonical = std::filesystem::canonical(pattern, error);
   return TempDir(error ? pattern : canonical.string());
 }
 
@@ -78,8 +77,8 @@ void TempDir::Remove() {
     std::cerr << "QCOW2FUSE_KEEP_TEMP: keeping " << path_ << "\n";
   } else if (std::vector<std::string> mounts = MountsUnder(path_);
              !mounts.empty()) {
-    std::cerr << "TempDir: not removing " << path_ << ", still mounted: "
-              << mounts.front() << "\n";
+    std::cerr << "TempDir: not removing " << path_
+              << ", still mounted: " << mounts.front() << "\n";
   } else {
     std::error_code error;
     std::filesystem::remove_all(path_, error);

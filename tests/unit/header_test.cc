@@ -7,23 +7,11 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/string_view.h"
-#include "format/spec.h"
 #include "gtest/gtest.h"
 #include "qcow2_builder.h"
 
-namespace qcow2fuse {
+namespace qcow2fuse::test {
 namespace {
-
-using test::Bytes;
-using test::ExtensionWriter;
-using test::FeatureNameEntry;
-using test::FileSizeFor;
-using test::HeaderFields;
-using test::PutBE32;
-using test::PutBE64;
-using test::PutHeader;
-using test::PutString;
-using test::ValidFields;
 
 // Bytes handed to DecodeHeader: the start of the image, as a caller that
 // reads min(kHeaderReadSize, file size) would see it.
@@ -69,26 +57,26 @@ TEST(HeaderTest, V3FieldsDecoded) {
   f.l1_table_offset = 3 << 16;
   f.nb_snapshots = 2;
   f.snapshots_offset = 5 << 16;
-  f.incompatible_features = spec::kIncompatDirty;
-  f.compatible_features = spec::kCompatLazyRefcounts;
+  f.incompatible_features = kIncompatDirty;
+  f.compatible_features = kCompatLazyRefcounts;
   f.autoclear_features = 1ull << 5;
   f.refcount_order = 3;
-  f.crypt_method = spec::kCryptLuks;
+  f.crypt_method = kCryptLuks;
   const uint64_t file_size = 6 << 16;
   ASSERT_OK_AND_ASSIGN(Header h, DecodeHeader(HeaderBytes(f), file_size));
   EXPECT_EQ(h.version, 3u);
   EXPECT_EQ(h.cluster_bits, 16u);
   EXPECT_EQ(h.cluster_size(), 65536u);
   EXPECT_EQ(h.size, (3ull << 30) + 512);
-  EXPECT_EQ(h.crypt_method, spec::kCryptLuks);
+  EXPECT_EQ(h.crypt_method, kCryptLuks);
   EXPECT_EQ(h.l1_size, 7u);
   EXPECT_EQ(h.l1_table_offset, 3u << 16);
   EXPECT_EQ(h.refcount_table_offset, 1u << 16);
   EXPECT_EQ(h.refcount_table_clusters, 2u);
   EXPECT_EQ(h.nb_snapshots, 2u);
   EXPECT_EQ(h.snapshots_offset, 5u << 16);
-  EXPECT_EQ(h.incompatible_features, spec::kIncompatDirty);
-  EXPECT_EQ(h.compatible_features, spec::kCompatLazyRefcounts);
+  EXPECT_EQ(h.incompatible_features, kIncompatDirty);
+  EXPECT_EQ(h.compatible_features, kCompatLazyRefcounts);
   EXPECT_EQ(h.autoclear_features, 1ull << 5);
   EXPECT_EQ(h.refcount_order, 3u);
   EXPECT_EQ(h.refcount_bits(), 8u);
@@ -104,7 +92,7 @@ TEST(HeaderTest, V2HeaderIs72Bytes) {
   HeaderFields f = ValidFields();
   f.version = 2;
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 72).AddString(spec::kExtBackingFormat, "qcow2");
+  ExtensionWriter(b, 72).AddString(kExtBackingFormat, "qcow2");
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   EXPECT_EQ(h.version, 2u);
   EXPECT_EQ(h.header_length, 72u);
@@ -118,7 +106,7 @@ TEST(HeaderTest, V2ImpliesRefcountOrder4) {
   f.version = 2;
   Bytes b = HeaderBytes(f);
   // Where a v3 header keeps refcount_order; behind the end marker here.
-  PutBE32(b, spec::kOffRefcountOrder, 6);
+  PutBE32(b, kOffRefcountOrder, 6);
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   EXPECT_EQ(h.refcount_order, 4u);
   EXPECT_EQ(h.refcount_bits(), 16u);
@@ -129,7 +117,7 @@ TEST(HeaderTest, HeaderLength104HasNoCompressionType) {
   HeaderFields f = ValidFields();
   f.header_length = 104;
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 104).AddString(spec::kExtBackingFormat, "raw");
+  ExtensionWriter(b, 104).AddString(kExtBackingFormat, "raw");
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   EXPECT_EQ(h.header_length, 104u);
   EXPECT_EQ(h.compression_type, 0);
@@ -138,13 +126,13 @@ TEST(HeaderTest, HeaderLength104HasNoCompressionType) {
 
 TEST(HeaderTest, HeaderLength112HasCompressionType) {
   HeaderFields f = ValidFields();
-  f.incompatible_features = spec::kIncompatCompressionType;
-  f.compression_type = spec::kCompressionZstd;
+  f.incompatible_features = kIncompatCompressionType;
+  f.compression_type = kCompressionZstd;
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 112).AddString(spec::kExtBackingFormat, "raw");
+  ExtensionWriter(b, 112).AddString(kExtBackingFormat, "raw");
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   EXPECT_EQ(h.header_length, 112u);
-  EXPECT_EQ(h.compression_type, spec::kCompressionZstd);
+  EXPECT_EQ(h.compression_type, kCompressionZstd);
   EXPECT_EQ(h.backing_format, "raw");
 }
 
@@ -155,7 +143,7 @@ TEST(HeaderTest, LongerHeaderLengthSkipsUnknownFields) {
   f.header_length = 120;
   Bytes b = HeaderBytes(f);
   PutBE64(b, 112, 0xe2792aca00000003ull);
-  ExtensionWriter(b, 120).AddString(spec::kExtBackingFormat, "raw");
+  ExtensionWriter(b, 120).AddString(kExtBackingFormat, "raw");
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   EXPECT_EQ(h.header_length, 120u);
   EXPECT_EQ(h.backing_format, "raw");
@@ -292,7 +280,7 @@ TEST(HeaderTest, ExtendedL2NeedsTwiceTheL1Entries) {
   HeaderFields f = ValidFields();
   f.size = 512ull << 20;
   f.l1_size = 1;
-  f.incompatible_features = spec::kIncompatExtendedL2;
+  f.incompatible_features = kIncompatExtendedL2;
   EXPECT_TRUE(Fails(Decode(f), kDataLoss, "needs 2"));
   f.l1_size = 2;
   EXPECT_TRUE(Decode(f).ok());
@@ -405,10 +393,10 @@ TEST(HeaderTest, UnknownIncompatibleBitNamedFromFeatureTable) {
   HeaderFields f = ValidFields();
   f.incompatible_features = 1ull << 5;
   Bytes b = HeaderBytes(f);
-  Bytes table = FeatureNameEntry(spec::kFeatureTypeCompatible, 5, "not_this_one");
-  Bytes entry = FeatureNameEntry(spec::kFeatureTypeIncompatible, 5, "my_feature");
+  Bytes table = FeatureNameEntry(kFeatureTypeCompatible, 5, "not_this_one");
+  Bytes entry = FeatureNameEntry(kFeatureTypeIncompatible, 5, "my_feature");
   table.insert(table.end(), entry.begin(), entry.end());
-  ExtensionWriter(b, 112).Add(spec::kExtFeatureNameTable, table);
+  ExtensionWriter(b, 112).Add(kExtFeatureNameTable, table);
   absl::StatusOr<Header> h = Decode(b, f);
   EXPECT_TRUE(Fails(h, kUnimplemented, "bit 5 (my_feature)"));
   EXPECT_FALSE(absl::StrContains(std::string(h.status().message()), "not_this_one"));
@@ -417,7 +405,7 @@ TEST(HeaderTest, UnknownIncompatibleBitNamedFromFeatureTable) {
 // A reader may ignore dirty (refcounts only) and corrupt (no writes).
 TEST(HeaderTest, DirtyAndCorruptBitsAccepted) {
   HeaderFields f = ValidFields();
-  f.incompatible_features = spec::kIncompatDirty | spec::kIncompatCorrupt;
+  f.incompatible_features = kIncompatDirty | kIncompatCorrupt;
   EXPECT_TRUE(Decode(f).ok());
 }
 
@@ -425,13 +413,13 @@ TEST(HeaderTest, DirtyAndCorruptBitsAccepted) {
 // which is incompatible bit 2 (the spec's text says bit 1).
 TEST(HeaderTest, DataFileRawNeedsIncompatibleBit2) {
   HeaderFields f = ValidFields();
-  f.autoclear_features = spec::kAutoclearDataFileRaw;
-  f.incompatible_features = spec::kIncompatCorrupt;
+  f.autoclear_features = kAutoclearDataFileRaw;
+  f.incompatible_features = kIncompatCorrupt;
   ASSERT_OK_AND_ASSIGN(Header corrupt, Decode(f));
   EXPECT_FALSE(corrupt.has_data_file());
   EXPECT_FALSE(corrupt.has_data_file_raw());
 
-  f.incompatible_features = spec::kIncompatDataFile;
+  f.incompatible_features = kIncompatDataFile;
   ASSERT_OK_AND_ASSIGN(Header data_file, Decode(f));
   EXPECT_TRUE(data_file.has_data_file());
   EXPECT_TRUE(data_file.has_data_file_raw());
@@ -439,40 +427,40 @@ TEST(HeaderTest, DataFileRawNeedsIncompatibleBit2) {
 
 TEST(HeaderTest, ZstdWithBit3Accepted) {
   HeaderFields f = ValidFields();
-  f.incompatible_features = spec::kIncompatCompressionType;
-  f.compression_type = spec::kCompressionZstd;
+  f.incompatible_features = kIncompatCompressionType;
+  f.compression_type = kCompressionZstd;
   ASSERT_OK_AND_ASSIGN(Header h, Decode(f));
-  EXPECT_EQ(h.compression_type, spec::kCompressionZstd);
+  EXPECT_EQ(h.compression_type, kCompressionZstd);
 }
 
 TEST(HeaderTest, ZstdWithoutBit3Rejected) {
   HeaderFields f = ValidFields();
-  f.compression_type = spec::kCompressionZstd;
+  f.compression_type = kCompressionZstd;
   EXPECT_TRUE(Fails(Decode(f), kDataLoss, "compression type 1"));
 }
 
 TEST(HeaderTest, Bit3WithDeflateRejected) {
   HeaderFields f = ValidFields();
-  f.incompatible_features = spec::kIncompatCompressionType;
+  f.incompatible_features = kIncompatCompressionType;
   EXPECT_TRUE(Fails(Decode(f), kDataLoss, "compression type 0"));
 }
 
 TEST(HeaderTest, UnknownCompressionTypeRejected) {
   HeaderFields f = ValidFields();
-  f.incompatible_features = spec::kIncompatCompressionType;
+  f.incompatible_features = kIncompatCompressionType;
   f.compression_type = 2;
   EXPECT_TRUE(Fails(Decode(f), kUnimplemented, "compression type 2"));
 }
 
 TEST(HeaderTest, ExtendedL2With8KiBClustersRejected) {
   HeaderFields f = ValidFields(13);
-  f.incompatible_features = spec::kIncompatExtendedL2;
+  f.incompatible_features = kIncompatExtendedL2;
   EXPECT_TRUE(Fails(Decode(f), kDataLoss, "extended L2"));
 }
 
 TEST(HeaderTest, ExtendedL2With16KiBClustersAccepted) {
   HeaderFields f = ValidFields(14);
-  f.incompatible_features = spec::kIncompatExtendedL2;
+  f.incompatible_features = kIncompatExtendedL2;
   ASSERT_OK_AND_ASSIGN(Header h, Decode(f));
   EXPECT_TRUE(h.has_extended_l2());
   EXPECT_EQ(h.l2_entry_size(), 16u);
@@ -484,7 +472,7 @@ TEST(HeaderTest, ExtendedL2With16KiBClustersAccepted) {
 TEST(HeaderTest, BackingFormatExtension) {
   HeaderFields f = ValidFields();
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 112).AddString(spec::kExtBackingFormat, "qcow2");
+  ExtensionWriter(b, 112).AddString(kExtBackingFormat, "qcow2");
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   EXPECT_EQ(h.backing_format, "qcow2");
   EXPECT_TRUE(h.unknown_extensions.empty());
@@ -492,9 +480,9 @@ TEST(HeaderTest, BackingFormatExtension) {
 
 TEST(HeaderTest, ExternalDataFileExtension) {
   HeaderFields f = ValidFields();
-  f.incompatible_features = spec::kIncompatDataFile;
+  f.incompatible_features = kIncompatDataFile;
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 112).AddString(spec::kExtExternalDataFile, "disk.img");
+  ExtensionWriter(b, 112).AddString(kExtExternalDataFile, "disk.img");
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   EXPECT_EQ(h.data_file, "disk.img");
   EXPECT_TRUE(h.has_data_file());
@@ -506,8 +494,8 @@ TEST(HeaderTest, ExtensionStringsAreNotNulTerminated) {
   HeaderFields f = ValidFields();
   Bytes b = HeaderBytes(f);
   ExtensionWriter w(b, 112);
-  w.AddString(spec::kExtExternalDataFile, "data.raw");
-  w.AddString(spec::kExtBackingFormat, "qcow2");
+  w.AddString(kExtExternalDataFile, "data.raw");
+  w.AddString(kExtBackingFormat, "qcow2");
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   EXPECT_EQ(h.data_file, "data.raw");
   EXPECT_EQ(h.backing_format, "qcow2");
@@ -517,9 +505,9 @@ TEST(HeaderTest, ExtensionsArePaddedTo8Bytes) {
   HeaderFields f = ValidFields();
   Bytes b = HeaderBytes(f);
   ExtensionWriter w(b, 112);
-  w.AddString(spec::kExtBackingFormat, "qcow2");  // 5 bytes + 3 padding
-  w.AddString(spec::kExtExternalDataFile, "d");   // 1 byte + 7 padding
-  w.Add(spec::kExtFullDiskEncryption, Bytes(16, 0x11));
+  w.AddString(kExtBackingFormat, "qcow2");  // 5 bytes + 3 padding
+  w.AddString(kExtExternalDataFile, "d");   // 1 byte + 7 padding
+  w.Add(kExtFullDiskEncryption, Bytes(16, 0x11));
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   EXPECT_EQ(h.backing_format, "qcow2");
   EXPECT_EQ(h.data_file, "d");
@@ -531,24 +519,24 @@ TEST(HeaderTest, FeatureNameTable) {
   HeaderFields f = ValidFields();
   Bytes b = HeaderBytes(f);
   const std::string long_name(46, 'n');  // fills the field: no NUL
-  Bytes table = FeatureNameEntry(spec::kFeatureTypeIncompatible, 0, "dirty bit");
-  for (const Bytes& e : {FeatureNameEntry(spec::kFeatureTypeCompatible, 0, "lazy refcounts"),
-                         FeatureNameEntry(spec::kFeatureTypeAutoclear, 1, long_name)}) {
+  Bytes table = FeatureNameEntry(kFeatureTypeIncompatible, 0, "dirty bit");
+  for (const Bytes& e : {FeatureNameEntry(kFeatureTypeCompatible, 0, "lazy refcounts"),
+                         FeatureNameEntry(kFeatureTypeAutoclear, 1, long_name)}) {
     table.insert(table.end(), e.begin(), e.end());
   }
-  ExtensionWriter(b, 112).Add(spec::kExtFeatureNameTable, table);
+  ExtensionWriter(b, 112).Add(kExtFeatureNameTable, table);
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   ASSERT_EQ(h.feature_names.size(), 3u);
-  EXPECT_EQ(h.feature_names[0].type, spec::kFeatureTypeIncompatible);
+  EXPECT_EQ(h.feature_names[0].type, kFeatureTypeIncompatible);
   EXPECT_EQ(h.feature_names[0].bit, 0);
   EXPECT_EQ(h.feature_names[0].name, "dirty bit");
-  EXPECT_EQ(h.feature_names[1].type, spec::kFeatureTypeCompatible);
+  EXPECT_EQ(h.feature_names[1].type, kFeatureTypeCompatible);
   EXPECT_EQ(h.feature_names[1].name, "lazy refcounts");
-  EXPECT_EQ(h.feature_names[2].type, spec::kFeatureTypeAutoclear);
+  EXPECT_EQ(h.feature_names[2].type, kFeatureTypeAutoclear);
   EXPECT_EQ(h.feature_names[2].bit, 1);
   EXPECT_EQ(h.feature_names[2].name, long_name);
-  EXPECT_EQ(h.DescribeFeature(spec::kFeatureTypeCompatible, 0), "bit 0 (lazy refcounts)");
-  EXPECT_EQ(h.DescribeFeature(spec::kFeatureTypeCompatible, 1), "bit 1");
+  EXPECT_EQ(h.DescribeFeature(kFeatureTypeCompatible, 0), "bit 0 (lazy refcounts)");
+  EXPECT_EQ(h.DescribeFeature(kFeatureTypeCompatible, 1), "bit 1");
 }
 
 Bytes BitmapsPayload(uint32_t nb_bitmaps, uint64_t directory_size, uint64_t directory_offset) {
@@ -562,9 +550,9 @@ Bytes BitmapsPayload(uint32_t nb_bitmaps, uint64_t directory_size, uint64_t dire
 
 TEST(HeaderTest, BitmapsExtensionTrustedWithAutoclearBit) {
   HeaderFields f = ValidFields();
-  f.autoclear_features = spec::kAutoclearBitmaps;
+  f.autoclear_features = kAutoclearBitmaps;
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 112).Add(spec::kExtBitmaps, BitmapsPayload(2, 64, 2 << 16));
+  ExtensionWriter(b, 112).Add(kExtBitmaps, BitmapsPayload(2, 64, 2 << 16));
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   ASSERT_TRUE(h.bitmaps.has_value());
   EXPECT_EQ(h.bitmaps->nb_bitmaps, 2u);
@@ -577,44 +565,44 @@ TEST(HeaderTest, BitmapsExtensionTrustedWithAutoclearBit) {
 TEST(HeaderTest, BitmapsExtensionIgnoredWithoutAutoclearBit) {
   HeaderFields f = ValidFields();
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 112).Add(spec::kExtBitmaps, BitmapsPayload(2, 64, 1ull << 40));
+  ExtensionWriter(b, 112).Add(kExtBitmaps, BitmapsPayload(2, 64, 1ull << 40));
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   EXPECT_FALSE(h.bitmaps.has_value());
 }
 
 TEST(HeaderTest, BitmapDirectoryPastEndOfFileRejected) {
   HeaderFields f = ValidFields();
-  f.autoclear_features = spec::kAutoclearBitmaps;
+  f.autoclear_features = kAutoclearBitmaps;
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 112).Add(spec::kExtBitmaps, BitmapsPayload(1, 64, 3 << 16));
+  ExtensionWriter(b, 112).Add(kExtBitmaps, BitmapsPayload(1, 64, 3 << 16));
   EXPECT_TRUE(Fails(Decode(b, f), kDataLoss, "bitmap directory at 0x30000"));
 }
 
 // offset + size wraps around 2^64; the bounds check must not.
 TEST(HeaderTest, BitmapDirectoryBoundsOverflowRejected) {
   HeaderFields f = ValidFields();
-  f.autoclear_features = spec::kAutoclearBitmaps;
+  f.autoclear_features = kAutoclearBitmaps;
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 112).Add(spec::kExtBitmaps, BitmapsPayload(1, ~0ull - 0x100, 0x200));
+  ExtensionWriter(b, 112).Add(kExtBitmaps, BitmapsPayload(1, ~0ull - 0x100, 0x200));
   EXPECT_TRUE(Fails(Decode(b, f), kDataLoss, "bitmap directory"));
 }
 
 TEST(HeaderTest, BitmapsExtensionWithNoBitmapsRejected) {
   HeaderFields f = ValidFields();
-  f.autoclear_features = spec::kAutoclearBitmaps;
+  f.autoclear_features = kAutoclearBitmaps;
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 112).Add(spec::kExtBitmaps, BitmapsPayload(0, 64, 2 << 16));
+  ExtensionWriter(b, 112).Add(kExtBitmaps, BitmapsPayload(0, 64, 2 << 16));
   EXPECT_TRUE(Fails(Decode(b, f), kDataLoss, "0 bitmaps"));
 }
 
 TEST(HeaderTest, FullDiskEncryptionPointer) {
   HeaderFields f = ValidFields();
-  f.crypt_method = spec::kCryptLuks;
+  f.crypt_method = kCryptLuks;
   Bytes b = HeaderBytes(f);
   Bytes payload;
   PutBE64(payload, 0, 3 << 16);
   PutBE64(payload, 8, 0x1234);
-  ExtensionWriter(b, 112).Add(spec::kExtFullDiskEncryption, payload);
+  ExtensionWriter(b, 112).Add(kExtFullDiskEncryption, payload);
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   ASSERT_TRUE(h.full_disk_encryption.has_value());
   EXPECT_EQ(h.full_disk_encryption->offset, 3u << 16);
@@ -626,7 +614,7 @@ TEST(HeaderTest, UnknownExtensionSkipped) {
   Bytes b = HeaderBytes(f);
   ExtensionWriter w(b, 112);
   w.Add(0x12345678, Bytes(13, 0xee));
-  w.AddString(spec::kExtBackingFormat, "raw");
+  w.AddString(kExtBackingFormat, "raw");
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   EXPECT_EQ(h.unknown_extensions, std::vector<uint32_t>{0x12345678});
   EXPECT_EQ(h.backing_format, "raw");
@@ -635,7 +623,7 @@ TEST(HeaderTest, UnknownExtensionSkipped) {
 TEST(HeaderTest, ExtensionLengthPastClusterRejected) {
   HeaderFields f = ValidFields(12);
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 112).AddHeaderOnly(spec::kExtBackingFormat, 4096);
+  ExtensionWriter(b, 112).AddHeaderOnly(kExtBackingFormat, 4096);
   EXPECT_TRUE(Fails(Decode(b, f), kDataLoss, "header extension 0xe2792aca at offset 112"));
 }
 
@@ -645,7 +633,7 @@ TEST(HeaderTest, ExtensionOverlappingBackingFileNameRejected) {
   f.backing_file_offset = 128;
   f.backing_file_size = 4;
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 112).AddString(spec::kExtBackingFormat, std::string(24, 'f'));
+  ExtensionWriter(b, 112).AddString(kExtBackingFormat, std::string(24, 'f'));
   PutString(b, 128, "base");
   EXPECT_TRUE(Fails(Decode(b, f), kDataLoss, "runs past the extension area"));
 }
@@ -654,9 +642,9 @@ TEST(HeaderTest, EndMarkerStopsParsing) {
   HeaderFields f = ValidFields();
   Bytes b = HeaderBytes(f);
   ExtensionWriter w(b, 112);
-  w.AddString(spec::kExtBackingFormat, "raw");
+  w.AddString(kExtBackingFormat, "raw");
   w.End();
-  w.AddString(spec::kExtExternalDataFile, "ignored");
+  w.AddString(kExtExternalDataFile, "ignored");
   w.Add(0x12345678, Bytes(8, 1));
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
   EXPECT_EQ(h.backing_format, "raw");
@@ -671,7 +659,7 @@ TEST(HeaderTest, BackingFileNameReadFromOffset) {
   f.backing_file_offset = 512;
   f.backing_file_size = 14;
   Bytes b = HeaderBytes(f);
-  ExtensionWriter(b, 112).AddString(spec::kExtBackingFormat, "qcow2");
+  ExtensionWriter(b, 112).AddString(kExtBackingFormat, "qcow2");
   // No NUL after the name: the size alone ends it.
   PutString(b, 512, "dir/base.qcow2XXXXXXXX");
   ASSERT_OK_AND_ASSIGN(Header h, Decode(b, f));
@@ -716,4 +704,4 @@ TEST(HeaderTest, BackingFileNameInsideHeaderRejected) {
 }
 
 }  // namespace
-}  // namespace qcow2fuse
+}  // namespace qcow2fuse::test

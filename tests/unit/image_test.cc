@@ -14,27 +14,20 @@
 #include "data/qcow2_layer.h"
 #include "data/raw_layer.h"
 #include "format/header.h"
-#include "format/spec.h"
 #include "gtest/gtest.h"
 #include "io/block_file.h"
 #include "qcow2_builder.h"
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/task.h"
 
-namespace qcow2fuse {
+namespace qcow2fuse::test {
 namespace {
-
-using test::Bytes;
-using test::OpenQcow2;
-using test::Pattern;
-using test::PutBytes;
-using test::Qcow2Builder;
 
 constexpr uint64_t k4K = 4096;
 constexpr uint64_t k64K = 65536;
 constexpr uint64_t kMiB = 1 << 20;
-constexpr uint64_t kCopied = spec::kOflagCopied;
-constexpr uint64_t kZero = spec::kOflagZero;
+constexpr uint64_t kCopied = kOflagCopied;
+constexpr uint64_t kZero = kOflagZero;
 constexpr uint32_t kSub = 2048;  // subcluster of a 64 KiB extended-L2 cluster
 
 // Compresses well even with deflate's 4 KiB window, and no two 16-byte runs
@@ -268,7 +261,7 @@ TEST(Qcow2LayerTest, ShortLastDataClusterReadsZeroTail) {
 // Host offset 0 is a data offset in an external data file (COPIED set).
 TEST(Qcow2LayerTest, ExternalDataFileHostOffsetZero) {
   Qcow2Builder b({.cluster_bits = 16, .size = 4 * kMiB});
-  test::PutBE64(b.bytes(), spec::kOffIncompatibleFeatures, spec::kIncompatDataFile);
+  PutBE64(b.bytes(), kOffIncompatibleFeatures, kIncompatDataFile);
   b.SetL2Entry(0, kCopied);
   b.SetL2Entry(k64K, kCopied | (8 * k64K));
   const Bytes data = Pattern(16 * k64K, 5);
@@ -414,7 +407,7 @@ TEST(Qcow2LayerTest, ReadsZstdCompressedCluster) {
   const Bytes data = Compressible(k64K, 1);
   b.AddCompressed(k64K, data, b.AllocateCluster() + 7);
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<Qcow2Layer> layer, OpenQcow2(b.bytes()));
-  EXPECT_EQ(layer->header().compression_type, spec::kCompressionZstd);
+  EXPECT_EQ(layer->header().compression_type, kCompressionZstd);
   EXPECT_EQ(Read(*layer, k64K, k64K), data);
   EXPECT_EQ(Read(*layer, k64K + 4000, 100), Slice(data, 4000, 100));
 }
@@ -777,4 +770,4 @@ TEST(Qcow2LayerTest, BlockStatusOnDamagedEntry) {
 }
 
 }  // namespace
-}  // namespace qcow2fuse
+}  // namespace qcow2fuse::test

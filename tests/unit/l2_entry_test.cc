@@ -6,11 +6,8 @@
 #include "gtest/gtest.h"
 #include "qcow2_builder.h"
 
-namespace qcow2fuse {
+namespace qcow2fuse::test {
 namespace {
-
-using test::Bytes;
-using test::PutBE64;
 
 constexpr uint64_t kCopied = 1ull << 63;
 constexpr uint64_t kCompressed = 1ull << 62;
@@ -239,7 +236,7 @@ TEST(L2EntryTest, CompressedDescriptorSectorAlignedOffset) {
 TEST(L2EntryTest, CompressedDescriptorSectorCountExcludesFlags) {
   for (uint32_t bits : {9u, 16u, 21u}) {
     SCOPED_TRACE(bits);
-    const uint32_t x = spec::CompressedOffsetBits(bits);
+    const uint32_t x = 62 - (bits - 8);
     const uint64_t max_sectors = (1ull << (62 - x)) - 1;
     CompressedDescriptor d = DecodeCompressedDescriptor(kCopied | kCompressed | (max_sectors << x), bits);
     EXPECT_EQ(d.host_offset, 0u);
@@ -248,4 +245,4 @@ TEST(L2EntryTest, CompressedDescriptorSectorCountExcludesFlags) {
 }
 
 }  // namespace
-}  // namespace qcow2fuse
+}  // namespace qcow2fuse::test

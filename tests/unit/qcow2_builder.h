@@ -6,7 +6,7 @@
 //
 //   Qcow2Builder b({.cluster_bits = 12, .size = 8 << 20});
 //   b.AddData(0, Pattern(4096, 1));
-//   b.SetL2Entry(4096, spec::kOflagZero);
+//   b.SetL2Entry(4096, kOflagZero);
 //   auto layer = OpenQcow2(b.bytes());
 
 #ifndef QCOW2FUSE_TESTS_UNIT_QCOW2_BUILDER_H_
@@ -22,13 +22,12 @@
 #include <utility>
 #include <vector>
 
-#include "../support/status_testing.h"  // ASSERT_OK, ASSERT_OK_AND_ASSIGN
+#include "support/status_testing.h"  // ASSERT_OK, ASSERT_OK_AND_ASSIGN
 #include "absl/status/statusor.h"
 #include "data/codec.h"
 #include "data/layer.h"
 #include "data/qcow2_layer.h"
 #include "format/header.h"
-#include "format/spec.h"
 #include "io/block_file.h"
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/task.h"
@@ -36,6 +35,44 @@
 namespace qcow2fuse::test {
 
 using Bytes = std::vector<uint8_t>;
+
+// --- The spec's numbers -------------------------------------------------
+
+// Written out again from qemu's docs/interop/qcow2.txt rather than taken
+// from format/spec.h, so that a wrong constant there cannot hide behind the
+// same constant here.
+inline constexpr uint32_t kMagic = 0x514649fb;
+
+inline constexpr uint32_t kOffIncompatibleFeatures = 72;
+inline constexpr uint32_t kOffRefcountOrder = 96;
+
+inline constexpr uint64_t kIncompatDirty = 1ull << 0;
+inline constexpr uint64_t kIncompatCorrupt = 1ull << 1;
+inline constexpr uint64_t kIncompatDataFile = 1ull << 2;
+inline constexpr uint64_t kIncompatCompressionType = 1ull << 3;
+inline constexpr uint64_t kIncompatExtendedL2 = 1ull << 4;
+inline constexpr uint64_t kCompatLazyRefcounts = 1ull << 0;
+inline constexpr uint64_t kAutoclearBitmaps = 1ull << 0;
+inline constexpr uint64_t kAutoclearDataFileRaw = 1ull << 1;
+
+inline constexpr uint32_t kCryptLuks = 2;
+inline constexpr uint8_t kCompressionZstd = 1;
+
+inline constexpr uint32_t kExtBackingFormat = 0xe2792aca;
+inline constexpr uint32_t kExtFeatureNameTable = 0x6803f857;
+inline constexpr uint32_t kExtBitmaps = 0x23852875;
+inline constexpr uint32_t kExtFullDiskEncryption = 0x0537be77;
+inline constexpr uint32_t kExtExternalDataFile = 0x44415441;
+
+inline constexpr uint8_t kFeatureTypeIncompatible = 0;
+inline constexpr uint8_t kFeatureTypeCompatible = 1;
+inline constexpr uint8_t kFeatureTypeAutoclear = 2;
+
+inline constexpr uint64_t kOflagCopied = 1ull << 63;
+inline constexpr uint64_t kOflagCompressed = 1ull << 62;
+inline constexpr uint64_t kOflagZero = 1ull << 0;
+inline constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ull;  // bits 9-55 of L1 and L2 entries
+inline constexpr uint64_t kAllSubclustersAllocated = 0xffffffffull;
 
 // --- Big-endian stores that grow the buffer as needed ---------------------
 
@@ -75,7 +112,7 @@ inline Bytes Pattern(size_t n, uint32_t seed) {
 // valid v3 image with 64 KiB clusters and a 1 MiB disk: header in cluster 0,
 // refcount table in cluster 1, L1 table in cluster 2; see FileSizeFor().
 struct HeaderFields {
-  uint32_t magic = spec::kMagic;
+  uint32_t magic = kMagic;
   uint32_t version = 3;
   uint64_t backing_file_offset = 0;
   uint32_t backing_file_size = 0;
@@ -124,28 +161,26 @@ inline uint64_t FileSizeFor(const HeaderFields& f) {
 // Writes `f` at the start of `b`: the 72 bytes of a v2 header, or the 104
 // bytes of a v3 header plus compression_type when header_length covers it.
 inline void PutHeader(Bytes& b, const HeaderFields& f) {
-  PutBE32(b, spec::kOffMagic, f.magic);
-  PutBE32(b, spec::kOffVersion, f.version);
-  PutBE64(b, spec::kOffBackingFileOffset, f.backing_file_offset);
-  PutBE32(b, spec::kOffBackingFileSize, f.backing_file_size);
-  PutBE32(b, spec::kOffClusterBits, f.cluster_bits);
-  PutBE64(b, spec::kOffSize, f.size);
-  PutBE32(b, spec::kOffCryptMethod, f.crypt_method);
-  PutBE32(b, spec::kOffL1Size, f.l1_size);
-  PutBE64(b, spec::kOffL1TableOffset, f.l1_table_offset);
-  PutBE64(b, spec::kOffRefcountTableOffset, f.refcount_table_offset);
-  PutBE32(b, spec::kOffRefcountTableClusters, f.refcount_table_clusters);
-  PutBE32(b, spec::kOffNbSnapshots, f.nb_snapshots);
-  PutBE64(b, spec::kOffSnapshotsOffset, f.snapshots_offset);
+  PutBE32(b, 0, f.magic);
+  PutBE32(b, 4, f.version);
+  PutBE64(b, 8, f.backing_file_offset);
+  PutBE32(b, 16, f.backing_file_size);
+  PutBE32(b, 20, f.cluster_bits);
+  PutBE64(b, 24, f.size);
+  PutBE32(b, 32, f.crypt_method);
+  PutBE32(b, 36, f.l1_size);
+  PutBE64(b, 40, f.l1_table_offset);
+  PutBE64(b, 48, f.refcount_table_offset);
+  PutBE32(b, 56, f.refcount_table_clusters);
+  PutBE32(b, 60, f.nb_snapshots);
+  PutBE64(b, 64, f.snapshots_offset);
   if (f.version == 2) return;
-  PutBE64(b, spec::kOffIncompatibleFeatures, f.incompatible_features);
-  PutBE64(b, spec::kOffCompatibleFeatures, f.compatible_features);
-  PutBE64(b, spec::kOffAutoclearFeatures, f.autoclear_features);
-  PutBE32(b, spec::kOffRefcountOrder, f.refcount_order);
-  PutBE32(b, spec::kOffHeaderLength, f.header_length);
-  if (f.header_length > spec::kOffCompressionType) {
-    PutBE8(b, spec::kOffCompressionType, f.compression_type);
-  }
+  PutBE64(b, 72, f.incompatible_features);
+  PutBE64(b, 80, f.compatible_features);
+  PutBE64(b, 88, f.autoclear_features);
+  PutBE32(b, 96, f.refcount_order);
+  PutBE32(b, 100, f.header_length);
+  if (f.header_length > 104) PutBE8(b, 104, f.compression_type);
 }
 
 // Writes header extensions one after another from `start`, each padded to
@@ -183,7 +218,7 @@ class ExtensionWriter {
 
 // One 48-byte entry of the feature name table.
 inline Bytes FeatureNameEntry(uint8_t type, uint8_t bit, std::string_view name) {
-  Bytes e(spec::kFeatureNameEntrySize, 0);
+  Bytes e(48, 0);
   e[0] = type;
   e[1] = bit;
   std::copy(name.begin(), name.end(), e.begin() + 2);
@@ -208,10 +243,10 @@ class Qcow2Builder {
     fields_ = ValidFields(options.cluster_bits);
     fields_.size = options.size;
     fields_.l1_size = L1EntriesFor(options.size, options.cluster_bits, options.extended_l2);
-    if (options.extended_l2) fields_.incompatible_features |= spec::kIncompatExtendedL2;
+    if (options.extended_l2) fields_.incompatible_features |= kIncompatExtendedL2;
     if (options.compression == CompressionType::kZstd) {
-      fields_.incompatible_features |= spec::kIncompatCompressionType;
-      fields_.compression_type = spec::kCompressionZstd;
+      fields_.incompatible_features |= kIncompatCompressionType;
+      fields_.compression_type = kCompressionZstd;
     }
     PutHeader(bytes_, fields_);
     ExtensionWriter(bytes_, fields_.header_length).End();
@@ -244,10 +279,10 @@ class Qcow2Builder {
     const uint64_t entry_offset = fields_.l1_table_offset + index * 8;
     uint64_t l2 = 0;
     for (int i = 0; i < 8; ++i) l2 = (l2 << 8) | bytes_[entry_offset + i];
-    l2 &= spec::kL1OffsetMask;
+    l2 &= kOffsetMask;
     if (l2 == 0) {
       l2 = AllocateCluster();
-      SetL1Entry(index, l2 | spec::kOflagCopied);
+      SetL1Entry(index, l2 | kOflagCopied);
     }
     return l2;
   }
@@ -274,16 +309,17 @@ class Qcow2Builder {
     L2TableFor(guest_offset);  // first, so that consecutive data clusters are contiguous
     const uint64_t host = AllocateCluster();
     Write(host, data);
-    SetL2Entry(guest_offset, host | spec::kOflagCopied, spec::kSubclusterAllocMask);
+    SetL2Entry(guest_offset, host | kOflagCopied, kAllSubclustersAllocated);
     return host;
   }
 
-  // The descriptor of a compressed cluster of `size` bytes at `host_offset`.
+  // The descriptor of a compressed cluster of `size` bytes at `host_offset`:
+  // bits 0..x-1 the offset, bits x..61 the number of 512-byte sectors after
+  // the first that the data touches, x = 62 - (cluster_bits - 8).
   uint64_t CompressedDescriptor(uint64_t host_offset, uint64_t size) const {
-    const uint32_t x = spec::CompressedOffsetBits(options_.cluster_bits);
-    const uint64_t end = host_offset + size;
-    const uint64_t additional_sectors = (end - 1) / 512 - host_offset / 512;
-    return spec::kOflagCompressed | (additional_sectors << x) | host_offset;
+    const uint32_t x = 62 - (options_.cluster_bits - 8);
+    const uint64_t additional_sectors = (host_offset + size - 1) / 512 - host_offset / 512;
+    return kOflagCompressed | (additional_sectors << x) | host_offset;
   }
 
   // Compresses `cluster` (one cluster of guest data), stores it at

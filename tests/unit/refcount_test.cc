@@ -7,7 +7,7 @@
 
 #include "gtest/gtest.h"
 
-namespace qcow2fuse {
+namespace qcow2fuse::test {
 namespace {
 
 using Bytes = std::vector<uint8_t>;
@@ -176,4 +176,4 @@ TEST(RefcountTest, RefcountBlockEntries) {
 }
 
 }  // namespace
-}  // namespace qcow2fuse
+}  // namespace qcow2fuse::test

@@ -5,11 +5,14 @@
 // Every operation is a Task. Open it with SyncWait(Image::Open(...)); run
 // the rest on a Scheduler. Operations on one Image may run concurrently.
 //
-// Today the engine reads; writes come with the write path.
+// A read-write Image keeps metadata changes in its caches until Flush();
+// call Flush() before destroying it, or the unflushed writes are lost (the
+// image stays consistent: a lost write leaks at most a few clusters).
 
 #ifndef QCOW2FUSE_IMAGE_H_
 #define QCOW2FUSE_IMAGE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -22,12 +25,15 @@
 namespace qcow2fuse {
 
 struct ImageOptions {
-  // Open for reading only. Must be true until the engine can write.
+  // Open for reading only.
   bool read_only = true;
   // Bytes of L2 table slices each image of the chain may cache.
   uint64_t l2_cache_size = uint64_t{4} << 20;
   // Path of the external data file, overriding the name the image records.
   std::string data_file;
+  // Take none of QEMU's image locks (read-only opens only), as qemu-img -U:
+  // the image may then change underneath us.
+  bool force_share = false;
 };
 
 // What a run of the disk holds, following the backing chain.
@@ -42,7 +48,7 @@ struct Extent {
   uint64_t length;
 };
 
-class Layer;
+class Qcow2Layer;
 
 class Image {
  public:
@@ -55,7 +61,7 @@ class Image {
   Image& operator=(const Image&) = delete;
 
   // Size of the disk in bytes.
-  uint64_t virtual_size() const { return virtual_size_; }
+  uint64_t virtual_size() const { return virtual_size_.load(); }
   uint64_t cluster_size() const { return cluster_size_; }
   bool read_only() const { return options_.read_only; }
 
@@ -69,18 +75,29 @@ class Image {
   // length, at most `max_length`. Adjacent runs of one kind are merged.
   Task<absl::StatusOr<Extent>> BlockStatus(uint64_t offset, uint64_t max_length);
 
-  // Bytes of the disk that are kData, for st_blocks. Computed once.
+  // Writes `data` at `offset`; the range must lie inside the disk.
+  Task<absl::Status> Write(uint64_t offset, std::span<const uint8_t> data);
+
+  // Makes every write completed before it durable.
+  Task<absl::Status> Flush();
+
+  // Grows the disk (the new space reads as zeros) or shrinks it where that
+  // loses no data (FailedPreconditionError otherwise).
+  Task<absl::Status> Truncate(uint64_t new_size);
+
+  // Bytes of the disk that are kData, for st_blocks. Cached until the next
+  // change to the disk.
   Task<absl::StatusOr<uint64_t>> AllocatedBytes();
 
   // One line per image of the chain, top first, for logs.
   std::string DescribeChain() const;
 
  private:
-  Image(std::unique_ptr<Layer> top, ImageOptions options);
+  Image(std::unique_ptr<Qcow2Layer> top, ImageOptions options);
 
-  const std::unique_ptr<Layer> top_;
+  const std::unique_ptr<Qcow2Layer> top_;
   const ImageOptions options_;
-  const uint64_t virtual_size_;
+  std::atomic<uint64_t> virtual_size_;
   const uint64_t cluster_size_;
   std::optional<uint64_t> allocated_bytes_;
 };

@@ -1,0 +1,409 @@
+// The write path of Qcow2Layer: allocation, copy-on-write, the flush
+// protocol and resizing. See qcow2_layer.h for the ordering rules.
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_format.h"
+#include "base/endian.h"
+#include "data/qcow2_layer.h"
+#include "format/spec.h"
+#include "qcow2fuse/status.h"
+
+namespace qcow2fuse {
+namespace {
+
+uint64_t RoundUp(uint64_t value, uint64_t alignment) {
+  return (value + alignment - 1) / alignment * alignment;
+}
+
+// Bits first..last (inclusive) of a 32-bit subcluster bitmap half.
+uint64_t SubclusterMask(uint32_t first, uint32_t last) {
+  return ((uint64_t{1} << (last + 1)) - 1) & ~((uint64_t{1} << first) - 1);
+}
+
+}  // namespace
+
+Task<absl::Status> Qcow2Layer::WriteHeaderField(uint32_t field_offset, std::span<const uint8_t> bytes) {
+  CO_RETURN_IF_ERROR(co_await file_->Write(field_offset, bytes));
+  co_return co_await file_->Flush();
+}
+
+// Bitmaps we do not maintain must not keep claiming to be consistent: mark
+// each one in use, as QEMU does while it has the image open. QEMU then
+// reports them as inconsistent instead of trusting them.
+Task<absl::Status> Qcow2Layer::MarkBitmapsInUse() {
+  const BitmapsExtension& b = *header_.bitmaps;
+  std::vector<uint8_t> dir(b.bitmap_directory_size);
+  CO_RETURN_IF_ERROR(co_await file_->Read(b.bitmap_directory_offset, dir));
+  uint64_t pos = 0;
+  for (uint32_t i = 0; i < b.nb_bitmaps; ++i) {
+    if (pos + spec::kBitmapDirEntryFixedSize > dir.size()) {
+      co_return absl::DataLossError(absl::StrFormat(
+          "%s: bitmap directory entry %u runs past the directory", file_->name(), i));
+    }
+    uint8_t* entry = dir.data() + pos;
+    StoreBE32(entry + spec::kBitmapDirOffFlags,
+              LoadBE32(entry + spec::kBitmapDirOffFlags) | spec::kBitmapFlagInUse);
+    pos += RoundUp(uint64_t{spec::kBitmapDirEntryFixedSize} +
+                       LoadBE16(entry + spec::kBitmapDirOffNameSize) +
+                       LoadBE32(entry + spec::kBitmapDirOffExtraDataSize),
+                   spec::kExtAlignment);
+  }
+  CO_RETURN_IF_ERROR(co_await file_->Write(b.bitmap_directory_offset, dir));
+  co_return co_await file_->Flush();
+}
+
+// Before the first change: refuse images whose refcounts cannot be trusted,
+// and stop claiming what we do not maintain (spec: "Autoclear feature bits").
+Task<absl::Status> Qcow2Layer::PrepareFirstWrite() {
+  if (prepared_for_write_) co_return absl::OkStatus();
+  if (!writable()) {
+    co_return absl::FailedPreconditionError(absl::StrFormat("%s is open read-only", file_->name()));
+  }
+  if (header_.incompatible_features & spec::kIncompatDirty) {
+    co_return absl::FailedPreconditionError(absl::StrFormat(
+        "%s was not closed cleanly (dirty bit set): its refcounts must be rebuilt before it is "
+        "written; run 'qemu-img check -r all' on it first",
+        file_->name()));
+  }
+  if ((header_.autoclear_features & spec::kAutoclearBitmaps) && header_.bitmaps) {
+    CO_RETURN_IF_ERROR(co_await MarkBitmapsInUse());
+  }
+  const uint64_t kept = spec::kAutoclearBitmaps | spec::kAutoclearDataFileRaw;
+  if (header_.autoclear_features & ~kept) {
+    header_.autoclear_features &= kept;
+    uint8_t field[8];
+    StoreBE64(field, header_.autoclear_features);
+    CO_RETURN_IF_ERROR(co_await WriteHeaderField(spec::kOffAutoclearFeatures, field));
+  }
+  prepared_for_write_ = true;
+  co_return absl::OkStatus();
+}
+
+Task<absl::Status> Qcow2Layer::Write(uint64_t offset, std::span<const uint8_t> data) {
+  CO_RETURN_IF_ERROR(co_await PrepareFirstWrite());
+  const uint64_t cluster_size = header_.cluster_size();
+  while (!data.empty()) {
+    const uint64_t n = std::min<uint64_t>(data.size(), cluster_size - (offset & (cluster_size - 1)));
+    CO_RETURN_IF_ERROR(co_await WriteInCluster(offset, data.first(n)));
+    offset += n;
+    data = data.subspan(n);
+  }
+  co_return co_await FlushIfCachesFull();
+}
+
+Task<absl::Status> Qcow2Layer::FillFromGuest(uint64_t offset, std::span<uint8_t> out) {
+  // What the guest sees there now; nothing past the end of the disk.
+  const uint64_t inside = offset < header_.size ? std::min<uint64_t>(out.size(), header_.size - offset) : 0;
+  std::memset(out.data() + inside, 0, out.size() - inside);
+  if (inside == 0) co_return absl::OkStatus();
+  co_return co_await Read(offset, out.first(inside));
+}
+
+Task<absl::Status> Qcow2Layer::WriteInCluster(uint64_t offset, std::span<const uint8_t> data) {
+  const uint64_t cluster_size = header_.cluster_size();
+  const uint64_t guest_cluster = offset & ~(cluster_size - 1);
+  const uint64_t begin = offset - guest_cluster;  // [begin, end) within the cluster
+  const uint64_t end = begin + data.size();
+
+  absl::StatusOr<L2Entry> old = co_await LookupEntry(guest_cluster);
+  if (!old.ok()) co_return old.status();
+  const bool compressed = old->descriptor & spec::kOflagCompressed;
+  const bool copied = old->descriptor & spec::kOflagCopied;
+  const uint64_t host = compressed ? 0 : L2EntryHostOffset(*old);
+  const bool has_host = !compressed && (host != 0 || (external_data_file_ && copied));
+  if (has_host && (host & (cluster_size - 1)) != 0) {
+    co_return absl::DataLossError(absl::StrFormat(
+        "%s: L2 entry for guest offset %#x has an unaligned host offset %#x", file_->name(),
+        guest_cluster, host));
+  }
+  // A host cluster whose refcount is 1 (COPIED) is ours to write in place.
+  const bool in_place = has_host && copied;
+
+  // The part of the cluster this write must put on disk, [from, to): whole
+  // subclusters with extended L2 entries; the whole cluster otherwise,
+  // except for an in-place write over data.
+  uint64_t from = 0, to = cluster_size;
+  L2Entry updated = *old;
+  if (format_.extended_l2) {
+    const uint32_t sc_bits = format_.subcluster_bits();
+    const uint32_t first = begin >> sc_bits, last = (end - 1) >> sc_bits;
+    const uint64_t touched = SubclusterMask(first, last);
+    if (in_place || !has_host) {
+      // Subclusters outside the write keep their state (unallocated or
+      // zero), so only the touched ones are written.
+      from = uint64_t{first} << sc_bits;
+      to = uint64_t{last + 1} << sc_bits;
+      updated.bitmap = (old->bitmap | touched) & ~(touched << spec::kSubclusterZeroShift);
+      if (in_place && (old->bitmap & touched) == touched) {
+        // Every touched subcluster already holds data: a plain overwrite.
+        co_return co_await data_file_->Write(host + begin, data);
+      }
+    } else {
+      // Copying a compressed or shared cluster: all of it becomes data.
+      updated.bitmap = spec::kSubclusterAllocMask;
+    }
+  } else {
+    const SubclusterType type = GetSubclusterType(*old, 0, format_);
+    if (type == SubclusterType::kNormal && in_place) {
+      co_return co_await data_file_->Write(host + begin, data);
+    }
+    updated.descriptor &= ~spec::kOflagZero;
+  }
+
+  // Copy-on-write: what the guest sees around the write comes along.
+  std::vector<uint8_t> buffer(to - from);
+  if (begin > from) CO_RETURN_IF_ERROR(co_await FillFromGuest(guest_cluster + from, std::span(buffer).first(begin - from)));
+  if (to > end) CO_RETURN_IF_ERROR(co_await FillFromGuest(guest_cluster + end, std::span(buffer).subspan(end - from)));
+  std::memcpy(buffer.data() + (begin - from), data.data(), data.size());
+
+  uint64_t target = host;
+  if (!in_place) {
+    absl::StatusOr<uint64_t> fresh = co_await AllocateDataCluster(guest_cluster);
+    if (!fresh.ok()) co_return fresh.status();
+    target = *fresh;
+  }
+  CO_RETURN_IF_ERROR(co_await data_file_->Write(target + from, buffer));
+  updated.descriptor = target | spec::kOflagCopied;
+  CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, updated));
+  if (!in_place) FreeLater(*old);
+  co_return absl::OkStatus();
+}
+
+Task<absl::StatusOr<uint64_t>> Qcow2Layer::AllocateDataCluster(uint64_t guest_cluster) {
+  // An external data file maps guest offsets to the same host offsets and
+  // keeps no refcounts ("External data file" in the spec).
+  if (external_data_file_) co_return guest_cluster;
+  co_return co_await refcounts_->Allocate(1);
+}
+
+void Qcow2Layer::FreeLater(const L2Entry& old_entry) {
+  const uint32_t cluster_bits = header_.cluster_bits;
+  if (old_entry.descriptor & spec::kOflagCompressed) {
+    // Every host cluster the compressed bytes touch holds a reference.
+    const CompressedDescriptor d = DecodeCompressedDescriptor(old_entry.descriptor, cluster_bits);
+    const uint64_t first = d.host_offset >> cluster_bits;
+    const uint64_t last = (d.host_offset + d.max_size - 1) >> cluster_bits;
+    pending_frees_.emplace_back(first << cluster_bits, last - first + 1);
+    return;
+  }
+  const uint64_t host = L2EntryHostOffset(old_entry);
+  if (host != 0 && !external_data_file_) pending_frees_.emplace_back(host, 1);
+}
+
+Task<absl::StatusOr<L2Entry>> Qcow2Layer::LookupEntry(uint64_t guest_offset) {
+  const uint64_t l2_entries = header_.l2_entries();
+  const uint64_t l1_index = (guest_offset >> header_.cluster_bits) / l2_entries;
+  if (l1_index >= l1_.size()) {
+    co_return absl::OutOfRangeError(absl::StrFormat(
+        "%s: guest offset %#x is beyond the L1 table", file_->name(), guest_offset));
+  }
+  absl::StatusOr<uint64_t> l2_offset = L2TableOffset(l1_index);
+  if (!l2_offset.ok()) co_return l2_offset.status();
+  if (*l2_offset == 0) co_return L2Entry{};
+  const uint64_t l2_index = (guest_offset >> header_.cluster_bits) % l2_entries;
+  const uint64_t per_slice = l2_cache_.table_size() / format_.entry_size();
+  absl::StatusOr<std::shared_ptr<const Table>> slice =
+      co_await l2_cache_.Get(*l2_offset + (l2_index - l2_index % per_slice) * format_.entry_size());
+  if (!slice.ok()) co_return slice.status();
+  co_return DecodeL2Entry((*slice)->data() + (l2_index % per_slice) * format_.entry_size(), format_);
+}
+
+Task<absl::Status> Qcow2Layer::StoreEntry(uint64_t guest_offset, const L2Entry& entry) {
+  const uint64_t l2_entries = header_.l2_entries();
+  const uint64_t l1_index = (guest_offset >> header_.cluster_bits) / l2_entries;
+  absl::StatusOr<uint64_t> l2_offset = co_await WritableL2Table(l1_index);
+  if (!l2_offset.ok()) co_return l2_offset.status();
+  const uint64_t l2_index = (guest_offset >> header_.cluster_bits) % l2_entries;
+  const uint64_t per_slice = l2_cache_.table_size() / format_.entry_size();
+  absl::StatusOr<Table*> slice =
+      co_await l2_cache_.GetMutable(*l2_offset + (l2_index - l2_index % per_slice) * format_.entry_size());
+  if (!slice.ok()) co_return slice.status();
+  EncodeL2Entry(entry, (*slice)->data() + (l2_index % per_slice) * format_.entry_size(), format_);
+  co_return absl::OkStatus();
+}
+
+// The L2 table of `l1_index`, made private to the active L1 table: a new
+// zeroed table where there was none, a copy where the table is shared with
+// a snapshot (no COPIED flag on the L1 entry).
+Task<absl::StatusOr<uint64_t>> Qcow2Layer::WritableL2Table(uint64_t l1_index) {
+  absl::StatusOr<uint64_t> old = L2TableOffset(l1_index);
+  if (!old.ok()) co_return old.status();
+  if (*old != 0 && (l1_[l1_index] & spec::kOflagCopied)) co_return *old;
+
+  absl::StatusOr<uint64_t> fresh = co_await refcounts_->Allocate(1);
+  if (!fresh.ok()) co_return fresh.status();
+  Table table(header_.cluster_size(), 0);
+  if (*old != 0) CO_RETURN_IF_ERROR(co_await file_->Read(*old, table));
+  // The whole table goes to disk now; the L1 entry that points to it is
+  // written only after a barrier (flush step 3).
+  CO_RETURN_IF_ERROR(co_await file_->Write(*fresh, table));
+  for (uint64_t s = 0; s < header_.cluster_size(); s += l2_cache_.table_size()) {
+    l2_cache_.Forget(*fresh + s);  // the cluster may have held another table
+  }
+  l1_[l1_index] = *fresh | spec::kOflagCopied;
+  dirty_l1_.insert(l1_index);
+  if (*old != 0) pending_frees_.emplace_back(*old, 1);
+  co_return *fresh;
+}
+
+Task<absl::Status> Qcow2Layer::FlushIfCachesFull() {
+  if (l2_cache_.over_capacity() || refcounts_->over_capacity()) co_return co_await Flush();
+  co_return absl::OkStatus();
+}
+
+Task<absl::Status> Qcow2Layer::Flush() {
+  if (!writable()) co_return absl::OkStatus();
+  // 1. Refcounts and guest data.
+  CO_RETURN_IF_ERROR(co_await refcounts_->WriteBack());
+  if (external_data_file_) CO_RETURN_IF_ERROR(co_await external_data_file_->Flush());
+  CO_RETURN_IF_ERROR(co_await file_->Flush());
+  // 2. L2 tables.
+  if (l2_cache_.has_dirty()) {
+    CO_RETURN_IF_ERROR(co_await l2_cache_.WriteBack());
+    CO_RETURN_IF_ERROR(co_await file_->Flush());
+  }
+  // 3. L1 entries.
+  if (!dirty_l1_.empty()) {
+    for (uint64_t index : dirty_l1_) {
+      uint8_t entry[spec::kL2EntrySize];
+      StoreBE64(entry, l1_[index]);
+      CO_RETURN_IF_ERROR(
+          co_await file_->Write(header_.l1_table_offset + index * spec::kL2EntrySize, entry));
+    }
+    CO_RETURN_IF_ERROR(co_await file_->Flush());
+    dirty_l1_.clear();
+  }
+  // 4. Nothing on disk points to these any more.
+  for (const auto& [offset, clusters] : std::exchange(pending_frees_, {})) {
+    CO_RETURN_IF_ERROR(co_await refcounts_->Update(offset, clusters, -1));
+  }
+  for (const auto& [offset, length] : refcounts_->TakeFreed()) {
+    for (uint64_t s = 0; s < length; s += l2_cache_.table_size()) l2_cache_.Forget(offset + s);
+    CO_RETURN_IF_ERROR(co_await file_->Discard(offset, length));
+  }
+  co_return absl::OkStatus();
+}
+
+Task<absl::Status> Qcow2Layer::GrowL1(uint64_t entries) {
+  const uint64_t cluster_size = header_.cluster_size();
+  if (entries * spec::kL2EntrySize > spec::kMaxL1Bytes) {
+    co_return absl::OutOfRangeError(absl::StrFormat(
+        "%s: the disk cannot grow that far: its L1 table would exceed %u bytes", file_->name(),
+        spec::kMaxL1Bytes));
+  }
+  // The new table copies the in-memory entries: what they point to must be
+  // durable before the header can point to it.
+  CO_RETURN_IF_ERROR(co_await Flush());
+  const uint64_t bytes = RoundUp(entries * spec::kL2EntrySize, cluster_size);
+  absl::StatusOr<uint64_t> fresh = co_await refcounts_->Allocate(bytes / cluster_size);
+  if (!fresh.ok()) co_return fresh.status();
+  std::vector<uint8_t> raw(bytes, 0);
+  for (size_t i = 0; i < l1_.size(); ++i) StoreBE64(raw.data() + i * spec::kL2EntrySize, l1_[i]);
+  CO_RETURN_IF_ERROR(co_await file_->Write(*fresh, raw));
+  CO_RETURN_IF_ERROR(co_await refcounts_->WriteBack());
+  CO_RETURN_IF_ERROR(co_await file_->Flush());
+
+  // l1_size and l1_table_offset are adjacent: one write, one sector.
+  static_assert(spec::kOffL1TableOffset == spec::kOffL1Size + 4);
+  uint8_t fields[12];
+  StoreBE32(fields, static_cast<uint32_t>(entries));
+  StoreBE64(fields + 4, *fresh);
+  CO_RETURN_IF_ERROR(co_await WriteHeaderField(spec::kOffL1Size, fields));
+
+  const uint64_t old_offset = header_.l1_table_offset;
+  const uint64_t old_clusters = RoundUp(uint64_t{header_.l1_size} * spec::kL2EntrySize, cluster_size) / cluster_size;
+  l1_.resize(entries, 0);
+  header_.l1_size = static_cast<uint32_t>(entries);
+  header_.l1_table_offset = *fresh;
+  if (old_clusters > 0) pending_frees_.emplace_back(old_offset, old_clusters);
+  co_return absl::OkStatus();
+}
+
+// New space must read as zeros, whatever lies under it: stale entries past
+// the old end (left by a shrink elsewhere) or a larger backing file.
+Task<absl::Status> Qcow2Layer::ZeroNewSpace(uint64_t old_size, uint64_t new_size) {
+  const uint64_t cluster_size = header_.cluster_size();
+  const uint64_t backing_size = backing_ ? backing_->size() : 0;
+  if (old_size % cluster_size != 0) {
+    // The rest of the old last cluster.
+    const uint64_t tail_end = std::min(RoundUp(old_size, cluster_size), new_size);
+    std::vector<uint8_t> zeros(tail_end - old_size, 0);
+    absl::StatusOr<L2Entry> entry = co_await LookupEntry(old_size);
+    if (!entry.ok()) co_return entry.status();
+    if (entry->descriptor != 0 || entry->bitmap != 0 || backing_size > old_size) {
+      CO_RETURN_IF_ERROR(co_await WriteInCluster(old_size, zeros));
+    }
+  }
+  const uint64_t bytes_per_l2 = cluster_size * header_.l2_entries();
+  for (uint64_t gc = RoundUp(old_size, cluster_size); gc < new_size;) {
+    absl::StatusOr<uint64_t> l2 = L2TableOffset(gc / bytes_per_l2);
+    if (!l2.ok()) co_return l2.status();
+    if (*l2 == 0 && backing_size <= gc) {
+      gc = (gc / bytes_per_l2 + 1) * bytes_per_l2;  // nothing anywhere in this L2 range
+      continue;
+    }
+    absl::StatusOr<L2Entry> entry = co_await LookupEntry(gc);
+    if (!entry.ok()) co_return entry.status();
+    const bool empty = entry->descriptor == 0 && entry->bitmap == 0;
+    if (!empty || backing_size > gc) {
+      if (header_.version < spec::kVersion3) {
+        // Version 2 has no zero clusters: write zeros.
+        std::vector<uint8_t> zeros(std::min(cluster_size, new_size - gc), 0);
+        CO_RETURN_IF_ERROR(co_await WriteInCluster(gc, zeros));
+      } else {
+        L2Entry zero;
+        if (format_.extended_l2) {
+          zero.bitmap = spec::kSubclusterAllocMask << spec::kSubclusterZeroShift;
+        } else {
+          zero.descriptor = spec::kOflagZero;
+        }
+        CO_RETURN_IF_ERROR(co_await StoreEntry(gc, zero));
+        FreeLater(*entry);
+      }
+    }
+    gc += cluster_size;
+  }
+  co_return absl::OkStatus();
+}
+
+Task<absl::Status> Qcow2Layer::Truncate(uint64_t new_size) {
+  CO_RETURN_IF_ERROR(co_await PrepareFirstWrite());
+  const uint64_t old_size = header_.size;
+  if (new_size == old_size) co_return absl::OkStatus();
+  if (new_size < old_size) {
+    for (uint64_t offset = new_size; offset < old_size;) {
+      absl::StatusOr<Extent> e = co_await BlockStatus(offset, old_size - offset);
+      if (!e.ok()) co_return e.status();
+      if (e->kind == ExtentKind::kData) {
+        co_return absl::FailedPreconditionError(absl::StrFormat(
+            "cannot shrink %s to %u bytes: the disk holds data at offset %u", file_->name(),
+            new_size, offset));
+      }
+      offset += e->length;
+    }
+  } else {
+    const uint64_t bytes_per_l2 = header_.cluster_size() * header_.l2_entries();
+    const uint64_t l1_needed = new_size / bytes_per_l2 + (new_size % bytes_per_l2 != 0);
+    if (l1_needed > l1_.size()) CO_RETURN_IF_ERROR(co_await GrowL1(l1_needed));
+    if (external_data_file_ && external_data_file_->size() < new_size) {
+      CO_RETURN_IF_ERROR(co_await external_data_file_->Truncate(new_size));
+    }
+    header_.size = new_size;
+    absl::Status zeroed = co_await ZeroNewSpace(old_size, new_size);
+    if (!zeroed.ok()) {
+      header_.size = old_size;
+      co_return zeroed;
+    }
+  }
+  // Everything the new size relies on is durable before the size changes.
+  CO_RETURN_IF_ERROR(co_await Flush());
+  uint8_t field[8];
+  StoreBE64(field, new_size);
+  CO_RETURN_IF_ERROR(co_await WriteHeaderField(spec::kOffSize, field));
+  header_.size = new_size;
+  co_return absl::OkStatus();
+}
+
+}  // namespace qcow2fuse

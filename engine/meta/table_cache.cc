@@ -1,0 +1,149 @@
+#include "meta/table_cache.h"
+
+#include <algorithm>
+
+#include "qcow2fuse/status.h"
+
+namespace qcow2fuse {
+namespace {
+// 4 KiB slices match the page size, and QEMU's own default since 3.1.
+constexpr uint64_t kDefaultSliceSize = 4096;
+// Enough tables that one request spanning a few of them never thrashes.
+constexpr size_t kMinTables = 16;
+}  // namespace
+
+uint32_t L2SliceSize(uint64_t cluster_size) {
+  return static_cast<uint32_t>(std::min(cluster_size, kDefaultSliceSize));
+}
+
+TableCache::TableCache(BlockFile* file, uint32_t table_size, uint64_t capacity_bytes)
+    : file_(file),
+      table_size_(table_size),
+      capacity_(std::max<size_t>(kMinTables, capacity_bytes / table_size)) {}
+
+Task<absl::StatusOr<std::shared_ptr<const Table>>> TableCache::Get(uint64_t offset) {
+  {
+    std::lock_guard lock(mu_);
+    if (auto it = LookupLocked(offset); it != lru_.end()) co_return it->table;
+  }
+  auto table = std::make_shared<Table>(table_size_);
+  absl::Status status = co_await file_->Read(offset, *table);
+  if (!status.ok()) co_return status;
+  std::lock_guard lock(mu_);
+  co_return InsertLocked(offset, std::move(table))->table;
+}
+
+Task<absl::StatusOr<Table*>> TableCache::GetMutable(uint64_t offset) {
+  absl::StatusOr<std::shared_ptr<const Table>> loaded = co_await Get(offset);
+  if (!loaded.ok()) co_return loaded.status();
+  loaded->reset();  // our own reference must not force a copy
+  std::lock_guard lock(mu_);
+  auto it = LookupLocked(offset);
+  if (it == lru_.end()) it = InsertLocked(offset, std::make_shared<Table>(**loaded));
+  // Readers holding the table keep their version.
+  if (it->table.use_count() > 1) it->table = std::make_shared<Table>(*it->table);
+  if (!it->dirty) {
+    it->dirty = true;
+    ++dirty_count_;
+  }
+  co_return it->table.get();
+}
+
+void TableCache::Install(uint64_t offset, Table table) {
+  std::lock_guard lock(mu_);
+  if (auto it = index_.find(offset); it != index_.end()) {
+    if (it->second->dirty) --dirty_count_;
+    lru_.erase(it->second);
+    index_.erase(it);
+  }
+  auto it = InsertLocked(offset, std::make_shared<Table>(std::move(table)));
+  it->dirty = true;
+  ++dirty_count_;
+}
+
+void TableCache::Forget(uint64_t offset) {
+  std::lock_guard lock(mu_);
+  auto it = index_.find(offset);
+  if (it == index_.end()) return;
+  if (it->second->dirty) --dirty_count_;
+  lru_.erase(it->second);
+  index_.erase(it);
+}
+
+Task<absl::Status> TableCache::WriteBack() {
+  // Snapshot what is dirty, write it outside the lock, then mark clean the
+  // entries that still hold the very table written.
+  std::vector<std::pair<uint64_t, std::shared_ptr<Table>>> dirty;
+  {
+    std::lock_guard lock(mu_);
+    for (const Entry& e : lru_) {
+      if (e.dirty) dirty.emplace_back(e.offset, e.table);
+    }
+  }
+  std::sort(dirty.begin(), dirty.end());
+  for (const auto& [offset, table] : dirty) {
+    CO_RETURN_IF_ERROR(co_await file_->Write(offset, *table));
+  }
+  std::lock_guard lock(mu_);
+  for (const auto& [offset, table] : dirty) {
+    auto it = index_.find(offset);
+    if (it != index_.end() && it->second->dirty && it->second->table == table) {
+      it->second->dirty = false;
+      --dirty_count_;
+    }
+    ++stats_.writes;
+  }
+  EvictLocked();
+  co_return absl::OkStatus();
+}
+
+bool TableCache::has_dirty() const {
+  std::lock_guard lock(mu_);
+  return dirty_count_ > 0;
+}
+
+bool TableCache::over_capacity() const {
+  std::lock_guard lock(mu_);
+  return lru_.size() > capacity_;
+}
+
+TableCache::Stats TableCache::stats() const {
+  std::lock_guard lock(mu_);
+  Stats s = stats_;
+  s.cached = lru_.size();
+  s.dirty = dirty_count_;
+  return s;
+}
+
+TableCache::Lru::iterator TableCache::LookupLocked(uint64_t offset) {
+  auto it = index_.find(offset);
+  if (it == index_.end()) {
+    ++stats_.misses;
+    return lru_.end();
+  }
+  ++stats_.hits;
+  lru_.splice(lru_.begin(), lru_, it->second);
+  return it->second;
+}
+
+TableCache::Lru::iterator TableCache::InsertLocked(uint64_t offset, std::shared_ptr<Table> table) {
+  // Another reader may have loaded it while we read.
+  if (auto it = index_.find(offset); it != index_.end()) return it->second;
+  lru_.push_front({offset, std::move(table)});
+  index_[offset] = lru_.begin();
+  EvictLocked();
+  return lru_.begin();
+}
+
+void TableCache::EvictLocked() {
+  // Drop clean tables from the cold end; dirty ones wait for WriteBack().
+  auto it = lru_.end();
+  while (lru_.size() > capacity_ && it != lru_.begin()) {
+    --it;
+    if (it->dirty) continue;
+    index_.erase(it->offset);
+    it = lru_.erase(it);
+  }
+}
+
+}  // namespace qcow2fuse

@@ -1,0 +1,110 @@
+// TableCache: a bounded write-back cache of metadata tables of one image
+// file: L2 table slices, or refcount blocks.
+//
+// An L2 table is one cluster, up to 2 MiB; reading all of it to map one
+// cluster would waste I/O and memory, so L2 tables are cached in slices
+// (L2SliceSize). Refcount blocks are cached whole.
+//
+// Reading: Get() returns a shared_ptr to an immutable table; a holder keeps
+// the bytes it has even if the entry is evicted or modified meanwhile.
+// Writing: GetMutable() makes the cached table private to the cache (copying
+// it if a reader still holds it), marks it dirty and returns it for
+// modification. Dirty tables are written back only by WriteBack(), which
+// the owner calls at the point of its flush protocol where their order is
+// right; they are never evicted, so a cache whose entries are all dirty
+// grows past its capacity until the owner flushes (over_capacity()).
+// Clean tables go least recently used first.
+//
+// Thread-safe; the lock is never held across I/O. A table being modified
+// must not be modified concurrently by another caller.
+
+#ifndef QCOW2FUSE_META_TABLE_CACHE_H_
+#define QCOW2FUSE_META_TABLE_CACHE_H_
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "io/block_file.h"
+#include "qcow2fuse/task.h"
+
+namespace qcow2fuse {
+
+using Table = std::vector<uint8_t>;
+
+// The slice size used for L2 tables of clusters of `cluster_size` bytes.
+uint32_t L2SliceSize(uint64_t cluster_size);
+
+class TableCache {
+ public:
+  // Caches tables of `table_size` bytes of `file`, at most `capacity_bytes`
+  // worth of clean tables (and never fewer than a handful).
+  TableCache(BlockFile* file, uint32_t table_size, uint64_t capacity_bytes);
+
+  TableCache(const TableCache&) = delete;
+  TableCache& operator=(const TableCache&) = delete;
+
+  // The table at host offset `offset` (a multiple of table_size()), read
+  // from the file on a miss.
+  Task<absl::StatusOr<std::shared_ptr<const Table>>> Get(uint64_t offset);
+
+  // The table at `offset`, for modification; marked dirty. The pointer is
+  // valid until the next call into the cache.
+  Task<absl::StatusOr<Table*>> GetMutable(uint64_t offset);
+
+  // Installs `table` (table_size() bytes) as the dirty contents at `offset`
+  // without reading the file: for tables the caller has just created.
+  void Install(uint64_t offset, Table table);
+
+  // Drops the entry at `offset`, dirty or not: its cluster was freed.
+  void Forget(uint64_t offset);
+
+  // Writes every dirty table to the file (without flushing it) and marks
+  // them clean. Tables are written in offset order.
+  Task<absl::Status> WriteBack();
+
+  bool has_dirty() const;
+  bool over_capacity() const;
+  uint32_t table_size() const { return table_size_; }
+  size_t capacity() const { return capacity_; }
+
+  struct Stats {
+    uint64_t hits = 0;
+    uint64_t misses = 0;
+    uint64_t writes = 0;  // tables written back
+    size_t cached = 0;
+    size_t dirty = 0;
+  };
+  Stats stats() const;
+
+ private:
+  struct Entry {
+    uint64_t offset;
+    std::shared_ptr<Table> table;
+    bool dirty = false;
+  };
+  using Lru = std::list<Entry>;  // most recently used first
+
+  Lru::iterator LookupLocked(uint64_t offset);
+  Lru::iterator InsertLocked(uint64_t offset, std::shared_ptr<Table> table);
+  void EvictLocked();
+
+  BlockFile* const file_;
+  const uint32_t table_size_;
+  const size_t capacity_;  // in tables
+
+  mutable std::mutex mu_;
+  Lru lru_;
+  absl::flat_hash_map<uint64_t, Lru::iterator> index_;
+  size_t dirty_count_ = 0;
+  Stats stats_;
+};
+
+}  // namespace qcow2fuse
+
+#endif  // QCOW2FUSE_META_TABLE_CACHE_H_
