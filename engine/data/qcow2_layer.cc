@@ -66,6 +66,9 @@ Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Open(
   if (layer->file_->writable()) {
     layer->refcounts_ = std::make_unique<Refcounts>(layer->file_.get(), h, kRefcountCacheBytes);
     CO_RETURN_IF_ERROR(co_await layer->refcounts_->Load());
+    for (uint64_t entry : layer->l1_) {
+      if (L1EntryL2Offset(entry) != 0) layer->l2_tables_.insert(L1EntryL2Offset(entry));
+    }
   }
   co_return layer;
 }

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "absl/container/btree_set.h"
+#include "absl/container/flat_hash_set.h"
 
 #include "data/codec.h"
 #include "data/layer.h"
@@ -111,6 +112,14 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> MarkBitmapsInUse();
   Task<absl::Status> ZeroNewSpace(uint64_t old_size, uint64_t new_size);
   Task<absl::Status> FlushIfCachesFull();
+  // Refuses (and marks the image corrupt) a write of guest data or a new
+  // table to [offset, offset + length) that would land on metadata in use.
+  Task<absl::Status> CheckOverlap(uint64_t offset, uint64_t length, const char* what);
+  // Marks the image corrupt (header bit) after `status`, a DataLossError
+  // met while changing it, and latches it: later changes fail.
+  Task<absl::Status> MarkCorrupt(absl::Status status);
+  Task<absl::Status> WriteData(uint64_t offset, std::span<const uint8_t> data);
+  Task<absl::Status> Resize(uint64_t new_size);
 
   const std::unique_ptr<BlockFile> file_;
   Header header_;  // size and table locations change as the image grows
@@ -129,6 +138,12 @@ class Qcow2Layer final : public Layer {
   // Host ranges (offset, clusters) to give back once no durable metadata
   // points to them: step 4 of the flush protocol.
   std::vector<std::pair<uint64_t, uint64_t>> pending_frees_;
+  // Host offsets of the L2 tables the active L1 table points to, for the
+  // overlap guard.
+  absl::flat_hash_set<uint64_t> l2_tables_;
+  // Set once the image is found inconsistent while writing: it is marked
+  // corrupt on disk and every later change is refused.
+  absl::Status corrupt_;
 
   // The last few inflated clusters: FUSE reads 128 KiB to 1 MiB at a time,
   // so one compressed 2 MiB cluster would otherwise be inflated many times.

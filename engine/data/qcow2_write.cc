@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "base/endian.h"
 #include "data/qcow2_layer.h"
@@ -81,7 +82,51 @@ Task<absl::Status> Qcow2Layer::PrepareFirstWrite() {
   co_return absl::OkStatus();
 }
 
+Task<absl::Status> Qcow2Layer::MarkCorrupt(absl::Status status) {
+  corrupt_ = Annotate(status, "the image is marked corrupt and now refuses writes");
+  header_.incompatible_features |= spec::kIncompatCorrupt;
+  uint8_t field[8];
+  StoreBE64(field, header_.incompatible_features);
+  absl::Status marked = co_await WriteHeaderField(spec::kOffIncompatibleFeatures, field);
+  if (!marked.ok()) co_return Annotate(corrupt_, absl::StrCat("(setting the corrupt bit failed too: ", marked.message(), ")"));
+  co_return corrupt_;
+}
+
+Task<absl::Status> Qcow2Layer::CheckOverlap(uint64_t offset, uint64_t length, const char* what) {
+  const uint64_t cluster_size = header_.cluster_size();
+  auto overlaps = [&](uint64_t start, uint64_t size) { return offset < start + size && start < offset + length; };
+  const char* hit = nullptr;
+  if (overlaps(0, cluster_size)) {
+    hit = "the header";
+  } else if (overlaps(header_.l1_table_offset, uint64_t{header_.l1_size} * spec::kL2EntrySize)) {
+    hit = "the L1 table";
+  } else if (refcounts_->OverlapsMetadata(offset, length)) {
+    hit = "the refcount table or a refcount block";
+  } else if (header_.nb_snapshots > 0 && overlaps(header_.snapshots_offset, cluster_size)) {
+    hit = "the snapshot table";
+  } else if (header_.bitmaps && overlaps(header_.bitmaps->bitmap_directory_offset,
+                                         header_.bitmaps->bitmap_directory_size)) {
+    hit = "the bitmap directory";
+  } else {
+    for (uint64_t c = offset & ~(cluster_size - 1); c < offset + length; c += cluster_size) {
+      if (l2_tables_.contains(c)) hit = "an L2 table in use";
+    }
+  }
+  if (hit == nullptr) co_return absl::OkStatus();
+  co_return absl::DataLossError(absl::StrFormat(
+      "%s: refusing to write %s at host offset %#x (%u bytes): it would overwrite %s; the "
+      "refcounts must be wrong",
+      file_->name(), what, offset, length, hit));
+}
+
 Task<absl::Status> Qcow2Layer::Write(uint64_t offset, std::span<const uint8_t> data) {
+  if (!corrupt_.ok()) co_return corrupt_;
+  absl::Status status = co_await WriteData(offset, data);
+  if (absl::IsDataLoss(status)) co_return co_await MarkCorrupt(status);
+  co_return status;
+}
+
+Task<absl::Status> Qcow2Layer::WriteData(uint64_t offset, std::span<const uint8_t> data) {
   CO_RETURN_IF_ERROR(co_await PrepareFirstWrite());
   const uint64_t cluster_size = header_.cluster_size();
   while (!data.empty()) {
@@ -164,6 +209,7 @@ Task<absl::Status> Qcow2Layer::WriteInCluster(uint64_t offset, std::span<const u
     if (!fresh.ok()) co_return fresh.status();
     target = *fresh;
   }
+  if (!external_data_file_) CO_RETURN_IF_ERROR(co_await CheckOverlap(target + from, buffer.size(), "guest data"));
   CO_RETURN_IF_ERROR(co_await data_file_->Write(target + from, buffer));
   updated.descriptor = target | spec::kOflagCopied;
   CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, updated));
@@ -238,13 +284,20 @@ Task<absl::StatusOr<uint64_t>> Qcow2Layer::WritableL2Table(uint64_t l1_index) {
   if (*old != 0) CO_RETURN_IF_ERROR(co_await file_->Read(*old, table));
   // The whole table goes to disk now; the L1 entry that points to it is
   // written only after a barrier (flush step 3).
+  CO_RETURN_IF_ERROR(co_await CheckOverlap(*fresh, table.size(), "a new L2 table"));
   CO_RETURN_IF_ERROR(co_await file_->Write(*fresh, table));
   for (uint64_t s = 0; s < header_.cluster_size(); s += l2_cache_.table_size()) {
     l2_cache_.Forget(*fresh + s);  // the cluster may have held another table
   }
   l1_[l1_index] = *fresh | spec::kOflagCopied;
   dirty_l1_.insert(l1_index);
-  if (*old != 0) pending_frees_.emplace_back(*old, 1);
+  l2_tables_.insert(*fresh);
+  if (*old != 0) {
+    pending_frees_.emplace_back(*old, 1);
+    // Still in use by a snapshot, but no longer ours to guard: QEMU's
+    // default overlap checks leave inactive tables out too.
+    l2_tables_.erase(*old);
+  }
   co_return *fresh;
 }
 
@@ -301,6 +354,7 @@ Task<absl::Status> Qcow2Layer::GrowL1(uint64_t entries) {
   if (!fresh.ok()) co_return fresh.status();
   std::vector<uint8_t> raw(bytes, 0);
   for (size_t i = 0; i < l1_.size(); ++i) StoreBE64(raw.data() + i * spec::kL2EntrySize, l1_[i]);
+  CO_RETURN_IF_ERROR(co_await CheckOverlap(*fresh, raw.size(), "a new L1 table"));
   CO_RETURN_IF_ERROR(co_await file_->Write(*fresh, raw));
   CO_RETURN_IF_ERROR(co_await refcounts_->WriteBack());
   CO_RETURN_IF_ERROR(co_await file_->Flush());
@@ -369,6 +423,13 @@ Task<absl::Status> Qcow2Layer::ZeroNewSpace(uint64_t old_size, uint64_t new_size
 }
 
 Task<absl::Status> Qcow2Layer::Truncate(uint64_t new_size) {
+  if (!corrupt_.ok()) co_return corrupt_;
+  absl::Status status = co_await Resize(new_size);
+  if (absl::IsDataLoss(status)) co_return co_await MarkCorrupt(status);
+  co_return status;
+}
+
+Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
   CO_RETURN_IF_ERROR(co_await PrepareFirstWrite());
   const uint64_t old_size = header_.size;
   if (new_size == old_size) co_return absl::OkStatus();

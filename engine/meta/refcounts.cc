@@ -30,6 +30,7 @@ Task<absl::Status> Refcounts::Load() {
   for (size_t i = 0; i < table_.size(); ++i) {
     table_[i] = LoadBE64(raw.data() + i * spec::kRefcountTableEntrySize) & spec::kRefcountTableOffsetMask;
     if (table_[i] == 0) continue;
+    block_offsets_.insert(table_[i]);
     if ((table_[i] & (cluster_size - 1)) != 0 || table_[i] >= file_->size()) {
       co_return absl::DataLossError(absl::StrFormat(
           "%s: refcount table entry %u points to a refcount block at %#x, which is %s", file_->name(),
@@ -148,6 +149,7 @@ Task<absl::Status> Refcounts::EnsureBlock(uint64_t block_index) {
   }
   blocks_.Install(*cluster << cluster_bits_, std::move(block));
   table_[block_index] = *cluster << cluster_bits_;
+  block_offsets_.insert(table_[block_index]);
   dirty_table_entries_.insert(block_index);
   co_return absl::OkStatus();
 }
@@ -232,6 +234,7 @@ Task<absl::Status> Refcounts::GrowTable(uint64_t min_entries) {
   table_clusters_ = static_cast<uint32_t>(table_clusters);
   end_cluster_ = std::max(end_cluster_, area_end);
   for (size_t i = 0; i < new_blocks.size(); ++i) {
+    block_offsets_.insert(table_[new_blocks[i]]);
     blocks_.Install(table_[new_blocks[i]], std::move(blocks[i]));
   }
   // Installed blocks are already on disk; writing them again is harmless.
@@ -254,6 +257,16 @@ Task<absl::Status> Refcounts::WriteBack() {
 }
 
 std::vector<std::pair<uint64_t, uint64_t>> Refcounts::TakeFreed() { return std::exchange(freed_, {}); }
+
+bool Refcounts::OverlapsMetadata(uint64_t offset, uint64_t length) const {
+  const uint64_t cluster_size = uint64_t{1} << cluster_bits_;
+  const uint64_t table_end = table_offset_ + uint64_t{table_clusters_} * cluster_size;
+  if (offset < table_end && table_offset_ < offset + length) return true;
+  for (uint64_t c = offset & ~(cluster_size - 1); c < offset + length; c += cluster_size) {
+    if (block_offsets_.contains(c)) return true;
+  }
+  return false;
+}
 
 bool Refcounts::has_dirty() const { return blocks_.has_dirty() || !dirty_table_entries_.empty(); }
 

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "absl/container/btree_set.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "format/header.h"
 #include "io/block_file.h"
@@ -66,6 +67,10 @@ class Refcounts {
   // call, for the caller to discard once the drop is durable.
   std::vector<std::pair<uint64_t, uint64_t>> TakeFreed();
 
+  // Whether [offset, offset + length) touches the refcount table or a
+  // refcount block.
+  bool OverlapsMetadata(uint64_t offset, uint64_t length) const;
+
   bool has_dirty() const;
   // More refcount blocks are cached than the cache should hold: flush.
   bool over_capacity() const { return blocks_.over_capacity(); }
@@ -88,6 +93,7 @@ class Refcounts {
   uint64_t table_offset_;
   uint32_t table_clusters_;
   std::vector<uint64_t> table_;  // refcount block offsets; 0 = none
+  absl::flat_hash_set<uint64_t> block_offsets_;  // the nonzero entries of table_
   absl::btree_set<uint64_t> dirty_table_entries_;
   TableCache blocks_;
   uint64_t free_hint_ = 0;   // no free cluster below this index
