@@ -12,10 +12,14 @@ namespace qcow2fuse {
 Image::Image(std::unique_ptr<Qcow2Layer> top, ImageOptions options)
     : top_(std::move(top)),
       options_(std::move(options)),
-      virtual_size_(top_->size()),
+      virtual_size_(DiskSize(*top_)),
       cluster_size_(top_->cluster_size()) {}
 
 Image::~Image() = default;
+
+// QEMU counts a qcow2 disk in 512-byte sectors and ignores a partial last
+// sector; the view must show the same disk.
+uint64_t Image::DiskSize(const Qcow2Layer& top) { return top.size() / kSectorSize * kSectorSize; }
 
 Task<absl::StatusOr<std::unique_ptr<Image>>> Image::Open(std::string path, ImageOptions options) {
   if (options.force_share && !options.read_only) {
@@ -52,9 +56,13 @@ Task<absl::Status> Image::Flush() { co_return co_await top_->Flush(); }
 
 Task<absl::Status> Image::Truncate(uint64_t new_size) {
   if (options_.read_only) co_return absl::FailedPreconditionError("the image is open read-only");
+  if (new_size % kSectorSize != 0) {
+    co_return absl::InvalidArgumentError(absl::StrFormat(
+        "a disk size must be a multiple of %u bytes, not %u", kSectorSize, new_size));
+  }
   allocated_bytes_.reset();
   CO_RETURN_IF_ERROR(co_await top_->Truncate(new_size));
-  virtual_size_ = top_->size();
+  virtual_size_ = DiskSize(*top_);
   co_return absl::OkStatus();
 }
 

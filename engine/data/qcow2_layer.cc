@@ -7,6 +7,7 @@
 #include "absl/strings/str_join.h"
 #include "base/endian.h"
 #include "format/spec.h"
+#include "meta/repair.h"
 #include "qcow2fuse/status.h"
 
 namespace qcow2fuse {
@@ -64,6 +65,13 @@ Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Open(
   layer->l1_.resize(h.l1_size);
   for (uint32_t i = 0; i < h.l1_size; ++i) layer->l1_[i] = LoadBE64(raw.data() + i * spec::kL2EntrySize);
   if (layer->file_->writable()) {
+    if (h.incompatible_features & spec::kIncompatDirty) {
+      // Left dirty by a crash with lazy refcounts: the refcounts are not to
+      // be trusted until rebuilt ("dirty bit" in the spec).
+      absl::Status repaired =
+          co_await RebuildRefcounts(*layer->file_, layer->header_, layer->external_data_file_.get());
+      if (!repaired.ok()) co_return Annotate(repaired, "rebuilding the refcounts of a dirty image");
+    }
     layer->refcounts_ = std::make_unique<Refcounts>(layer->file_.get(), h, kRefcountCacheBytes);
     CO_RETURN_IF_ERROR(co_await layer->refcounts_->Load());
     for (uint64_t entry : layer->l1_) {

@@ -63,10 +63,8 @@ Task<absl::Status> Qcow2Layer::PrepareFirstWrite() {
     co_return absl::FailedPreconditionError(absl::StrFormat("%s is open read-only", file_->name()));
   }
   if (header_.incompatible_features & spec::kIncompatDirty) {
-    co_return absl::FailedPreconditionError(absl::StrFormat(
-        "%s was not closed cleanly (dirty bit set): its refcounts must be rebuilt before it is "
-        "written; run 'qemu-img check -r all' on it first",
-        file_->name()));
+    // Open() rebuilds the refcounts of a dirty image it may write.
+    co_return absl::InternalError(absl::StrFormat("%s is still dirty", file_->name()));
   }
   if ((header_.autoclear_features & spec::kAutoclearBitmaps) && header_.bitmaps) {
     CO_RETURN_IF_ERROR(co_await MarkBitmapsInUse());
@@ -175,7 +173,7 @@ Task<absl::Status> Qcow2Layer::WriteInCluster(uint64_t offset, std::span<const u
     const uint32_t sc_bits = format_.subcluster_bits();
     const uint32_t first = begin >> sc_bits, last = (end - 1) >> sc_bits;
     const uint64_t touched = SubclusterMask(first, last);
-    if (in_place || !has_host) {
+    if (in_place || (!has_host && !compressed)) {
       // Subclusters outside the write keep their state (unallocated or
       // zero), so only the touched ones are written.
       from = uint64_t{first} << sc_bits;
@@ -328,9 +326,14 @@ Task<absl::Status> Qcow2Layer::Flush() {
     CO_RETURN_IF_ERROR(co_await file_->Flush());
     dirty_l1_.clear();
   }
-  // 4. Nothing on disk points to these any more.
-  for (const auto& [offset, clusters] : std::exchange(pending_frees_, {})) {
-    CO_RETURN_IF_ERROR(co_await refcounts_->Update(offset, clusters, -1));
+  // 4. Nothing on disk points to these any more: drop their refcounts, and
+  // once that is durable too, discard what became free.
+  if (!pending_frees_.empty()) {
+    for (const auto& [offset, clusters] : std::exchange(pending_frees_, {})) {
+      CO_RETURN_IF_ERROR(co_await refcounts_->Update(offset, clusters, -1));
+    }
+    CO_RETURN_IF_ERROR(co_await refcounts_->WriteBack());
+    CO_RETURN_IF_ERROR(co_await file_->Flush());
   }
   for (const auto& [offset, length] : refcounts_->TakeFreed()) {
     for (uint64_t s = 0; s < length; s += l2_cache_.table_size()) l2_cache_.Forget(offset + s);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_format.h"
 #include "base/endian.h"
 #include "format/l2_entry.h"
@@ -54,14 +55,14 @@ inline constexpr uint32_t kBitmapDirEntryAlignment = 8;
 inline constexpr uint32_t kBitmapFlagInUse = 1u << 0;
 inline constexpr uint32_t kBitmapReservedFlags = ~uint32_t{0x7};  // bits 3-31
 inline constexpr uint8_t kBitmapTypeDirtyTracking = 1;
-inline constexpr uint32_t kMinBitmapGranularityBits = 9;   // QEMU's limits
+inline constexpr uint32_t kMinBitmapGranularityBits = 9;  // QEMU's limits
 inline constexpr uint32_t kMaxBitmapGranularityBits = 31;
 inline constexpr uint32_t kMaxBitmapNameSize = 1023;
 // "Bitmaps": a bitmap table entry.
 inline constexpr uint32_t kBitmapTableEntrySize = 8;
 inline constexpr uint64_t kBitmapTableOffsetMask = 0x00fffffffffffe00ull;    // bits 9-55
 inline constexpr uint64_t kBitmapTableReservedMask = 0xff000000000001feull;  // bits 1-8, 56-63
-inline constexpr uint64_t kBitmapTableAllOnes = 1ull << 0;  // only with offset 0
+inline constexpr uint64_t kBitmapTableAllOnes = 1ull << 0;                   // only with offset 0
 // QEMU: BME_MAX_TABLE_SIZE, BME_MAX_PHYS_SIZE, QCOW2_MAX_BITMAP_DIRECTORY_SIZE.
 inline constexpr uint64_t kMaxBitmapTableEntries = 0x8000000;
 inline constexpr uint64_t kMaxBitmapPhysBytes = 0x20000000;
@@ -237,9 +238,10 @@ void Checker::AddRef(uint64_t offset, uint64_t length, uint64_t times, const Wha
   const uint64_t limit = file_size_ + cluster_size_;
   if (offset >= limit || length >= limit - offset) {
     if (Corruption(times)) {
-      Message(absl::StrFormat("%s at %#x (%u bytes) lies a cluster or more past the end of the "
-                              "file (%u bytes)%s",
-                              what(), offset, length, file_size_, Times(times)));
+      Message(
+          absl::StrFormat("%s at %#x (%u bytes) runs a cluster or more past the end of the "
+                          "file (%u bytes)%s",
+                          what(), offset, length, file_size_, Times(times)));
     }
     return;
   }
@@ -260,7 +262,9 @@ void Checker::ApplyPendingRanges() {
   std::vector<std::pair<uint64_t, int64_t>> events;
   events.reserve(pending_.size() * 2);
   for (const PendingRange& r : pending_) {
-    const int64_t t = static_cast<int64_t>(std::min<uint64_t>(r.times, uint64_t{1} << 62));
+    // Counts saturate at 2^32 - 1 anyway; capping each keeps the sum of
+    // any number of ranges far from int64 overflow.
+    const int64_t t = static_cast<int64_t>(std::min<uint64_t>(r.times, uint64_t{1} << 32));
     events.emplace_back(r.first, t);
     events.emplace_back(r.end, -t);
   }
@@ -315,8 +319,8 @@ Task<absl::Status> Checker::Sweep(const std::vector<TableRef>& tables, const Ent
   for (size_t k = 0; k < events.size();) {
     const uint64_t pos = events[k].pos;
     if (!open.empty() && pos > segment_start) {
-      CO_RETURN_IF_ERROR(co_await VisitSegment(segment_start, pos, open.size(),
-                                               tables[*open.begin()], visit));
+      CO_RETURN_IF_ERROR(
+          co_await VisitSegment(segment_start, pos, open.size(), tables[*open.begin()], visit));
     }
     for (; k < events.size() && events[k].pos == pos; ++k) {
       if (events[k].start) {
@@ -362,9 +366,10 @@ Task<absl::Status> Checker::ReadSnapshotTable() {
   const uint64_t offset = h_.snapshots_offset;
   if (offset == 0 || offset % cluster_size_ != 0 || offset >= file_size_) {
     if (Corruption()) {
-      Message(absl::StrFormat("snapshot table offset %#x is not cluster aligned or not inside the "
-                              "file (%u bytes)",
-                              offset, file_size_));
+      Message(
+          absl::StrFormat("snapshot table offset %#x is not cluster aligned or not inside the "
+                          "file (%u bytes)",
+                          offset, file_size_));
     }
     co_return absl::OkStatus();
   }
@@ -377,9 +382,10 @@ Task<absl::Status> Checker::ReadSnapshotTable() {
     pos = AlignUp(pos, ck::kSnapshotEntryAlignment);
     if (pos > available || available - pos < ck::kSnapshotHeaderSize) {
       if (Corruption()) {
-        Message(absl::StrFormat("snapshot table entry %u at %#x runs past the end of the file or "
-                                "QEMU's limit of %u bytes for the table",
-                                i, offset + pos, ck::kMaxSnapshotTableBytes));
+        Message(
+            absl::StrFormat("snapshot table entry %u at %#x runs past the end of the file or "
+                            "QEMU's limit of %u bytes for the table",
+                            i, offset + pos, ck::kMaxSnapshotTableBytes));
       }
       break;
     }
@@ -392,18 +398,20 @@ Task<absl::Status> Checker::ReadSnapshotTable() {
     const uint32_t extra_size = LoadBE32(p + ck::kSnapOffExtraDataSize);
     if (extra_size > ck::kMaxSnapshotExtraData) {
       if (Corruption()) {
-        Message(absl::StrFormat("snapshot table entry %u at %#x has %u bytes of extra data, more "
-                                "than QEMU's limit of %u",
-                                i, offset + pos, extra_size, ck::kMaxSnapshotExtraData));
+        Message(
+            absl::StrFormat("snapshot table entry %u at %#x has %u bytes of extra data, more "
+                            "than QEMU's limit of %u",
+                            i, offset + pos, extra_size, ck::kMaxSnapshotExtraData));
       }
       break;
     }
     const uint64_t length = uint64_t{ck::kSnapshotHeaderSize} + extra_size + id_size + name_size;
     if (length > available - pos) {
       if (Corruption()) {
-        Message(absl::StrFormat("snapshot table entry %u at %#x (%u bytes) runs past the end of "
-                                "the file",
-                                i, offset + pos, length));
+        Message(
+            absl::StrFormat("snapshot table entry %u at %#x (%u bytes) runs past the end of "
+                            "the file",
+                            i, offset + pos, length));
       }
       break;
     }
@@ -439,7 +447,9 @@ Task<absl::Status> Checker::CountL1Tables() {
     has_active_l1_ = true;  // l1_tables_[0]
   }
   for (const SnapshotInfo& sn : snapshots_) {
-    const std::string name = absl::StrFormat("snapshot %s (%s)", sn.id, sn.name);
+    // Names come from the image: escaped, so a hostile one cannot forge lines.
+    const std::string name =
+        absl::StrFormat("snapshot %s (%s)", absl::CHexEscape(sn.id), absl::CHexEscape(sn.name));
     if (sn.l1_table_offset % cluster_size_ != 0) {
       if (Corruption()) {
         Message(absl::StrFormat("%s: L1 table offset %#x is not cluster aligned", name,
@@ -459,10 +469,10 @@ Task<absl::Status> Checker::CountL1Tables() {
     AddRef(t.offset, t.entries * spec::kL2EntrySize, 1, [&] { return t.name; });
     l1_tables_.push_back(std::move(t));
   }
-  co_return co_await Sweep(l1_tables_, [this](uint64_t entry, uint64_t times, const TableRef& table,
-                                              uint64_t index) {
-    VisitL1Entry(entry, times, static_cast<size_t>(&table - l1_tables_.data()), table, index);
-  });
+  co_return co_await Sweep(
+      l1_tables_, [this](uint64_t entry, uint64_t times, const TableRef& table, uint64_t index) {
+        VisitL1Entry(entry, times, static_cast<size_t>(&table - l1_tables_.data()), table, index);
+      });
 }
 
 void Checker::VisitL1Entry(uint64_t entry, uint64_t times, size_t table_index,
@@ -489,8 +499,8 @@ void Checker::VisitL1Entry(uint64_t entry, uint64_t times, size_t table_index,
     // hostile image makes a checker do unbounded work.
     AddRef(l2_offset, cluster_size_, times, what);
     if (Corruption(times)) {
-      Message(absl::StrFormat("%s is not cluster aligned; L1 entry corrupted%s", what(),
-                              Times(times)));
+      Message(
+          absl::StrFormat("%s is not cluster aligned; L1 entry corrupted%s", what(), Times(times)));
     }
     return;
   }
@@ -527,7 +537,9 @@ ClusterType Checker::TypeOf(const L2Entry& entry) const {
 Task<absl::Status> Checker::CountL2Tables() {
   std::vector<uint8_t> buf(cluster_size_);
   const uint32_t entry_size = l2_format_.entry_size();
-  for (const auto& [l2_offset, use] : l2_uses_) {
+  for (const auto& item : l2_uses_) {
+    const uint64_t l2_offset = item.first;  // not a structured binding: lambdas capture it
+    const L2Use& use = item.second;
     const TableRef& from = l1_tables_[use.table];
     AddRef(l2_offset, cluster_size_, use.times, [&] {
       return absl::StrFormat("L2 table at %#x (%s entry %u)", l2_offset, from.name, use.index);
@@ -575,16 +587,16 @@ void Checker::CheckL2Entry(uint64_t l2_offset, const L2Use& use, uint64_t index,
         return;
       }
       const CompressedDescriptor c = DecodeCompressedDescriptor(d, cluster_bits_);
-      AddRef(c.host_offset, c.max_size, times, [&] {
-        return absl::StrFormat("compressed data of %s", where());
-      });
+      AddRef(c.host_offset, c.max_size, times,
+             [&] { return absl::StrFormat("compressed data of %s", where()); });
       return;
     }
     case ClusterType::kNormal:
     case ClusterType::kZeroAlloc: {
       const uint64_t offset = L2EntryHostOffset(entry);
       if (l2_format_.extended_l2 &&
-          ((entry.bitmap >> spec::kSubclusterZeroShift) & entry.bitmap & spec::kSubclusterAllocMask) &&
+          ((entry.bitmap >> spec::kSubclusterZeroShift) & entry.bitmap &
+           spec::kSubclusterAllocMask) &&
           Corruption(times)) {
         Message(absl::StrFormat("%s: subclusters both allocated and zero in bitmap %#x%s", where(),
                                 entry.bitmap, Times(times)));
@@ -605,18 +617,20 @@ void Checker::CheckL2Entry(uint64_t l2_offset, const L2Use& use, uint64_t index,
       if (u.times == 1 && u.table == 0 && has_active_l1_) {
         const uint64_t guest = (u.index * l2_entries_ + index) << cluster_bits_;
         if (offset != guest && Corruption()) {
-          Message(absl::StrFormat("%s: host offset %#x in the external data file differs from the "
-                                  "guest offset %#x",
-                                  where(), offset, guest));
+          Message(
+              absl::StrFormat("%s: host offset %#x in the external data file differs from the "
+                              "guest offset %#x",
+                              where(), offset, guest));
         }
       }
       const bool holds_data =
           type == ClusterType::kNormal &&
           (!l2_format_.extended_l2 || (entry.bitmap & spec::kSubclusterAllocMask) != 0);
       if (holds_data && data_file_ != nullptr && offset >= data_file_->size() && Warning()) {
-        Message(absl::StrFormat("warning: %s: data at %#x lies past the end of the external data "
-                                "file %s (%u bytes) and reads as zeros",
-                                where(), offset, data_file_->name(), data_file_->size()));
+        Message(
+            absl::StrFormat("warning: %s: data at %#x lies past the end of the external data "
+                            "file %s (%u bytes) and reads as zeros",
+                            where(), offset, data_file_->name(), data_file_->size()));
       }
       return;
     }
@@ -625,9 +639,10 @@ void Checker::CheckL2Entry(uint64_t l2_offset, const L2Use& use, uint64_t index,
     case ClusterType::kUnallocated:
       if (l2_format_.extended_l2 && (entry.bitmap & spec::kSubclusterAllocMask) &&
           Corruption(times)) {
-        Message(absl::StrFormat("%s: unallocated cluster with allocated subclusters in bitmap "
-                                "%#x%s",
-                                where(), entry.bitmap, Times(times)));
+        Message(
+            absl::StrFormat("%s: unallocated cluster with allocated subclusters in bitmap "
+                            "%#x%s",
+                            where(), entry.bitmap, Times(times)));
       }
       return;
   }
@@ -644,9 +659,10 @@ Task<absl::Status> Checker::CountBitmaps() {
   if (dir_size == 0 || dir_size > ck::kMaxBitmapDirectoryBytes || dir_offset >= file_size_ ||
       dir_size > file_size_ - dir_offset || ext.nb_bitmaps > spec::kMaxBitmaps) {
     if (Corruption()) {
-      Message(absl::StrFormat("bitmap directory at %#x (%u bytes, %u bitmaps) is not inside the "
-                              "file or exceeds QEMU's limits",
-                              dir_offset, dir_size, ext.nb_bitmaps));
+      Message(
+          absl::StrFormat("bitmap directory at %#x (%u bytes, %u bitmaps) is not inside the "
+                          "file or exceeds QEMU's limits",
+                          dir_offset, dir_size, ext.nb_bitmaps));
     }
     co_return absl::OkStatus();
   }
@@ -665,8 +681,8 @@ Task<absl::Status> Checker::CountBitmaps() {
       break;
     }
     if (++n > ext.nb_bitmaps) {
-      broken = absl::StrFormat("more entries than the %u the header extension names",
-                               ext.nb_bitmaps);
+      broken =
+          absl::StrFormat("more entries than the %u the header extension names", ext.nb_bitmaps);
       break;
     }
     const uint8_t* p = dir.data() + pos;
@@ -677,15 +693,16 @@ Task<absl::Status> Checker::CountBitmaps() {
     const uint8_t granularity_bits = p[ck::kBmOffGranularityBits];
     const uint32_t name_size = LoadBE16(p + ck::kBmOffNameSize);
     const uint32_t extra_size = LoadBE32(p + ck::kBmOffExtraDataSize);
-    const uint64_t entry_size = AlignUp(
-        uint64_t{ck::kBitmapDirEntryHeaderSize} + extra_size + name_size, ck::kBitmapDirEntryAlignment);
+    const uint64_t entry_size =
+        AlignUp(uint64_t{ck::kBitmapDirEntryHeaderSize} + extra_size + name_size,
+                ck::kBitmapDirEntryAlignment);
     if (entry_size > dir_size - pos) {
       broken = absl::StrFormat("entry %u at %#x (%u bytes) runs past the directory's end", n - 1,
                                dir_offset + pos, entry_size);
       break;
     }
     const uint8_t* name_p = p + ck::kBitmapDirEntryHeaderSize + extra_size;
-    const std::string name(name_p, name_p + name_size);
+    const std::string name = absl::CHexEscape(std::string(name_p, name_p + name_size));
     // QEMU's check_dir_entry().
     const uint64_t phys_bytes = uint64_t{table_size} * cluster_size_;
     std::string why;
@@ -727,10 +744,10 @@ Task<absl::Status> Checker::CountBitmaps() {
   for (const TableRef& t : tables) {
     AddRef(t.offset, t.entries * ck::kBitmapTableEntrySize, 1, [&] { return t.name; });
   }
-  co_return co_await Sweep(tables, [this](uint64_t entry, uint64_t times, const TableRef& table,
-                                          uint64_t index) {
-    VisitBitmapTableEntry(entry, times, table, index);
-  });
+  co_return co_await Sweep(
+      tables, [this](uint64_t entry, uint64_t times, const TableRef& table, uint64_t index) {
+        VisitBitmapTableEntry(entry, times, table, index);
+      });
 }
 
 void Checker::VisitBitmapTableEntry(uint64_t entry, uint64_t times, const TableRef& table,
@@ -746,15 +763,14 @@ void Checker::VisitBitmapTableEntry(uint64_t entry, uint64_t times, const TableR
   }
   if (!why.empty()) {
     if (Corruption(times)) {
-      Message(absl::StrFormat("%s entry %u (%#x): %s%s", table.name, index, entry, why,
-                              Times(times)));
+      Message(
+          absl::StrFormat("%s entry %u (%#x): %s%s", table.name, index, entry, why, Times(times)));
     }
     return;
   }
   if (offset == 0) return;
-  AddRef(offset, cluster_size_, times, [&] {
-    return absl::StrFormat("bitmap data cluster (%s entry %u)", table.name, index);
-  });
+  AddRef(offset, cluster_size_, times,
+         [&] { return absl::StrFormat("bitmap data cluster (%s entry %u)", table.name, index); });
 }
 
 // --- Refcounts ---------------------------------------------------------------
@@ -763,8 +779,9 @@ Task<absl::Status> Checker::LoadRefcountTable() {
   uint64_t bytes = uint64_t{h_.refcount_table_clusters} * cluster_size_;
   if (bytes > spec::kMaxRefcountTableBytes) {
     if (Corruption()) {
-      Message(absl::StrFormat("refcount table of %u clusters is larger than the maximum of %u bytes",
-                              h_.refcount_table_clusters, spec::kMaxRefcountTableBytes));
+      Message(
+          absl::StrFormat("refcount table of %u clusters is larger than the maximum of %u bytes",
+                          h_.refcount_table_clusters, spec::kMaxRefcountTableBytes));
     }
     bytes = spec::kMaxRefcountTableBytes;
   }
@@ -774,10 +791,10 @@ Task<absl::Status> Checker::LoadRefcountTable() {
   }
   // Past the end of the file the table reads as zeros; don't allocate for
   // more than the file holds.
-  const uint64_t in_file =
-      h_.refcount_table_offset < file_size_
-          ? std::min(bytes, AlignUp(file_size_ - h_.refcount_table_offset, spec::kRefcountTableEntrySize))
-          : 0;
+  const uint64_t in_file = h_.refcount_table_offset < file_size_
+                               ? std::min(bytes, AlignUp(file_size_ - h_.refcount_table_offset,
+                                                         spec::kRefcountTableEntrySize))
+                               : 0;
   std::vector<uint8_t> buf(in_file);
   CO_RETURN_IF_ERROR(co_await ReadAt(h_.refcount_table_offset, buf));
   refcount_table_.resize(in_file / spec::kRefcountTableEntrySize);
@@ -802,18 +819,20 @@ void Checker::CountRefcountBlocks() {
     }
     if (offset % cluster_size_ != 0) {
       if (Corruption()) {
-        Message(absl::StrFormat("refcount table entry %u: refcount block %#x is not cluster "
-                                "aligned",
-                                i, offset));
+        Message(
+            absl::StrFormat("refcount table entry %u: refcount block %#x is not cluster "
+                            "aligned",
+                            i, offset));
       }
       continue;
     }
     const uint64_t cluster = offset >> cluster_bits_;
     if (cluster >= nb_clusters_) {
       if (Corruption()) {
-        Message(absl::StrFormat("refcount table entry %u: refcount block %#x is past the end of the "
-                                "file (%u bytes)",
-                                i, offset, file_size_));
+        Message(
+            absl::StrFormat("refcount table entry %u: refcount block %#x is past the end of the "
+                            "file (%u bytes)",
+                            i, offset, file_size_));
       }
       continue;
     }
@@ -821,9 +840,10 @@ void Checker::CountRefcountBlocks() {
     AddToCluster(cluster, 1);
     const uint64_t refs = result_.expected_refcounts[cluster];
     if (std::min(refs, max) != 1 && Corruption()) {
-      Message(absl::StrFormat("refcount table entry %u: refcount block %#x is referenced %u times "
-                              "(it overlaps other metadata or data)",
-                              i, offset, refs));
+      Message(
+          absl::StrFormat("refcount table entry %u: refcount block %#x is referenced %u times "
+                          "(it overlaps other metadata or data)",
+                          i, offset, refs));
     }
   }
 }
@@ -849,9 +869,10 @@ Task<absl::Status> Checker::CompareRefcounts() {
     for (uint64_t c = first; c < end; ++c) {
       const uint64_t refs = result_.expected_refcounts[c];
       if (refs > max && Corruption(refs - max)) {
-        Message(absl::StrFormat("cluster %u (offset %#x) has %u references, more than %u-bit "
-                                "refcounts can count",
-                                c, c << cluster_bits_, refs, h_.refcount_bits()));
+        Message(
+            absl::StrFormat("cluster %u (offset %#x) has %u references, more than %u-bit "
+                            "refcounts can count",
+                            c, c << cluster_bits_, refs, h_.refcount_bits()));
       } else if (refs == std::numeric_limits<uint32_t>::max() && max >= refs && Corruption()) {
         Message(absl::StrFormat("cluster %u (offset %#x) has %u or more references", c,
                                 c << cluster_bits_, refs));
@@ -860,7 +881,8 @@ Task<absl::Status> Checker::CompareRefcounts() {
         stored_[c] = kStoredUnknown;
         continue;
       }
-      const uint64_t stored = state == kBlock ? GetRefcount(block, c - first, h_.refcount_order) : 0;
+      const uint64_t stored =
+          state == kBlock ? GetRefcount(block, c - first, h_.refcount_order) : 0;
       stored_[c] = static_cast<uint8_t>(std::min<uint64_t>(stored, kStoredMany));
       const uint64_t expected = std::min(refs, max);
       if (stored < expected) {
@@ -903,8 +925,8 @@ Task<absl::Status> Checker::CheckCopiedFlags() {
     co_return absl::OkStatus();
   }
   const TableRef& l1 = l1_tables_[0];
-  const uint64_t entries =
-      std::min(l1.entries, AlignUp(file_size_ - l1.offset, spec::kL2EntrySize) / spec::kL2EntrySize);
+  const uint64_t entries = std::min(
+      l1.entries, AlignUp(file_size_ - l1.offset, spec::kL2EntrySize) / spec::kL2EntrySize);
   std::vector<uint8_t> l1_bytes(entries * spec::kL2EntrySize);
   CO_RETURN_IF_ERROR(co_await ReadAt(l1.offset, l1_bytes));
 
@@ -922,10 +944,10 @@ Task<absl::Status> Checker::CheckCopiedFlags() {
     }
     const bool copied = (entry & spec::kOflagCopied) != 0;
     if (refcount && (*refcount == 1) != copied && Corruption()) {
-      Message(absl::StrFormat("active L1 table entry %u (%#x): COPIED flag is %s, but the refcount "
-                              "of L2 table %#x is %s",
-                              i, entry, copied ? "set" : "clear", l2_offset,
-                              RefcountString(refcount)));
+      Message(
+          absl::StrFormat("active L1 table entry %u (%#x): COPIED flag is %s, but the refcount "
+                          "of L2 table %#x is %s",
+                          i, entry, copied ? "set" : "clear", l2_offset, RefcountString(refcount)));
     }
     if (l2_offset % cluster_size_ == 0 && l2_offset < file_size_) ++active_l2[l2_offset];
   }
@@ -951,10 +973,11 @@ Task<absl::Status> Checker::CheckCopiedFlags() {
       }
       const bool copied = (entry.descriptor & spec::kOflagCopied) != 0;
       if (refcount && (*refcount == 1) != copied && Corruption(times)) {
-        Message(absl::StrFormat("L2 table %#x entry %u (%#x): COPIED flag is %s, but the refcount "
-                                "of data cluster %#x is %s%s",
-                                l2_offset, j, entry.descriptor, copied ? "set" : "clear",
-                                L2EntryHostOffset(entry), RefcountString(refcount), Times(times)));
+        Message(
+            absl::StrFormat("L2 table %#x entry %u (%#x): COPIED flag is %s, but the refcount "
+                            "of data cluster %#x is %s%s",
+                            l2_offset, j, entry.descriptor, copied ? "set" : "clear",
+                            L2EntryHostOffset(entry), RefcountString(refcount), Times(times)));
       }
     }
   }
@@ -964,17 +987,18 @@ Task<absl::Status> Checker::CheckCopiedFlags() {
 void Checker::CheckDataFileSize() {
   if (data_file_ == nullptr || !h_.has_data_file_raw()) return;
   if (data_file_->size() < h_.size && Warning()) {
-    Message(absl::StrFormat("warning: raw external data file %s (%u bytes) is shorter than the "
-                            "virtual disk (%u bytes)",
-                            data_file_->name(), data_file_->size(), h_.size));
+    Message(
+        absl::StrFormat("warning: raw external data file %s (%u bytes) is shorter than the "
+                        "virtual disk (%u bytes)",
+                        data_file_->name(), data_file_->size(), h_.size));
   }
 }
 
 Task<absl::StatusOr<CheckResult>> Checker::Run() {
   if (h_.cluster_bits < spec::kMinClusterBits || h_.cluster_bits > spec::kMaxClusterBits) {
-    co_return absl::InvalidArgumentError(
-        absl::StrFormat("check: cluster_bits %u is outside %u..%u", h_.cluster_bits,
-                        spec::kMinClusterBits, spec::kMaxClusterBits));
+    co_return absl::InvalidArgumentError(absl::StrFormat("check: cluster_bits %u is outside %u..%u",
+                                                         h_.cluster_bits, spec::kMinClusterBits,
+                                                         spec::kMaxClusterBits));
   }
   if (h_.refcount_order > spec::kMaxRefcountOrder) {
     co_return absl::InvalidArgumentError(absl::StrFormat(
@@ -1019,8 +1043,7 @@ Task<absl::StatusOr<CheckResult>> Checker::Run() {
   CheckDataFileSize();
 
   if (omitted_ > 0) {
-    result_.messages.push_back(
-        absl::StrFormat("... and %u more problems not listed", omitted_));
+    result_.messages.push_back(absl::StrFormat("... and %u more problems not listed", omitted_));
   }
   co_return std::move(result_);
 }

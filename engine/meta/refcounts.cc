@@ -74,15 +74,12 @@ Task<absl::Status> Refcounts::Update(uint64_t offset, uint64_t count, int64_t de
       const uint64_t now = old + delta;
       SetRefcount(**block, index, refcount_order_, now);
       if (now == 0) {
-        const uint64_t host = cluster << cluster_bits_;
-        if (!freed_.empty() && freed_.back().first + freed_.back().second == host) {
-          freed_.back().second += uint64_t{1} << cluster_bits_;
-        } else {
-          freed_.emplace_back(host, uint64_t{1} << cluster_bits_);
-        }
+        freed_.insert(cluster);
         free_hint_ = std::min(free_hint_, cluster);
+      } else {
+        freed_.erase(cluster);  // in use again: not to be discarded
+        end_cluster_ = std::max(end_cluster_, cluster + 1);
       }
-      if (now > 0) end_cluster_ = std::max(end_cluster_, cluster + 1);
     }
   }
   co_return absl::OkStatus();
@@ -91,13 +88,16 @@ Task<absl::Status> Refcounts::Update(uint64_t offset, uint64_t count, int64_t de
 Task<absl::StatusOr<uint64_t>> Refcounts::Allocate(uint64_t count) {
   // First fit from the hint. Clusters past the last refcount block have
   // refcount 0, so the scan always ends.
-  uint64_t run_start = free_hint_;
+  constexpr uint64_t kNone = ~uint64_t{0};
+  uint64_t first_free = kNone;  // the next hint: no free cluster before it
+  uint64_t run_start = 0;
   uint64_t run_length = 0;
   for (uint64_t cluster = free_hint_; run_length < count;) {
     const uint64_t block_index = cluster / block_entries_;
     const uint64_t block_end = (block_index + 1) * block_entries_;
     if (block_index >= table_.size() || table_[block_index] == 0) {
       // The whole block's range is free.
+      if (first_free == kNone) first_free = cluster;
       if (run_length == 0) run_start = cluster;
       run_length += block_end - cluster;
       cluster = block_end;
@@ -108,16 +108,16 @@ Task<absl::StatusOr<uint64_t>> Refcounts::Allocate(uint64_t count) {
     for (; cluster < block_end && run_length < count; ++cluster) {
       if (GetRefcount(**block, cluster % block_entries_, refcount_order_) != 0) {
         run_length = 0;
-        if (run_start == free_hint_ && cluster == free_hint_) ++free_hint_;
         continue;
       }
+      if (first_free == kNone) first_free = cluster;
       if (run_length == 0) run_start = cluster;
       ++run_length;
     }
   }
   end_cluster_ = std::max(end_cluster_, run_start + count);
   CO_RETURN_IF_ERROR(co_await Update(run_start << cluster_bits_, count, +1));
-  if (run_start == free_hint_) free_hint_ = run_start + count;
+  free_hint_ = first_free == run_start ? run_start + count : first_free;
   co_return run_start << cluster_bits_;
 }
 
@@ -256,7 +256,20 @@ Task<absl::Status> Refcounts::WriteBack() {
   co_return absl::OkStatus();
 }
 
-std::vector<std::pair<uint64_t, uint64_t>> Refcounts::TakeFreed() { return std::exchange(freed_, {}); }
+std::vector<std::pair<uint64_t, uint64_t>> Refcounts::TakeFreed() {
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  const uint64_t cluster_size = uint64_t{1} << cluster_bits_;
+  for (uint64_t cluster : freed_) {
+    const uint64_t host = cluster << cluster_bits_;
+    if (!ranges.empty() && ranges.back().first + ranges.back().second == host) {
+      ranges.back().second += cluster_size;
+    } else {
+      ranges.emplace_back(host, cluster_size);
+    }
+  }
+  freed_.clear();
+  return ranges;
+}
 
 bool Refcounts::OverlapsMetadata(uint64_t offset, uint64_t length) const {
   const uint64_t cluster_size = uint64_t{1} << cluster_bits_;

@@ -64,7 +64,8 @@ class Refcounts {
   Task<absl::Status> WriteBack();
 
   // Host ranges (offset, bytes) whose refcount dropped to 0 since the last
-  // call, for the caller to discard once the drop is durable.
+  // call and is still 0, for the caller to discard once the drop is
+  // durable.
   std::vector<std::pair<uint64_t, uint64_t>> TakeFreed();
 
   // Whether [offset, offset + length) touches the refcount table or a
@@ -98,7 +99,7 @@ class Refcounts {
   TableCache blocks_;
   uint64_t free_hint_ = 0;   // no free cluster below this index
   uint64_t end_cluster_ = 0;
-  std::vector<std::pair<uint64_t, uint64_t>> freed_;
+  absl::btree_set<uint64_t> freed_;  // cluster indices now at refcount 0
 };
 
 }  // namespace qcow2fuse

@@ -137,9 +137,11 @@ TableCache::Lru::iterator TableCache::InsertLocked(uint64_t offset, std::shared_
 
 void TableCache::EvictLocked() {
   // Drop clean tables from the cold end; dirty ones wait for WriteBack().
+  // The most recent entry stays: its caller is about to use it.
   auto it = lru_.end();
   while (lru_.size() > capacity_ && it != lru_.begin()) {
     --it;
+    if (it == lru_.begin()) break;
     if (it->dirty) continue;
     index_.erase(it->offset);
     it = lru_.erase(it);

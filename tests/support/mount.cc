@@ -113,7 +113,8 @@ absl::StatusOr<std::unique_ptr<MountedView>> MountedView::Start(
   std::string mountpoint = CanonicalMountpoint(options.mountpoint);
   std::string log_path =
       options.log_path.empty() ? mountpoint + ".log" : options.log_path;
-  std::vector<std::string> mount_options = {"ro"};
+  std::vector<std::string> mount_options;
+  if (options.read_only) mount_options.push_back("ro");
   mount_options.insert(mount_options.end(), options.extra_options.begin(),
                        options.extra_options.end());
   std::vector<std::string> argv = {

@@ -10,7 +10,8 @@
 //   ASSERT_OK(view->Unmount());
 //   EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
 //
-// Start() runs `qcow2fuse -f -o ro[,more] IMAGE MOUNTPOINT` as a child with
+// Start() runs `qcow2fuse -f -o ro[,more] IMAGE MOUNTPOINT` (without ro when
+// read_only is false) as a child with
 // stdout and stderr going to a log file, and returns once MOUNTPOINT shows
 // up in /proc/self/mountinfo as a fuse mount and stat() works on it (or
 // fails within a bounded time, with the log in the error).
@@ -69,6 +70,8 @@ struct MountOptions {
   std::string binary;      // Path to the qcow2fuse executable.
   std::string image;       // IMAGE argument.
   std::string mountpoint;  // MOUNTPOINT argument; its directory must exist.
+  // Mount read-only (-o ro); false mounts the image read-write.
+  bool read_only = true;
   // Joined after "ro" into the single -o argument, e.g. {"l2_cache_size=1M"}.
   std::vector<std::string> extra_options;
   // Where the child's stdout and stderr go; empty means mountpoint + ".log".

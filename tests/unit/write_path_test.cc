@@ -1,1 +1,1105 @@
+// The write path of Qcow2Layer (data/qcow2_write.cc) against QEMU: images
+// are made with qemu-img and qemu-io, written through the engine, flushed
+// and closed, and then judged by QEMU's own tools: `qemu-img check` must
+// find no corruption and no leak, and `qemu-img compare` must find the
+// disk equal to a raw file that received the same writes. Where the test
+// is about the layout (what is allocated, which L2 bits are set, which
+// bytes reach the file) the image bytes are decoded here, and the engine's
+// file operations are logged with a RecordingFile.
+//
+// The CrashStates tests run a sequence of allocating writes, copy-on-write
+// over a compressed cluster, L2 table allocation, L1 growth and refcount
+// block allocation on a RecordingFile, and check every crash state it
+// enumerates with `qemu-img check` (no corruption; leaks allowed) and by
+// reading the disk back (everything written before a completed Flush is
+// there).
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <future>
+#include <iostream>
+#include <memory>
+#include <random>
+#include <regex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "data/qcow2_layer.h"
+#include "data/raw_layer.h"
+#include "format/header.h"
 #include "gtest/gtest.h"
+#include "io/block_file.h"
+#include "io/recording_file.h"
+#include "qcow2_builder.h"  // Bytes, Pattern, PutBE*
+#include "qcow2fuse/image.h"
+#include "qcow2fuse/task.h"
+#include "support/command.h"
+#include "support/file_util.h"
+#include "support/qemu.h"
+#include "support/status_testing.h"
+#include "support/temp_dir.h"
+
+namespace qcow2fuse::test {
+namespace {
+
+constexpr uint64_t kCopied = uint64_t{1} << 63;
+constexpr uint64_t kCompressed = uint64_t{1} << 62;
+constexpr uint64_t kHostMask = 0x00fffffffffffe00ull;
+
+// --- Files ---------------------------------------------------------------------
+
+absl::StatusOr<Bytes> ReadBytes(const std::string& path) {
+  absl::StatusOr<std::string> s = ReadFile(path);
+  if (!s.ok()) return s.status();
+  return Bytes(s->begin(), s->end());
+}
+
+absl::Status WriteBytes(const std::string& path, const Bytes& bytes) {
+  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::InternalError("cannot create " + path);
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = pwrite(fd, bytes.data() + done, bytes.size() - done, done);
+    if (n <= 0) break;
+    done += n;
+  }
+  close(fd);
+  return done == bytes.size() ? absl::OkStatus() : absl::InternalError("short write to " + path);
+}
+
+absl::Status WriteRaw(const std::string& path, uint64_t offset, const Bytes& data) {
+  return WriteFileAt(path, offset,
+                     absl::string_view(reinterpret_cast<const char*>(data.data()), data.size()));
+}
+
+absl::Status TruncateRaw(const std::string& path, uint64_t size) {
+  if (truncate(path.c_str(), size) != 0) return absl::InternalError("truncate " + path);
+  return absl::OkStatus();
+}
+
+// --- Decoding the image bytes ------------------------------------------------------
+
+uint64_t GetBE(const Bytes& b, uint64_t offset, int width) {
+  uint64_t v = 0;
+  for (int i = 0; i < width; ++i) v = (v << 8) | (offset + i < b.size() ? b[offset + i] : 0);
+  return v;
+}
+
+struct Geometry {
+  uint32_t cluster_bits;
+  bool extended;
+  uint64_t size;
+  uint32_t l1_size;
+  uint64_t l1_offset;
+  uint64_t refcount_table_offset;
+  uint32_t refcount_table_clusters;
+  uint32_t refcount_order;
+
+  uint64_t cluster_size() const { return uint64_t{1} << cluster_bits; }
+  uint32_t entry_size() const { return extended ? 16 : 8; }
+  uint64_t l2_entries() const { return cluster_size() / entry_size(); }
+};
+
+Geometry Geom(const Bytes& b) {
+  Geometry g;
+  g.cluster_bits = static_cast<uint32_t>(GetBE(b, 20, 4));
+  g.size = GetBE(b, 24, 8);
+  g.l1_size = static_cast<uint32_t>(GetBE(b, 36, 4));
+  g.l1_offset = GetBE(b, 40, 8);
+  g.refcount_table_offset = GetBE(b, 48, 8);
+  g.refcount_table_clusters = static_cast<uint32_t>(GetBE(b, 56, 4));
+  g.extended = GetBE(b, 72, 8) & kIncompatExtendedL2;
+  g.refcount_order = static_cast<uint32_t>(GetBE(b, 96, 4));
+  return g;
+}
+
+uint64_t L1Entry(const Bytes& b, uint64_t guest_offset) {
+  const Geometry g = Geom(b);
+  const uint64_t index = (guest_offset >> g.cluster_bits) / g.l2_entries();
+  return GetBE(b, g.l1_offset + index * 8, 8);
+}
+
+// The L2 entry (descriptor, bitmap) of the guest cluster holding `guest_offset`.
+L2Entry L2At(const Bytes& b, uint64_t guest_offset) {
+  const Geometry g = Geom(b);
+  const uint64_t l2 = L1Entry(b, guest_offset) & kHostMask;
+  if (l2 == 0) return {};
+  const uint64_t at = l2 + ((guest_offset >> g.cluster_bits) % g.l2_entries()) * g.entry_size();
+  return {GetBE(b, at, 8), g.extended ? GetBE(b, at + 8, 8) : 0};
+}
+
+// The on-disk refcount of the cluster at host offset `offset`.
+uint64_t DiskRefcount(const Bytes& b, uint64_t offset) {
+  const Geometry g = Geom(b);
+  const uint64_t entries = (uint64_t{8} << g.cluster_bits) >> g.refcount_order;
+  const uint64_t cluster = offset >> g.cluster_bits;
+  const uint64_t index = cluster / entries;
+  if (index >= g.refcount_table_clusters * g.cluster_size() / 8) return 0;
+  const uint64_t block = GetBE(b, g.refcount_table_offset + index * 8, 8) & ~uint64_t{0x1ff};
+  if (block == 0) return 0;
+  const uint32_t bits = 1u << g.refcount_order;
+  const uint64_t i = cluster % entries;
+  if (bits < 8) return (GetBE(b, block + i * bits / 8, 1) >> (i * bits % 8)) & ((1u << bits) - 1);
+  return GetBE(b, block + i * bits / 8, bits / 8);
+}
+
+// Clusters of the file with a non-zero refcount.
+uint64_t UsedClusters(const Bytes& b) {
+  const Geometry g = Geom(b);
+  uint64_t n = 0;
+  for (uint64_t o = 0; o < b.size() + 64 * g.cluster_size(); o += g.cluster_size()) n += DiskRefcount(b, o) != 0;
+  return n;
+}
+
+// Host clusters [first, end) that the compressed descriptor's bytes touch.
+std::pair<uint64_t, uint64_t> CompressedClusters(uint64_t descriptor, uint32_t cluster_bits) {
+  const uint32_t x = 62 - (cluster_bits - 8);
+  const uint64_t host = descriptor & ((uint64_t{1} << x) - 1);
+  const uint64_t sectors = ((descriptor >> x) & ((uint64_t{1} << (cluster_bits - 8)) - 1)) + 1;
+  const uint64_t end = (host & ~uint64_t{511}) + sectors * 512;
+  return {host >> cluster_bits, (end + (uint64_t{1} << cluster_bits) - 1) >> cluster_bits};
+}
+
+// --- QEMU's verdicts ------------------------------------------------------------------
+
+struct QemuCheck {
+  int exit_code = -1;
+  uint64_t corruptions = 0;
+  uint64_t leaks = 0;
+  uint64_t check_errors = 0;
+  std::string output;
+};
+
+uint64_t JsonCount(const std::string& json, const std::string& key) {
+  std::smatch m;
+  const std::regex re("\"" + key + "\"\\s*:\\s*(\\d+)");
+  uint64_t v = 0;
+  if (std::regex_search(json, m, re)) (void)absl::SimpleAtoi(m[1].str(), &v);
+  return v;  // QEMU leaves out the counts that are 0
+}
+
+absl::StatusOr<QemuCheck> RunQemuCheck(const std::string& path) {
+  absl::StatusOr<CommandResult> r =
+      RunCommand({"qemu-img", "check", "-f", "qcow2", "--output=json", path});
+  if (!r.ok()) return r.status();
+  QemuCheck c;
+  c.exit_code = r->status.exited() ? r->status.code() : -1;
+  c.corruptions = JsonCount(r->stdout_text, "corruptions");
+  c.leaks = JsonCount(r->stdout_text, "leaks");
+  c.check_errors = JsonCount(r->stdout_text, "check-errors");
+  c.output = r->stdout_text + r->stderr_text.substr(0, 4000);
+  return c;
+}
+
+// `qemu-img check`: no errors and no leaks.
+void ExpectQemuClean(const std::string& image) {
+  ASSERT_OK_AND_ASSIGN(QemuCheck c, RunQemuCheck(image));
+  EXPECT_EQ(c.corruptions, 0u) << c.output;
+  EXPECT_EQ(c.check_errors, 0u) << c.output;
+  EXPECT_EQ(c.leaks, 0u) << "leaked clusters after Flush and close\n" << c.output;
+  EXPECT_EQ(c.exit_code, 0) << c.output;
+}
+
+// `qemu-img compare`: the qcow2 disk reads as the raw reference.
+void ExpectSameAsRaw(const std::string& image, const std::string& raw) {
+  ASSERT_OK_AND_ASSIGN(CommandResult r,
+                       RunCommand({"qemu-img", "compare", "-f", "qcow2", "-F", "raw", image, raw}));
+  EXPECT_TRUE(r.ok()) << "qemu-img compare " << image << " " << raw << ": " << r.status.ToString()
+                      << "\n" << r.stdout_text << r.stderr_text;
+}
+
+void ExpectCleanAndSameAsRaw(const std::string& image, const std::string& raw) {
+  ExpectQemuClean(image);
+  ExpectSameAsRaw(image, raw);
+}
+
+// --- Opening the image with the engine ----------------------------------------------------
+
+ImageOptions Writable(uint64_t l2_cache_size = ImageOptions{}.l2_cache_size) {
+  ImageOptions o;
+  o.read_only = false;
+  o.l2_cache_size = l2_cache_size;
+  return o;
+}
+
+// Opens `path` writable as a Qcow2Layer over a PosixFile (no image locks,
+// so QEMU's tools can look at the file once the layer is gone). With
+// `recording`, the file is wrapped in a RecordingFile left there.
+absl::StatusOr<std::unique_ptr<Qcow2Layer>> OpenWritable(const std::string& path,
+                                                         std::unique_ptr<Layer> backing = nullptr,
+                                                         RecordingFile** recording = nullptr,
+                                                         const ImageOptions& options = Writable()) {
+  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path, true);
+  if (!file.ok()) return file.status();
+  Bytes head(std::min<uint64_t>(kHeaderReadSize, (*file)->size()));
+  absl::Status read = SyncWait((*file)->Read(0, head));
+  if (!read.ok()) return read;
+  absl::StatusOr<Header> header = DecodeHeader(head, (*file)->size());
+  if (!header.ok()) return header.status();
+  std::unique_ptr<BlockFile> f = std::move(*file);
+  if (recording != nullptr) {
+    auto rec = std::make_unique<RecordingFile>(std::move(f));
+    *recording = rec.get();
+    f = std::move(rec);
+  }
+  return SyncWait(Qcow2Layer::Open(std::move(f), std::move(*header), nullptr, std::move(backing), options));
+}
+
+absl::StatusOr<std::unique_ptr<Layer>> RawBacking(const std::string& path) {
+  absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path, false);
+  if (!file.ok()) return file.status();
+  return NewRawLayer(std::move(*file));
+}
+
+Bytes ReadLayer(Qcow2Layer& layer, uint64_t offset, uint64_t length) {
+  Bytes out(length);
+  EXPECT_OK(SyncWait(layer.Read(offset, out)));
+  return out;
+}
+
+// The writes (and discards) of a log that touch [begin, end) of the file.
+std::vector<FileOp> OpsIn(const std::vector<FileOp>& log, uint64_t begin, uint64_t end) {
+  std::vector<FileOp> out;
+  for (const FileOp& op : log) {
+    if (op.kind != FileOp::Kind::kWrite && op.kind != FileOp::Kind::kDiscard) continue;
+    if (op.offset < end && op.offset + op.length > begin) out.push_back(op);
+  }
+  return out;
+}
+
+size_t CountWrites(const std::vector<FileOp>& log) {
+  return std::count_if(log.begin(), log.end(), [](const FileOp& op) { return op.kind == FileOp::Kind::kWrite; });
+}
+
+// A qcow2 image and a raw reference made with the same qemu-io commands.
+struct Pair {
+  std::string image;
+  std::string raw;
+};
+
+absl::StatusOr<Pair> MakePair(const TempDir& dir, uint64_t size, const std::vector<std::string>& options,
+                              const std::vector<std::string>& qemu_io) {
+  Pair p{dir.Join("disk.qcow2"), dir.Join("disk.raw")};
+  // A raw file cannot hold compressed data: the same write, uncompressed.
+  std::vector<std::string> raw_io;
+  for (std::string c : qemu_io) {
+    if (c.rfind("write -c ", 0) == 0) c = "write " + c.substr(9);
+    raw_io.push_back(c);
+  }
+  absl::Status s = CreateImage(p.image, "qcow2", size, options);
+  if (s.ok()) s = CreateImage(p.raw, "raw", size);
+  if (s.ok() && !qemu_io.empty()) s = QemuIo(p.image, "qcow2", qemu_io);
+  if (s.ok() && !raw_io.empty()) s = QemuIo(p.raw, "raw", raw_io);
+  if (!s.ok()) return s;
+  return p;
+}
+
+constexpr uint64_t k64K = 64 * kKiB;
+
+// --- Overwrites and allocation ---------------------------------------------------------------
+
+TEST(WritePathTest, InPlaceOverwriteOfCopiedClusterAllocatesNothing) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-inplace"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=65536"}, {"write -P 0x11 0 128k"}));
+  ASSERT_OK_AND_ASSIGN(Bytes before, ReadBytes(p.image));
+  const L2Entry entry = L2At(before, k64K);
+  ASSERT_TRUE(entry.descriptor & kCopied);
+  const uint64_t host = entry.descriptor & kHostMask;
+  const Bytes data = Pattern(4096, 1);
+  {
+    RecordingFile* rec = nullptr;
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image, nullptr, &rec));
+    ASSERT_OK(SyncWait(layer->Write(k64K + 1000, data)));
+    ASSERT_OK(SyncWait(layer->Flush()));
+    const std::vector<FileOp> log = rec->log();
+    ASSERT_EQ(CountWrites(log), 1u) << "only the data itself may be written";
+    const std::vector<FileOp> ops = OpsIn(log, 0, UINT64_MAX);
+    ASSERT_EQ(ops.size(), 1u);
+    EXPECT_EQ(ops[0].offset, host + 1000);
+    EXPECT_EQ(ops[0].data, data);
+  }
+  ASSERT_OK_AND_ASSIGN(Bytes after, ReadBytes(p.image));
+  EXPECT_EQ(after.size(), before.size());
+  EXPECT_EQ(UsedClusters(after), UsedClusters(before));
+  EXPECT_EQ(L2At(after, k64K).descriptor, entry.descriptor);
+  ASSERT_OK(WriteRaw(p.raw, k64K + 1000, data));
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+}
+
+TEST(WritePathTest, WriteToUnallocatedClusterAllocatesOneZeroPaddedCluster) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-alloc"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=65536"}, {"write -P 0x11 0 64k"}));
+  ASSERT_OK_AND_ASSIGN(Bytes before, ReadBytes(p.image));
+  ASSERT_EQ(L2At(before, 3 * k64K).descriptor, 0u);
+  const Bytes data = Pattern(1000, 2);
+  const uint64_t at = 3 * k64K + 5000;
+  {
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image));
+    ASSERT_OK(SyncWait(layer->Write(at, data)));
+    ASSERT_OK(SyncWait(layer->Flush()));
+    const Bytes cluster = ReadLayer(*layer, 3 * k64K, k64K);
+    EXPECT_TRUE(std::all_of(cluster.begin(), cluster.begin() + 5000, [](uint8_t x) { return x == 0; }))
+        << "head of the cluster must read as zeros";
+    EXPECT_TRUE(std::equal(data.begin(), data.end(), cluster.begin() + 5000));
+    EXPECT_TRUE(std::all_of(cluster.begin() + 6000, cluster.end(), [](uint8_t x) { return x == 0; }))
+        << "tail of the cluster must read as zeros";
+  }
+  ASSERT_OK_AND_ASSIGN(Bytes after, ReadBytes(p.image));
+  const L2Entry entry = L2At(after, 3 * k64K);
+  EXPECT_EQ(entry.descriptor & ~kHostMask, kCopied);
+  const uint64_t host = entry.descriptor & kHostMask;
+  EXPECT_EQ(host % k64K, 0u);
+  EXPECT_EQ(UsedClusters(after), UsedClusters(before) + 1) << "exactly one cluster allocated";
+  EXPECT_EQ(DiskRefcount(after, host), 1u);
+  // The whole cluster is on disk, zeros included.
+  ASSERT_GE(after.size(), host + k64K);
+  EXPECT_TRUE(std::all_of(after.begin() + host, after.begin() + host + 5000, [](uint8_t x) { return x == 0; }));
+  ASSERT_OK(WriteRaw(p.raw, at, data));
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+}
+
+TEST(WritePathTest, WriteToUnallocatedClusterCopiesBackingData) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-backing"));
+  const std::string base = dir.Join("base.raw");
+  ASSERT_OK(CreateImage(base, "raw", 4 * kMiB));
+  ASSERT_OK(QemuIo(base, "raw", {"write -P 0x33 0 4M"}));
+  const std::string image = dir.Join("disk.qcow2");
+  ASSERT_OK(CreateImage(image, "qcow2", 4 * kMiB,
+                        {"cluster_size=65536", "backing_file=" + base, "backing_fmt=raw"}));
+  ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x11 0 64k"}));
+  const std::string raw = dir.Join("disk.raw");
+  ASSERT_OK(RunChecked({"cp", base, raw}));
+  ASSERT_OK(QemuIo(raw, "raw", {"write -P 0x11 0 64k"}));
+  ASSERT_OK_AND_ASSIGN(Bytes before, ReadBytes(image));
+
+  const Bytes data = Pattern(1000, 3);
+  const uint64_t at = 3 * k64K + 5000;
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Layer> backing, RawBacking(base));
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(image, std::move(backing)));
+    ASSERT_OK(SyncWait(layer->Write(at, data)));
+    ASSERT_OK(SyncWait(layer->Flush()));
+    const Bytes cluster = ReadLayer(*layer, 3 * k64K, k64K);
+    EXPECT_TRUE(std::all_of(cluster.begin(), cluster.begin() + 5000, [](uint8_t x) { return x == 0x33; }));
+    EXPECT_TRUE(std::all_of(cluster.begin() + 6000, cluster.end(), [](uint8_t x) { return x == 0x33; }));
+  }
+  ASSERT_OK_AND_ASSIGN(Bytes after, ReadBytes(image));
+  EXPECT_EQ(UsedClusters(after), UsedClusters(before) + 1);
+  const uint64_t host = L2At(after, 3 * k64K).descriptor & kHostMask;
+  ASSERT_NE(host, 0u);
+  EXPECT_TRUE(std::all_of(after.begin() + host, after.begin() + host + 5000, [](uint8_t x) { return x == 0x33; }))
+      << "the backing data around the write is copied into the new cluster";
+  ASSERT_OK(WriteRaw(raw, at, data));
+  ExpectCleanAndSameAsRaw(image, raw);
+}
+
+// --- Compressed clusters ------------------------------------------------------------------------
+
+TEST(WritePathTest, PartialWriteOverCompressedClusterCopiesAndFreesIt) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-compressed"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=65536"},
+                                        {"write -P 0x11 0 64k", "write -c -P 0x22 64k 64k"}));
+  ASSERT_OK_AND_ASSIGN(Bytes before, ReadBytes(p.image));
+  const L2Entry old = L2At(before, k64K);
+  ASSERT_TRUE(old.descriptor & kCompressed) << "qemu-io did not compress";
+  const auto [first, end] = CompressedClusters(old.descriptor, 16);
+  for (uint64_t c = first; c < end; ++c) ASSERT_EQ(DiskRefcount(before, c * k64K), 1u);
+
+  const Bytes data = Pattern(4096, 4);
+  const uint64_t at = k64K + 8192;
+  {
+    RecordingFile* rec = nullptr;
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image, nullptr, &rec));
+    ASSERT_OK(SyncWait(layer->Write(at, data)));
+    ASSERT_OK(SyncWait(layer->Flush()));
+    Bytes want(k64K, 0x22);
+    std::copy(data.begin(), data.end(), want.begin() + 8192);
+    EXPECT_EQ(ReadLayer(*layer, k64K, k64K), want) << "the rest of the compressed cluster comes along";
+    // The compressed bytes' clusters were discarded once free.
+    bool discarded = false;
+    for (const FileOp& op : rec->log()) {
+      if (op.kind == FileOp::Kind::kDiscard && op.offset <= first * k64K && op.offset + op.length >= end * k64K) {
+        discarded = true;
+      }
+    }
+    EXPECT_TRUE(discarded) << "no discard of the compressed cluster's host clusters";
+  }
+  ASSERT_OK_AND_ASSIGN(Bytes after, ReadBytes(p.image));
+  const L2Entry now = L2At(after, k64K);
+  EXPECT_EQ(now.descriptor & kCompressed, 0u);
+  EXPECT_TRUE(now.descriptor & kCopied);
+  for (uint64_t c = first; c < end; ++c) {
+    EXPECT_EQ(DiskRefcount(after, c * k64K), 0u)
+        << "host cluster " << c << " of the old compressed data is still counted on disk after Flush";
+  }
+  ASSERT_OK(WriteRaw(p.raw, at, data));
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+}
+
+// Two compressed clusters whose bytes share a host cluster: overwriting
+// one must not free what the other still uses.
+TEST(WritePathTest, CompressedClustersSharingAHostClusterStayCounted) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-compressed2"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=65536"},
+                                        {"write -c -P 0x22 0 64k", "write -c -P 0x23 64k 64k"}));
+  ASSERT_OK_AND_ASSIGN(Bytes before, ReadBytes(p.image));
+  const L2Entry a = L2At(before, 0), b = L2At(before, k64K);
+  ASSERT_TRUE((a.descriptor & kCompressed) && (b.descriptor & kCompressed));
+  const Bytes data = Pattern(512, 5);
+  {
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image));
+    ASSERT_OK(SyncWait(layer->Write(100, data)));
+    ASSERT_OK(SyncWait(layer->Flush()));
+    EXPECT_EQ(ReadLayer(*layer, k64K, k64K), Bytes(k64K, 0x23));
+  }
+  ASSERT_OK(WriteRaw(p.raw, 100, data));
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+}
+
+// --- Extended L2 entries ------------------------------------------------------------------------
+
+TEST(WritePathTest, ExtendedL2WritesOnlyTheTouchedSubclusters) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-subcluster"));
+  // Cluster 0: data. Cluster 3: unallocated, subcluster 2 zero. Cluster 4:
+  // data, subcluster 2 zero.
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=65536", "extended_l2=on"},
+                                        {"write -P 0x11 0 64k", "write -z 200704 2k",
+                                         "write -P 0x44 256k 64k", "write -z 266240 2k"}));
+  constexpr uint64_t kSub = 2048;
+  ASSERT_OK_AND_ASSIGN(Bytes initial, ReadBytes(p.image));
+  ASSERT_EQ(L2At(initial, 3 * k64K).bitmap, uint64_t{1} << 34) << "qemu-io's zero subcluster";
+  const L2Entry c4 = L2At(initial, 4 * k64K);
+  ASSERT_EQ(c4.bitmap, (uint64_t{1} << 34) | 0xfffffffbull);
+
+  RecordingFile* rec = nullptr;
+  ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image, nullptr, &rec));
+
+  // 1 KiB into subcluster 3 of unallocated cluster 2.
+  const Bytes d1 = Pattern(1024, 6);
+  const uint64_t at1 = 2 * k64K + 3 * kSub + 512;
+  ASSERT_OK(SyncWait(layer->Write(at1, d1)));
+  ASSERT_OK(SyncWait(layer->Flush()));
+  ASSERT_OK_AND_ASSIGN(Bytes s1, ReadBytes(p.image));
+  const L2Entry e1 = L2At(s1, 2 * k64K);
+  const uint64_t host = e1.descriptor & kHostMask;
+  ASSERT_NE(host, 0u);
+  EXPECT_EQ(e1.descriptor, host | kCopied);
+  EXPECT_EQ(e1.bitmap, uint64_t{1} << 3) << "exactly the alloc bit of subcluster 3";
+  {
+    const std::vector<FileOp> ops = OpsIn(rec->log(), host, host + k64K);
+    ASSERT_EQ(ops.size(), 1u) << "one write into the new host cluster";
+    EXPECT_EQ(ops[0].offset, host + 3 * kSub);
+    EXPECT_EQ(ops[0].length, kSub) << "only the touched subcluster is written";
+  }
+  const uint64_t used1 = UsedClusters(s1);
+
+  // 1 KiB into subcluster 10 of the same cluster: same host cluster.
+  rec->ClearLog();
+  const Bytes d2 = Pattern(1024, 7);
+  const uint64_t at2 = 2 * k64K + 10 * kSub + 100;
+  ASSERT_OK(SyncWait(layer->Write(at2, d2)));
+  ASSERT_OK(SyncWait(layer->Flush()));
+  ASSERT_OK_AND_ASSIGN(Bytes s2, ReadBytes(p.image));
+  const L2Entry e2 = L2At(s2, 2 * k64K);
+  EXPECT_EQ(e2.descriptor, host | kCopied) << "the host cluster is reused";
+  EXPECT_EQ(e2.bitmap, (uint64_t{1} << 3) | (uint64_t{1} << 10));
+  EXPECT_EQ(UsedClusters(s2), used1) << "nothing allocated";
+  {
+    const std::vector<FileOp> ops = OpsIn(rec->log(), host, host + k64K);
+    ASSERT_EQ(ops.size(), 1u);
+    EXPECT_EQ(ops[0].offset, host + 10 * kSub);
+    EXPECT_EQ(ops[0].length, kSub);
+  }
+
+  // Into the zero subcluster 2 of unallocated cluster 3: its zero bit goes,
+  // its alloc bit comes.
+  const Bytes d3 = Pattern(1024, 8);
+  const uint64_t at3 = 3 * k64K + 2 * kSub + 300;
+  ASSERT_OK(SyncWait(layer->Write(at3, d3)));
+  // Into the zero subcluster 2 of allocated cluster 4: in place.
+  rec->ClearLog();
+  const Bytes d4 = Pattern(1024, 9);
+  const uint64_t at4 = 4 * k64K + 2 * kSub + 300;
+  ASSERT_OK(SyncWait(layer->Write(at4, d4)));
+  ASSERT_OK(SyncWait(layer->Flush()));
+  ASSERT_OK_AND_ASSIGN(Bytes s3, ReadBytes(p.image));
+  const L2Entry e3 = L2At(s3, 3 * k64K);
+  EXPECT_NE(e3.descriptor & kHostMask, 0u);
+  EXPECT_EQ(e3.bitmap, uint64_t{1} << 2) << "zero bit cleared, alloc bit set";
+  const L2Entry e4 = L2At(s3, 4 * k64K);
+  EXPECT_EQ(e4.descriptor, c4.descriptor) << "written in place";
+  EXPECT_EQ(e4.bitmap, 0xffffffffull);
+  {
+    const uint64_t h4 = c4.descriptor & kHostMask;
+    const std::vector<FileOp> ops = OpsIn(rec->log(), h4, h4 + k64K);
+    ASSERT_EQ(ops.size(), 1u);
+    EXPECT_EQ(ops[0].offset, h4 + 2 * kSub);
+    EXPECT_EQ(ops[0].length, kSub);
+  }
+  // What the guest sees.
+  Bytes want3(k64K, 0);
+  std::copy(d3.begin(), d3.end(), want3.begin() + 2 * kSub + 300);
+  EXPECT_EQ(ReadLayer(*layer, 3 * k64K, k64K), want3);
+  Bytes want4(k64K, 0x44);
+  std::fill(want4.begin() + 2 * kSub, want4.begin() + 3 * kSub, 0);
+  std::copy(d4.begin(), d4.end(), want4.begin() + 2 * kSub + 300);
+  EXPECT_EQ(ReadLayer(*layer, 4 * k64K, k64K), want4);
+  layer.reset();
+
+  ASSERT_OK(WriteRaw(p.raw, at1, d1));
+  ASSERT_OK(WriteRaw(p.raw, at2, d2));
+  ASSERT_OK(WriteRaw(p.raw, at3, d3));
+  ASSERT_OK(WriteRaw(p.raw, at4, d4));
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+}
+
+// A compressed cluster has no subcluster bitmap: a partial write must copy
+// all of it, like with standard L2 entries.
+TEST(WritePathTest, ExtendedL2PartialWriteOverCompressedCluster) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-ext-compressed"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=65536", "extended_l2=on"},
+                                        {"write -c -P 0x22 64k 64k"}));
+  ASSERT_OK_AND_ASSIGN(Bytes before, ReadBytes(p.image));
+  ASSERT_TRUE(L2At(before, k64K).descriptor & kCompressed);
+  const Bytes data = Pattern(1024, 10);
+  const uint64_t at = k64K + 8192;
+  {
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image));
+    ASSERT_OK(SyncWait(layer->Write(at, data)));
+    ASSERT_OK(SyncWait(layer->Flush()));
+    Bytes want(k64K, 0x22);
+    std::copy(data.begin(), data.end(), want.begin() + 8192);
+    const Bytes got = ReadLayer(*layer, k64K, k64K);
+    EXPECT_EQ(std::count(got.begin(), got.end(), 0x22), std::count(want.begin(), want.end(), 0x22))
+        << "the compressed data around the write is lost";
+    EXPECT_TRUE(got == want);
+  }
+  ASSERT_OK_AND_ASSIGN(Bytes after, ReadBytes(p.image));
+  const L2Entry e = L2At(after, k64K);
+  EXPECT_EQ(e.descriptor & kCompressed, 0u);
+  EXPECT_EQ(e.bitmap, 0xffffffffull) << "the whole copied cluster is data";
+  ASSERT_OK(WriteRaw(p.raw, at, data));
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+}
+
+// --- Internal snapshots -------------------------------------------------------------------------
+
+TEST(WritePathTest, WriteToClusterSharedWithSnapshotCopiesIt) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-snapshot"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=65536"}, {"write -P 0x11 0 256k"}));
+  ASSERT_OK(QemuImg({"snapshot", "-c", "snap1", p.image}).status());
+  const std::string snap_ref = dir.Join("snap-ref.raw");
+  ASSERT_OK(RunChecked({"cp", p.raw, snap_ref}));
+  ASSERT_OK_AND_ASSIGN(Bytes before, ReadBytes(p.image));
+  const L2Entry shared = L2At(before, k64K);
+  ASSERT_EQ(shared.descriptor & kCopied, 0u) << "shared with the snapshot";
+  ASSERT_EQ(L1Entry(before, 0) & kCopied, 0u) << "L2 table shared with the snapshot";
+  const uint64_t old_host = shared.descriptor & kHostMask;
+  const uint64_t old_l2 = L1Entry(before, 0) & kHostMask;
+  ASSERT_EQ(DiskRefcount(before, old_host), 2u);
+
+  const Bytes data = Pattern(4096, 11);
+  const uint64_t at = k64K + 100;
+  {
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image));
+    ASSERT_OK(SyncWait(layer->Write(at, data)));
+    ASSERT_OK(SyncWait(layer->Flush()));
+  }
+  ASSERT_OK_AND_ASSIGN(Bytes after, ReadBytes(p.image));
+  const uint64_t l1 = L1Entry(after, 0);
+  EXPECT_TRUE(l1 & kCopied);
+  EXPECT_NE(l1 & kHostMask, old_l2) << "the shared L2 table is copied";
+  const L2Entry now = L2At(after, k64K);
+  EXPECT_TRUE(now.descriptor & kCopied);
+  EXPECT_NE(now.descriptor & kHostMask, old_host) << "the shared data cluster is copied";
+  EXPECT_EQ(DiskRefcount(after, old_host), 1u) << "the snapshot keeps the old cluster";
+  EXPECT_EQ(DiskRefcount(after, old_l2), 1u) << "the snapshot keeps the old L2 table";
+  // Other clusters are still shared: the copied L2 table points to them too.
+  EXPECT_EQ(L2At(after, 0).descriptor, L2At(before, 0).descriptor);
+  EXPECT_EQ(DiskRefcount(after, L2At(after, 0).descriptor & kHostMask), 2u);
+
+  ASSERT_OK(WriteRaw(p.raw, at, data));
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+  // The snapshot still reads its old data.
+  const std::string snap = dir.Join("snap.raw");
+  ASSERT_OK(RunChecked({"qemu-img", "convert", "-f", "qcow2", "-O", "raw", "-l", "snapshot.name=snap1",
+                        p.image, snap}));
+  EXPECT_OK(CompareFiles(snap, snap_ref));
+  // And reverting to it (on a copy) gives the old disk back.
+  const std::string copy = dir.Join("copy.qcow2");
+  ASSERT_OK(RunChecked({"cp", p.image, copy}));
+  ASSERT_OK(QemuImg({"snapshot", "-a", "snap1", copy}).status());
+  ExpectCleanAndSameAsRaw(copy, snap_ref);
+}
+
+// --- Resizing ----------------------------------------------------------------------------------
+
+TEST(WritePathTest, TruncateGrowsTheL1TableThenWritesAtTheEnd) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-l1"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 1 * kMiB, {"cluster_size=512"}, {"write -P 0x11 0 64k"}));
+  ASSERT_OK_AND_ASSIGN(Bytes before, ReadBytes(p.image));
+  const Geometry g0 = Geom(before);
+  ASSERT_EQ(g0.l1_size, 32u);  // 1 MiB / (512 * 64)
+  const uint64_t new_size = 64 * kMiB;
+  const Bytes tail = Pattern(4096, 12);
+  const Bytes middle = Pattern(1000, 13);
+  {
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image));
+    ASSERT_OK(SyncWait(layer->Truncate(new_size)));
+    EXPECT_EQ(layer->size(), new_size);
+    ASSERT_OK(SyncWait(layer->Write(new_size - 4096, tail)));
+    ASSERT_OK(SyncWait(layer->Write(32 * kMiB + 7, middle)));
+    ASSERT_OK(SyncWait(layer->Flush()));
+    EXPECT_EQ(ReadLayer(*layer, new_size - 4096, 4096), tail);
+    EXPECT_EQ(ReadLayer(*layer, 2 * kMiB, 4096), Bytes(4096, 0)) << "grown space reads as zeros";
+  }
+  ASSERT_OK_AND_ASSIGN(Bytes after, ReadBytes(p.image));
+  const Geometry g1 = Geom(after);
+  EXPECT_EQ(g1.size, new_size);
+  EXPECT_GE(g1.l1_size, 2048u) << "64 MiB / 32 KiB per L2 table";
+  EXPECT_NE(g1.l1_offset, g0.l1_offset);
+  // (The old L1 table's cluster is freed and may be reused since: qemu-img
+  // check below says whether it is counted right.)
+  ASSERT_OK_AND_ASSIGN(uint64_t qemu_size, VirtualSize(p.image));
+  EXPECT_EQ(qemu_size, new_size);
+  ASSERT_OK(TruncateRaw(p.raw, new_size));
+  ASSERT_OK(WriteRaw(p.raw, new_size - 4096, tail));
+  ASSERT_OK(WriteRaw(p.raw, 32 * kMiB + 7, middle));
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+}
+
+TEST(WritePathTest, ShrinkRefusedWhenDataLiesBeyond) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-shrink-no"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=65536"},
+                                        {"write -P 0x11 0 64k", "write -P 0x22 3M 4k"}));
+  {
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image));
+    for (uint64_t size : {2 * kMiB, 3 * kMiB + 1, 3 * kMiB + 4095}) {
+      absl::Status s = SyncWait(layer->Truncate(size));
+      EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << size << ": " << s;
+      EXPECT_EQ(layer->size(), 4 * kMiB);
+    }
+    ASSERT_OK(SyncWait(layer->Flush()));
+  }
+  ASSERT_OK_AND_ASSIGN(uint64_t qemu_size, VirtualSize(p.image));
+  EXPECT_EQ(qemu_size, 4 * kMiB);
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+}
+
+TEST(WritePathTest, ShrinkAllowedWhenNothingLiesBeyond) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-shrink-ok"));
+  // A zero cluster past the new end does not count as data.
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=65536"},
+                                        {"write -P 0x11 0 64k", "write -z 3M 64k"}));
+  const Bytes data = Pattern(4096, 14);
+  {
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image));
+    ASSERT_OK(SyncWait(layer->Truncate(2 * kMiB)));
+    EXPECT_EQ(layer->size(), 2 * kMiB);
+    ASSERT_OK(SyncWait(layer->Write(2 * kMiB - 4096, data)));
+    ASSERT_OK(SyncWait(layer->Flush()));
+  }
+  ASSERT_OK_AND_ASSIGN(uint64_t qemu_size, VirtualSize(p.image));
+  EXPECT_EQ(qemu_size, 2 * kMiB);
+  ASSERT_OK(TruncateRaw(p.raw, 2 * kMiB));
+  ASSERT_OK(WriteRaw(p.raw, 2 * kMiB - 4096, data));
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+}
+
+// --- Refcount growth through the write path ----------------------------------------------------------
+
+// 512-byte clusters with 64-bit refcounts: a refcount block describes 64
+// clusters and the one-cluster refcount table 4096 clusters (2 MiB of
+// file). Writing 3 MiB needs new refcount blocks and then a new refcount
+// table; the old table's cluster becomes free while the writes go on.
+TEST(WritePathTest, RefcountTableGrowthKeepsEveryWrite) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-reftable"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=512", "refcount_bits=64"}, {}));
+  ASSERT_OK_AND_ASSIGN(Bytes before, ReadBytes(p.image));
+  const Bytes data = Pattern(3 * kMiB, 15);
+  {
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image));
+    for (uint64_t o = 0; o < data.size(); o += 64 * kKiB) {
+      ASSERT_OK(SyncWait(layer->Write(o, std::span(data).subspan(o, 64 * kKiB))));
+    }
+    ASSERT_OK(SyncWait(layer->Flush()));
+    const Bytes got = ReadLayer(*layer, 0, data.size());
+    size_t bad = 0;
+    while (bad < got.size() && got[bad] == data[bad]) ++bad;
+    EXPECT_EQ(bad, got.size()) << "first wrong byte at guest offset " << bad;
+  }
+  ASSERT_OK_AND_ASSIGN(Bytes after, ReadBytes(p.image));
+  EXPECT_NE(Geom(after).refcount_table_offset, Geom(before).refcount_table_offset) << "the table grew";
+  ASSERT_OK(WriteRaw(p.raw, 0, data));
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+}
+
+// --- Many dirty L2 slices ------------------------------------------------------------------------
+
+// The child process of ManyDirtyL2SlicesBetweenFlushes: writes 4 KiB into
+// 20 different L2 slices with a 16-slice L2 cache and no Flush in between,
+// flushes, and checks the result with QEMU. Returns 0 if all is well.
+int WriteManySlices(const std::string& image, const std::string& raw) {
+  constexpr uint64_t kSliceSpan = 512 * k64K;  // 4 KiB of 8-byte entries
+  absl::StatusOr<std::unique_ptr<Qcow2Layer>> layer = OpenWritable(image, nullptr, nullptr, Writable(16 * 4096));
+  if (!layer.ok()) {
+    fprintf(stderr, "open: %s\n", layer.status().ToString().c_str());
+    return 1;
+  }
+  for (uint32_t i = 0; i < 20; ++i) {
+    const Bytes data = Pattern(4096, 100 + i);
+    absl::Status s = SyncWait((*layer)->Write(i * kSliceSpan, data));
+    if (!s.ok()) {
+      fprintf(stderr, "write %u: %s\n", i, s.ToString().c_str());
+      return 1;
+    }
+    if (!WriteRaw(raw, i * kSliceSpan, data).ok()) return 1;
+  }
+  absl::Status s = SyncWait((*layer)->Flush());
+  if (!s.ok()) {
+    fprintf(stderr, "flush: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  layer->reset();
+  absl::StatusOr<CommandResult> cmp = RunCommand({"qemu-img", "compare", "-f", "qcow2", "-F", "raw", image, raw});
+  if (!cmp.ok() || !cmp->ok()) {
+    fprintf(stderr, "qemu-img compare: %s\n", cmp.ok() ? cmp->stdout_text.c_str() : "");
+    return 2;
+  }
+  absl::StatusOr<QemuCheck> check = RunQemuCheck(image);
+  if (!check.ok() || check->corruptions || check->leaks || check->check_errors) {
+    fprintf(stderr, "qemu-img check: %s\n", check.ok() ? check->output.c_str() : "");
+    return 3;
+  }
+  return 0;
+}
+
+// With more dirty L2 slices than the L2 cache holds (dirty slices are
+// never evicted), loading one more slice must still give that slice. Run
+// in a child process, since the engine may crash.
+TEST(WritePathTest, ManyDirtyL2SlicesBetweenFlushes) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-slices"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 1024 * kMiB, {"cluster_size=65536"}, {}));
+  EXPECT_EXIT(
+      {
+        fflush(nullptr);
+        _exit(WriteManySlices(p.image, p.raw));
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
+// --- Through the public API ---------------------------------------------------------------------------
+
+TEST(WritePathTest, PublicImageApiWritesFlushesAndResizes) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-api"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=4096"},
+                                        {"write -P 0x11 0 64k", "write -c -P 0x22 64k 64k"}));
+  const Bytes a = Pattern(10000, 16), b = Pattern(300, 17);
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> image,
+                         SyncWait(Image::Open(p.image, Writable())));
+    ASSERT_OK(SyncWait(image->Write(60000, a)));
+    ASSERT_OK(SyncWait(image->Truncate(8 * kMiB)));
+    ASSERT_OK(SyncWait(image->Write(8 * kMiB - 300, b)));
+    EXPECT_EQ(SyncWait(image->Write(8 * kMiB - 299, b)).code(), absl::StatusCode::kOutOfRange);
+    ASSERT_OK(SyncWait(image->Flush()));
+  }
+  ASSERT_OK(WriteRaw(p.raw, 60000, a));
+  ASSERT_OK(TruncateRaw(p.raw, 8 * kMiB));
+  ASSERT_OK(WriteRaw(p.raw, 8 * kMiB - 300, b));
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+}
+
+// --- Crash consistency ----------------------------------------------------------------------------------
+
+uint64_t TestSeed() {
+  uint64_t seed;
+  const char* env = std::getenv("QCOW2FUSE_TEST_SEED");
+  if (env == nullptr || !absl::SimpleAtoi(env, &seed)) {
+    seed = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
+  }
+  std::cout << "seed: " << seed << " (rerun with QCOW2FUSE_TEST_SEED=" << seed << ")\n";
+  ::testing::Test::RecordProperty("seed", std::to_string(seed));
+  return seed;
+}
+
+// Drives a Qcow2Layer over a RecordingFile around a memory copy of an
+// image, and remembers which guest writes each completed Flush made durable.
+class CrashRun {
+ public:
+  struct GuestWrite {
+    uint64_t offset;
+    Bytes data;
+    size_t flush;  // index of the first Flush completed after it
+  };
+
+  static absl::StatusOr<std::unique_ptr<CrashRun>> Start(Bytes initial) {
+    absl::StatusOr<Header> header = DecodeHeader(initial, initial.size());
+    if (!header.ok()) return header.status();
+    auto run = std::unique_ptr<CrashRun>(new CrashRun());
+    run->initial_ = initial;
+    auto rec = std::make_unique<RecordingFile>(NewMemFile("crash.qcow2", std::move(initial)));
+    run->rec_ = rec.get();
+    absl::StatusOr<std::unique_ptr<Qcow2Layer>> layer = SyncWait(Qcow2Layer::Open(
+        std::move(rec), std::move(*header), nullptr, nullptr, Writable()));
+    if (!layer.ok()) return layer.status();
+    run->layer_ = std::move(*layer);
+    return run;
+  }
+
+  absl::Status Write(uint64_t offset, Bytes data) {
+    absl::Status s = SyncWait(layer_->Write(offset, data));
+    writes_.push_back({offset, std::move(data), flush_barriers_.size()});
+    return s;
+  }
+  absl::Status Flush() { return Durable(SyncWait(layer_->Flush())); }
+  // Truncate flushes before it changes the size, and the size after.
+  absl::Status Truncate(uint64_t size) {
+    size_flush_ = flush_barriers_.size();
+    new_size_ = size;
+    return Durable(SyncWait(layer_->Truncate(size)));
+  }
+
+  const Bytes& initial() const { return initial_; }
+  std::vector<FileOp> log() const { return rec_->log(); }
+  const std::vector<GuestWrite>& writes() const { return writes_; }
+  Qcow2Layer& layer() { return *layer_; }
+  // Whether Flush number `flush` had completed at barrier `barrier`.
+  bool DurableAt(size_t flush, size_t barrier) const {
+    return flush < flush_barriers_.size() && flush_barriers_[flush] <= barrier;
+  }
+  size_t size_flush() const { return size_flush_; }
+  uint64_t new_size() const { return new_size_; }
+  size_t flushes() const { return flush_barriers_.size(); }
+
+ private:
+  CrashRun() = default;
+  absl::Status Durable(absl::Status s) {
+    size_t barriers = 0;
+    for (const FileOp& op : rec_->log()) barriers += op.kind == FileOp::Kind::kFlush;
+    flush_barriers_.push_back(barriers);
+    return s;
+  }
+
+  Bytes initial_;
+  RecordingFile* rec_ = nullptr;
+  std::unique_ptr<Qcow2Layer> layer_;
+  std::vector<GuestWrite> writes_;
+  std::vector<size_t> flush_barriers_;  // barriers in the log when Flush i returned
+  size_t size_flush_ = SIZE_MAX;
+  uint64_t new_size_ = 0;
+};
+
+// Checks every crash state of `run` with qemu-img check and by reading the
+// disk back with qemu-img convert. `old_disk` is the guest contents at the
+// start; `old_size` the virtual size then. Guest writes must not overlap.
+void CheckCrashStates(const TempDir& dir, CrashRun& run, const Bytes& old_disk, uint64_t old_size,
+                      CrashStateOptions options) {
+  const std::vector<FileOp> log = run.log();
+  CrashStates states(run.initial(), log, options);
+  const std::string state_path = dir.Join("state.qcow2");
+  const std::string raw_path = dir.Join("state.raw");
+  const uint64_t cs = run.layer().cluster_size();
+  // The old disk, read as zeros past its end.
+  Bytes old = old_disk;
+  old.resize(std::max<uint64_t>({old_size, run.new_size(), old.size()}), 0);
+  // The guest ranges that writes cover, sorted (writes do not overlap).
+  std::vector<std::pair<uint64_t, uint64_t>> covered;
+  for (const CrashRun::GuestWrite& w : run.writes()) covered.emplace_back(w.offset, w.offset + w.data.size());
+  std::sort(covered.begin(), covered.end());
+  for (size_t i = 1; i < covered.size(); ++i) ASSERT_LE(covered[i - 1].second, covered[i].first) << "writes overlap";
+
+  Bytes contents;
+  std::string what;
+  size_t count = 0, failed = 0, max_leaks = 0, with_leaks = 0;
+  using Clock = std::chrono::steady_clock;
+  Clock::duration t_enum{}, t_qemu{}, t_compare{};
+  Clock::time_point t = Clock::now();
+  auto lap = [&](Clock::duration& into) {
+    const Clock::time_point now = Clock::now();
+    into += now - t;
+    t = now;
+  };
+  while (states.Next(&contents, &what)) {
+    lap(t_enum);
+    ++count;
+    if (failed >= 5) continue;  // enough to go on
+    const size_t barrier = states.barrier();
+    bool ok = true;
+    auto fail = [&](const std::string& why) {
+      if (ok) ++failed;
+      ok = false;
+      ADD_FAILURE() << "crash state " << what << ": " << why;
+    };
+    ASSERT_OK(WriteBytes(state_path, contents));
+    // qemu-img check and the conversion to raw side by side.
+    std::future<absl::StatusOr<QemuCheck>> checked =
+        std::async(std::launch::async, [&] { return RunQemuCheck(state_path); });
+    absl::StatusOr<CommandResult> conv =
+        RunCommand({"qemu-img", "convert", "-t", "unsafe", "-f", "qcow2", "-O", "raw", state_path, raw_path});
+    ASSERT_OK_AND_ASSIGN(QemuCheck c, checked.get());
+    lap(t_qemu);
+    if (c.corruptions != 0 || c.check_errors != 0 || (c.exit_code != 0 && c.exit_code != 3)) {
+      fail("qemu-img check: " + c.output);
+      continue;
+    }
+    max_leaks = std::max<size_t>(max_leaks, c.leaks);
+    with_leaks += c.leaks != 0;
+    ASSERT_OK(conv);
+    if (!conv->ok()) {
+      fail("qemu-img convert: " + conv->stderr_text);
+      continue;
+    }
+    ASSERT_OK_AND_ASSIGN(Bytes disk, ReadBytes(raw_path));
+    const bool size_durable = run.DurableAt(run.size_flush(), barrier);
+    if (disk.size() != old_size && disk.size() != run.new_size()) {
+      fail(absl::StrCat("virtual size ", disk.size()));
+      continue;
+    }
+    if (size_durable && disk.size() != run.new_size()) {
+      fail(absl::StrCat("virtual size ", disk.size(), " after the resize was flushed"));
+      continue;
+    }
+    // Every byte is either as before, or (for a write) as written; written
+    // and flushed means as written. Checked cluster piece by cluster piece:
+    // one L2 entry switches a whole piece.
+    for (const CrashRun::GuestWrite& w : run.writes()) {
+      const bool durable = run.DurableAt(w.flush, barrier);
+      if (w.offset + w.data.size() > disk.size()) {
+        if (durable) fail(absl::StrCat("flushed write at ", w.offset, " is past the end of the disk"));
+        continue;
+      }
+      for (uint64_t o = w.offset; o < w.offset + w.data.size() && ok;) {
+        const uint64_t end = std::min<uint64_t>(w.offset + w.data.size(), (o / cs + 1) * cs);
+        const bool is_new = std::memcmp(disk.data() + o, w.data.data() + (o - w.offset), end - o) == 0;
+        const bool is_old = std::memcmp(disk.data() + o, old.data() + o, end - o) == 0;
+        if (!is_new && !(is_old && !durable)) {
+          fail(absl::StrCat("guest bytes [", o, ", ", end, ") of a write at ", w.offset, " (flush ", w.flush,
+                            durable ? ", durable" : ", not durable", ") are neither ",
+                            durable ? "" : "old nor ", "new"));
+        }
+        o = end;
+      }
+    }
+    // Never written: as before.
+    uint64_t from = 0;
+    for (size_t i = 0; i <= covered.size() && ok; ++i) {
+      const uint64_t to = std::min<uint64_t>(i < covered.size() ? covered[i].first : disk.size(), disk.size());
+      if (from < to && std::memcmp(disk.data() + from, old.data() + from, to - from) != 0) {
+        uint64_t b = from;
+        while (disk[b] == old[b]) ++b;
+        fail(absl::StrCat("guest byte ", b, ", never written, changed"));
+      }
+      if (i < covered.size()) from = std::min<uint64_t>(covered[i].second, disk.size());
+    }
+    lap(t_compare);
+  }
+  std::cout << "crash states checked: " << count << " (" << states.barrier_count() << " barriers, "
+            << log.size() << " logged operations); states with leaks: " << with_leaks
+            << ", most leaked clusters: " << max_leaks << "; seconds enumerating "
+            << std::chrono::duration<double>(t_enum).count() << ", in qemu-img check + convert "
+            << std::chrono::duration<double>(t_qemu).count() << ", comparing "
+            << std::chrono::duration<double>(t_compare).count() << "\n";
+  ::testing::Test::RecordProperty("crash_states", std::to_string(count));
+  EXPECT_EQ(failed, 0u) << "of " << count << " crash states";
+}
+
+TEST(WritePathTest, CrashStatesOfAllocationCowL2L1AndRefcountGrowth) {
+  const uint64_t seed = TestSeed();
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-crash"));
+  const std::string base = dir.Join("base.qcow2");
+  // 512-byte clusters: an L2 table maps 32 KiB, the L1 cluster 2 MiB, a
+  // 16-bit refcount block 128 KiB of file.
+  ASSERT_OK(CreateImage(base, "qcow2", 1 * kMiB, {"cluster_size=512"}));
+  ASSERT_OK(QemuIo(base, "qcow2", {"write -P 0x11 0 4k", "write -c -P 0x22 8k 1k"}));
+  const std::string base_raw = dir.Join("base.raw");
+  ASSERT_OK(ConvertToRaw(base, base_raw));
+  ASSERT_OK_AND_ASSIGN(Bytes old_disk, ReadBytes(base_raw));
+  ASSERT_OK_AND_ASSIGN(Bytes initial, ReadBytes(base));
+  ASSERT_TRUE(L2At(initial, 8192).descriptor & kCompressed);
+  const uint64_t refcount_table = Geom(initial).refcount_table_offset;
+
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<CrashRun> run, CrashRun::Start(initial));
+  // 1. Allocating writes inside the existing L2 table.
+  ASSERT_OK(run->Write(16 * kKiB, Pattern(512, 21)));
+  ASSERT_OK(run->Write(20 * kKiB + 100, Pattern(700, 22)));
+  ASSERT_OK(run->Flush());
+  // 2. Copy-on-write over a compressed cluster.
+  ASSERT_OK(run->Write(8192 + 50, Pattern(100, 23)));
+  ASSERT_OK(run->Flush());
+  // 3. New L2 tables.
+  ASSERT_OK(run->Write(64 * kKiB + 512, Pattern(512, 24)));
+  ASSERT_OK(run->Write(200 * kKiB, Pattern(1500, 25)));
+  ASSERT_OK(run->Flush());
+  // 4. L1 growth, and a write that needs the new L1 entries.
+  ASSERT_OK(run->Truncate(4 * kMiB));
+  ASSERT_OK(run->Write(4 * kMiB - 8192, Pattern(4096, 26)));
+  ASSERT_OK(run->Flush());
+  // 5. New refcount blocks: 160 KiB of data is more than a block covers.
+  ASSERT_OK(run->Write(512 * kKiB, Pattern(160 * kKiB, 27)));
+  ASSERT_OK(run->Flush());
+  // Once more: the frees of the last Flush reach the disk.
+  ASSERT_OK(run->Write(300 * kKiB, Pattern(512, 28)));
+  ASSERT_OK(run->Flush());
+
+  // The scenario did what it claims.
+  Bytes final_bytes = run->initial();
+  for (const FileOp& op : run->log()) ApplyFileOp(op, true, &final_bytes);
+  const Geometry g = Geom(final_bytes);
+  EXPECT_EQ(g.size, 4 * kMiB);
+  EXPECT_GE(g.l1_size, 128u);
+  EXPECT_EQ(g.refcount_table_offset, refcount_table);
+  EXPECT_NE(GetBE(final_bytes, g.refcount_table_offset + 8, 8), 0u) << "a second refcount block";
+  const std::string final_path = dir.Join("final.qcow2");
+  ASSERT_OK(WriteBytes(final_path, final_bytes));
+  ExpectQemuClean(final_path);
+
+  CheckCrashStates(dir, *run, old_disk, 1 * kMiB,
+                   {.seed = seed, .random_subsets = 6, .max_prefixes = 8, .max_states = 0});
+}
+
+// The refcount table growth under crashes: 512-byte clusters with 64-bit
+// refcounts (the one-cluster table covers 2 MiB of file), 2.5 MiB written
+// in 512 KiB steps.
+TEST(WritePathTest, CrashStatesOfRefcountTableGrowth) {
+  const uint64_t seed = TestSeed();
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-crash-table"));
+  const std::string base = dir.Join("base.qcow2");
+  ASSERT_OK(CreateImage(base, "qcow2", 4 * kMiB, {"cluster_size=512", "refcount_bits=64"}));
+  ASSERT_OK(QemuIo(base, "qcow2", {"write -P 0x11 0 4k"}));
+  const std::string base_raw = dir.Join("base.raw");
+  ASSERT_OK(ConvertToRaw(base, base_raw));
+  ASSERT_OK_AND_ASSIGN(Bytes old_disk, ReadBytes(base_raw));
+  ASSERT_OK_AND_ASSIGN(Bytes initial, ReadBytes(base));
+
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<CrashRun> run, CrashRun::Start(initial));
+  for (uint64_t o = 64 * kKiB; o < 64 * kKiB + 2560 * kKiB; o += 512 * kKiB) {
+    ASSERT_OK(run->Write(o, Pattern(512 * kKiB, static_cast<uint32_t>(o >> 10))));
+    ASSERT_OK(run->Flush());
+  }
+  ASSERT_OK(run->Flush());
+  Bytes final_bytes = run->initial();
+  for (const FileOp& op : run->log()) ApplyFileOp(op, true, &final_bytes);
+  EXPECT_NE(Geom(final_bytes).refcount_table_offset, Geom(initial).refcount_table_offset) << "the table grew";
+  const std::string final_path = dir.Join("final.qcow2");
+  ASSERT_OK(WriteBytes(final_path, final_bytes));
+  ExpectQemuClean(final_path);
+
+  CheckCrashStates(dir, *run, old_disk, 4 * kMiB,
+                   {.seed = seed, .random_subsets = 2, .max_prefixes = 4, .max_states = 0});
+}
+
+}  // namespace
+}  // namespace qcow2fuse::test

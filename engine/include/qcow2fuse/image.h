@@ -82,7 +82,8 @@ class Image {
   Task<absl::Status> Flush();
 
   // Grows the disk (the new space reads as zeros) or shrinks it where that
-  // loses no data (FailedPreconditionError otherwise).
+  // loses no data (FailedPreconditionError otherwise). The size must be a
+  // multiple of 512 bytes, as QEMU requires.
   Task<absl::Status> Truncate(uint64_t new_size);
 
   // Bytes of the disk that are kData, for st_blocks. Cached until the next
@@ -94,6 +95,8 @@ class Image {
 
  private:
   Image(std::unique_ptr<Qcow2Layer> top, ImageOptions options);
+  static constexpr uint64_t kSectorSize = 512;
+  static uint64_t DiskSize(const Qcow2Layer& top);
 
   const std::unique_ptr<Qcow2Layer> top_;
   const ImageOptions options_;
