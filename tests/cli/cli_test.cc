@@ -180,6 +180,42 @@ TEST_F(CliTest, ReadWriteMountWritesAndLeavesImageConsistent) {
   EXPECT_OK(QemuIo(image, "qcow2", {"read -P 0xa5 12345 100000", "read -P 0 0 12345"}));
 }
 
+// A crash with lazy refcounts leaves the dirty bit set and refcounts that
+// undercount. A read-write mount rebuilds them before writing anything.
+TEST_F(CliTest, DirtyImageIsRepairedBeforeWriting) {
+  const std::string image = Path("disk.qcow2");
+  ASSERT_OK(CreateImage(image, "qcow2", kSampleSize, {"lazy_refcounts=on"}));
+  ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x11 0 3M"}));
+  // What a crash leaves: dirty, and the data clusters' refcounts never
+  // written (the first refcount block's entries 5.. are data clusters).
+  ASSERT_OK_AND_ASSIGN(uint64_t features, ReadBE64At(image, hdr::kIncompatibleFeatures));
+  ASSERT_OK(WriteBE64At(image, hdr::kIncompatibleFeatures, features | 1));
+  ASSERT_OK_AND_ASSIGN(uint64_t table, ReadBE64At(image, hdr::kRefcountTableOffset));
+  ASSERT_OK_AND_ASSIGN(uint64_t block, ReadBE64At(image, table));
+  for (int i = 5; i < 25; i += 4) ASSERT_OK(WriteBE64At(image, block + 2 * i, 0));
+  EXPECT_FALSE(CheckImage(image, /*allow_leaks=*/true).ok()) << "the damage did not take";
+
+  MountOptions options;
+  options.binary = Binary();
+  options.image = image;
+  options.mountpoint = Path("view.raw");
+  options.read_only = false;
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
+    int fd = open(view->path().c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    std::vector<char> data(1 << 20, 0x22);
+    EXPECT_EQ(pwrite(fd, data.data(), data.size(), 8 << 20), static_cast<ssize_t>(data.size()));
+    close(fd);
+    ASSERT_OK(view->Unmount());
+    EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
+  }
+  EXPECT_OK(CheckImage(image));
+  EXPECT_OK(QemuIo(image, "qcow2", {"read -P 0x11 0 3M", "read -P 0x22 8M 1M"}));
+  ASSERT_OK_AND_ASSIGN(uint64_t after, ReadBE64At(image, hdr::kIncompatibleFeatures));
+  EXPECT_EQ(after & 1, 0u) << "the dirty bit is still set";
+}
+
 TEST_F(CliTest, DirectoryMountpointIsRefused) {
   const std::string image = Path("disk.qcow2");
   const std::string directory = Path("mnt");
