@@ -18,6 +18,11 @@ absl::Status ErrnoStatus(int error_number, absl::string_view context) {
   return status;
 }
 
+absl::Status WithErrno(absl::Status status, int error_number) {
+  status.SetPayload(kErrnoPayloadUrl, absl::Cord(std::to_string(error_number)));
+  return status;
+}
+
 std::optional<int> StatusErrno(const absl::Status& status) {
   absl::optional<absl::Cord> payload = status.GetPayload(kErrnoPayloadUrl);
   int value;

@@ -1,6 +1,8 @@
 // The write path of Qcow2Layer: allocation, copy-on-write, the flush
 // protocol and resizing. See qcow2_layer.h for the ordering rules.
 
+#include <errno.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -13,6 +15,9 @@
 
 namespace qcow2fuse {
 namespace {
+
+// How much of the disk a shrink reads at a time to see whether it is zero.
+constexpr uint64_t kShrinkCheckChunk = uint64_t{1} << 20;
 
 uint64_t RoundUp(uint64_t value, uint64_t alignment) {
   return (value + alignment - 1) / alignment * alignment;
@@ -437,13 +442,23 @@ Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
   const uint64_t old_size = header_.size;
   if (new_size == old_size) co_return absl::OkStatus();
   if (new_size < old_size) {
+    // Only bytes that are not zero would be lost; stored zeros (such as
+    // those a grow writes over a larger backing file) are not data.
+    std::vector<uint8_t> chunk;
     for (uint64_t offset = new_size; offset < old_size;) {
       absl::StatusOr<Extent> e = co_await BlockStatus(offset, old_size - offset);
       if (!e.ok()) co_return e.status();
-      if (e->kind == ExtentKind::kData) {
-        co_return absl::FailedPreconditionError(absl::StrFormat(
-            "cannot shrink %s to %u bytes: the disk holds data at offset %u", file_->name(),
-            new_size, offset));
+      for (uint64_t done = 0; e->kind == ExtentKind::kData && done < e->length;) {
+        chunk.resize(std::min<uint64_t>(e->length - done, kShrinkCheckChunk));
+        CO_RETURN_IF_ERROR(co_await Read(offset + done, chunk));
+        const auto nonzero = std::find_if(chunk.begin(), chunk.end(), [](uint8_t b) { return b != 0; });
+        if (nonzero != chunk.end()) {
+          co_return WithErrno(absl::FailedPreconditionError(absl::StrFormat(
+                                  "cannot shrink %s to %u bytes: the disk holds data at offset %u",
+                                  file_->name(), new_size, offset + done + (nonzero - chunk.begin()))),
+                              EINVAL);
+        }
+        done += chunk.size();
       }
       offset += e->length;
     }

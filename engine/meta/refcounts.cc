@@ -116,8 +116,10 @@ Task<absl::StatusOr<uint64_t>> Refcounts::Allocate(uint64_t count) {
     }
   }
   end_cluster_ = std::max(end_cluster_, run_start + count);
-  CO_RETURN_IF_ERROR(co_await Update(run_start << cluster_bits_, count, +1));
+  // Set before Update: growing the refcount table there frees the old
+  // table's clusters and lowers the hint to them.
   free_hint_ = first_free == run_start ? run_start + count : first_free;
+  CO_RETURN_IF_ERROR(co_await Update(run_start << cluster_bits_, count, +1));
   co_return run_start << cluster_bits_;
 }
 

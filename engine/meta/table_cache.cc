@@ -36,10 +36,11 @@ Task<absl::StatusOr<std::shared_ptr<const Table>>> TableCache::Get(uint64_t offs
 Task<absl::StatusOr<Table*>> TableCache::GetMutable(uint64_t offset) {
   absl::StatusOr<std::shared_ptr<const Table>> loaded = co_await Get(offset);
   if (!loaded.ok()) co_return loaded.status();
-  loaded->reset();  // our own reference must not force a copy
+  std::shared_ptr<const Table> held = std::move(*loaded);
   std::lock_guard lock(mu_);
   auto it = LookupLocked(offset);
-  if (it == lru_.end()) it = InsertLocked(offset, std::make_shared<Table>(**loaded));
+  if (it == lru_.end()) it = InsertLocked(offset, std::make_shared<Table>(*held));
+  held.reset();  // our own reference must not force a copy
   // Readers holding the table keep their version.
   if (it->table.use_count() > 1) it->table = std::make_shared<Table>(*it->table);
   if (!it->dirty) {

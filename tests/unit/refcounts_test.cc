@@ -840,6 +840,11 @@ TEST(RefcountsTest, RefcountTableGrowth) {
     ASSERT_OK_AND_ASSIGN(uint64_t r, SyncWait(again.refcounts->Get(last)));
     EXPECT_EQ(r, 1u);
     EXPECT_EQ(again.refcounts->table_offset(), d.table_offset);
+
+    // The old table's cluster is now the first free one: first fit hands it
+    // out next (the growth freed it in the middle of an Allocate).
+    ASSERT_OK_AND_ASSIGN(uint64_t reused, SyncWait(rc.Allocate(1)));
+    EXPECT_EQ(reused, cs) << "the freed old refcount table cluster is skipped by first fit";
   }
 }
 

@@ -27,7 +27,11 @@ namespace qcow2fuse {
 // `error_number`, the message "context: strerror", and the errno payload.
 absl::Status ErrnoStatus(int error_number, absl::string_view context);
 
-// The errno attached by ErrnoStatus, if any.
+// `status` with `error_number` attached as the errno a front end should
+// report for it.
+absl::Status WithErrno(absl::Status status, int error_number);
+
+// The errno attached by ErrnoStatus or WithErrno, if any.
 std::optional<int> StatusErrno(const absl::Status& status);
 
 // Returns `status` with "context: " put in front of its message, keeping
