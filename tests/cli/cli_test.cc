@@ -216,6 +216,48 @@ TEST_F(CliTest, DirtyImageIsRepairedBeforeWriting) {
   EXPECT_EQ(after & 1, 0u) << "the dirty bit is still set";
 }
 
+// Refcounts that lie (an L2 table in use counted as free) would make the
+// allocator hand out the table's cluster for guest data. The overlap guard
+// refuses the write, marks the image corrupt and keeps refusing.
+TEST_F(CliTest, WriteThatWouldOverwriteMetadataMarksImageCorrupt) {
+  const std::string image = Path("disk.qcow2");
+  ASSERT_OK(CreateImage(image, "qcow2", kSampleSize));
+  ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x33 0 64k"}));
+  ASSERT_OK_AND_ASSIGN(uint64_t l1_entry_at, L1EntryOffset(image, 0));
+  ASSERT_OK_AND_ASSIGN(uint64_t l1_entry, ReadBE64At(image, l1_entry_at));
+  const uint64_t l2_cluster = (l1_entry & kOffsetMask) >> 16;  // 64 KiB clusters
+  ASSERT_OK_AND_ASSIGN(uint64_t table, ReadBE64At(image, hdr::kRefcountTableOffset));
+  ASSERT_OK_AND_ASSIGN(uint64_t block, ReadBE64At(image, table));
+  // 16-bit refcounts: zero the L2 table's entry (and its neighbour's).
+  ASSERT_OK(WriteBE32At(image, block + 2 * l2_cluster, 0));
+
+  MountOptions options;
+  options.binary = Binary();
+  options.image = image;
+  options.mountpoint = Path("view.raw");
+  options.read_only = false;
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
+    int fd = open(view->path().c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    std::vector<char> data(4096, 0x44);
+    EXPECT_EQ(pwrite(fd, data.data(), data.size(), 32 << 20), -1);
+    EXPECT_EQ(errno, EIO);
+    EXPECT_EQ(pwrite(fd, data.data(), data.size(), 40 << 20), -1) << "writes must stay refused";
+    close(fd);
+    ASSERT_OK(view->Unmount());
+    EXPECT_TRUE(absl::StrContains(view->ReadLog(), "an L2 table in use")) << view->ReadLog();
+  }
+  ASSERT_OK_AND_ASSIGN(uint64_t features, ReadBE64At(image, hdr::kIncompatibleFeatures));
+  EXPECT_NE(features & 2, 0u) << "the corrupt bit is not set";
+  // The L2 table survived: the data it maps still reads back.
+  const std::string raw = Path("after.raw");
+  ASSERT_OK(ConvertToRaw(image, raw));
+  ASSERT_OK_AND_ASSIGN(std::string after, ReadFile(raw));
+  EXPECT_EQ(after.substr(0, 65536), std::string(65536, '\x33'));
+  EXPECT_EQ(after.substr(32 << 20, 4096), std::string(4096, '\0'));
+}
+
 TEST_F(CliTest, DirectoryMountpointIsRefused) {
   const std::string image = Path("disk.qcow2");
   const std::string directory = Path("mnt");
