@@ -33,8 +33,7 @@
 // fsync just before unmounting (to tell the unmount path's problems from
 // the others).
 //
-// The view is mounted by a small local fixture (RwView): MountedView in
-// tests/support always mounts with -o ro.
+// The view is mounted read-write by MountedView (tests/support).
 
 #include <errno.h>
 #include <fcntl.h>
@@ -83,7 +82,6 @@ constexpr int kDefaultOps = 300;
 constexpr int kCompareEvery = 50;
 constexpr size_t kOpLogTail = 25;
 constexpr size_t kOpLogTailAtEnd = 60;
-constexpr size_t kLogTail = 8192;
 
 // ---------------------------------------------------------------------------
 // A read-write (or read-only) mount of the view, for the length of a scope.
@@ -95,178 +93,18 @@ constexpr size_t kLogTail = 8192;
 // SIGKILL to that pid (and no other) and fusermount3 -uz. The child is
 // reaped in every path.
 
-class RwView {
- public:
-  static absl::StatusOr<std::unique_ptr<RwView>> Start(
-      const std::string& image, const std::string& mountpoint,
-      bool read_only = false) {
-    const std::string log_path = mountpoint + ".log";
-    std::vector<std::string> argv = {Qcow2fuseBinary(QCOW2FUSE_BINARY), "-f"};
-    if (read_only) {
-      argv.push_back("-o");
-      argv.push_back("ro");
-    }
-    argv.push_back(image);
-    argv.push_back(mountpoint);
-    const int log_fd =
-        open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (log_fd < 0) {
-      return absl::InternalError(
-          absl::StrCat("cannot create ", log_path, ": ", strerror(errno)));
-    }
-    std::vector<std::string> guarded = {"setpriv", "--pdeathsig", "TERM",
-                                        "--"};
-    guarded.insert(guarded.end(), argv.begin(), argv.end());
-    absl::StatusOr<pid_t> pid = Spawn(guarded, log_fd, log_fd);
-    if (!pid.ok()) pid = Spawn(argv, log_fd, log_fd);
-    close(log_fd);
-    if (!pid.ok()) return pid.status();
-    std::unique_ptr<RwView> view(
-        new RwView(mountpoint, log_path, CommandLine(argv), *pid));
-    if (absl::Status live = view->WaitUntilLive(); !live.ok()) {
-      view->ForceCleanup();
-      return live;
-    }
-    return view;
-  }
-
-  RwView(const RwView&) = delete;
-  RwView& operator=(const RwView&) = delete;
-
-  ~RwView() {
-    if (::testing::Test::HasFailure()) {
-      std::string log = ReadLog();
-      if (log.size() > kLogTail) {
-        log = "...\n" + log.substr(log.size() - kLogTail);
-      }
-      std::cerr << "--- qcow2fuse log (" << log_path_ << ") ---\n"
-                << log << "--- end of log ---\n";
-    }
-    if (!reaped_) {
-      absl::Status unmounted = Unmount();
-      if (!unmounted.ok()) {
-        std::cerr << "RwView: clean unmount of " << path_
-                  << " failed, forcing: " << unmounted << "\n";
-      }
-    }
-    ForceCleanup();
-  }
-
-  const std::string& path() const { return path_; }
-  const std::string& command_line() const { return command_line_; }
-  const std::optional<ExitStatus>& exit_status() const { return exit_; }
-
-  std::string ReadLog() const {
-    std::ifstream in(log_path_, std::ios::binary);
-    std::ostringstream text;
-    text << in.rdbuf();
-    return text.str();
-  }
-
-  // fusermount3 -u (retried briefly while busy), then waits for the daemon
-  // to exit. Doing nothing if already done.
-  absl::Status Unmount() {
-    if (reaped_ && !MountedFsType(path_)) return absl::OkStatus();
-    absl::Status unmounted = absl::OkStatus();
-    for (int attempt = 0; attempt < 50 && MountedFsType(path_); ++attempt) {
-      unmounted = RunChecked({"fusermount3", "-u", path_}).status();
-      if (unmounted.ok()) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    if (!unmounted.ok()) return unmounted;
-    return WaitForChild(std::chrono::seconds(60));
-  }
-
- private:
-  RwView(std::string path, std::string log_path, std::string command_line,
-         pid_t pid)
-      : path_(std::move(path)),
-        log_path_(std::move(log_path)),
-        command_line_(std::move(command_line)),
-        pid_(pid) {}
-
-  bool ReapIfExited() {
-    if (reaped_) return true;
-    absl::StatusOr<std::optional<ExitStatus>> status =
-        WaitForExitFor(pid_, std::chrono::milliseconds(0));
-    if (!status.ok()) {
-      reaped_ = true;  // Not ours any more: never signal that pid.
-      return true;
-    }
-    if (!status->has_value()) return false;
-    reaped_ = true;
-    exit_ = **status;
-    return true;
-  }
-
-  absl::Status WaitUntilLive() {
-    const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    for (;;) {
-      if (ReapIfExited()) {
-        return absl::InternalError(absl::StrCat(
-            "qcow2fuse exited before the mount was live (",
-            exit_ ? exit_->ToString() : "status unknown", "): ", command_line_,
-            "\n--- log ---\n", ReadLog()));
-      }
-      std::optional<std::string> type = MountedFsType(path_);
-      struct stat st;
-      if (type && absl::StartsWith(*type, "fuse") &&
-          stat(path_.c_str(), &st) == 0) {
-        return absl::OkStatus();
-      }
-      if (std::chrono::steady_clock::now() >= deadline) {
-        return absl::DeadlineExceededError(absl::StrCat(
-            "mount not live after 20 s: ", command_line_, "\n--- log ---\n",
-            ReadLog()));
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-  }
-
-  absl::Status WaitForChild(std::chrono::milliseconds timeout) {
-    if (reaped_) return absl::OkStatus();
-    absl::StatusOr<std::optional<ExitStatus>> status =
-        WaitForExitFor(pid_, timeout);
-    if (!status.ok()) {
-      reaped_ = true;
-      return status.status();
-    }
-    if (!status->has_value()) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "qcow2fuse (pid ", pid_, ") still running ", timeout.count(),
-          " ms after unmount"));
-    }
-    reaped_ = true;
-    exit_ = **status;
-    return absl::OkStatus();
-  }
-
-  void ForceCleanup() {
-    if (!reaped_) {
-      std::cerr << "RwView: killing qcow2fuse pid " << pid_ << "\n";
-      kill(pid_, SIGKILL);
-      absl::StatusOr<std::optional<ExitStatus>> status =
-          WaitForExitFor(pid_, std::chrono::seconds(10));
-      if (status.ok() && status->has_value()) exit_ = **status;
-      reaped_ = true;
-    }
-    if (MountedFsType(path_)) {
-      absl::Status detached = RunChecked({"fusermount3", "-uz", path_}).status();
-      if (!detached.ok()) {
-        std::cerr << "RwView: could not detach " << path_ << ": " << detached
-                  << "\n";
-      }
-    }
-  }
-
-  const std::string path_;
-  const std::string log_path_;
-  const std::string command_line_;
-  const pid_t pid_;
-  bool reaped_ = false;
-  std::optional<ExitStatus> exit_;
-};
+// A view of `image` for the length of a scope (read-write unless asked
+// otherwise): MountedView unmounts and reaps the daemon in every path.
+absl::StatusOr<std::unique_ptr<MountedView>> StartView(const std::string& image,
+                                                       const std::string& mountpoint,
+                                                       bool read_only = false) {
+  MountOptions options;
+  options.binary = Qcow2fuseBinary(QCOW2FUSE_BINARY);
+  options.image = image;
+  options.mountpoint = mountpoint;
+  options.read_only = read_only;
+  return MountedView::Start(options);
+}
 
 // ---------------------------------------------------------------------------
 // qemu-img check / compare / info, parsed.
@@ -1130,8 +968,8 @@ TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
   uint64_t final_size = 0;
   std::string op_tail;  // For failures of the checks after unmounting.
   {
-    ASSERT_OK_AND_ASSIGN(std::unique_ptr<RwView> view,
-                         RwView::Start(built.image, view_path));
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view,
+                         StartView(built.image, view_path));
     {
       ScopedFd view_fd(open(view_path.c_str(), O_RDWR | O_CLOEXEC));
       ASSERT_GE(view_fd.get(), 0) << "open " << view_path << ": "
@@ -1216,8 +1054,8 @@ TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
 
   // Everything must still be there after a fresh open.
   {
-    ASSERT_OK_AND_ASSIGN(std::unique_ptr<RwView> view,
-                         RwView::Start(built.image, view_path));
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view,
+                         StartView(built.image, view_path));
     EXPECT_OK(CompareFiles(view_path, twin)) << "after remounting";
     ASSERT_OK(view->Unmount());
     ASSERT_TRUE(view->exit_status().has_value());
@@ -1254,8 +1092,8 @@ INSTANTIATE_TEST_SUITE_P(Recipes, WriteOracleTest,
 void WithView(const TempDir& dir, const std::string& image,
               const std::function<void(int fd)>& body) {
   const std::string view_path = dir.Join("view.raw");
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<RwView> view,
-                       RwView::Start(image, view_path));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view,
+                       StartView(image, view_path));
   {
     ScopedFd fd(open(view_path.c_str(), O_RDWR | O_CLOEXEC));
     ASSERT_GE(fd.get(), 0) << strerror(errno);
