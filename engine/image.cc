@@ -1,6 +1,7 @@
 #include "qcow2fuse/image.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "absl/strings/str_format.h"
 #include "data/backing.h"
@@ -45,12 +46,47 @@ Task<absl::Status> Image::Read(uint64_t offset, std::span<uint8_t> out) {
   co_return co_await top_->Read(offset, out);
 }
 
+namespace {
+bool AllZero(std::span<const uint8_t> data) {
+  // Compares the buffer with itself shifted by one byte: memcmp's speed
+  // without a zero buffer to compare against.
+  return data.empty() || (data[0] == 0 && std::memcmp(data.data(), data.data() + 1, data.size() - 1) == 0);
+}
+}  // namespace
+
 Task<absl::Status> Image::Write(uint64_t offset, std::span<const uint8_t> data) {
   if (options_.read_only) co_return absl::FailedPreconditionError("the image is open read-only");
   CO_RETURN_IF_ERROR(CheckRange("write", offset, data.size(), virtual_size_));
   allocated_bytes_.reset();
+  if (options_.detect_zeroes != DetectZeroes::kOff && AllZero(data)) {
+    co_return co_await top_->WriteZeroes(offset, data.size(),
+                                         options_.detect_zeroes == DetectZeroes::kUnmap);
+  }
   co_return co_await top_->Write(offset, data);
 }
+
+Task<absl::Status> Image::Discard(uint64_t offset, uint64_t length) {
+  if (options_.read_only) co_return absl::FailedPreconditionError("the image is open read-only");
+  CO_RETURN_IF_ERROR(CheckRange("discard", offset, length, virtual_size_));
+  allocated_bytes_.reset();
+  co_return co_await top_->Discard(offset, length);
+}
+
+Task<absl::Status> Image::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) {
+  if (options_.read_only) co_return absl::FailedPreconditionError("the image is open read-only");
+  CO_RETURN_IF_ERROR(CheckRange("write-zeroes", offset, length, virtual_size_));
+  allocated_bytes_.reset();
+  co_return co_await top_->WriteZeroes(offset, length, may_unmap);
+}
+
+Task<absl::Status> Image::Preallocate(uint64_t offset, uint64_t length) {
+  if (options_.read_only) co_return absl::FailedPreconditionError("the image is open read-only");
+  CO_RETURN_IF_ERROR(CheckRange("preallocation", offset, length, virtual_size_));
+  allocated_bytes_.reset();
+  co_return co_await top_->Preallocate(offset, length);
+}
+
+ImageCounters Image::counters() const { return top_->counters(); }
 
 Task<absl::Status> Image::Flush() { co_return co_await top_->Flush(); }
 

@@ -1,6 +1,8 @@
 #include "ops.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -102,6 +104,47 @@ Task<void> SetAttr(fuse_req_t req, struct stat attr, int to_set) {
   fuse_reply_attr(req, &*st, kAttrTimeoutSeconds);
 }
 
+// fallocate(2) on the view. KEEP_SIZE keeps the disk's size; without it a
+// range past the end grows the disk first, as it grows a file (to a whole
+// 512-byte sector, the unit of a disk's size).
+Task<void> Fallocate(fuse_req_t req, int mode, off_t offset, off_t length) {
+  MountState& m = State(req);
+  Image& image = *m.image;
+  constexpr int kKnownModes = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
+  if ((mode & ~kKnownModes) != 0 || ((mode & FALLOC_FL_PUNCH_HOLE) && (mode & FALLOC_FL_ZERO_RANGE))) {
+    co_return (void)fuse_reply_err(req, EOPNOTSUPP);
+  }
+  // As for a file, PUNCH_HOLE must come with KEEP_SIZE.
+  if ((mode & FALLOC_FL_PUNCH_HOLE) && !(mode & FALLOC_FL_KEEP_SIZE)) co_return (void)fuse_reply_err(req, EOPNOTSUPP);
+  if (offset < 0 || length <= 0) co_return (void)fuse_reply_err(req, EINVAL);
+  if (image.read_only()) co_return (void)fuse_reply_err(req, EROFS);
+  uint64_t end = static_cast<uint64_t>(offset) + static_cast<uint64_t>(length);
+  if (!(mode & FALLOC_FL_KEEP_SIZE) && end > image.virtual_size()) {
+    const uint64_t new_size = (end + 511) / 512 * 512;
+    absl::Status grown = co_await image.Truncate(new_size);
+    if (!grown.ok()) co_return ReplyError(req, grown, absl::StrFormat("fallocate: grow to %u bytes", new_size));
+  }
+  // What lies past the end of the disk is not there to change.
+  const uint64_t disk = image.virtual_size();
+  if (static_cast<uint64_t>(offset) >= disk) co_return (void)fuse_reply_err(req, 0);
+  end = std::min(end, disk);
+  const uint64_t n = end - offset;
+  absl::Status status;
+  const char* what;
+  if (mode & FALLOC_FL_PUNCH_HOLE) {
+    what = "punch hole";
+    status = co_await image.Discard(offset, n);
+  } else if (mode & FALLOC_FL_ZERO_RANGE) {
+    what = "zero range";
+    status = co_await image.WriteZeroes(offset, n, /*may_unmap=*/false);
+  } else {
+    what = "preallocation";
+    status = co_await image.Preallocate(offset, n);
+  }
+  if (!status.ok()) co_return ReplyError(req, status, absl::StrFormat("%s of %u bytes at offset %u", what, n, offset));
+  fuse_reply_err(req, 0);
+}
+
 // SEEK_DATA and SEEK_HOLE, with a regular file's semantics: ENXIO at or past
 // the end, and for SEEK_DATA when no data follows; the end of the file is
 // the last hole.
@@ -169,6 +212,10 @@ void OnLseek(fuse_req_t req, fuse_ino_t, off_t offset, int whence, struct fuse_f
   State(req).scheduler->Spawn(Lseek(req, offset, whence));
 }
 
+void OnFallocate(fuse_req_t req, fuse_ino_t, int mode, off_t offset, off_t length, struct fuse_file_info*) {
+  State(req).scheduler->Spawn(Fallocate(req, mode, offset, length));
+}
+
 void OnFlush(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_err(req, 0); }
 
 void OnRelease(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_err(req, 0); }
@@ -199,6 +246,7 @@ const fuse_lowlevel_ops& Operations() {
     o.release = OnRelease;
     o.statfs = OnStatfs;
     o.lseek = OnLseek;
+    o.fallocate = OnFallocate;
     return o;
   }();
   return ops;

@@ -39,6 +39,18 @@ absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
     absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
     if (!bytes.ok()) return bytes.status();
     out.image_options.l2_cache_size = *bytes;
+  } else if (key == "detect_zeroes" && has_value) {
+    // QEMU's spelling and values.
+    if (kv[1] == "off") {
+      out.image_options.detect_zeroes = DetectZeroes::kOff;
+    } else if (kv[1] == "on") {
+      out.image_options.detect_zeroes = DetectZeroes::kOn;
+    } else if (kv[1] == "unmap") {
+      out.image_options.detect_zeroes = DetectZeroes::kUnmap;
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("detect_zeroes must be off, on or unmap, not '%s'", kv[1]));
+    }
   } else if (key == "data_file" && has_value && !kv[1].empty()) {
     absl::StatusOr<std::string> path = AbsolutePath(kv[1]);
     if (!path.ok()) return path.status();
@@ -64,6 +76,8 @@ const char* UsageText() {
          "  -o allow_other         let other users access the view\n"
          "  -o l2_cache_size=SIZE  L2 table cache per image (default 4M)\n"
          "  -o data_file=PATH      the image's external data file\n"
+         "  -o detect_zeroes=MODE  off (default), on: all-zero writes become zero\n"
+         "                         clusters; unmap: and free their space\n"
          "  -f                     stay in the foreground, log to stderr\n"
          "  -d                     foreground, with libfuse's request trace\n"
          "  --pidfile PATH         write the daemon's process id to PATH\n"

@@ -64,6 +64,14 @@ Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Open(
   CO_RETURN_IF_ERROR(co_await layer->file_->Read(h.l1_table_offset, raw));
   layer->l1_.resize(h.l1_size);
   for (uint32_t i = 0; i < h.l1_size; ++i) layer->l1_[i] = LoadBE64(raw.data() + i * spec::kL2EntrySize);
+  // L2 ranges without a table, past the end of any backing file, read as
+  // zeros: a fresh image answers reads without looking at its metadata.
+  const uint64_t bytes_per_l2 = h.cluster_size() * h.l2_entries();
+  for (uint32_t i = 0; i < h.l1_size; ++i) {
+    if (L1EntryL2Offset(layer->l1_[i]) == 0 && !layer->OverBacking(i * bytes_per_l2)) {
+      layer->known_zero_.Add(i * bytes_per_l2, (i + 1) * bytes_per_l2);
+    }
+  }
   if (layer->file_->writable()) {
     if (h.incompatible_features & spec::kIncompatDirty) {
       // Left dirty by a crash with lazy refcounts: the refcounts are not to
@@ -183,6 +191,13 @@ absl::StatusOr<uint64_t> Qcow2Layer::L2TableOffset(uint64_t l1_index) const {
 
 Task<absl::Status> Qcow2Layer::Read(uint64_t offset, std::span<uint8_t> out) {
   while (!out.empty()) {
+    if (const uint64_t known = known_zero_.ZeroRunAt(offset); known > 0) {
+      const uint64_t n = std::min<uint64_t>(known, out.size());
+      std::memset(out.data(), 0, n);
+      offset += n;
+      out = out.subspan(n);
+      continue;
+    }
     absl::StatusOr<Mapping> m = co_await Map(offset, out.size());
     if (!m.ok()) co_return m.status();
     std::span<uint8_t> chunk = out.first(m->length);
@@ -273,6 +288,16 @@ Task<absl::StatusOr<Extent>> Qcow2Layer::BlockStatus(uint64_t offset, uint64_t m
   const uint64_t backing_size = backing_ ? backing_->size() : 0;
   if (offset >= backing_size) co_return Extent{ExtentKind::kUnallocated, m->length};
   co_return co_await backing_->BlockStatus(offset, std::min(m->length, backing_size - offset));
+}
+
+ImageCounters Qcow2Layer::counters() const {
+  const TableCache::Stats l2 = l2_cache_.stats();
+  ImageCounters c;
+  c.l2_slices_dirtied = l2.dirtied;
+  c.l2_slice_reads = l2.misses;
+  c.metadata_writes = l2.writes + other_metadata_writes_.load() + (refcounts_ ? refcounts_->metadata_writes() : 0);
+  c.data_bytes_written = data_bytes_written_.load();
+  return c;
 }
 
 std::string Qcow2Layer::Describe() const {

@@ -17,6 +17,19 @@
 // unflushed writes (as a disk loses its write cache) and leaks at most the
 // clusters allocated for them.
 //
+// Zeroes and discard (qcow2_zero.cc): Discard and WriteZeroes turn whole
+// clusters into zero or unallocated entries and whole subclusters into zero
+// subclusters, write explicit zeros only for the unaligned remainder, and
+// leave alone what already reads as zero with no host cluster: its L2 slice
+// is not even dirtied. ZeroRanges remembers what is known to be zero, so
+// repeating such a request costs no I/O at all.
+//
+// Concurrency: every request that changes L2 entries holds its guest
+// clusters in cluster_locks_ from its first lookup to its last store, so a
+// discard never frees a cluster an allocating write is about to link, and
+// two copy-on-writes into one cluster cannot both allocate. Requests over
+// other clusters, and reads, do not wait.
+//
 // Threads: all calls run on the mount's scheduler thread, one at a time
 // between suspension points; file I/O completes inline today, so a
 // request's metadata update is never interleaved with another's.
@@ -24,6 +37,8 @@
 #ifndef QCOW2FUSE_DATA_QCOW2_LAYER_H_
 #define QCOW2FUSE_DATA_QCOW2_LAYER_H_
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -40,7 +55,9 @@
 #include "io/block_file.h"
 #include "meta/refcounts.h"
 #include "meta/table_cache.h"
+#include "meta/zero_ranges.h"
 #include "qcow2fuse/image.h"
+#include "sched/range_lock.h"
 
 namespace qcow2fuse {
 
@@ -71,6 +88,21 @@ class Qcow2Layer final : public Layer {
   // Changes the virtual size. Growing makes the new space read as zeros;
   // shrinking is refused (FailedPreconditionError) if data would be lost.
   Task<absl::Status> Truncate(uint64_t new_size);
+
+  // Makes [offset, offset + length) read as zeros and frees the host
+  // clusters wholly inside it (PUNCH_HOLE). Where a backing file could show
+  // through, freed clusters become zero clusters, not unallocated ones.
+  Task<absl::Status> Discard(uint64_t offset, uint64_t length);
+  // Makes the range read as zeros with zero clusters and zero subclusters
+  // (ZERO_RANGE). Host clusters are kept (as preallocated zero clusters)
+  // unless `may_unmap`; compressed clusters are always freed.
+  Task<absl::Status> WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap);
+  // Gives every cluster of the range a host cluster without changing what
+  // it reads (fallocate mode 0): later writes there allocate nothing.
+  Task<absl::Status> Preallocate(uint64_t offset, uint64_t length);
+
+  // What the write path has done since Open, for tests and statistics.
+  ImageCounters counters() const;
 
   // A run of guest bytes that one L2 entry type covers, from Map().
   struct Mapping {
@@ -120,6 +152,28 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> MarkCorrupt(absl::Status status);
   Task<absl::Status> WriteData(uint64_t offset, std::span<const uint8_t> data);
   Task<absl::Status> Resize(uint64_t new_size);
+  // Holds the guest clusters of [offset, offset + length) (see
+  // cluster_locks_); every public change takes this first.
+  auto LockClusters(uint64_t offset, uint64_t length) {
+    const uint32_t bits = header_.cluster_bits;
+    return cluster_locks_.Lock(offset >> bits, (offset + std::max<uint64_t>(length, 1) - 1) >> bits);
+  }
+  // The end of every public change: a DataLossError met while changing the
+  // image marks it corrupt (MarkCorrupt).
+  Task<absl::Status> Finish(absl::Status status);
+
+  // Zeroes and discard (qcow2_zero.cc).
+  enum class ZeroMode { kDiscard, kZero, kZeroUnmap };
+  Task<absl::Status> ZeroRange(uint64_t offset, uint64_t length, ZeroMode mode);
+  Task<absl::Status> ZeroWholeCluster(uint64_t guest_cluster, ZeroMode mode);
+  Task<absl::Status> ZeroPartOfCluster(uint64_t offset, uint64_t end, ZeroMode mode);
+  Task<absl::Status> WriteZeroBytes(uint64_t offset, uint64_t end);
+  Task<absl::StatusOr<bool>> HoldsData(uint64_t offset, uint64_t end);
+  Task<absl::Status> PreallocateCluster(uint64_t guest_cluster);
+  // The L2 entry of a cluster that reads as zeros without a host cluster.
+  L2Entry ZeroEntry() const;
+  // Whether the part of the disk a cluster covers lies over a backing file.
+  bool OverBacking(uint64_t guest_cluster) const;
 
   const std::unique_ptr<BlockFile> file_;
   Header header_;  // size and table locations change as the image grows
@@ -144,6 +198,11 @@ class Qcow2Layer final : public Layer {
   // Set once the image is found inconsistent while writing: it is marked
   // corrupt on disk and every later change is refused.
   absl::Status corrupt_;
+  RangeLock cluster_locks_;
+  ZeroRanges known_zero_;
+  // Counters not kept by the caches (see counters()).
+  std::atomic<uint64_t> data_bytes_written_{0};
+  std::atomic<uint64_t> other_metadata_writes_{0};  // L1 entries, new tables, header fields
 
   // The last few inflated clusters: FUSE reads 128 KiB to 1 MiB at a time,
   // so one compressed 2 MiB cluster would otherwise be inflated many times.

@@ -31,6 +31,7 @@ uint64_t SubclusterMask(uint32_t first, uint32_t last) {
 }  // namespace
 
 Task<absl::Status> Qcow2Layer::WriteHeaderField(uint32_t field_offset, std::span<const uint8_t> bytes) {
+  ++other_metadata_writes_;
   CO_RETURN_IF_ERROR(co_await file_->Write(field_offset, bytes));
   co_return co_await file_->Flush();
 }
@@ -122,11 +123,15 @@ Task<absl::Status> Qcow2Layer::CheckOverlap(uint64_t offset, uint64_t length, co
       file_->name(), what, offset, length, hit));
 }
 
+Task<absl::Status> Qcow2Layer::Finish(absl::Status status) {
+  if (absl::IsDataLoss(status) && corrupt_.ok()) co_return co_await MarkCorrupt(status);
+  co_return status;
+}
+
 Task<absl::Status> Qcow2Layer::Write(uint64_t offset, std::span<const uint8_t> data) {
   if (!corrupt_.ok()) co_return corrupt_;
-  absl::Status status = co_await WriteData(offset, data);
-  if (absl::IsDataLoss(status)) co_return co_await MarkCorrupt(status);
-  co_return status;
+  RangeLock::Guard guard = co_await LockClusters(offset, data.size());
+  co_return co_await Finish(co_await WriteData(offset, data));
 }
 
 Task<absl::Status> Qcow2Layer::WriteData(uint64_t offset, std::span<const uint8_t> data) {
@@ -186,6 +191,7 @@ Task<absl::Status> Qcow2Layer::WriteInCluster(uint64_t offset, std::span<const u
       updated.bitmap = (old->bitmap | touched) & ~(touched << spec::kSubclusterZeroShift);
       if (in_place && (old->bitmap & touched) == touched) {
         // Every touched subcluster already holds data: a plain overwrite.
+        data_bytes_written_ += data.size();
         co_return co_await data_file_->Write(host + begin, data);
       }
     } else {
@@ -195,6 +201,7 @@ Task<absl::Status> Qcow2Layer::WriteInCluster(uint64_t offset, std::span<const u
   } else {
     const SubclusterType type = GetSubclusterType(*old, 0, format_);
     if (type == SubclusterType::kNormal && in_place) {
+      data_bytes_written_ += data.size();
       co_return co_await data_file_->Write(host + begin, data);
     }
     updated.descriptor &= ~spec::kOflagZero;
@@ -214,6 +221,7 @@ Task<absl::Status> Qcow2Layer::WriteInCluster(uint64_t offset, std::span<const u
   }
   if (!external_data_file_) CO_RETURN_IF_ERROR(co_await CheckOverlap(target + from, buffer.size(), "guest data"));
   CO_RETURN_IF_ERROR(co_await data_file_->Write(target + from, buffer));
+  data_bytes_written_ += buffer.size();
   updated.descriptor = target | spec::kOflagCopied;
   CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, updated));
   if (!in_place) FreeLater(*old);
@@ -260,6 +268,9 @@ Task<absl::StatusOr<L2Entry>> Qcow2Layer::LookupEntry(uint64_t guest_offset) {
 }
 
 Task<absl::Status> Qcow2Layer::StoreEntry(uint64_t guest_offset, const L2Entry& entry) {
+  // Whoever knows the new entry reads as zero says so again after this.
+  const uint64_t guest_cluster = guest_offset & ~(header_.cluster_size() - 1);
+  known_zero_.Remove(guest_cluster, guest_cluster + header_.cluster_size());
   const uint64_t l2_entries = header_.l2_entries();
   const uint64_t l1_index = (guest_offset >> header_.cluster_bits) / l2_entries;
   absl::StatusOr<uint64_t> l2_offset = co_await WritableL2Table(l1_index);
@@ -288,6 +299,7 @@ Task<absl::StatusOr<uint64_t>> Qcow2Layer::WritableL2Table(uint64_t l1_index) {
   // The whole table goes to disk now; the L1 entry that points to it is
   // written only after a barrier (flush step 3).
   CO_RETURN_IF_ERROR(co_await CheckOverlap(*fresh, table.size(), "a new L2 table"));
+  ++other_metadata_writes_;
   CO_RETURN_IF_ERROR(co_await file_->Write(*fresh, table));
   for (uint64_t s = 0; s < header_.cluster_size(); s += l2_cache_.table_size()) {
     l2_cache_.Forget(*fresh + s);  // the cluster may have held another table
@@ -325,6 +337,7 @@ Task<absl::Status> Qcow2Layer::Flush() {
     for (uint64_t index : dirty_l1_) {
       uint8_t entry[spec::kL2EntrySize];
       StoreBE64(entry, l1_[index]);
+      ++other_metadata_writes_;
       CO_RETURN_IF_ERROR(
           co_await file_->Write(header_.l1_table_offset + index * spec::kL2EntrySize, entry));
     }
@@ -363,6 +376,7 @@ Task<absl::Status> Qcow2Layer::GrowL1(uint64_t entries) {
   std::vector<uint8_t> raw(bytes, 0);
   for (size_t i = 0; i < l1_.size(); ++i) StoreBE64(raw.data() + i * spec::kL2EntrySize, l1_[i]);
   CO_RETURN_IF_ERROR(co_await CheckOverlap(*fresh, raw.size(), "a new L1 table"));
+  ++other_metadata_writes_;
   CO_RETURN_IF_ERROR(co_await file_->Write(*fresh, raw));
   CO_RETURN_IF_ERROR(co_await refcounts_->WriteBack());
   CO_RETURN_IF_ERROR(co_await file_->Flush());
@@ -432,9 +446,9 @@ Task<absl::Status> Qcow2Layer::ZeroNewSpace(uint64_t old_size, uint64_t new_size
 
 Task<absl::Status> Qcow2Layer::Truncate(uint64_t new_size) {
   if (!corrupt_.ok()) co_return corrupt_;
-  absl::Status status = co_await Resize(new_size);
-  if (absl::IsDataLoss(status)) co_return co_await MarkCorrupt(status);
-  co_return status;
+  // Resizing touches the whole disk: it waits for every change in flight.
+  RangeLock::Guard guard = co_await cluster_locks_.Lock(0, UINT64_MAX);
+  co_return co_await Finish(co_await Resize(new_size));
 }
 
 Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
@@ -475,7 +489,12 @@ Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
       header_.size = old_size;
       co_return zeroed;
     }
+    if (header_.version >= spec::kVersion3) {
+      // Every new whole cluster is now a zero entry or empty past the backing file.
+      known_zero_.Add(RoundUp(old_size, header_.cluster_size()), RoundUp(new_size, header_.cluster_size()));
+    }
   }
+  if (new_size < old_size) known_zero_.Remove(new_size, UINT64_MAX);
   // Everything the new size relies on is durable before the size changes.
   CO_RETURN_IF_ERROR(co_await Flush());
   uint8_t field[8];

@@ -79,6 +79,15 @@ class BlockFile {
                              std::to_string(length) + " bytes");
   }
 
+  // Reserves space for [offset, offset + length) without defining what it
+  // reads (the caller's metadata says it is zero), so that later writes
+  // there need no allocation by the filesystem; the file grows to cover
+  // the range. Files that cannot reserve space just grow.
+  virtual Task<absl::Status> Allocate(uint64_t offset, uint64_t length) {
+    if (offset + length <= size()) co_return absl::OkStatus();
+    co_return co_await Truncate(offset + length);
+  }
+
   // Sets the file's size to `size`: bytes past it are dropped, and a grown
   // tail reads as zeros.
   virtual Task<absl::Status> Truncate(uint64_t size) {

@@ -36,6 +36,9 @@ class PosixFile final : public BlockFile {
     co_return DiscardSync(offset, length);
   }
   Task<absl::Status> Truncate(uint64_t size) override { co_return TruncateSync(size); }
+  Task<absl::Status> Allocate(uint64_t offset, uint64_t length) override {
+    co_return AllocateSync(offset, length);
+  }
 
   uint64_t size() const override { return size_.load(); }
   bool writable() const override { return writable_; }
@@ -121,6 +124,26 @@ class PosixFile final : public BlockFile {
       if (errno == EOPNOTSUPP || errno == ENOSYS) return absl::OkStatus();
       return ErrnoStatus(errno, what);
     }
+    return absl::OkStatus();
+  }
+
+  absl::Status AllocateSync(uint64_t offset, uint64_t length) {
+    const std::string what =
+        absl::StrFormat("allocate %s at offset %u, %u bytes", name_, offset, length);
+    if (!writable_) return RefuseReadOnly(what);
+    if (length == 0) return absl::OkStatus();
+    if (offset + length > kMaxOffset) return ErrnoStatus(EFBIG, what);
+    while (fallocate(fd_, 0, offset, length) != 0) {
+      if (errno == EINTR) continue;
+      // A filesystem that cannot reserve space: growing the file is all
+      // the contract asks for.
+      if (errno == EOPNOTSUPP || errno == ENOSYS) {
+        if (offset + length <= size_.load()) return absl::OkStatus();
+        return TruncateSync(offset + length);
+      }
+      return ErrnoStatus(errno, what);
+    }
+    GrowSizeTo(offset + length);
     return absl::OkStatus();
   }
 

@@ -214,10 +214,12 @@ Task<absl::Status> Refcounts::GrowTable(uint64_t min_entries) {
   }
   CO_RETURN_IF_ERROR(co_await blocks_.WriteBack());
   for (size_t i = 0; i < new_blocks.size(); ++i) {
+    ++writes_;
     CO_RETURN_IF_ERROR(co_await file_->Write(table[new_blocks[i]], blocks[i]));
   }
   std::vector<uint8_t> raw(table_bytes, 0);
   for (size_t i = 0; i < table.size(); ++i) StoreBE64(raw.data() + i * spec::kRefcountTableEntrySize, table[i]);
+  ++writes_;
   CO_RETURN_IF_ERROR(co_await file_->Write(area << cluster_bits_, raw));
   CO_RETURN_IF_ERROR(co_await file_->Flush());
 
@@ -226,6 +228,7 @@ Task<absl::Status> Refcounts::GrowTable(uint64_t min_entries) {
   StoreBE64(fields, area << cluster_bits_);
   StoreBE32(fields + 8, static_cast<uint32_t>(table_clusters));
   static_assert(spec::kOffRefcountTableClusters == spec::kOffRefcountTableOffset + 8);
+  ++writes_;
   CO_RETURN_IF_ERROR(co_await file_->Write(spec::kOffRefcountTableOffset, fields));
   CO_RETURN_IF_ERROR(co_await file_->Flush());
 
@@ -251,6 +254,7 @@ Task<absl::Status> Refcounts::WriteBack() {
   for (uint64_t index : dirty_table_entries_) {
     uint8_t entry[spec::kRefcountTableEntrySize];
     StoreBE64(entry, table_[index]);
+    ++writes_;
     CO_RETURN_IF_ERROR(
         co_await file_->Write(table_offset_ + index * spec::kRefcountTableEntrySize, entry));
   }

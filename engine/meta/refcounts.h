@@ -73,6 +73,8 @@ class Refcounts {
   bool OverlapsMetadata(uint64_t offset, uint64_t length) const;
 
   bool has_dirty() const;
+  // Refcount blocks and table entries written so far.
+  uint64_t metadata_writes() const { return writes_ + blocks_.stats().writes; }
   // More refcount blocks are cached than the cache should hold: flush.
   bool over_capacity() const { return blocks_.over_capacity(); }
   uint64_t table_offset() const { return table_offset_; }
@@ -100,6 +102,7 @@ class Refcounts {
   uint64_t free_hint_ = 0;   // no free cluster below this index
   uint64_t end_cluster_ = 0;
   absl::btree_set<uint64_t> freed_;  // cluster indices now at refcount 0
+  uint64_t writes_ = 0;  // writes other than blocks_ write-backs
 };
 
 }  // namespace qcow2fuse

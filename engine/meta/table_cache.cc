@@ -46,6 +46,7 @@ Task<absl::StatusOr<Table*>> TableCache::GetMutable(uint64_t offset) {
   if (!it->dirty) {
     it->dirty = true;
     ++dirty_count_;
+    ++stats_.dirtied;
   }
   co_return it->table.get();
 }
@@ -60,6 +61,7 @@ void TableCache::Install(uint64_t offset, Table table) {
   auto it = InsertLocked(offset, std::make_shared<Table>(std::move(table)));
   it->dirty = true;
   ++dirty_count_;
+  ++stats_.dirtied;
 }
 
 void TableCache::Forget(uint64_t offset) {

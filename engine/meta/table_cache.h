@@ -76,7 +76,8 @@ class TableCache {
   struct Stats {
     uint64_t hits = 0;
     uint64_t misses = 0;
-    uint64_t writes = 0;  // tables written back
+    uint64_t writes = 0;   // tables written back
+    uint64_t dirtied = 0;  // times a clean (or new) table became dirty
     size_t cached = 0;
     size_t dirty = 0;
   };

@@ -24,6 +24,13 @@
 
 namespace qcow2fuse {
 
+// What to do with a write whose data is all zeros (QEMU's detect-zeroes).
+enum class DetectZeroes {
+  kOff,    // write it as data
+  kOn,     // make zero clusters instead of writing data
+  kUnmap,  // make zero clusters and free the host clusters they had
+};
+
 struct ImageOptions {
   // Open for reading only.
   bool read_only = true;
@@ -34,6 +41,16 @@ struct ImageOptions {
   // Take none of QEMU's image locks (read-only opens only), as qemu-img -U:
   // the image may then change underneath us.
   bool force_share = false;
+  DetectZeroes detect_zeroes = DetectZeroes::kOff;
+};
+
+// Work done by the write path since the image was opened. Tests use these
+// to prove that a request that changes nothing writes nothing.
+struct ImageCounters {
+  uint64_t l2_slices_dirtied = 0;   // L2 slices that went from clean to dirty
+  uint64_t l2_slice_reads = 0;      // L2 slices read from the file (cache misses)
+  uint64_t metadata_writes = 0;     // writes of L1/L2 tables, refcounts, header fields
+  uint64_t data_bytes_written = 0;  // guest data (and explicit zeros) written
 };
 
 // What a run of the disk holds, following the backing chain.
@@ -80,6 +97,20 @@ class Image {
 
   // Makes every write completed before it durable.
   Task<absl::Status> Flush();
+
+  // Makes [offset, offset + length) read as zeros and frees the clusters
+  // wholly inside it, as fallocate(PUNCH_HOLE) does to a file.
+  Task<absl::Status> Discard(uint64_t offset, uint64_t length);
+
+  // Makes the range read as zeros with zero clusters rather than written
+  // zeros (fallocate ZERO_RANGE). Host clusters are kept unless `may_unmap`.
+  Task<absl::Status> WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap = false);
+
+  // Allocates host clusters for the range without changing what it reads
+  // (fallocate mode 0), so later writes there need no allocation.
+  Task<absl::Status> Preallocate(uint64_t offset, uint64_t length);
+
+  ImageCounters counters() const;
 
   // Grows the disk (the new space reads as zeros) or shrinks it where that
   // loses no data (FailedPreconditionError otherwise). The size must be a

@@ -1,0 +1,96 @@
+// GatedFile: a BlockFile that can hold a write in flight, for tests that
+// force an interleaving of engine requests.
+//
+// Engine requests run until their I/O suspends them. Real I/O completes in
+// an order the test cannot choose; GatedFile lets the test park the next
+// matching write (the coroutine suspends before the write reaches the
+// file), start other requests while it is parked, and then resume it with
+// Release(), all on the test's own thread:
+//
+//   gated->HoldNextWrite([](uint64_t offset, size_t n) { return n == 65536; });
+//   Started write = Start(layer->Write(...));    // runs until parked
+//   Started discard = Start(layer->Discard(...));
+//   EXPECT_FALSE(discard.done());                 // it must wait
+//   gated->Release();                             // the write goes on
+//
+// Not thread-safe: everything runs on the test thread.
+
+#ifndef QCOW2FUSE_TESTS_UNIT_GATED_FILE_H_
+#define QCOW2FUSE_TESTS_UNIT_GATED_FILE_H_
+
+#include <coroutine>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "io/block_file.h"
+#include "qcow2fuse/task.h"
+
+namespace qcow2fuse::test {
+
+class GatedFile : public BlockFile {
+ public:
+  using Match = std::function<bool(uint64_t offset, size_t length)>;
+
+  explicit GatedFile(std::unique_ptr<BlockFile> inner) : inner_(std::move(inner)) {}
+
+  // The next write that `match` accepts parks until Release().
+  void HoldNextWrite(Match match) { match_ = std::move(match); }
+  // Whether a write is parked now.
+  bool holding() const { return static_cast<bool>(parked_); }
+  // Resumes the parked write; it runs on this thread until it next suspends.
+  void Release() { std::exchange(parked_, nullptr).resume(); }
+
+  Task<absl::Status> Read(uint64_t offset, std::span<uint8_t> out) override { return inner_->Read(offset, out); }
+  uint64_t size() const override { return inner_->size(); }
+  bool writable() const override { return inner_->writable(); }
+  Task<absl::Status> Write(uint64_t offset, std::span<const uint8_t> data) override {
+    if (match_ && match_(offset, data.size())) {
+      match_ = nullptr;
+      co_await Park{this};
+    }
+    co_return co_await inner_->Write(offset, data);
+  }
+  Task<absl::Status> Flush() override { return inner_->Flush(); }
+  Task<absl::Status> Discard(uint64_t offset, uint64_t length) override { return inner_->Discard(offset, length); }
+  Task<absl::Status> Truncate(uint64_t size) override { return inner_->Truncate(size); }
+  Task<absl::Status> Allocate(uint64_t offset, uint64_t length) override { return inner_->Allocate(offset, length); }
+  int fd() const override { return inner_->fd(); }
+  const std::string& name() const override { return inner_->name(); }
+
+ private:
+  struct Park {
+    GatedFile* file;
+    bool await_ready() const noexcept { return false; }
+    void await_suspend(std::coroutine_handle<> h) noexcept { file->parked_ = h; }
+    void await_resume() const noexcept {}
+  };
+
+  std::unique_ptr<BlockFile> inner_;
+  Match match_;
+  std::coroutine_handle<> parked_;
+};
+
+// A request started on the test thread that may suspend; done() once it
+// has finished.
+class Started {
+ public:
+  explicit Started(Task<absl::Status> task) : state_(std::make_shared<std::optional<absl::Status>>()) {
+    Run(std::move(task), state_).handle.resume();
+  }
+  bool done() const { return state_->has_value(); }
+  const absl::Status& status() const { return **state_; }
+
+ private:
+  static internal::DetachedCoroutine Run(Task<absl::Status> task,
+                                         std::shared_ptr<std::optional<absl::Status>> out) {
+    *out = co_await std::move(task);
+  }
+  std::shared_ptr<std::optional<absl::Status>> state_;
+};
+
+}  // namespace qcow2fuse::test
+
+#endif  // QCOW2FUSE_TESTS_UNIT_GATED_FILE_H_
