@@ -57,33 +57,41 @@ bool AllZero(std::span<const uint8_t> data) {
 Task<absl::Status> Image::Write(uint64_t offset, std::span<const uint8_t> data) {
   if (options_.read_only) co_return absl::FailedPreconditionError("the image is open read-only");
   CO_RETURN_IF_ERROR(CheckRange("write", offset, data.size(), virtual_size_));
-  allocated_bytes_.reset();
+  InvalidateAllocatedBytes();
   if (options_.detect_zeroes != DetectZeroes::kOff && AllZero(data)) {
-    co_return co_await top_->WriteZeroes(offset, data.size(),
-                                         options_.detect_zeroes == DetectZeroes::kUnmap);
+    const bool unmap = options_.detect_zeroes == DetectZeroes::kUnmap;
+    co_return Changed(co_await top_->WriteZeroes(offset, data.size(), unmap));
   }
-  co_return co_await top_->Write(offset, data);
+  co_return Changed(co_await top_->Write(offset, data));
 }
 
 Task<absl::Status> Image::Discard(uint64_t offset, uint64_t length) {
   if (options_.read_only) co_return absl::FailedPreconditionError("the image is open read-only");
   CO_RETURN_IF_ERROR(CheckRange("discard", offset, length, virtual_size_));
-  allocated_bytes_.reset();
-  co_return co_await top_->Discard(offset, length);
+  InvalidateAllocatedBytes();
+  co_return Changed(co_await top_->Discard(offset, length));
 }
 
 Task<absl::Status> Image::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) {
   if (options_.read_only) co_return absl::FailedPreconditionError("the image is open read-only");
   CO_RETURN_IF_ERROR(CheckRange("write-zeroes", offset, length, virtual_size_));
-  allocated_bytes_.reset();
-  co_return co_await top_->WriteZeroes(offset, length, may_unmap);
+  InvalidateAllocatedBytes();
+  co_return Changed(co_await top_->WriteZeroes(offset, length, may_unmap));
 }
 
 Task<absl::Status> Image::Preallocate(uint64_t offset, uint64_t length) {
   if (options_.read_only) co_return absl::FailedPreconditionError("the image is open read-only");
   CO_RETURN_IF_ERROR(CheckRange("preallocation", offset, length, virtual_size_));
-  allocated_bytes_.reset();
-  co_return co_await top_->Preallocate(offset, length);
+  InvalidateAllocatedBytes();
+  co_return Changed(co_await top_->Preallocate(offset, length));
+}
+
+void Image::InvalidateAllocatedBytes() { changes_.fetch_add(1); }
+
+absl::Status Image::Changed(absl::Status status) {
+  // Also after the change: a count taken while it ran may have missed it.
+  InvalidateAllocatedBytes();
+  return status;
 }
 
 ImageCounters Image::counters() const { return top_->counters(); }
@@ -96,8 +104,8 @@ Task<absl::Status> Image::Truncate(uint64_t new_size) {
     co_return absl::InvalidArgumentError(absl::StrFormat(
         "a disk size must be a multiple of %u bytes, not %u", kSectorSize, new_size));
   }
-  allocated_bytes_.reset();
-  CO_RETURN_IF_ERROR(co_await top_->Truncate(new_size));
+  InvalidateAllocatedBytes();
+  CO_RETURN_IF_ERROR(Changed(co_await top_->Truncate(new_size)));
   virtual_size_ = DiskSize(*top_);
   co_return absl::OkStatus();
 }
@@ -122,7 +130,11 @@ Task<absl::StatusOr<Extent>> Image::BlockStatus(uint64_t offset, uint64_t max_le
 }
 
 Task<absl::StatusOr<uint64_t>> Image::AllocatedBytes() {
-  if (allocated_bytes_) co_return *allocated_bytes_;
+  const uint64_t generation = changes_.load();
+  {
+    std::lock_guard lock(allocated_mu_);
+    if (allocated_bytes_ && allocated_generation_ == generation) co_return *allocated_bytes_;
+  }
   const uint64_t disk = virtual_size_;
   uint64_t total = 0;
   for (uint64_t offset = 0; offset < disk;) {
@@ -136,7 +148,14 @@ Task<absl::StatusOr<uint64_t>> Image::AllocatedBytes() {
     if (e->kind == ExtentKind::kData) total += e->length;
     offset += e->length;
   }
-  allocated_bytes_ = total;
+  {
+    // A change that began meanwhile makes this count stale: do not keep it.
+    std::lock_guard lock(allocated_mu_);
+    if (changes_.load() == generation) {
+      allocated_bytes_ = total;
+      allocated_generation_ = generation;
+    }
+  }
   co_return total;
 }
 

@@ -146,7 +146,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   int loop_result;
   {
     // Threads start here, after any fork.
-    Scheduler scheduler(1);
+    Scheduler scheduler(options.threads);
     state.scheduler = &scheduler;
     state.on_ready = [&] {
       if (!options.foreground) {

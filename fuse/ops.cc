@@ -20,6 +20,8 @@ namespace {
 // only changes when we change it.
 constexpr double kAttrTimeoutSeconds = 1.0;
 constexpr off_t kStatBlockSize = 512;  // st_blocks unit
+constexpr unsigned kMaxRequestBytes = 1u << 20;
+constexpr unsigned kMaxBackground = 64;
 
 MountState& State(fuse_req_t req) { return *static_cast<MountState*>(fuse_req_userdata(req)); }
 
@@ -167,6 +169,13 @@ Task<void> Lseek(fuse_req_t req, off_t offset, int whence) {
 
 void OnInit(void* userdata, struct fuse_conn_info* conn) {
   conn->want |= conn->capable & FUSE_CAP_ASYNC_READ;
+  // Big requests: 1 MiB reads and writes instead of 128 KiB ones (libfuse
+  // derives the kernel's max_pages from max_write), and enough requests in
+  // flight for the scheduler's threads to keep the disk busy.
+  conn->max_write = kMaxRequestBytes;
+  conn->max_readahead = kMaxRequestBytes;
+  conn->max_background = kMaxBackground;
+  conn->congestion_threshold = kMaxBackground * 3 / 4;
   MountState& m = *static_cast<MountState*>(userdata);
   if (m.on_ready) m.on_ready();
 }

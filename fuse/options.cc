@@ -23,6 +23,8 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
   return std::string(cwd) + "/" + path;
 }
 
+constexpr int kMaxThreads = 64;
+
 absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
   std::vector<std::string> kv = absl::StrSplit(option, absl::MaxSplits('=', 1));
   const std::string& key = kv[0];
@@ -39,6 +41,13 @@ absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
     absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
     if (!bytes.ok()) return bytes.status();
     out.image_options.l2_cache_size = *bytes;
+  } else if (key == "threads" && has_value) {
+    int n = 0;
+    if (!absl::SimpleAtoi(kv[1], &n) || n < 1 || n > kMaxThreads) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("threads must be a number from 1 to %d, not '%s'", kMaxThreads, kv[1]));
+    }
+    out.threads = n;
   } else if (key == "detect_zeroes" && has_value) {
     // QEMU's spelling and values.
     if (kv[1] == "off") {
@@ -76,6 +85,7 @@ const char* UsageText() {
          "  -o allow_other         let other users access the view\n"
          "  -o l2_cache_size=SIZE  L2 table cache per image (default 4M)\n"
          "  -o data_file=PATH      the image's external data file\n"
+         "  -o threads=N           requests run on N threads (default 4)\n"
          "  -o detect_zeroes=MODE  off (default), on: all-zero writes become zero\n"
          "                         clusters; unmap: and free their space\n"
          "  -f                     stay in the foreground, log to stderr\n"

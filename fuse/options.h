@@ -20,6 +20,9 @@ struct MountOptions {
   bool debug = false;  // libfuse's request trace; implies foreground
   bool allow_other = false;
   std::string pidfile;
+  // Threads running requests; each blocks in file I/O, so this is also how
+  // many requests reach the disk at once.
+  int threads = 4;
   bool help = false;
   bool version = false;
   ImageOptions image_options;

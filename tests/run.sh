@@ -4,7 +4,8 @@
 # mount FUSE file systems and loop devices).
 #
 #   tests/run.sh                  normal build, in build/
-#   SANITIZE=address,undefined tests/run.sh   sanitizer build, in build-asan/
+#   SANITIZE=address,undefined tests/run.sh   sanitizer build, in build-address-undefined/
+#   SANITIZE=thread tests/run.sh              ThreadSanitizer build, in build-thread/
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/packaging/install-deps.sh"
@@ -13,6 +14,7 @@ if [[ -n "${SANITIZE:-}" ]]; then
   "$root/packaging/build.sh" -DBUILD_TESTING=ON -DCMAKE_BUILD_TYPE=Debug -DQCOW2FUSE_SANITIZE="$SANITIZE"
   export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
   export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+  export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}
 else
   export BUILD_DIR=${BUILD_DIR:-$root/build}
   # BUILD_TESTING explicitly: the demo may have configured this directory without tests.

@@ -96,9 +96,9 @@ Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint6
   const uint64_t bytes_per_l2 = cluster_size * l2_entries;
 
   const uint64_t l1_index = offset / bytes_per_l2;
-  if (l1_index >= l1_.size()) {
+  if (l1_index >= L1Size()) {
     co_return absl::OutOfRangeError(absl::StrFormat(
-        "%s: guest offset %#x is beyond the L1 table (%u entries)", file_->name(), offset, l1_.size()));
+        "%s: guest offset %#x is beyond the L1 table (%u entries)", file_->name(), offset, L1Size()));
   }
   uint64_t end = std::min(offset + max_length, (l1_index + 1) * bytes_per_l2);
 
@@ -178,8 +178,18 @@ Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint6
   co_return m;
 }
 
+uint64_t Qcow2Layer::L1Entry(uint64_t l1_index) const {
+  std::shared_lock lock(l1_mu_);
+  return l1_index < l1_.size() ? l1_[l1_index] : 0;
+}
+
+uint64_t Qcow2Layer::L1Size() const {
+  std::shared_lock lock(l1_mu_);
+  return l1_.size();
+}
+
 absl::StatusOr<uint64_t> Qcow2Layer::L2TableOffset(uint64_t l1_index) const {
-  const uint64_t l2_offset = L1EntryL2Offset(l1_[l1_index]);
+  const uint64_t l2_offset = L1EntryL2Offset(L1Entry(l1_index));
   if (l2_offset == 0) return 0;
   if ((l2_offset & (header_.cluster_size() - 1)) != 0 || l2_offset >= file_->size()) {
     return absl::DataLossError(absl::StrFormat(

@@ -24,15 +24,22 @@
 // is not even dirtied. ZeroRanges remembers what is known to be zero, so
 // repeating such a request costs no I/O at all.
 //
-// Concurrency: every request that changes L2 entries holds its guest
-// clusters in cluster_locks_ from its first lookup to its last store, so a
-// discard never frees a cluster an allocating write is about to link, and
-// two copy-on-writes into one cluster cannot both allocate. Requests over
-// other clusters, and reads, do not wait.
-//
-// Threads: all calls run on the mount's scheduler thread, one at a time
-// between suspension points; file I/O completes inline today, so a
-// request's metadata update is never interleaved with another's.
+// Concurrency. Requests run in parallel on the scheduler's threads, and
+// wait only where they conflict:
+//   - cluster_locks_: every request that changes L2 entries holds its guest
+//     clusters from its first lookup to its last store, so a discard never
+//     frees a cluster an allocating write is about to link, and two
+//     copy-on-writes into one cluster cannot both allocate. Requests over
+//     other clusters, and reads, do not wait for it.
+//   - meta_mu_ (a coroutine mutex) guards the shared write-side state:
+//     refcounts, allocation, L2 stores, the dirty L1 entries, the frees
+//     waiting for a flush. It is held for the metadata steps of a request,
+//     never across its data I/O, and for the whole of a flush, whose order
+//     it protects.
+//   - l1_mu_ guards the L1 table in memory, for a few instructions at a
+//     time: readers copy an entry under it.
+// Reads take none of these beyond l1_mu_; the L2 cache hands them tables
+// that no writer changes in place (TableCache::Modify).
 
 #ifndef QCOW2FUSE_DATA_QCOW2_LAYER_H_
 #define QCOW2FUSE_DATA_QCOW2_LAYER_H_
@@ -43,6 +50,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <vector>
 
 #include "absl/container/btree_set.h"
@@ -135,10 +143,16 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> WriteInCluster(uint64_t offset, std::span<const uint8_t> data);
   Task<absl::Status> FillFromGuest(uint64_t offset, std::span<uint8_t> out);
   Task<absl::StatusOr<L2Entry>> LookupEntry(uint64_t guest_offset);
+  // The L1 entry at `l1_index` (under l1_mu_); 0 past the table's end.
+  uint64_t L1Entry(uint64_t l1_index) const;
+  uint64_t L1Size() const;
+  // These four require meta_mu_ held.
   Task<absl::Status> StoreEntry(uint64_t guest_offset, const L2Entry& entry);
   Task<absl::StatusOr<uint64_t>> WritableL2Table(uint64_t l1_index);
   Task<absl::StatusOr<uint64_t>> AllocateDataCluster(uint64_t guest_cluster);
   void FreeLater(const L2Entry& old_entry);
+  // Requires meta_mu_ held: the flush protocol itself.
+  Task<absl::Status> FlushLocked();
   Task<absl::Status> GrowL1(uint64_t entries);
   Task<absl::Status> WriteHeaderField(uint32_t field_offset, std::span<const uint8_t> bytes);
   Task<absl::Status> MarkBitmapsInUse();
@@ -146,10 +160,13 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> FlushIfCachesFull();
   // Refuses (and marks the image corrupt) a write of guest data or a new
   // table to [offset, offset + length) that would land on metadata in use.
+  // Requires meta_mu_ held.
   Task<absl::Status> CheckOverlap(uint64_t offset, uint64_t length, const char* what);
   // Marks the image corrupt (header bit) after `status`, a DataLossError
   // met while changing it, and latches it: later changes fail.
   Task<absl::Status> MarkCorrupt(absl::Status status);
+  // The error every change gets once the image is marked corrupt, or OK.
+  absl::Status CorruptStatus() const;
   Task<absl::Status> WriteData(uint64_t offset, std::span<const uint8_t> data);
   Task<absl::Status> Resize(uint64_t new_size);
   // Holds the guest clusters of [offset, offset + length) (see
@@ -182,12 +199,14 @@ class Qcow2Layer final : public Layer {
   const std::unique_ptr<Layer> backing_;
   const L2Format format_;
   const CompressionType compression_;
+  mutable std::shared_mutex l1_mu_;
   std::vector<uint64_t> l1_;
   TableCache l2_cache_;
 
-  // Writing (null refcounts_ for a read-only layer).
+  // Writing (null refcounts_ for a read-only layer). Under meta_mu_.
+  AsyncMutex meta_mu_;
   std::unique_ptr<Refcounts> refcounts_;
-  bool prepared_for_write_ = false;
+  std::atomic<bool> prepared_for_write_{false};
   absl::btree_set<uint64_t> dirty_l1_;
   // Host ranges (offset, clusters) to give back once no durable metadata
   // points to them: step 4 of the flush protocol.
@@ -197,6 +216,8 @@ class Qcow2Layer final : public Layer {
   absl::flat_hash_set<uint64_t> l2_tables_;
   // Set once the image is found inconsistent while writing: it is marked
   // corrupt on disk and every later change is refused.
+  std::atomic<bool> is_corrupt_{false};
+  mutable std::mutex corrupt_mu_;
   absl::Status corrupt_;
   RangeLock cluster_locks_;
   ZeroRanges known_zero_;

@@ -68,6 +68,8 @@ Task<absl::Status> Qcow2Layer::PrepareFirstWrite() {
   if (!writable()) {
     co_return absl::FailedPreconditionError(absl::StrFormat("%s is open read-only", file_->name()));
   }
+  RangeLock::Guard meta = co_await meta_mu_.Lock();
+  if (prepared_for_write_) co_return absl::OkStatus();  // another request got here first
   if (header_.incompatible_features & spec::kIncompatDirty) {
     // Open() rebuilds the refcounts of a dirty image it may write.
     co_return absl::InternalError(absl::StrFormat("%s is still dirty", file_->name()));
@@ -86,14 +88,27 @@ Task<absl::Status> Qcow2Layer::PrepareFirstWrite() {
   co_return absl::OkStatus();
 }
 
+absl::Status Qcow2Layer::CorruptStatus() const {
+  if (!is_corrupt_) return absl::OkStatus();
+  std::lock_guard lock(corrupt_mu_);
+  return corrupt_;
+}
+
 Task<absl::Status> Qcow2Layer::MarkCorrupt(absl::Status status) {
-  corrupt_ = Annotate(status, "the image is marked corrupt and now refuses writes");
+  RangeLock::Guard meta = co_await meta_mu_.Lock();
+  if (is_corrupt_) co_return CorruptStatus();  // marked by a request in parallel
+  const absl::Status latched = Annotate(status, "the image is marked corrupt and now refuses writes");
+  {
+    std::lock_guard lock(corrupt_mu_);
+    corrupt_ = latched;
+  }
+  is_corrupt_ = true;
   header_.incompatible_features |= spec::kIncompatCorrupt;
   uint8_t field[8];
   StoreBE64(field, header_.incompatible_features);
   absl::Status marked = co_await WriteHeaderField(spec::kOffIncompatibleFeatures, field);
-  if (!marked.ok()) co_return Annotate(corrupt_, absl::StrCat("(setting the corrupt bit failed too: ", marked.message(), ")"));
-  co_return corrupt_;
+  if (!marked.ok()) co_return Annotate(latched, absl::StrCat("(setting the corrupt bit failed too: ", marked.message(), ")"));
+  co_return latched;
 }
 
 Task<absl::Status> Qcow2Layer::CheckOverlap(uint64_t offset, uint64_t length, const char* what) {
@@ -124,12 +139,12 @@ Task<absl::Status> Qcow2Layer::CheckOverlap(uint64_t offset, uint64_t length, co
 }
 
 Task<absl::Status> Qcow2Layer::Finish(absl::Status status) {
-  if (absl::IsDataLoss(status) && corrupt_.ok()) co_return co_await MarkCorrupt(status);
+  if (absl::IsDataLoss(status) && !is_corrupt_) co_return co_await MarkCorrupt(status);
   co_return status;
 }
 
 Task<absl::Status> Qcow2Layer::Write(uint64_t offset, std::span<const uint8_t> data) {
-  if (!corrupt_.ok()) co_return corrupt_;
+  CO_RETURN_IF_ERROR(CorruptStatus());
   RangeLock::Guard guard = co_await LockClusters(offset, data.size());
   co_return co_await Finish(co_await WriteData(offset, data));
 }
@@ -214,15 +229,21 @@ Task<absl::Status> Qcow2Layer::WriteInCluster(uint64_t offset, std::span<const u
   std::memcpy(buffer.data() + (begin - from), data.data(), data.size());
 
   uint64_t target = host;
-  if (!in_place) {
-    absl::StatusOr<uint64_t> fresh = co_await AllocateDataCluster(guest_cluster);
-    if (!fresh.ok()) co_return fresh.status();
-    target = *fresh;
+  {
+    RangeLock::Guard meta = co_await meta_mu_.Lock();
+    if (!in_place) {
+      absl::StatusOr<uint64_t> fresh = co_await AllocateDataCluster(guest_cluster);
+      if (!fresh.ok()) co_return fresh.status();
+      target = *fresh;
+    }
+    if (!external_data_file_) CO_RETURN_IF_ERROR(co_await CheckOverlap(target + from, buffer.size(), "guest data"));
   }
-  if (!external_data_file_) CO_RETURN_IF_ERROR(co_await CheckOverlap(target + from, buffer.size(), "guest data"));
+  // The data goes to disk with no lock held: only this request knows the
+  // new cluster until its entry is stored.
   CO_RETURN_IF_ERROR(co_await data_file_->Write(target + from, buffer));
   data_bytes_written_ += buffer.size();
   updated.descriptor = target | spec::kOflagCopied;
+  RangeLock::Guard meta = co_await meta_mu_.Lock();
   CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, updated));
   if (!in_place) FreeLater(*old);
   co_return absl::OkStatus();
@@ -252,7 +273,7 @@ void Qcow2Layer::FreeLater(const L2Entry& old_entry) {
 Task<absl::StatusOr<L2Entry>> Qcow2Layer::LookupEntry(uint64_t guest_offset) {
   const uint64_t l2_entries = header_.l2_entries();
   const uint64_t l1_index = (guest_offset >> header_.cluster_bits) / l2_entries;
-  if (l1_index >= l1_.size()) {
+  if (l1_index >= L1Size()) {
     co_return absl::OutOfRangeError(absl::StrFormat(
         "%s: guest offset %#x is beyond the L1 table", file_->name(), guest_offset));
   }
@@ -277,11 +298,9 @@ Task<absl::Status> Qcow2Layer::StoreEntry(uint64_t guest_offset, const L2Entry& 
   if (!l2_offset.ok()) co_return l2_offset.status();
   const uint64_t l2_index = (guest_offset >> header_.cluster_bits) % l2_entries;
   const uint64_t per_slice = l2_cache_.table_size() / format_.entry_size();
-  absl::StatusOr<Table*> slice =
-      co_await l2_cache_.GetMutable(*l2_offset + (l2_index - l2_index % per_slice) * format_.entry_size());
-  if (!slice.ok()) co_return slice.status();
-  EncodeL2Entry(entry, (*slice)->data() + (l2_index % per_slice) * format_.entry_size(), format_);
-  co_return absl::OkStatus();
+  const uint64_t in_slice = (l2_index % per_slice) * format_.entry_size();
+  co_return co_await l2_cache_.Modify(*l2_offset + (l2_index - l2_index % per_slice) * format_.entry_size(),
+                                      [&](Table& slice) { EncodeL2Entry(entry, slice.data() + in_slice, format_); });
 }
 
 // The L2 table of `l1_index`, made private to the active L1 table: a new
@@ -290,7 +309,7 @@ Task<absl::Status> Qcow2Layer::StoreEntry(uint64_t guest_offset, const L2Entry& 
 Task<absl::StatusOr<uint64_t>> Qcow2Layer::WritableL2Table(uint64_t l1_index) {
   absl::StatusOr<uint64_t> old = L2TableOffset(l1_index);
   if (!old.ok()) co_return old.status();
-  if (*old != 0 && (l1_[l1_index] & spec::kOflagCopied)) co_return *old;
+  if (*old != 0 && (L1Entry(l1_index) & spec::kOflagCopied)) co_return *old;
 
   absl::StatusOr<uint64_t> fresh = co_await refcounts_->Allocate(1);
   if (!fresh.ok()) co_return fresh.status();
@@ -304,7 +323,10 @@ Task<absl::StatusOr<uint64_t>> Qcow2Layer::WritableL2Table(uint64_t l1_index) {
   for (uint64_t s = 0; s < header_.cluster_size(); s += l2_cache_.table_size()) {
     l2_cache_.Forget(*fresh + s);  // the cluster may have held another table
   }
-  l1_[l1_index] = *fresh | spec::kOflagCopied;
+  {
+    std::unique_lock lock(l1_mu_);
+    l1_[l1_index] = *fresh | spec::kOflagCopied;
+  }
   dirty_l1_.insert(l1_index);
   l2_tables_.insert(*fresh);
   if (*old != 0) {
@@ -323,6 +345,11 @@ Task<absl::Status> Qcow2Layer::FlushIfCachesFull() {
 
 Task<absl::Status> Qcow2Layer::Flush() {
   if (!writable()) co_return absl::OkStatus();
+  RangeLock::Guard meta = co_await meta_mu_.Lock();
+  co_return co_await FlushLocked();
+}
+
+Task<absl::Status> Qcow2Layer::FlushLocked() {
   // 1. Refcounts and guest data.
   CO_RETURN_IF_ERROR(co_await refcounts_->WriteBack());
   if (external_data_file_) CO_RETURN_IF_ERROR(co_await external_data_file_->Flush());
@@ -336,7 +363,7 @@ Task<absl::Status> Qcow2Layer::Flush() {
   if (!dirty_l1_.empty()) {
     for (uint64_t index : dirty_l1_) {
       uint8_t entry[spec::kL2EntrySize];
-      StoreBE64(entry, l1_[index]);
+      StoreBE64(entry, L1Entry(index));
       ++other_metadata_writes_;
       CO_RETURN_IF_ERROR(
           co_await file_->Write(header_.l1_table_offset + index * spec::kL2EntrySize, entry));
@@ -367,14 +394,18 @@ Task<absl::Status> Qcow2Layer::GrowL1(uint64_t entries) {
         "%s: the disk cannot grow that far: its L1 table would exceed %u bytes", file_->name(),
         spec::kMaxL1Bytes));
   }
+  RangeLock::Guard meta = co_await meta_mu_.Lock();
   // The new table copies the in-memory entries: what they point to must be
   // durable before the header can point to it.
-  CO_RETURN_IF_ERROR(co_await Flush());
+  CO_RETURN_IF_ERROR(co_await FlushLocked());
   const uint64_t bytes = RoundUp(entries * spec::kL2EntrySize, cluster_size);
   absl::StatusOr<uint64_t> fresh = co_await refcounts_->Allocate(bytes / cluster_size);
   if (!fresh.ok()) co_return fresh.status();
   std::vector<uint8_t> raw(bytes, 0);
-  for (size_t i = 0; i < l1_.size(); ++i) StoreBE64(raw.data() + i * spec::kL2EntrySize, l1_[i]);
+  {
+    std::shared_lock lock(l1_mu_);
+    for (size_t i = 0; i < l1_.size(); ++i) StoreBE64(raw.data() + i * spec::kL2EntrySize, l1_[i]);
+  }
   CO_RETURN_IF_ERROR(co_await CheckOverlap(*fresh, raw.size(), "a new L1 table"));
   ++other_metadata_writes_;
   CO_RETURN_IF_ERROR(co_await file_->Write(*fresh, raw));
@@ -390,7 +421,10 @@ Task<absl::Status> Qcow2Layer::GrowL1(uint64_t entries) {
 
   const uint64_t old_offset = header_.l1_table_offset;
   const uint64_t old_clusters = RoundUp(uint64_t{header_.l1_size} * spec::kL2EntrySize, cluster_size) / cluster_size;
-  l1_.resize(entries, 0);
+  {
+    std::unique_lock lock(l1_mu_);
+    l1_.resize(entries, 0);
+  }
   header_.l1_size = static_cast<uint32_t>(entries);
   header_.l1_table_offset = *fresh;
   if (old_clusters > 0) pending_frees_.emplace_back(old_offset, old_clusters);
@@ -435,6 +469,7 @@ Task<absl::Status> Qcow2Layer::ZeroNewSpace(uint64_t old_size, uint64_t new_size
         } else {
           zero.descriptor = spec::kOflagZero;
         }
+        RangeLock::Guard meta = co_await meta_mu_.Lock();
         CO_RETURN_IF_ERROR(co_await StoreEntry(gc, zero));
         FreeLater(*entry);
       }
@@ -445,7 +480,7 @@ Task<absl::Status> Qcow2Layer::ZeroNewSpace(uint64_t old_size, uint64_t new_size
 }
 
 Task<absl::Status> Qcow2Layer::Truncate(uint64_t new_size) {
-  if (!corrupt_.ok()) co_return corrupt_;
+  CO_RETURN_IF_ERROR(CorruptStatus());
   // Resizing touches the whole disk: it waits for every change in flight.
   RangeLock::Guard guard = co_await cluster_locks_.Lock(0, UINT64_MAX);
   co_return co_await Finish(co_await Resize(new_size));
@@ -479,7 +514,7 @@ Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
   } else {
     const uint64_t bytes_per_l2 = header_.cluster_size() * header_.l2_entries();
     const uint64_t l1_needed = new_size / bytes_per_l2 + (new_size % bytes_per_l2 != 0);
-    if (l1_needed > l1_.size()) CO_RETURN_IF_ERROR(co_await GrowL1(l1_needed));
+    if (l1_needed > L1Size()) CO_RETURN_IF_ERROR(co_await GrowL1(l1_needed));
     if (external_data_file_ && external_data_file_->size() < new_size) {
       CO_RETURN_IF_ERROR(co_await external_data_file_->Truncate(new_size));
     }
@@ -496,7 +531,8 @@ Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
   }
   if (new_size < old_size) known_zero_.Remove(new_size, UINT64_MAX);
   // Everything the new size relies on is durable before the size changes.
-  CO_RETURN_IF_ERROR(co_await Flush());
+  RangeLock::Guard meta = co_await meta_mu_.Lock();
+  CO_RETURN_IF_ERROR(co_await FlushLocked());
   uint8_t field[8];
   StoreBE64(field, new_size);
   CO_RETURN_IF_ERROR(co_await WriteHeaderField(spec::kOffSize, field));

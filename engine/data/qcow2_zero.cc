@@ -41,13 +41,13 @@ bool SameEntry(const L2Entry& a, const L2Entry& b) {
 }  // namespace
 
 Task<absl::Status> Qcow2Layer::Discard(uint64_t offset, uint64_t length) {
-  if (!corrupt_.ok()) co_return corrupt_;
+  CO_RETURN_IF_ERROR(CorruptStatus());
   RangeLock::Guard guard = co_await LockClusters(offset, length);
   co_return co_await Finish(co_await ZeroRange(offset, length, ZeroMode::kDiscard));
 }
 
 Task<absl::Status> Qcow2Layer::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) {
-  if (!corrupt_.ok()) co_return corrupt_;
+  CO_RETURN_IF_ERROR(CorruptStatus());
   RangeLock::Guard guard = co_await LockClusters(offset, length);
   co_return co_await Finish(
       co_await ZeroRange(offset, length, may_unmap ? ZeroMode::kZeroUnmap : ZeroMode::kZero));
@@ -84,7 +84,7 @@ Task<absl::Status> Qcow2Layer::ZeroRange(uint64_t offset, uint64_t length, ZeroM
     }
     // An L2 range with no table and nothing beneath it is all zero already.
     const uint64_t l1_index = pos / bytes_per_l2;
-    if (l1_index < l1_.size() && L1EntryL2Offset(l1_[l1_index]) == 0 &&
+    if (l1_index < L1Size() && L1EntryL2Offset(L1Entry(l1_index)) == 0 &&
         !OverBacking(l1_index * bytes_per_l2)) {
       const uint64_t range_end = (l1_index + 1) * bytes_per_l2;
       known_zero_.Add(l1_index * bytes_per_l2, range_end);
@@ -129,6 +129,7 @@ Task<absl::Status> Qcow2Layer::ZeroWholeCluster(uint64_t guest_cluster, ZeroMode
     // No zero flag (version 2), or a raw data file that must itself read as
     // the disk does: unallocated is enough only where nothing shows through.
     if (mode != ZeroMode::kZero && !over_backing && !external_data_file_) {
+      RangeLock::Guard meta = co_await meta_mu_.Lock();
       CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, L2Entry{}));
       FreeLater(*old);
       known_zero_.Add(guest_cluster, guest_cluster + cluster_size);
@@ -162,6 +163,7 @@ Task<absl::Status> Qcow2Layer::ZeroWholeCluster(uint64_t guest_cluster, ZeroMode
     CO_RETURN_IF_ERROR(co_await external_data_file_->Discard(guest_cluster, cluster_size));
   }
   if (SameEntry(updated, *old)) co_return absl::OkStatus();
+  RangeLock::Guard meta = co_await meta_mu_.Lock();
   CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, updated));
   if (!keep_host) {
     FreeLater(*old);
@@ -214,7 +216,10 @@ Task<absl::Status> Qcow2Layer::ZeroPartOfCluster(uint64_t offset, uint64_t end, 
     const uint64_t touched = SubclusterMask(first, last - 1);
     L2Entry updated = *old;
     updated.bitmap = (old->bitmap & ~touched) | (touched << spec::kSubclusterZeroShift);
-    if (!SameEntry(updated, *old)) CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, updated));
+    if (!SameEntry(updated, *old)) {
+      RangeLock::Guard meta = co_await meta_mu_.Lock();
+      CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, updated));
+    }
     if (external_data_file_) {
       CO_RETURN_IF_ERROR(co_await external_data_file_->Discard(guest_cluster + first * subcluster_size,
                                                                (last - first) * subcluster_size));
@@ -234,7 +239,7 @@ Task<absl::Status> Qcow2Layer::ZeroPartOfCluster(uint64_t offset, uint64_t end, 
 }
 
 Task<absl::Status> Qcow2Layer::Preallocate(uint64_t offset, uint64_t length) {
-  if (!corrupt_.ok()) co_return corrupt_;
+  CO_RETURN_IF_ERROR(CorruptStatus());
   RangeLock::Guard guard = co_await LockClusters(offset, length);
   absl::Status status = co_await PrepareFirstWrite();
   const uint64_t cluster_size = header_.cluster_size();
@@ -263,9 +268,13 @@ Task<absl::Status> Qcow2Layer::PreallocateCluster(uint64_t guest_cluster) {
     CO_RETURN_IF_ERROR(co_await FillFromGuest(guest_cluster, content));
     co_return co_await WriteInCluster(guest_cluster, content);
   }
-  absl::StatusOr<uint64_t> host = co_await AllocateDataCluster(guest_cluster);
-  if (!host.ok()) co_return host.status();
-  if (!external_data_file_) CO_RETURN_IF_ERROR(co_await CheckOverlap(*host, cluster_size, "a preallocated cluster"));
+  absl::StatusOr<uint64_t> host;
+  {
+    RangeLock::Guard meta = co_await meta_mu_.Lock();
+    host = co_await AllocateDataCluster(guest_cluster);
+    if (!host.ok()) co_return host.status();
+    if (!external_data_file_) CO_RETURN_IF_ERROR(co_await CheckOverlap(*host, cluster_size, "a preallocated cluster"));
+  }
   CO_RETURN_IF_ERROR(co_await data_file_->Allocate(*host, cluster_size));
   L2Entry updated{*host | spec::kOflagCopied, 0};
   if (format_.extended_l2) {
@@ -273,6 +282,7 @@ Task<absl::Status> Qcow2Layer::PreallocateCluster(uint64_t guest_cluster) {
   } else {
     updated.descriptor |= spec::kOflagZero;
   }
+  RangeLock::Guard meta = co_await meta_mu_.Lock();
   co_return co_await StoreEntry(guest_cluster, updated);
 }
 

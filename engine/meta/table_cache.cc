@@ -51,6 +51,24 @@ Task<absl::StatusOr<Table*>> TableCache::GetMutable(uint64_t offset) {
   co_return it->table.get();
 }
 
+Task<absl::Status> TableCache::Modify(uint64_t offset, absl::FunctionRef<void(Table&)> change) {
+  absl::StatusOr<std::shared_ptr<const Table>> loaded = co_await Get(offset);
+  if (!loaded.ok()) co_return loaded.status();
+  std::shared_ptr<const Table> held = std::move(*loaded);
+  std::lock_guard lock(mu_);
+  auto it = LookupLocked(offset);
+  if (it == lru_.end()) it = InsertLocked(offset, std::make_shared<Table>(*held));
+  held.reset();  // our own reference must not force a copy
+  if (it->table.use_count() > 1) it->table = std::make_shared<Table>(*it->table);
+  change(*it->table);
+  if (!it->dirty) {
+    it->dirty = true;
+    ++dirty_count_;
+    ++stats_.dirtied;
+  }
+  co_return absl::OkStatus();
+}
+
 void TableCache::Install(uint64_t offset, Table table) {
   std::lock_guard lock(mu_);
   if (auto it = index_.find(offset); it != index_.end()) {

@@ -15,8 +15,9 @@
 // grows past its capacity until the owner flushes (over_capacity()).
 // Clean tables go least recently used first.
 //
-// Thread-safe; the lock is never held across I/O. A table being modified
-// must not be modified concurrently by another caller.
+// Thread-safe; the lock is never held across I/O. Tables that readers may
+// hold concurrently are changed with Modify(); GetMutable() is for tables
+// only their owner reads (refcount blocks, under the owner's lock).
 
 #ifndef QCOW2FUSE_META_TABLE_CACHE_H_
 #define QCOW2FUSE_META_TABLE_CACHE_H_
@@ -29,6 +30,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "io/block_file.h"
 #include "qcow2fuse/task.h"
@@ -56,6 +58,11 @@ class TableCache {
   // The table at `offset`, for modification; marked dirty. The pointer is
   // valid until the next call into the cache.
   Task<absl::StatusOr<Table*>> GetMutable(uint64_t offset);
+
+  // Applies `change` to the table at `offset` and marks it dirty. The change
+  // runs under the cache's lock on a table no reader holds (a held one is
+  // copied first), so readers never see a table being changed.
+  Task<absl::Status> Modify(uint64_t offset, absl::FunctionRef<void(Table&)> change);
 
   // Installs `table` (table_size() bytes) as the dirty contents at `offset`
   // without reading the file: for tables the caller has just created.

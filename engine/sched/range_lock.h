@@ -84,6 +84,17 @@ class RangeLock {
   std::list<Request> requests_;
 };
 
+// AsyncMutex: a coroutine mutex, FIFO. `co_await mu.Lock()` returns a
+// guard; a coroutine that must wait suspends instead of blocking its thread,
+// so a holder may await I/O without stalling other requests.
+class AsyncMutex {
+ public:
+  auto Lock() { return lock_.Lock(0, 0); }
+
+ private:
+  RangeLock lock_;
+};
+
 }  // namespace qcow2fuse
 
 #endif  // QCOW2FUSE_SCHED_RANGE_LOCK_H_

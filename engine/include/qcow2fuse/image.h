@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -133,7 +134,15 @@ class Image {
   const ImageOptions options_;
   std::atomic<uint64_t> virtual_size_;
   const uint64_t cluster_size_;
-  std::optional<uint64_t> allocated_bytes_;
+  // Called before every change: the cached AllocatedBytes() is stale.
+  void InvalidateAllocatedBytes();
+  absl::Status Changed(absl::Status status);
+  // Changes begun; AllocatedBytes() keeps a count only for the generation
+  // it started in.
+  std::atomic<uint64_t> changes_{0};
+  std::mutex allocated_mu_;
+  std::optional<uint64_t> allocated_bytes_;  // under allocated_mu_
+  uint64_t allocated_generation_ = 0;        // under allocated_mu_
 };
 
 }  // namespace qcow2fuse
