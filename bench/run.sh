@@ -1,0 +1,696 @@
+#!/usr/bin/env bash
+# Benchmarks qcow2fuse against qemu-storage-daemon's FUSE export ("qsd") and
+# against a raw copy of the same disk read directly ("raw"), and prints a
+# Markdown table of medians and ratios. See bench/README.md.
+#
+#   bench/run.sh [--rounds N] [--quick] [--only REGEX] [--runtime S] [--out FILE] [--list]
+#
+# Run as root: it drops the page cache and mounts FUSE file systems. Every
+# mount it makes is unmounted again, also on error or Ctrl-C, and it only
+# ever signals processes it started itself (by PID).
+set -uo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+bench_dir=$root/bench
+SYSTEMS=(raw qcow2fuse qsd)
+
+usage() {
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<'EOF'
+
+Options:
+  --rounds N     rounds per workload (default 3; 1 with --quick)
+  --quick        small images and short runs, 1 round (a few minutes)
+  --only REGEX   run only the workloads whose name matches (grep -E)
+  --runtime S    seconds per time-based fio run (default 6; 2 with --quick)
+  --out FILE     also write the Markdown report to FILE
+  --list         list the workloads and exit
+Environment:
+  QCOW2FUSE      qcow2fuse binary to use (default: build/fuse/qcow2fuse, built if missing)
+  BENCH_DIR      directory in which the temporary work directory is made (default /var/tmp);
+                 its file system is the one being measured
+EOF
+}
+
+# ---------------------------------------------------------------- options
+
+rounds=""
+quick=0
+only=""
+runtime=""
+out_file=""
+list_only=0
+while (($#)); do
+  case $1 in
+    --rounds) rounds=${2:?--rounds needs a number}; shift 2 ;;
+    --quick) quick=1; shift ;;
+    --only) only=${2:?--only needs a regular expression}; shift 2 ;;
+    --runtime) runtime=${2:?--runtime needs seconds}; shift 2 ;;
+    --out) out_file=${2:?--out needs a file name}; shift 2 ;;
+    --list) list_only=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+# Sizes. The defaults keep three rounds of everything under 20 minutes on
+# two cores, setup and clean-up included; --quick shrinks every image and
+# run to finish in about 3 minutes.
+if ((quick)); then
+  rounds=${rounds:-1}
+  runtime=${runtime:-2}
+  DATA_SIZE=$((128 << 20))     # the data image: sequential/random reads, overwrites, compression
+  ALLOC_IOS=1024               # 4 KiB allocating writes per run (fresh image)
+  META_SIZE=64G                # the image with every L2 table present
+else
+  rounds=${rounds:-3}
+  runtime=${runtime:-6}
+  DATA_SIZE=$((1 << 30))
+  ALLOC_IOS=2048
+  META_SIZE=1T
+fi
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --rounds wants a positive number" >&2; exit 2; }
+[[ $runtime =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --runtime wants whole seconds" >&2; exit 2; }
+# Allocating writes land on an empty disk this large: 64 KiB clusters and
+# ALLOC_IOS random 4 KiB writes, so almost every write allocates a new cluster.
+ALLOC_VSIZE=64G
+# The sparse-copy image: a 64 GiB disk with 800 x 256 KiB = 200 MiB of data.
+SPARSE_VSIZE=64G
+SPARSE_WRITES=800
+SPARSE_WRITE_SIZE=$((256 << 10))
+
+# ---------------------------------------------------------------- workloads
+#
+# Each workload is a function wl_NAME taking the system (raw, qcow2fuse,
+# qsd); it reports one or more table rows with `put ROW VALUE NOTE`.
+# add_workload NAME FUNCTION "ROW:UNIT ..." DESCRIPTION; units s and MiB
+# are lower-is-better, the others higher-is-better.
+
+WORKLOADS=()
+declare -A WL_FUNC WL_ROWS WL_DESC
+add_workload() {
+  WORKLOADS+=("$1")
+  WL_FUNC[$1]=$2
+  WL_ROWS[$1]=$3
+  WL_DESC[$1]=$4
+}
+add_workload seq-read-1M-cold        wl_seq_read_cold         "seq-read-1M-cold:MiB/s" \
+  "sequential 1 MiB reads of the whole $((DATA_SIZE >> 20)) MiB data disk, buffered, page cache dropped"
+add_workload seq-write-1M-fsync      wl_seq_write             "seq-write-1M-fsync:MiB/s" \
+  "sequential 1 MiB writes onto an empty $((DATA_SIZE >> 20)) MiB disk, buffered, fsync at the end (included)"
+add_workload rand-read-4k-psync4-cold "wl_rand_read psync4 cold" "rand-read-4k-psync4-cold:IOPS" \
+  "4 KiB random reads for ${runtime} s, 4 psync jobs, O_DIRECT on the file/view, page cache dropped"
+add_workload rand-read-4k-qd32-cold  "wl_rand_read qd32 cold"   "rand-read-4k-qd32-cold:IOPS" \
+  "4 KiB random reads for ${runtime} s, libaio iodepth 32, O_DIRECT on the file/view, page cache dropped"
+add_workload rand-read-4k-psync4-hot "wl_rand_read psync4 hot"  "rand-read-4k-psync4-hot:IOPS" \
+  "4 KiB random reads for ${runtime} s, 4 psync jobs, O_DIRECT on the view, the image file already in the host page cache (raw: buffered reads of the cached file)"
+add_workload rand-read-4k-qd32-hot   "wl_rand_read qd32 hot"    "rand-read-4k-qd32-hot:IOPS" \
+  "4 KiB random reads for ${runtime} s, libaio iodepth 32, O_DIRECT on the view, the image file already in the host page cache (raw: buffered reads of the cached file)"
+add_workload rand-write-alloc-4k-psync4 "wl_rand_write_alloc psync4" "rand-write-alloc-4k-psync4:IOPS" \
+  "$ALLOC_IOS 4 KiB random writes onto an empty 64 GiB disk (nearly each allocates a cluster), 4 psync jobs, O_DIRECT, fsync at the end"
+add_workload rand-write-alloc-4k-qd32 "wl_rand_write_alloc qd32" "rand-write-alloc-4k-qd32:IOPS" \
+  "$ALLOC_IOS 4 KiB random writes onto an empty 64 GiB disk (nearly each allocates a cluster), libaio iodepth 32, O_DIRECT, fsync at the end"
+add_workload rand-write-over-4k-psync4 "wl_rand_write_over psync4" "rand-write-over-4k-psync4:IOPS" \
+  "4 KiB random overwrites for ${runtime} s of a fully allocated copy of the data disk, 4 psync jobs, O_DIRECT, fsync at the end"
+add_workload rand-write-over-4k-qd32 "wl_rand_write_over qd32" "rand-write-over-4k-qd32:IOPS" \
+  "4 KiB random overwrites for ${runtime} s of a fully allocated copy of the data disk, libaio iodepth 32, O_DIRECT, fsync at the end"
+add_workload cp-sparse-64G           wl_cp_sparse             "cp-sparse-64G-200M:s" \
+  "cp --sparse=always of a 64 GiB view holding 200 MiB (raw column: qemu-img convert -O raw), cold"
+add_workload read-zstd-1M-cold       "wl_read_compressed zstd" "read-zstd-1M-cold:MiB/s" \
+  "sequential 1 MiB reads of a zstd-compressed image, buffered, cold (raw: the uncompressed data)"
+add_workload read-zlib-1M-cold       "wl_read_compressed zlib" "read-zlib-1M-cold:MiB/s" \
+  "sequential 1 MiB reads of a zlib-compressed image, buffered, cold (raw: the uncompressed data)"
+add_workload "meta-$META_SIZE"         wl_meta                   "mount-first-read-$META_SIZE:s rss-peak-$META_SIZE:MiB rand-read-4k-qd32-$META_SIZE:IOPS" \
+  "$META_SIZE image with every L2 table (preallocation=metadata), cold: start to first 4 KiB read, peak RSS (VmHWM) after random reads, and their IOPS (libaio QD32, O_DIRECT)"
+
+if ((list_only)); then
+  for w in "${WORKLOADS[@]}"; do printf '%-28s %s\n' "$w" "${WL_DESC[$w]}"; done
+  exit 0
+fi
+selected=()
+for w in "${WORKLOADS[@]}"; do
+  if [[ -z $only ]] || grep -qE -- "$only" <<<"$w"; then selected+=("$w"); fi
+done
+((${#selected[@]})) || { echo "run.sh: --only '$only' matches no workload (see --list)" >&2; exit 2; }
+
+# ---------------------------------------------------------------- prerequisites
+
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+die() { echo "run.sh: $*" >&2; exit 1; }
+
+((EUID == 0)) || die "run as root (dropping the page cache and mounting FUSE need it)"
+
+# Installs the tools, only those that are missing.
+declare -A TOOL_PACKAGE=(
+  [fio]=fio [qemu-storage-daemon]=qemu-system-common [qemu-img]=qemu-utils [qemu-io]=qemu-utils
+  [fusermount3]=fuse3 [python3]=python3 [timeout]=coreutils
+)
+missing_packages=()
+for tool in "${!TOOL_PACKAGE[@]}"; do
+  command -v "$tool" >/dev/null || missing_packages+=("${TOOL_PACKAGE[$tool]}")
+done
+if ((${#missing_packages[@]})); then
+  mapfile -t missing_packages < <(printf '%s\n' "${missing_packages[@]}" | sort -u)
+  log "installing ${missing_packages[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! { apt-get update -qq && apt-get install -y -qq "${missing_packages[@]}"; } >&2; then
+    die "could not install ${missing_packages[*]}"
+  fi
+fi
+
+if [[ -n ${QCOW2FUSE:-} ]]; then
+  [[ -x $QCOW2FUSE ]] || die "QCOW2FUSE=$QCOW2FUSE is not an executable"
+else
+  QCOW2FUSE=$root/build/fuse/qcow2fuse
+  if [[ ! -x $QCOW2FUSE ]]; then
+    log "building qcow2fuse into $root/build"
+    { "$root/packaging/install-deps.sh" && BUILD_DIR=$root/build "$root/packaging/build.sh"; } >&2 ||
+      die "building qcow2fuse failed"
+  fi
+fi
+
+# ---------------------------------------------------------------- helpers
+
+# Whether the file system of the work directory discards freed blocks at
+# once (mount option "discard"): deleting fragmented files is slow there.
+has_discard() {
+  findmnt -n -o OPTIONS --target "$work" 2>/dev/null | tr , '\n' | grep -qx discard
+}
+
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+now_ns() { date +%s%N; }
+is_mounted() { [[ -e $1 && $(stat -c %d "$1" 2>/dev/null) != "$work_dev" ]]; }
+
+# Polls until PID has exited, at most $2 seconds. (Our qcow2fuse daemons are
+# not our children, so `wait` cannot be used for them.)
+wait_pid_gone() {
+  local pid=$1 limit=$2 i
+  for ((i = 0; i < limit * 20; i++)); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.05
+  done
+  return 1
+}
+
+# Mounts IMAGE (read-only or read-write) with qcow2fuse; sets ACTIVE_*.
+mount_qcow2fuse() {
+  local image=$1 access=$2 view=$work/view-qcow2fuse.raw pidfile=$work/qcow2fuse.pid
+  local opts=()
+  [[ $access == ro ]] && opts=(-o ro)
+  rm -f "$pidfile"
+  # The command returns once the view answers (the daemon stays behind).
+  local err rc
+  err=$("$QCOW2FUSE" "${opts[@]}" --pidfile "$pidfile" "$image" "$view" 2>&1)
+  rc=$?
+  if ((rc != 0)); then
+    FAIL_REASON="qcow2fuse mount failed (exit $rc)${err:+: ${err%%$'\n'*}}"
+    return 1
+  fi
+  ACTIVE_SYSTEM=qcow2fuse ACTIVE_VIEW=$view ACTIVE_PID=$(<"$pidfile")
+}
+
+# Starts qemu-storage-daemon exporting IMAGE on a fresh mountpoint file and
+# waits until the export is mounted there; sets ACTIVE_*.
+mount_qsd() {
+  local image=$1 access=$2 view=$work/view-qsd.raw i
+  local writable=on
+  [[ $access == ro ]] && writable=off
+  : >"$view"
+  qemu-storage-daemon \
+    --blockdev "driver=file,node-name=file,filename=$image" \
+    --blockdev driver=qcow2,node-name=fmt,file=file \
+    --export "type=fuse,id=exp,node-name=fmt,mountpoint=$view,writable=$writable" \
+    </dev/null >>"$daemon_log" 2>&1 &
+  ACTIVE_SYSTEM=qsd ACTIVE_VIEW=$view ACTIVE_PID=$!
+  # The mountpoint's device number changes when the export is mounted on it.
+  for ((i = 0; i < 6000; i++)); do
+    is_mounted "$view" && return 0
+    if ! kill -0 "$ACTIVE_PID" 2>/dev/null; then
+      FAIL_REASON="qemu-storage-daemon exited: $(tail -n 1 "$daemon_log")"
+      close_target
+      return 1
+    fi
+    sleep 0.005
+  done
+  FAIL_REASON="qemu-storage-daemon export not mounted after 30 s"
+  close_target
+  return 1
+}
+
+# Sets TARGET to what the workload opens: the raw file itself for raw,
+# otherwise a fresh view of IMAGE served by SYSTEM.
+open_target() {
+  local system=$1 image=$2 raw=$3 access=$4
+  case $system in
+    raw) TARGET=$raw ;;
+    qcow2fuse) mount_qcow2fuse "$image" "$access" && TARGET=$ACTIVE_VIEW ;;
+    qsd) mount_qsd "$image" "$access" && TARGET=$ACTIVE_VIEW ;;
+  esac
+}
+
+# Unmounts the active view, if any, and waits until its daemon is gone.
+# qcow2fuse: fusermount3 -u ends the daemon (after it flushed the image).
+# qsd: a FUSE unmount does not end it, so SIGTERM to our PID does (it
+# unmounts the export itself), then we reap it.
+close_target() {
+  local pid=$ACTIVE_PID view=$ACTIVE_VIEW
+  case $ACTIVE_SYSTEM in
+    qcow2fuse)
+      if is_mounted "$view"; then
+        fusermount3 -u "$view" 2>>"$daemon_log" ||
+          { sleep 1; fusermount3 -u "$view" 2>>"$daemon_log"; } ||
+          fusermount3 -u -z "$view" 2>>"$daemon_log"
+      fi
+      if [[ -n $pid ]] && ! wait_pid_gone "$pid" 300; then
+        log "qcow2fuse (pid $pid) still running 300 s after unmount; sending SIGTERM"
+        kill -TERM "$pid" 2>/dev/null
+        wait_pid_gone "$pid" 30 || { kill -KILL "$pid" 2>/dev/null; wait_pid_gone "$pid" 10; }
+      fi
+      ;;
+    qsd)
+      if [[ -n $pid ]]; then
+        kill -TERM "$pid" 2>/dev/null
+        wait_pid_gone "$pid" 300 || { kill -KILL "$pid" 2>/dev/null; }
+        wait "$pid" 2>/dev/null
+      fi
+      is_mounted "$view" && { fusermount3 -u "$view" 2>/dev/null || fusermount3 -u -z "$view"; }
+      rm -f "$view"
+      ;;
+  esac
+  ACTIVE_SYSTEM="" ACTIVE_VIEW="" ACTIVE_PID=""
+}
+
+# Runs fio with JSON output into $work/fio.json; fails on a non-zero exit
+# or an error reported by any job. Bounded by a timeout so that a hung
+# view cannot hang the whole benchmark.
+run_fio() {
+  local json=$work/fio.json
+  rm -f "$json"
+  if ! timeout -k 10 $((runtime * 4 + 600)) fio --output-format=json --output="$json" \
+      --fallocate=none "$@" 2>"$work/fio.err"; then
+    FAIL_REASON="fio: $(grep -v '^$' "$work/fio.err" | tail -n 1)"
+    return 1
+  fi
+  python3 - "$json" <<'EOF' || { FAIL_REASON="fio: a job reported an error"; return 1; }
+import json, sys
+jobs = json.load(open(sys.argv[1]))["jobs"]
+sys.exit(1 if any(j.get("error", 0) for j in jobs) else 0)
+EOF
+}
+
+# Prints a value from $work/fio.json: DDIR (read|write) and METRIC
+# (iops|mibs), summed over the jobs (group_reporting makes that one job).
+fio_value() {
+  python3 - "$work/fio.json" "$1" "$2" <<'EOF'
+import json, sys
+path, ddir, metric = sys.argv[1:]
+jobs = json.load(open(path))["jobs"]
+if metric == "iops":
+    print("%.0f" % sum(j[ddir]["iops"] for j in jobs))
+else:
+    print("%.1f" % (sum(j[ddir]["bw_bytes"] for j in jobs) / 2**20))
+EOF
+}
+
+# Sets PATTERN to the fio arguments of one access pattern.
+set_pattern() {
+  case $1 in
+    psync4) PATTERN=(--ioengine=psync --numjobs=4 --group_reporting) ;;
+    qd32) PATTERN=(--ioengine=libaio --iodepth=32) ;;
+    seq) PATTERN=(--ioengine=psync) ;;
+  esac
+}
+
+# Gets rid of scratch images. Freeing many small extents is slow on a file
+# system mounted with -o discard (each freed extent is discarded: seconds
+# for a few thousand), and the discards would run into the next
+# measurement; so fragmented images (those of allocating writes) are only
+# moved aside here and deleted at the very end.
+retire() {
+  local how=$1 f
+  shift
+  for f in "$@"; do
+    [[ -e $f ]] || continue
+    if [[ $how == later ]]; then
+      mkdir -p "$work/trash" && mv "$f" "$(mktemp -u "$work/trash/XXXXXX")"
+    else
+      rm -f "$f"
+    fi
+  done
+}
+
+# One fio measurement on SYSTEM, with the preparation the workload asks for.
+#   measure_fio SYSTEM IMAGE RAW ACCESS CACHE FRESH IO DDIR METRIC ROW -- FIO-ARGS...
+# ACCESS ro|rw.  CACHE cold (page cache dropped after mounting) or hot (the
+# image file read into the page cache before mounting, nothing dropped).
+# FRESH: 0, or SIZE[:later]: IMAGE/RAW are made anew, empty, before the run
+# and retired after it (":later": deleted only at the end, see retire).
+# IO direct: try O_DIRECT on the file/view first and fall back to buffered
+# I/O (noted in the cell); buffered: buffered only. A hot raw file is always
+# read buffered, by design: O_DIRECT would go around the page cache.
+measure_fio() {
+  local system=$1 image=$2 raw=$3 access=$4 cache=$5 fresh=$6 io=$7 ddir=$8 metric=$9 row=${10}
+  shift 11
+  local directs="0" d value note disposal=now
+  [[ $io == direct ]] && directs="1 0"
+  [[ $system == raw && $cache == hot ]] && directs="0"
+  [[ $fresh == *:later ]] && disposal=later
+  for d in $directs; do
+    if [[ $fresh != 0 ]]; then
+      retire "$disposal" "$image" "$raw"
+      if [[ $system == raw ]]; then truncate -s "${fresh%:*}" "$raw"
+      else qemu-img create -q -f qcow2 "$image" "${fresh%:*}" || { FAIL_REASON="qemu-img create failed"; return 1; }
+      fi
+    fi
+    if [[ $cache == hot ]]; then
+      sync
+      if [[ $system == raw ]]; then cat "$raw" >/dev/null; else cat "$image" >/dev/null; fi
+    fi
+    open_target "$system" "$image" "$raw" "$access" || return 1
+    # Cold: drop after mounting, so the daemon's start-up reads do not count
+    # and the data comes from disk. Hot: fio must not drop it either
+    # (invalidate=0); a view's own page cache starts empty with every mount.
+    local invalidate=1
+    if [[ $cache == cold ]]; then drop_caches; else invalidate=0; fi
+    if run_fio --name="$row" --filename="$TARGET" --direct="$d" --invalidate=$invalidate "$@"; then
+      value=$(fio_value "$ddir" "$metric")
+      close_target
+      note=""
+      [[ $d == 0 && $directs == "1 0" ]] && note="buffered"
+      [[ $fresh != 0 ]] && retire "$disposal" "$image" "$raw"
+      put "$row" "$value" "$note"
+      return 0
+    fi
+    close_target
+    [[ $d == 1 ]] && log "  O_DIRECT run failed on $system ($FAIL_REASON); retrying buffered"
+  done
+  [[ $fresh != 0 ]] && retire "$disposal" "$image" "$raw"
+  return 1
+}
+
+# ---------------------------------------------------------------- images (made once, when first needed)
+
+# The data disk: DATA_SIZE of system files mixed with random bytes, as raw
+# and as an (uncompressed, fully allocated) qcow2.
+need_data() {
+  [[ -f $work/data.qcow2 ]] && return 0
+  log "making the $((DATA_SIZE >> 20)) MiB data image"
+  python3 "$bench_dir/make_data.py" "$DATA_SIZE" "$work/data.raw" &&
+    qemu-img convert -O qcow2 "$work/data.raw" "$work/data.qcow2.tmp" &&
+    mv "$work/data.qcow2.tmp" "$work/data.qcow2"
+}
+
+# Overwrite targets: fully allocated copies of the data disk (the raw one
+# really written, not reflinked, so it has no unwritten extents either).
+need_overwrite() {
+  [[ -f $work/ow.qcow2 ]] && return 0
+  need_data || return 1
+  log "making the overwrite images"
+  cp --reflink=never --sparse=never "$work/data.raw" "$work/ow.raw" &&
+    cp --reflink=never "$work/data.qcow2" "$work/ow.qcow2"
+}
+
+need_compressed() {
+  local algo=$1
+  [[ -f $work/$algo.qcow2 ]] && return 0
+  need_data || return 1
+  log "making the $algo-compressed image"
+  qemu-img convert -c -O qcow2 -o "compression_type=$algo" "$work/data.raw" "$work/$algo.qcow2.tmp" &&
+    mv "$work/$algo.qcow2.tmp" "$work/$algo.qcow2"
+}
+
+# A 64 GiB disk with 200 MiB written by qemu-io in 256 KiB pieces at
+# distinct random places (fixed seed).
+need_sparse() {
+  [[ -f $work/sparse.qcow2 ]] && return 0
+  log "making the sparse $SPARSE_VSIZE image"
+  local cmds=() offsets
+  qemu-img create -q -f qcow2 "$work/sparse.qcow2.tmp" "$SPARSE_VSIZE" || return 1
+  offsets=$(python3 - "$(numfmt --from=iec "$SPARSE_VSIZE")" "$SPARSE_WRITES" "$SPARSE_WRITE_SIZE" <<'EOF'
+import random, sys
+size, count, piece = map(int, sys.argv[1:])
+for slot in sorted(random.Random(7).sample(range(size // piece), count)):
+    print(slot * piece)
+EOF
+  ) || return 1
+  local off i=0
+  for off in $offsets; do
+    cmds+=(-c "write -q -P $((i % 255 + 1)) $off $SPARSE_WRITE_SIZE")
+    i=$((i + 1))
+  done
+  # writeback: qemu-io defaults to writethrough, a flush after every write.
+  qemu-io -f qcow2 -t writeback "${cmds[@]}" "$work/sparse.qcow2.tmp" >/dev/null &&
+    mv "$work/sparse.qcow2.tmp" "$work/sparse.qcow2"
+}
+
+# META_SIZE disk with every L2 table allocated (and every data cluster
+# mapped to a hole of the image file), and a sparse raw file of that size.
+need_meta() {
+  [[ -f $work/meta.qcow2 ]] && return 0
+  log "making the $META_SIZE preallocation=metadata image"
+  local t0
+  t0=$(now_ns)
+  qemu-img create -q -f qcow2 -o preallocation=metadata "$work/meta.qcow2.tmp" "$META_SIZE" &&
+    mv "$work/meta.qcow2.tmp" "$work/meta.qcow2" && truncate -s "$META_SIZE" "$work/meta.raw" || return 1
+  log "  took $(( ($(now_ns) - t0) / 1000000 )) ms"
+}
+
+# ---------------------------------------------------------------- the workloads
+
+wl_seq_read_cold() {
+  need_data || { FAIL_REASON="image setup failed"; return 1; }
+  set_pattern seq
+  measure_fio "$1" "$work/data.qcow2" "$work/data.raw" ro cold 0 buffered read mibs seq-read-1M-cold -- \
+    --rw=read --bs=1M "${PATTERN[@]}"
+}
+
+# Onto an empty disk: the qcow2 views allocate as they go. Buffered, as cp
+# or dd would write; the final fsync is part of the time.
+wl_seq_write() {
+  set_pattern seq
+  measure_fio "$1" "$work/seqw.qcow2" "$work/seqw.raw" rw cold "$DATA_SIZE" buffered write mibs seq-write-1M-fsync -- \
+    --rw=write --bs=1M --end_fsync=1 "${PATTERN[@]}"
+}
+
+wl_rand_read() {
+  local pattern=$1 cache=$2 system=$3
+  need_data || { FAIL_REASON="image setup failed"; return 1; }
+  set_pattern "$pattern"
+  measure_fio "$system" "$work/data.qcow2" "$work/data.raw" ro "$cache" 0 direct read iops \
+    "rand-read-4k-$pattern-$cache" -- \
+    --rw=randread --bs=4k --time_based --runtime="$runtime" "${PATTERN[@]}"
+}
+
+# A fixed number of writes (not time-based): fio's random map never hits a
+# 4 KiB block twice, and ALLOC_IOS writes over a 64 GiB disk rarely share a
+# 64 KiB cluster, so nearly every write allocates one. The count is small
+# because deleting the fragmented images afterwards is what costs time.
+wl_rand_write_alloc() {
+  local pattern=$1 system=$2 jobs=1
+  [[ $pattern == psync4 ]] && jobs=4
+  set_pattern "$pattern"
+  measure_fio "$system" "$work/alloc.qcow2" "$work/alloc.raw" rw cold "$ALLOC_VSIZE:later" direct write iops \
+    "rand-write-alloc-4k-$pattern" -- \
+    --rw=randwrite --bs=4k --number_ios=$((ALLOC_IOS / jobs)) --end_fsync=1 "${PATTERN[@]}"
+}
+
+# In place: every cluster of these images is allocated (and not shared).
+wl_rand_write_over() {
+  local pattern=$1 system=$2
+  need_overwrite || { FAIL_REASON="image setup failed"; return 1; }
+  set_pattern "$pattern"
+  measure_fio "$system" "$work/ow.qcow2" "$work/ow.raw" rw cold 0 direct write iops \
+    "rand-write-over-4k-$pattern" -- \
+    --rw=randwrite --bs=4k --time_based --runtime="$runtime" --end_fsync=1 "${PATTERN[@]}"
+}
+
+# cp --sparse=always from the view (it finds the data with SEEK_DATA/
+# SEEK_HOLE); the raw column is qemu-img convert -O raw of the same image,
+# what one would use without a FUSE view. The copy is checked for size and
+# sparseness, since a copy that read 64 GiB of zeros is a result too.
+wl_cp_sparse() {
+  local system=$1 copy=$work/copy.raw t0 t1 rc note=""
+  need_sparse || { FAIL_REASON="image setup failed"; return 1; }
+  rm -f "$copy"
+  if [[ $system == raw ]]; then
+    drop_caches
+    t0=$(now_ns)
+    timeout -k 10 1800 qemu-img convert -O raw "$work/sparse.qcow2" "$copy" 2>>"$daemon_log"
+    rc=$?
+    t1=$(now_ns)
+  else
+    open_target "$system" "$work/sparse.qcow2" "" ro || return 1
+    drop_caches
+    t0=$(now_ns)
+    timeout -k 10 1800 cp --sparse=always "$TARGET" "$copy" 2>>"$daemon_log"
+    rc=$?
+    t1=$(now_ns)
+    close_target
+  fi
+  if ((rc != 0)); then
+    FAIL_REASON="copy failed (exit $rc)"
+    rm -f "$copy"
+    return 1
+  fi
+  local size alloc
+  size=$(stat -c %s "$copy")
+  alloc=$(($(stat -c %b "$copy") * 512))
+  rm -f "$copy"
+  if ((size != $(numfmt --from=iec "$SPARSE_VSIZE"))); then
+    FAIL_REASON="copy has size $size"
+    return 1
+  fi
+  ((alloc > 4 * SPARSE_WRITES * SPARSE_WRITE_SIZE)) && note="copy not sparse"
+  put cp-sparse-64G-200M "$(awk -v ns=$((t1 - t0)) 'BEGIN {printf "%.2f", ns / 1e9}')" "$note"
+}
+
+wl_read_compressed() {
+  local algo=$1 system=$2
+  need_compressed "$algo" || { FAIL_REASON="image setup failed"; return 1; }
+  set_pattern seq
+  measure_fio "$system" "$work/$algo.qcow2" "$work/data.raw" ro cold 0 buffered read mibs "read-$algo-1M-cold" -- \
+    --rw=read --bs=1M "${PATTERN[@]}"
+}
+
+# Mount time to the first read, then random reads all over the disk, then
+# the daemon's peak resident set (VmHWM): the L2 tables it had to load.
+wl_meta() {
+  local system=$1 t0 t1 rss
+  need_meta || { FAIL_REASON="image setup failed"; return 1; }
+  set_pattern qd32
+  if [[ $system == raw ]]; then
+    put "mount-first-read-$META_SIZE" n/a ""
+    put "rss-peak-$META_SIZE" n/a ""
+    measure_fio raw "" "$work/meta.raw" ro cold 0 direct read iops "rand-read-4k-qd32-$META_SIZE" -- \
+      --rw=randread --bs=4k --time_based --runtime="$runtime" "${PATTERN[@]}"
+    return
+  fi
+  drop_caches
+  t0=$(now_ns)
+  open_target "$system" "$work/meta.qcow2" "" ro || return 1
+  if ! timeout -k 5 120 dd if="$TARGET" of=/dev/null bs=4k count=1 status=none 2>>"$daemon_log"; then
+    FAIL_REASON="first read failed"
+    close_target
+    return 1
+  fi
+  t1=$(now_ns)
+  put "mount-first-read-$META_SIZE" "$(awk -v ns=$((t1 - t0)) 'BEGIN {printf "%.3f", ns / 1e9}')" ""
+  local d note=""
+  for d in 1 0; do
+    if run_fio --name=meta --filename="$TARGET" --direct=$d --rw=randread --bs=4k \
+        --time_based --runtime="$runtime" "${PATTERN[@]}"; then
+      [[ $d == 0 ]] && note="buffered"
+      put "rand-read-4k-qd32-$META_SIZE" "$(fio_value read iops)" "$note"
+      break
+    fi
+  done
+  rss=$(awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$ACTIVE_PID/status" 2>/dev/null)
+  [[ -n $rss ]] && put "rss-peak-$META_SIZE" "$rss" ""
+  close_target
+}
+
+# ---------------------------------------------------------------- work directory and cleanup
+
+parent=${BENCH_DIR:-/var/tmp}
+mkdir -p "$parent" || die "cannot create $parent"
+start_ns=$(date +%s%N)
+work=$(mktemp -d "$parent/qcow2fuse-bench.XXXXXX") || die "cannot make a directory in $parent"
+work_dev=$(stat -c %d "$work")
+results=$work/results.tsv
+: >"$results"
+daemon_log=$work/daemons.log
+
+# The one view mounted at a time: which system serves it, its path, and the
+# PID of the daemon we started (qcow2fuse: from its --pidfile; qsd: $!).
+ACTIVE_SYSTEM=""
+ACTIVE_VIEW=""
+ACTIVE_PID=""
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  close_target
+  if [[ -d $work/trash ]]; then
+    log "deleting the images of the allocating writes$(has_discard && echo " (slow: the file system is mounted with -o discard)")"
+  fi
+  rm -rf -- "$work"
+  log "done after $(( ($(now_ns) - start_ns) / 1000000000 )) s"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'log "terminated"; exit 143' TERM
+
+# Refuse to start when the images would not fit (the biggest runs need
+# about 8 GiB at once in the default sizes: data images, copies and a
+# 64 GiB disk with up to 2 GiB of freshly allocated clusters).
+need_kib=$((quick ? 3 << 20 : 9 << 20))
+avail_kib=$(df -Pk "$work" | awk 'NR == 2 {print $4}')
+((avail_kib >= need_kib)) || die "$work has $((avail_kib >> 20)) GiB free, needs $((need_kib >> 20)) GiB"
+
+# ---------------------------------------------------------------- the run
+
+ROUND=0
+SYSTEM=""
+FAIL_REASON=""
+declare -A PUT_DONE
+
+# Records one value for the current round and system.
+put() {
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$SYSTEM" "$ROUND" "$2" "$3" >>"$results"
+  PUT_DONE[$1]=1
+  log "  $1 $SYSTEM: $2${3:+ ($3)}"
+}
+
+log "work directory $work; $rounds round(s); ${#selected[@]} workload(s); fio runtime ${runtime}s"
+for ((ROUND = 1; ROUND <= rounds; ROUND++)); do
+  # Rotate the order of the systems every round, so that none always runs
+  # first (or right after a given other one).
+  order=()
+  for ((i = 0; i < ${#SYSTEMS[@]}; i++)); do
+    order+=("${SYSTEMS[(i + ROUND - 1) % ${#SYSTEMS[@]}]}")
+  done
+  for w in "${selected[@]}"; do
+    log "round $ROUND/$rounds: $w"
+    for SYSTEM in "${order[@]}"; do
+      PUT_DONE=()
+      FAIL_REASON=""
+      # shellcheck disable=SC2086  # WL_FUNC holds a function and its arguments
+      ${WL_FUNC[$w]} "$SYSTEM"
+      close_target  # in case the workload failed with a view mounted
+      for spec in ${WL_ROWS[$w]}; do
+        row=${spec%%:*}
+        [[ -n ${PUT_DONE[$row]:-} ]] || put "$row" failed "${FAIL_REASON:-unknown error}"
+      done
+    done
+  done
+done
+elapsed=$(( ($(now_ns) - start_ns) / 1000000000 ))
+
+# ---------------------------------------------------------------- the report
+
+# Row descriptions for the report: ROW, UNIT, DESCRIPTION per line.
+rows_file=$work/rows.tsv
+: >"$rows_file"
+for w in "${selected[@]}"; do
+  for spec in ${WL_ROWS[$w]}; do
+    printf '%s\t%s\t%s\n' "${spec%%:*}" "${spec#*:}" "${WL_DESC[$w]}" >>"$rows_file"
+  done
+done
+
+{
+  echo "## qcow2fuse benchmark"
+  echo
+  echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), $(nproc) CPUs," \
+    "$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM;" \
+    "images on $(df -PT "$work" | awk 'NR == 2 {print $2 " (" $1 ")"}')."
+  echo "qcow2fuse $(git -C "$root" describe --always --dirty 2>/dev/null || echo '?') ($QCOW2FUSE)," \
+    "$(qemu-storage-daemon --version | head -n 1), $(fio --version)."
+  echo "$rounds round(s), $( ((quick)) && echo "--quick, " )data disk $((DATA_SIZE >> 20)) MiB," \
+    "fio runtime ${runtime} s, $ALLOC_IOS allocating writes per run;" \
+    "setup and measurements took $((elapsed / 60)) min $((elapsed % 60)) s."
+  echo
+  python3 "$bench_dir/report.py" "$rows_file" "$results"
+} >"$work/report.md"
+cat "$work/report.md"
+if [[ -n $out_file ]]; then cp "$work/report.md" "$out_file" && log "report written to $out_file"; fi
