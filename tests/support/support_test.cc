@@ -79,6 +79,41 @@ TEST(CommandTest, BoundedWaitReturnsWhileChildRuns) {
   EXPECT_FALSE(WaitForExitFor(pid, std::chrono::milliseconds(0)).ok());
 }
 
+TEST(CommandTest, TimeoutKillsTheChild) {
+  CommandOptions options;
+  options.timeout = std::chrono::milliseconds(100);
+  const auto start = std::chrono::steady_clock::now();
+  ASSERT_OK_AND_ASSIGN(CommandResult result,
+                       RunCommand({"sh", "-c", "echo started; exec sleep 60"},
+                                  options));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  EXPECT_TRUE(result.timed_out);
+  EXPECT_EQ(result.status.signal(), SIGKILL);
+  EXPECT_EQ(result.stdout_text, "started\n");
+}
+
+TEST(CommandTest, FastChildIsNotTimedOut) {
+  CommandOptions options;
+  options.timeout = std::chrono::seconds(30);
+  ASSERT_OK_AND_ASSIGN(CommandResult result,
+                       RunCommand({"sh", "-c", "exit 4"}, options));
+  EXPECT_FALSE(result.timed_out);
+  EXPECT_EQ(result.status.code(), 4);
+}
+
+TEST(CommandTest, RunsInWorkingDirectoryAndCallsBackWhileRunning) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("selftest"));
+  int calls = 0;
+  CommandOptions options;
+  options.cwd = dir.path();
+  options.while_running = [&calls] { ++calls; };
+  ASSERT_OK_AND_ASSIGN(CommandResult result,
+                       RunCommand({"sh", "-c", "sleep 0.2; pwd"}, options));
+  EXPECT_TRUE(result.ok());
+  EXPECT_EQ(result.stdout_text, dir.path() + "\n");
+  EXPECT_GT(calls, 0);
+}
+
 TEST(TempDirTest, CreatesAndRemovesRecursively) {
   std::string path;
   {
