@@ -42,10 +42,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
-#include "absl/strings/strip.h"
 #include "gtest/gtest.h"
 #include "support/command.h"
 #include "support/file_util.h"
+#include "support/loop_device.h"
 #include "support/mount.h"
 #include "support/qemu.h"
 #include "support/status_testing.h"
@@ -234,95 +234,6 @@ class RwView {
   std::optional<ExitStatus> exit_;
 };
 
-// A loop device over a file, detached on destruction; the destructor waits
-// (bounded) until the kernel has really let go of the file.
-class LoopDevice {
- public:
-  static absl::StatusOr<std::unique_ptr<LoopDevice>> Attach(
-      const std::string& file, bool read_only) {
-    std::vector<std::string> argv = {"losetup"};
-    if (read_only) argv.push_back("-r");
-    argv.insert(argv.end(), {"-f", "--show", file});
-    absl::StatusOr<std::string> out = RunChecked(argv);
-    if (!out.ok()) return out.status();
-    std::string device(absl::StripAsciiWhitespace(*out));
-    return std::unique_ptr<LoopDevice>(new LoopDevice(device));
-  }
-
-  LoopDevice(const LoopDevice&) = delete;
-  LoopDevice& operator=(const LoopDevice&) = delete;
-
-  ~LoopDevice() {
-    absl::Status detached = RunChecked({"losetup", "-d", device_}).status();
-    if (!detached.ok()) std::cerr << "LoopDevice: " << detached << "\n";
-    const std::string backing =
-        absl::StrCat("/sys/block/", fs::path(device_).filename().string(),
-                     "/loop/backing_file");
-    const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (fs::exists(backing) && std::chrono::steady_clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    if (fs::exists(backing)) {
-      std::cerr << "LoopDevice: " << device_ << " still attached\n";
-    }
-  }
-
-  const std::string& device() const { return device_; }
-
- private:
-  explicit LoopDevice(std::string device) : device_(std::move(device)) {}
-  const std::string device_;
-};
-
-// A kernel mount, unmounted on destruction (lazily if a plain umount
-// fails). Unmount() does it early and reports failures.
-class KernelMount {
- public:
-  static absl::StatusOr<std::unique_ptr<KernelMount>> Mount(
-      const std::string& device, const std::string& dir,
-      const std::string& options) {
-    absl::Status mounted =
-        RunChecked({"mount", "-t", "ext4", "-o", options, device, dir})
-            .status();
-    if (!mounted.ok()) return mounted;
-    return std::unique_ptr<KernelMount>(new KernelMount(dir));
-  }
-
-  KernelMount(const KernelMount&) = delete;
-  KernelMount& operator=(const KernelMount&) = delete;
-
-  absl::Status Unmount() {
-    if (!mounted_) return absl::OkStatus();
-    absl::Status status = RunChecked({"umount", dir_}).status();
-    if (status.ok()) mounted_ = false;
-    return status;
-  }
-
-  ~KernelMount() {
-    if (!mounted_) return;
-    if (RunChecked({"umount", dir_}).ok()) return;
-    absl::Status lazy = RunChecked({"umount", "-l", dir_}).status();
-    if (!lazy.ok()) std::cerr << "KernelMount: " << lazy << "\n";
-  }
-
- private:
-  explicit KernelMount(std::string dir) : dir_(std::move(dir)) {}
-  const std::string dir_;
-  bool mounted_ = true;
-};
-
-std::string LoopUnavailableReason() {
-  if (geteuid() != 0) return "not root: losetup and mount need root";
-  if (!fs::exists("/dev/loop-control")) return "no /dev/loop-control";
-  absl::StatusOr<CommandResult> free_device = RunCommand({"losetup", "-f"});
-  if (!free_device.ok()) return std::string(free_device.status().message());
-  if (!free_device->ok()) {
-    return absl::StrCat("losetup -f failed: ", free_device->stderr_text);
-  }
-  return "";
-}
-
 uint64_t TestSeed() {
   const char* text = std::getenv("QCOW2FUSE_TEST_SEED");
   uint64_t seed = 0;
@@ -469,12 +380,13 @@ TEST_P(Ext4WriteTest, MkfsCopyAndReadBack) {
     ASSERT_OK_AND_ASSIGN(std::unique_ptr<RwView> view,
                          RwView::Start(image, view_path));
     {
-      ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop,
-                           LoopDevice::Attach(view->path(), false));
+      ASSERT_OK_AND_ASSIGN(
+          std::unique_ptr<LoopDevice> loop,
+          LoopDevice::Attach(view->path(), /*read_only=*/false));
       ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", loop->device()}));
       ASSERT_OK_AND_ASSIGN(
           std::unique_ptr<KernelMount> mounted,
-          KernelMount::Mount(loop->device(), mount_dir, "rw"));
+          KernelMount::Mount(loop->device(), mount_dir, "ext4", "rw"));
       ASSERT_OK(RunChecked({"cp", "-a", "--", tree + "/.", mount_dir}));
       ASSERT_OK(RunChecked({"sync"}));
       ASSERT_OK_AND_ASSIGN(auto written, Checksums(mount_dir, files));
@@ -504,11 +416,12 @@ TEST_P(Ext4WriteTest, MkfsCopyAndReadBack) {
                          RwView::Start(image, view_path, /*read_only=*/true));
     EXPECT_OK(CompareFiles(view->path(), raw));
     {
-      ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop,
-                           LoopDevice::Attach(view->path(), true));
+      ASSERT_OK_AND_ASSIGN(
+          std::unique_ptr<LoopDevice> loop,
+          LoopDevice::Attach(view->path(), /*read_only=*/true));
       ASSERT_OK_AND_ASSIGN(
           std::unique_ptr<KernelMount> mounted,
-          KernelMount::Mount(loop->device(), mount_dir, "ro,noload"));
+          KernelMount::Mount(loop->device(), mount_dir, "ext4", "ro,noload"));
       ASSERT_OK_AND_ASSIGN(auto read_back, Checksums(mount_dir, files));
       EXPECT_EQ(read_back.size(), want.size());
       for (const auto& [name, digest] : want) {

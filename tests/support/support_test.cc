@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "support/command.h"
 #include "support/file_util.h"
+#include "support/loop_device.h"
 #include "support/mount.h"
 #include "support/qemu.h"
 #include "support/status_testing.h"
@@ -218,6 +220,28 @@ TEST(ComplementTest, FillsGapsAndEnds) {
   EXPECT_EQ(Complement({{2, 3}, {7, 1}}, 10),
             (std::vector<ByteRange>{{0, 2}, {5, 2}, {8, 2}}));
   EXPECT_EQ(Complement({{0, 10}}, 10), std::vector<ByteRange>{});
+}
+
+TEST(LoopDeviceTest, AttachesAndDetaches) {
+  if (std::string reason = LoopUnavailableReason(); !reason.empty()) {
+    GTEST_SKIP() << "loop devices unavailable: " << reason;
+  }
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("selftest"));
+  const std::string file = dir.Join("disk.raw");
+  ASSERT_OK(WriteFileAt(file, 0, std::string(1 << 20, 'x')));
+  std::string backing;
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop,
+                         LoopDevice::Attach(file, /*read_only=*/true));
+    backing = "/sys/block/" +
+              std::filesystem::path(loop->device()).filename().string() +
+              "/loop/backing_file";
+    ASSERT_OK_AND_ASSIGN(std::string attached_to, ReadFile(backing));
+    EXPECT_EQ(attached_to, file + "\n");
+    ASSERT_OK_AND_ASSIGN(std::string data, ReadFile(loop->device()));
+    EXPECT_TRUE(data == std::string(1 << 20, 'x')) << data.size() << " bytes";
+  }
+  EXPECT_FALSE(std::filesystem::exists(backing));
 }
 
 TEST(MountInfoTest, KnowsProc) {
