@@ -9,7 +9,6 @@
 //
 // Needs root and loop devices; skipped, with the reason, without them.
 
-#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <memory>
@@ -17,7 +16,6 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "support/command.h"
@@ -25,6 +23,7 @@
 #include "support/loop_device.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -32,15 +31,6 @@ namespace qcow2fuse::test {
 namespace {
 
 namespace fs = std::filesystem;
-
-uint64_t TestSeed() {
-  uint64_t seed = 0;
-  const char* text = std::getenv("QCOW2FUSE_TEST_SEED");
-  if (text == nullptr || !absl::SimpleAtoi(text, &seed)) {
-    seed = std::random_device()();
-  }
-  return seed;
-}
 
 // Lays out a small tree of files of assorted shapes under `root`.
 absl::Status PopulateTree(const std::string& root, uint64_t seed) {
@@ -138,8 +128,6 @@ TEST_P(Ext4ReadonlyTest, FilesReadBackThroughLoopMount) {
     GTEST_SKIP() << "loop devices unavailable: " << reason;
   }
   const uint64_t seed = TestSeed();
-  std::cout << "QCOW2FUSE_TEST_SEED=" << seed << "\n";
-  RecordProperty("seed", absl::StrCat(seed));
 
   // Declared first so it is removed last, after every mount inside it.
   ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("ext4-" + GetParam().name));

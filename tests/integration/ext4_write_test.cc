@@ -18,7 +18,6 @@
 #include <string.h>
 
 #include <chrono>
-#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <map>
@@ -27,7 +26,6 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
@@ -37,6 +35,7 @@
 #include "support/loop_device.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -57,13 +56,6 @@ absl::StatusOr<std::unique_ptr<MountedView>> StartView(
   options.start_timeout = std::chrono::seconds(20);
   options.stop_timeout = std::chrono::seconds(60);
   return MountedView::Start(options);
-}
-
-uint64_t TestSeed() {
-  const char* text = std::getenv("QCOW2FUSE_TEST_SEED");
-  uint64_t seed = 0;
-  if (text != nullptr && absl::SimpleAtoi(text, &seed)) return seed;
-  return std::random_device()();
 }
 
 // Generates about 300 files (some MiB in all) in nested directories.
@@ -159,8 +151,6 @@ TEST_P(Ext4WriteTest, MkfsCopyAndReadBack) {
   }
   const auto started = std::chrono::steady_clock::now();
   const uint64_t seed = TestSeed();
-  std::cout << "QCOW2FUSE_TEST_SEED=" << seed << "\n";
-  RecordProperty("seed", absl::StrCat(seed));
 
   // Declared first so it is removed last, after every mount inside it.
   ASSERT_OK_AND_ASSIGN(TempDir dir,

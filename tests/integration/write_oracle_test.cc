@@ -69,6 +69,7 @@
 #include "support/file_util.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -377,17 +378,6 @@ uint64_t EnvNumber(const char* name, uint64_t fallback) {
   uint64_t value = 0;
   if (text == nullptr || !absl::SimpleAtoi(text, &value)) return fallback;
   return value;
-}
-
-uint64_t BaseSeed() {
-  static const uint64_t seed = [] {
-    const char* text = std::getenv("QCOW2FUSE_TEST_SEED");
-    uint64_t value = 0;
-    if (text != nullptr && absl::SimpleAtoi(text, &value)) return value;
-    std::random_device device;
-    return (uint64_t{device()} << 32) ^ device();
-  }();
-  return seed;
 }
 
 uint64_t Fnv1a(absl::string_view text) {
@@ -892,13 +882,11 @@ class WriteOracleTest : public ::testing::TestWithParam<Recipe> {};
 TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
   const Recipe& recipe = GetParam();
   const auto started = std::chrono::steady_clock::now();
-  const uint64_t base_seed = BaseSeed();
+  const uint64_t base_seed = TestSeed();
   const uint64_t seed = base_seed ^ Fnv1a(recipe.name);
   const int ops = static_cast<int>(EnvNumber("QCOW2FUSE_TEST_OPS", kDefaultOps));
-  std::cout << "QCOW2FUSE_TEST_SEED=" << base_seed << " (recipe " << recipe.name
-            << ": rng seed " << seed << "), QCOW2FUSE_TEST_OPS=" << ops
-            << "\n";
-  RecordProperty("seed", absl::StrCat(base_seed));
+  std::cout << "recipe " << recipe.name << ": rng seed " << seed
+            << ", QCOW2FUSE_TEST_OPS=" << ops << "\n";
   RecordProperty("ops", ops);
 
   ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("oracle-" + recipe.name));

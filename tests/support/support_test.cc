@@ -2,6 +2,7 @@
 // would make every test built on it pass too.
 
 #include <signal.h>
+#include <stdlib.h>
 #include <sys/stat.h>
 
 #include <chrono>
@@ -17,6 +18,7 @@
 #include "support/loop_device.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -114,6 +116,16 @@ TEST(CommandTest, RunsInWorkingDirectoryAndCallsBackWhileRunning) {
   EXPECT_TRUE(result.ok());
   EXPECT_EQ(result.stdout_text, dir.path() + "\n");
   EXPECT_GT(calls, 0);
+}
+
+TEST(SeedTest, EnvironmentReplaysASeed) {
+  const char* saved = getenv("QCOW2FUSE_TEST_SEED");
+  const std::string restore = saved != nullptr ? saved : "";
+  ASSERT_EQ(setenv("QCOW2FUSE_TEST_SEED", "18446744073709551615", 1), 0);
+  EXPECT_EQ(TestSeed(), 18446744073709551615u);
+  ASSERT_EQ(unsetenv("QCOW2FUSE_TEST_SEED"), 0);
+  EXPECT_NE(TestSeed(), TestSeed());  // Fresh ones: equal 1 in 2^64.
+  if (saved != nullptr) setenv("QCOW2FUSE_TEST_SEED", restore.c_str(), 1);
 }
 
 TEST(TempDirTest, CreatesAndRemovesRecursively) {

@@ -21,18 +21,15 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <future>
 #include <iostream>
 #include <memory>
-#include <random>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "data/qcow2_layer.h"
@@ -47,6 +44,7 @@
 #include "support/command.h"
 #include "support/file_util.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -802,17 +800,6 @@ TEST(WritePathTest, PublicImageApiWritesFlushesAndResizes) {
 }
 
 // --- Crash consistency ----------------------------------------------------------------------------------
-
-uint64_t TestSeed() {
-  uint64_t seed;
-  const char* env = std::getenv("QCOW2FUSE_TEST_SEED");
-  if (env == nullptr || !absl::SimpleAtoi(env, &seed)) {
-    seed = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
-  }
-  std::cout << "seed: " << seed << " (rerun with QCOW2FUSE_TEST_SEED=" << seed << ")\n";
-  ::testing::Test::RecordProperty("seed", std::to_string(seed));
-  return seed;
-}
 
 // Drives a Qcow2Layer over a RecordingFile around a memory copy of an
 // image, and remembers which guest writes each completed Flush made durable.
