@@ -25,7 +25,6 @@
 #include <algorithm>
 #include <chrono>
 #include <fstream>
-#include <iostream>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -34,7 +33,6 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli_util.h"
@@ -43,6 +41,7 @@
 #include "support/file_util.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -64,20 +63,6 @@ bool IsRunning(pid_t pid) {
   if (paren == std::string::npos || paren + 2 >= line.size()) return false;
   const char state = line[paren + 2];
   return state != 'Z' && state != 'X';
-}
-
-// A seed from $QCOW2FUSE_TEST_SEED if set, else a fresh one; printed so a
-// failure can be replayed.
-uint64_t TestSeed() {
-  uint64_t seed = 0;
-  const char* env = getenv("QCOW2FUSE_TEST_SEED");
-  if (env == nullptr || !absl::SimpleAtoi(env, &seed)) {
-    seed = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
-  }
-  std::cout << "random seed: " << seed
-            << " (replay with QCOW2FUSE_TEST_SEED=" << seed << ")\n";
-  ::testing::Test::RecordProperty("seed", std::to_string(seed));
-  return seed;
 }
 
 std::string RandomBytes(std::mt19937_64& rng, size_t n) {

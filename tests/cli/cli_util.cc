@@ -1,11 +1,7 @@
 #include "cli_util.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -22,58 +18,10 @@
 #include "support/file_util.h"
 #include "support/mount.h"
 
-extern char** environ;
-
 namespace qcow2fuse::test::cli {
 namespace {
 
 constexpr std::chrono::milliseconds kPoll(10);
-
-absl::Status ErrnoError(const std::string& what, int error_number) {
-  return absl::InternalError(absl::StrCat(what, ": ", strerror(error_number)));
-}
-
-// An unlinked temporary file collecting one output stream of a child; a
-// file, not a pipe, so a chatty child never blocks on us.
-class Capture {
- public:
-  Capture() = default;
-  Capture(const Capture&) = delete;
-  Capture& operator=(const Capture&) = delete;
-  ~Capture() {
-    if (fd_ >= 0) close(fd_);
-  }
-
-  absl::Status Open() {
-    const char* tmpdir = getenv("TMPDIR");
-    std::string pattern = absl::StrCat(
-        (tmpdir != nullptr && *tmpdir != '\0') ? tmpdir : "/tmp",
-        "/qcow2fuse-cli-capture-XXXXXX");
-    fd_ = mkostemp(pattern.data(), O_CLOEXEC);
-    if (fd_ < 0) return ErrnoError(absl::StrCat("mkostemp ", pattern), errno);
-    unlink(pattern.c_str());
-    return absl::OkStatus();
-  }
-
-  int fd() const { return fd_; }
-
-  std::string Contents() const {
-    std::string contents;
-    char buffer[65536];
-    off_t offset = 0;
-    for (;;) {
-      ssize_t n = pread(fd_, buffer, sizeof buffer, offset);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) break;
-      contents.append(buffer, n);
-      offset += n;
-    }
-    return contents;
-  }
-
- private:
-  int fd_ = -1;
-};
 
 void Fusermount(const char* flag, const std::string& path) {
   absl::StatusOr<CommandResult> r = RunCommand({"fusermount3", flag, path});
@@ -104,78 +52,29 @@ bool IsMounted(const std::string& path) {
 
 absl::StatusOr<RunResult> RunBounded(const std::vector<std::string>& argv,
                                      const RunOptions& options) {
-  if (argv.empty()) return absl::InvalidArgumentError("empty argv");
-  Capture out, err;
-  if (absl::Status s = out.Open(); !s.ok()) return s;
-  if (absl::Status s = err.Open(); !s.ok()) return s;
-
-  std::vector<char*> c_argv;
-  for (const std::string& arg : argv) {
-    c_argv.push_back(const_cast<char*>(arg.c_str()));
-  }
-  c_argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null",
-                                   O_RDONLY, 0);
-  posix_spawn_file_actions_adddup2(&actions, out.fd(), STDOUT_FILENO);
-  posix_spawn_file_actions_adddup2(&actions, err.fd(), STDERR_FILENO);
-  if (!options.cwd.empty()) {
-    posix_spawn_file_actions_addchdir_np(&actions, options.cwd.c_str());
-  }
-  pid_t pid = -1;
-  int error =
-      posix_spawnp(&pid, c_argv[0], &actions, nullptr, c_argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  if (error != 0) {
-    return ErrnoError(absl::StrCat("cannot start ", CommandLine(argv)), error);
-  }
-
-  RunResult result;
-  result.argv = argv;
-  result.cwd = options.cwd;
-  const auto deadline = std::chrono::steady_clock::now() + options.timeout;
-  bool reaped = false;
-  while (!reaped) {
-    int wait_status = 0;
-    pid_t done = waitpid(pid, &wait_status, WNOHANG);
-    if (done == pid) {
-      result.status = ExitStatus::FromWaitStatus(wait_status);
-      reaped = true;
-      break;
-    }
-    if (done < 0 && errno != EINTR) {
-      return ErrnoError(absl::StrCat("waitpid ", pid), errno);
-    }
-    if (!options.watch_mountpoint.empty() &&
-        IsMounted(options.watch_mountpoint)) {
+  const std::string& watched = options.watch_mountpoint;
+  bool mounted = false;
+  CommandOptions command_options;
+  command_options.cwd = options.cwd;
+  command_options.timeout = options.timeout;
+  if (!watched.empty()) {
+    command_options.while_running = [&mounted, &watched] {
       // Only a foreground process mounts and stays: take it down, and let
-      // the loop collect how it exits.
-      if (!result.mounted_during_run) {
-        result.mounted_during_run = true;
-        Fusermount("-u", options.watch_mountpoint);
+      // the wait collect how it exits.
+      if (!mounted && IsMounted(watched)) {
+        mounted = true;
+        Fusermount("-u", watched);
       }
-    }
-    if (std::chrono::steady_clock::now() >= deadline) {
-      result.timed_out = true;
-      if (!options.watch_mountpoint.empty() &&
-          IsMounted(options.watch_mountpoint)) {
-        Fusermount("-u", options.watch_mountpoint);
-      }
-      kill(pid, SIGKILL);  // our child, not yet reaped: still ours to kill
-      absl::StatusOr<ExitStatus> status = WaitForExit(pid);
-      if (status.ok()) result.status = *status;
-      if (!options.watch_mountpoint.empty() &&
-          IsMounted(options.watch_mountpoint)) {
-        Fusermount("-uz", options.watch_mountpoint);
-      }
-      break;
-    }
-    std::this_thread::sleep_for(kPoll);
+    };
   }
-  result.stdout_text = out.Contents();
-  result.stderr_text = err.Contents();
-  return result;
+  absl::StatusOr<CommandResult> run = RunCommand(argv, command_options);
+  if (!run.ok()) return run.status();
+  // A daemon killed at the time limit leaves its mount behind.
+  if (run->timed_out && !watched.empty()) {
+    if (IsMounted(watched)) Fusermount("-u", watched);
+    if (IsMounted(watched)) Fusermount("-uz", watched);
+  }
+  return RunResult{*std::move(run), options.cwd, mounted};
 }
 
 PidGone WaitForPidGone(pid_t pid, std::chrono::milliseconds timeout) {

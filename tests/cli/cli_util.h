@@ -6,10 +6,10 @@
 // qemu helpers) is used as is; this file only adds what the command-line
 // tests need beyond it:
 //
-//  * RunBounded: like RunCommand, but with a working directory, a time
-//    limit (a hang is a test failure, never a stuck test), and a watch on
-//    the mountpoint so that a foreground run that mounts when it should have
-//    refused is taken down again instead of waiting for the limit.
+//  * RunBounded: RunCommand with a time limit (a hang is a test failure,
+//    never a stuck test) and a watch on the mountpoint, so that a
+//    foreground run that mounts when it should have refused is taken down
+//    again instead of waiting for the limit.
 //  * DaemonGuard: without -f, qcow2fuse forks a daemon that outlives the
 //    command; the guard unmounts it and waits for (and if need be kills)
 //    that pid, in every path out of a test.
@@ -56,22 +56,17 @@ struct RunOptions {
   std::string watch_mountpoint;
 };
 
-struct RunResult {
-  std::vector<std::string> argv;
+// A CommandResult and what RunBounded adds to it.
+struct RunResult : CommandResult {
   std::string cwd;
-  ExitStatus status;
-  bool timed_out = false;
   bool mounted_during_run = false;  // only with RunOptions::watch_mountpoint
-  std::string stdout_text;
-  std::string stderr_text;
 
   // Command line, working directory, how it ended, stdout and stderr: for
   // failure messages.
   std::string Describe() const;
 };
 
-// Runs `argv` (argv[0] looked up in $PATH) with stdin from /dev/null and
-// stdout/stderr captured. An error only if it could not be run at all.
+// RunCommand under `options`. An error only if it could not be run at all.
 absl::StatusOr<RunResult> RunBounded(const std::vector<std::string>& argv,
                                      const RunOptions& options = {});
 

@@ -10,19 +10,18 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <cstdlib>
 #include <mutex>
 #include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "support/file_util.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -30,13 +29,6 @@ namespace qcow2fuse::test {
 namespace {
 
 constexpr uint64_t kDiskSize = 64ull << 20;
-
-uint64_t Seed() {
-  uint64_t seed;
-  const char* env = std::getenv("QCOW2FUSE_TEST_SEED");
-  if (env != nullptr && absl::SimpleAtoi(env, &seed)) return seed;
-  return std::random_device{}();
-}
 
 // What the writer has done: `durable` is the disk as of the last completed
 // fsync; `touched` marks bytes written since (their content is unknown
@@ -84,8 +76,7 @@ void WriteLoad(const std::string& view, uint64_t seed, Ledger* ledger, std::atom
 class CrashTest : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(CrashTest, KillDuringWritesLeavesConsistentImageWithFsyncedData) {
-  const uint64_t seed = Seed();
-  std::cout << "QCOW2FUSE_TEST_SEED=" << seed << "\n";
+  const uint64_t seed = TestSeed();
   ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("crash"));
   const std::string image = dir.Join("disk.qcow2");
   ASSERT_OK(CreateImage(image, "qcow2", kDiskSize, {GetParam()}));

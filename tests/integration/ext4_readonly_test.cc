@@ -9,26 +9,21 @@
 //
 // Needs root and loop devices; skipped, with the reason, without them.
 
-#include <unistd.h>
-
-#include <chrono>
-#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <memory>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/strip.h"
 #include "gtest/gtest.h"
 #include "support/command.h"
 #include "support/file_util.h"
+#include "support/loop_device.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -36,98 +31,6 @@ namespace qcow2fuse::test {
 namespace {
 
 namespace fs = std::filesystem;
-
-constexpr std::chrono::seconds kDetachTimeout(10);
-
-// A read-only loop device over a file, detached on destruction.
-class LoopDevice {
- public:
-  static absl::StatusOr<std::unique_ptr<LoopDevice>> AttachReadOnly(
-      const std::string& file) {
-    absl::StatusOr<std::string> out =
-        RunChecked({"losetup", "-r", "-f", "--show", file});
-    if (!out.ok()) return out.status();
-    std::string device(absl::StripAsciiWhitespace(*out));
-    return std::unique_ptr<LoopDevice>(new LoopDevice(device));
-  }
-
-  LoopDevice(const LoopDevice&) = delete;
-  LoopDevice& operator=(const LoopDevice&) = delete;
-
-  ~LoopDevice() {
-    absl::Status detached = RunChecked({"losetup", "-d", device_}).status();
-    if (!detached.ok()) std::cerr << "LoopDevice: " << detached << "\n";
-    // A busy device is only marked for auto-clear and let go on its last
-    // close; until then it keeps the view open and the view cannot be
-    // unmounted. So wait (bounded) until it is really gone.
-    const std::string backing =
-        absl::StrCat("/sys/block/", fs::path(device_).filename().string(),
-                     "/loop/backing_file");
-    const auto deadline = std::chrono::steady_clock::now() + kDetachTimeout;
-    while (fs::exists(backing) && std::chrono::steady_clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    if (fs::exists(backing)) {
-      std::cerr << "LoopDevice: " << device_ << " still attached\n";
-    }
-  }
-
-  const std::string& device() const { return device_; }
-
- private:
-  explicit LoopDevice(std::string device) : device_(std::move(device)) {}
-
-  const std::string device_;
-};
-
-// A kernel mount of a block device, unmounted on destruction (lazily if a
-// plain umount fails, so the test never leaves it behind).
-class KernelMount {
- public:
-  static absl::StatusOr<std::unique_ptr<KernelMount>> Mount(
-      const std::string& device, const std::string& dir,
-      const std::string& options) {
-    absl::Status mounted =
-        RunChecked({"mount", "-o", options, device, dir}).status();
-    if (!mounted.ok()) return mounted;
-    return std::unique_ptr<KernelMount>(new KernelMount(dir));
-  }
-
-  KernelMount(const KernelMount&) = delete;
-  KernelMount& operator=(const KernelMount&) = delete;
-
-  ~KernelMount() {
-    if (RunChecked({"umount", dir_}).ok()) return;
-    absl::Status lazy = RunChecked({"umount", "-l", dir_}).status();
-    if (!lazy.ok()) std::cerr << "KernelMount: " << lazy << "\n";
-  }
-
- private:
-  explicit KernelMount(std::string dir) : dir_(std::move(dir)) {}
-
-  const std::string dir_;
-};
-
-// Why loop devices cannot be used here, or empty if they can.
-std::string LoopUnavailableReason() {
-  if (geteuid() != 0) return "not root: losetup and mount need root";
-  if (!fs::exists("/dev/loop-control")) return "no /dev/loop-control";
-  absl::StatusOr<CommandResult> free_device = RunCommand({"losetup", "-f"});
-  if (!free_device.ok()) return std::string(free_device.status().message());
-  if (!free_device->ok()) {
-    return absl::StrCat("losetup -f failed: ", free_device->stderr_text);
-  }
-  return "";
-}
-
-uint64_t TestSeed() {
-  uint64_t seed = 0;
-  const char* text = std::getenv("QCOW2FUSE_TEST_SEED");
-  if (text == nullptr || !absl::SimpleAtoi(text, &seed)) {
-    seed = std::random_device()();
-  }
-  return seed;
-}
 
 // Lays out a small tree of files of assorted shapes under `root`.
 absl::Status PopulateTree(const std::string& root, uint64_t seed) {
@@ -225,8 +128,6 @@ TEST_P(Ext4ReadonlyTest, FilesReadBackThroughLoopMount) {
     GTEST_SKIP() << "loop devices unavailable: " << reason;
   }
   const uint64_t seed = TestSeed();
-  std::cout << "QCOW2FUSE_TEST_SEED=" << seed << "\n";
-  RecordProperty("seed", absl::StrCat(seed));
 
   // Declared first so it is removed last, after every mount inside it.
   ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("ext4-" + GetParam().name));
@@ -251,10 +152,10 @@ TEST_P(Ext4ReadonlyTest, FilesReadBackThroughLoopMount) {
   EXPECT_OK(CompareFiles(view->path(), raw));
   {
     ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop,
-                         LoopDevice::AttachReadOnly(view->path()));
+                         LoopDevice::Attach(view->path(), /*read_only=*/true));
     ASSERT_OK_AND_ASSIGN(
         std::unique_ptr<KernelMount> mounted,
-        KernelMount::Mount(loop->device(), mount_dir, "ro,noload"));
+        KernelMount::Mount(loop->device(), mount_dir, "ext4", "ro,noload"));
     CompareTrees(tree, mount_dir);
     ASSERT_OK(RunChecked({"fsck.ext4", "-n", "-f", loop->device()}));
   }  // umount, then losetup -d.

@@ -15,39 +15,27 @@
 // order in every path. Needs root and loop devices; skipped without them.
 // The tree is seeded: QCOW2FUSE_TEST_SEED=N replays it.
 
-#include <errno.h>
-#include <fcntl.h>
-#include <signal.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <chrono>
-#include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
-#include <optional>
 #include <random>
-#include <regex>
-#include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
-#include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
-#include "absl/strings/strip.h"
 #include "gtest/gtest.h"
 #include "support/command.h"
 #include "support/file_util.h"
+#include "support/loop_device.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -56,278 +44,18 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr size_t kLogTail = 8192;
-
-// A qcow2fuse mount (read-write unless asked otherwise) for the length of
-// a scope: `qcow2fuse -f [-o ro] IMAGE MOUNTPOINT` under setpriv
-// --pdeathsig TERM; taken down with fusermount3 -u and a bounded wait, or,
-// failing that, SIGKILL to that pid only and fusermount3 -uz. The child is
-// reaped in every path. (MountedView always mounts read-only.)
-class RwView {
- public:
-  static absl::StatusOr<std::unique_ptr<RwView>> Start(
-      const std::string& image, const std::string& mountpoint,
-      bool read_only = false) {
-    const std::string log_path = mountpoint + ".log";
-    std::vector<std::string> argv = {Qcow2fuseBinary(QCOW2FUSE_BINARY), "-f"};
-    if (read_only) {
-      argv.push_back("-o");
-      argv.push_back("ro");
-    }
-    argv.push_back(image);
-    argv.push_back(mountpoint);
-    const int log_fd =
-        open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (log_fd < 0) {
-      return absl::InternalError(
-          absl::StrCat("cannot create ", log_path, ": ", strerror(errno)));
-    }
-    std::vector<std::string> guarded = {"setpriv", "--pdeathsig", "TERM",
-                                        "--"};
-    guarded.insert(guarded.end(), argv.begin(), argv.end());
-    absl::StatusOr<pid_t> pid = Spawn(guarded, log_fd, log_fd);
-    if (!pid.ok()) pid = Spawn(argv, log_fd, log_fd);
-    close(log_fd);
-    if (!pid.ok()) return pid.status();
-    std::unique_ptr<RwView> view(
-        new RwView(mountpoint, log_path, CommandLine(argv), *pid));
-    if (absl::Status live = view->WaitUntilLive(); !live.ok()) {
-      view->ForceCleanup();
-      return live;
-    }
-    return view;
-  }
-
-  RwView(const RwView&) = delete;
-  RwView& operator=(const RwView&) = delete;
-
-  ~RwView() {
-    if (::testing::Test::HasFailure()) {
-      std::string log = ReadLog();
-      if (log.size() > kLogTail) {
-        log = "...\n" + log.substr(log.size() - kLogTail);
-      }
-      std::cerr << "--- qcow2fuse log (" << log_path_ << ") ---\n"
-                << log << "--- end of log ---\n";
-    }
-    if (!reaped_) {
-      absl::Status unmounted = Unmount();
-      if (!unmounted.ok()) {
-        std::cerr << "RwView: clean unmount of " << path_
-                  << " failed, forcing: " << unmounted << "\n";
-      }
-    }
-    ForceCleanup();
-  }
-
-  const std::string& path() const { return path_; }
-  const std::optional<ExitStatus>& exit_status() const { return exit_; }
-
-  std::string ReadLog() const {
-    std::ifstream in(log_path_, std::ios::binary);
-    std::ostringstream text;
-    text << in.rdbuf();
-    return text.str();
-  }
-
-  absl::Status Unmount() {
-    if (reaped_ && !MountedFsType(path_)) return absl::OkStatus();
-    absl::Status unmounted = absl::OkStatus();
-    // A just-detached loop device may hold the view for a moment.
-    for (int attempt = 0; attempt < 100 && MountedFsType(path_); ++attempt) {
-      unmounted = RunChecked({"fusermount3", "-u", path_}).status();
-      if (unmounted.ok()) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    if (!unmounted.ok()) return unmounted;
-    return WaitForChild(std::chrono::seconds(60));
-  }
-
- private:
-  RwView(std::string path, std::string log_path, std::string command_line,
-         pid_t pid)
-      : path_(std::move(path)),
-        log_path_(std::move(log_path)),
-        command_line_(std::move(command_line)),
-        pid_(pid) {}
-
-  bool ReapIfExited() {
-    if (reaped_) return true;
-    absl::StatusOr<std::optional<ExitStatus>> status =
-        WaitForExitFor(pid_, std::chrono::milliseconds(0));
-    if (!status.ok()) {
-      reaped_ = true;
-      return true;
-    }
-    if (!status->has_value()) return false;
-    reaped_ = true;
-    exit_ = **status;
-    return true;
-  }
-
-  absl::Status WaitUntilLive() {
-    const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    for (;;) {
-      if (ReapIfExited()) {
-        return absl::InternalError(absl::StrCat(
-            "qcow2fuse exited before the mount was live (",
-            exit_ ? exit_->ToString() : "status unknown", "): ", command_line_,
-            "\n--- log ---\n", ReadLog()));
-      }
-      std::optional<std::string> type = MountedFsType(path_);
-      struct stat st;
-      if (type && absl::StartsWith(*type, "fuse") &&
-          stat(path_.c_str(), &st) == 0) {
-        return absl::OkStatus();
-      }
-      if (std::chrono::steady_clock::now() >= deadline) {
-        return absl::DeadlineExceededError(absl::StrCat(
-            "mount not live after 20 s: ", command_line_, "\n--- log ---\n",
-            ReadLog()));
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-  }
-
-  absl::Status WaitForChild(std::chrono::milliseconds timeout) {
-    if (reaped_) return absl::OkStatus();
-    absl::StatusOr<std::optional<ExitStatus>> status =
-        WaitForExitFor(pid_, timeout);
-    if (!status.ok()) {
-      reaped_ = true;
-      return status.status();
-    }
-    if (!status->has_value()) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "qcow2fuse (pid ", pid_, ") still running ", timeout.count(),
-          " ms after unmount"));
-    }
-    reaped_ = true;
-    exit_ = **status;
-    return absl::OkStatus();
-  }
-
-  void ForceCleanup() {
-    if (!reaped_) {
-      std::cerr << "RwView: killing qcow2fuse pid " << pid_ << "\n";
-      kill(pid_, SIGKILL);
-      absl::StatusOr<std::optional<ExitStatus>> status =
-          WaitForExitFor(pid_, std::chrono::seconds(10));
-      if (status.ok() && status->has_value()) exit_ = **status;
-      reaped_ = true;
-    }
-    if (MountedFsType(path_)) {
-      absl::Status detached = RunChecked({"fusermount3", "-uz", path_}).status();
-      if (!detached.ok()) {
-        std::cerr << "RwView: could not detach " << path_ << ": " << detached
-                  << "\n";
-      }
-    }
-  }
-
-  const std::string path_;
-  const std::string log_path_;
-  const std::string command_line_;
-  const pid_t pid_;
-  bool reaped_ = false;
-  std::optional<ExitStatus> exit_;
-};
-
-// A loop device over a file, detached on destruction; the destructor waits
-// (bounded) until the kernel has really let go of the file.
-class LoopDevice {
- public:
-  static absl::StatusOr<std::unique_ptr<LoopDevice>> Attach(
-      const std::string& file, bool read_only) {
-    std::vector<std::string> argv = {"losetup"};
-    if (read_only) argv.push_back("-r");
-    argv.insert(argv.end(), {"-f", "--show", file});
-    absl::StatusOr<std::string> out = RunChecked(argv);
-    if (!out.ok()) return out.status();
-    std::string device(absl::StripAsciiWhitespace(*out));
-    return std::unique_ptr<LoopDevice>(new LoopDevice(device));
-  }
-
-  LoopDevice(const LoopDevice&) = delete;
-  LoopDevice& operator=(const LoopDevice&) = delete;
-
-  ~LoopDevice() {
-    absl::Status detached = RunChecked({"losetup", "-d", device_}).status();
-    if (!detached.ok()) std::cerr << "LoopDevice: " << detached << "\n";
-    const std::string backing =
-        absl::StrCat("/sys/block/", fs::path(device_).filename().string(),
-                     "/loop/backing_file");
-    const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (fs::exists(backing) && std::chrono::steady_clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    if (fs::exists(backing)) {
-      std::cerr << "LoopDevice: " << device_ << " still attached\n";
-    }
-  }
-
-  const std::string& device() const { return device_; }
-
- private:
-  explicit LoopDevice(std::string device) : device_(std::move(device)) {}
-  const std::string device_;
-};
-
-// A kernel mount, unmounted on destruction (lazily if a plain umount
-// fails). Unmount() does it early and reports failures.
-class KernelMount {
- public:
-  static absl::StatusOr<std::unique_ptr<KernelMount>> Mount(
-      const std::string& device, const std::string& dir,
-      const std::string& options) {
-    absl::Status mounted =
-        RunChecked({"mount", "-t", "ext4", "-o", options, device, dir})
-            .status();
-    if (!mounted.ok()) return mounted;
-    return std::unique_ptr<KernelMount>(new KernelMount(dir));
-  }
-
-  KernelMount(const KernelMount&) = delete;
-  KernelMount& operator=(const KernelMount&) = delete;
-
-  absl::Status Unmount() {
-    if (!mounted_) return absl::OkStatus();
-    absl::Status status = RunChecked({"umount", dir_}).status();
-    if (status.ok()) mounted_ = false;
-    return status;
-  }
-
-  ~KernelMount() {
-    if (!mounted_) return;
-    if (RunChecked({"umount", dir_}).ok()) return;
-    absl::Status lazy = RunChecked({"umount", "-l", dir_}).status();
-    if (!lazy.ok()) std::cerr << "KernelMount: " << lazy << "\n";
-  }
-
- private:
-  explicit KernelMount(std::string dir) : dir_(std::move(dir)) {}
-  const std::string dir_;
-  bool mounted_ = true;
-};
-
-std::string LoopUnavailableReason() {
-  if (geteuid() != 0) return "not root: losetup and mount need root";
-  if (!fs::exists("/dev/loop-control")) return "no /dev/loop-control";
-  absl::StatusOr<CommandResult> free_device = RunCommand({"losetup", "-f"});
-  if (!free_device.ok()) return std::string(free_device.status().message());
-  if (!free_device->ok()) {
-    return absl::StrCat("losetup -f failed: ", free_device->stderr_text);
-  }
-  return "";
-}
-
-uint64_t TestSeed() {
-  const char* text = std::getenv("QCOW2FUSE_TEST_SEED");
-  uint64_t seed = 0;
-  if (text != nullptr && absl::SimpleAtoi(text, &seed)) return seed;
-  return std::random_device()();
+// A view of `image` for the length of a scope. Writing a file system
+// through it takes a while, and more under sanitizers: allow for that.
+absl::StatusOr<std::unique_ptr<MountedView>> StartView(
+    const std::string& image, const std::string& mountpoint, bool read_only) {
+  MountOptions options;
+  options.binary = Qcow2fuseBinary(QCOW2FUSE_BINARY);
+  options.image = image;
+  options.mountpoint = mountpoint;
+  options.read_only = read_only;
+  options.start_timeout = std::chrono::seconds(20);
+  options.stop_timeout = std::chrono::seconds(60);
+  return MountedView::Start(options);
 }
 
 // Generates about 300 files (some MiB in all) in nested directories.
@@ -406,32 +134,6 @@ absl::StatusOr<std::map<std::string, std::string>> Checksums(
   return digests;
 }
 
-void ExpectCleanCheck(const std::string& image) {
-  absl::StatusOr<CommandResult> result = RunCommand(
-      {"qemu-img", "check", "-f", "qcow2", "--output=json", image});
-  ASSERT_OK(result);
-  auto count = [&](const std::string& key) -> uint64_t {
-    std::smatch match;
-    const std::regex field("\"" + key + "\"\\s*:\\s*(\\d+)");
-    uint64_t value = 0;
-    if (std::regex_search(result->stdout_text, match, field)) {
-      (void)absl::SimpleAtoi(match[1].str(), &value);
-    }
-    return value;
-  };
-  const bool clean = result->ok() && count("corruptions") == 0 &&
-                     count("leaks") == 0 && count("check-errors") == 0;
-  if (clean) return;
-  std::string human;
-  absl::StatusOr<CommandResult> text =
-      RunCommand({"qemu-img", "check", "-f", "qcow2", image});
-  if (text.ok()) human = text->stdout_text + text->stderr_text;
-  ADD_FAILURE() << "qemu-img check: " << result->status.ToString() << "\n"
-                << result->stdout_text << result->stderr_text
-                << "\n--- text ---\n"
-                << human;
-}
-
 struct Variant {
   std::string name;
   std::vector<std::string> create_options;
@@ -449,8 +151,6 @@ TEST_P(Ext4WriteTest, MkfsCopyAndReadBack) {
   }
   const auto started = std::chrono::steady_clock::now();
   const uint64_t seed = TestSeed();
-  std::cout << "QCOW2FUSE_TEST_SEED=" << seed << "\n";
-  RecordProperty("seed", absl::StrCat(seed));
 
   // Declared first so it is removed last, after every mount inside it.
   ASSERT_OK_AND_ASSIGN(TempDir dir,
@@ -466,15 +166,16 @@ TEST_P(Ext4WriteTest, MkfsCopyAndReadBack) {
   ASSERT_OK(CreateImage(image, "qcow2", 128 * kMiB, GetParam().create_options));
 
   {
-    ASSERT_OK_AND_ASSIGN(std::unique_ptr<RwView> view,
-                         RwView::Start(image, view_path));
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view,
+                         StartView(image, view_path, /*read_only=*/false));
     {
-      ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop,
-                           LoopDevice::Attach(view->path(), false));
+      ASSERT_OK_AND_ASSIGN(
+          std::unique_ptr<LoopDevice> loop,
+          LoopDevice::Attach(view->path(), /*read_only=*/false));
       ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", loop->device()}));
       ASSERT_OK_AND_ASSIGN(
           std::unique_ptr<KernelMount> mounted,
-          KernelMount::Mount(loop->device(), mount_dir, "rw"));
+          KernelMount::Mount(loop->device(), mount_dir, "ext4", "rw"));
       ASSERT_OK(RunChecked({"cp", "-a", "--", tree + "/.", mount_dir}));
       ASSERT_OK(RunChecked({"sync"}));
       ASSERT_OK_AND_ASSIGN(auto written, Checksums(mount_dir, files));
@@ -487,7 +188,7 @@ TEST_P(Ext4WriteTest, MkfsCopyAndReadBack) {
         << view->exit_status()->ToString() << "\n" << view->ReadLog();
   }
 
-  ExpectCleanCheck(image);
+  EXPECT_OK(CheckImage(image));  // No corruptions, no leaks.
   const std::string raw = dir.Join("fs.raw");
   ASSERT_OK(ConvertToRaw(image, raw));
   {
@@ -500,15 +201,16 @@ TEST_P(Ext4WriteTest, MkfsCopyAndReadBack) {
   }
 
   {
-    ASSERT_OK_AND_ASSIGN(std::unique_ptr<RwView> view,
-                         RwView::Start(image, view_path, /*read_only=*/true));
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view,
+                         StartView(image, view_path, /*read_only=*/true));
     EXPECT_OK(CompareFiles(view->path(), raw));
     {
-      ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop,
-                           LoopDevice::Attach(view->path(), true));
+      ASSERT_OK_AND_ASSIGN(
+          std::unique_ptr<LoopDevice> loop,
+          LoopDevice::Attach(view->path(), /*read_only=*/true));
       ASSERT_OK_AND_ASSIGN(
           std::unique_ptr<KernelMount> mounted,
-          KernelMount::Mount(loop->device(), mount_dir, "ro,noload"));
+          KernelMount::Mount(loop->device(), mount_dir, "ext4", "ro,noload"));
       ASSERT_OK_AND_ASSIGN(auto read_back, Checksums(mount_dir, files));
       EXPECT_EQ(read_back.size(), want.size());
       for (const auto& [name, digest] : want) {

@@ -21,14 +21,11 @@
 #include <sys/stat.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <functional>
 #include <iostream>
-#include <random>
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -38,6 +35,7 @@
 #include "support/file_util.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -503,17 +501,6 @@ std::vector<Recipe> AllRecipes() {
   };
 }
 
-// The seed for this test: QCOW2FUSE_TEST_SEED if set, else a fresh one.
-uint64_t TestSeed() {
-  uint64_t seed = 0;
-  const char* text = std::getenv("QCOW2FUSE_TEST_SEED");
-  if (text == nullptr || !absl::SimpleAtoi(text, &seed)) {
-    seed = (static_cast<uint64_t>(std::random_device()()) << 32) |
-           std::random_device()();
-  }
-  return seed;
-}
-
 // Contiguous regions merged: SEEK_HOLE may stop at a boundary where the
 // next region is data again, while qemu-img map merges runs freely.
 std::vector<ByteRange> Coalesce(const std::vector<ByteRange>& regions) {
@@ -532,9 +519,6 @@ class InteropMatrixTest : public ::testing::TestWithParam<Recipe> {
  protected:
   void SetUp() override {
     const uint64_t seed = TestSeed();
-    std::cout << "recipe " << GetParam().name << ": QCOW2FUSE_TEST_SEED="
-              << seed << "\n";
-    RecordProperty("seed", absl::StrCat(seed));
     ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create(GetParam().name));
     dir_ = std::make_unique<TempDir>(std::move(dir));
     builder_ = std::make_unique<ImageBuilder>(dir_->path(), seed);

@@ -54,7 +54,6 @@
 #include <memory>
 #include <optional>
 #include <random>
-#include <regex>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -70,6 +69,7 @@
 #include "support/file_util.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -109,60 +109,20 @@ absl::StatusOr<std::unique_ptr<MountedView>> StartView(const std::string& image,
 // ---------------------------------------------------------------------------
 // qemu-img check / compare / info, parsed.
 
-struct CheckReport {
-  ExitStatus status;
-  uint64_t corruptions = 0;
-  uint64_t leaks = 0;
-  uint64_t check_errors = 0;
-  std::string output;  // stdout and stderr of the JSON run.
-
-  bool clean() const {
-    return status.success() && corruptions == 0 && leaks == 0 &&
-           check_errors == 0;
-  }
-};
-
-// A missing field means 0: qemu-img leaves out the counters that are 0.
-uint64_t JsonCount(const std::string& json, const std::string& key) {
-  std::smatch match;
-  const std::regex field("\"" + key + "\"\\s*:\\s*(\\d+)");
-  uint64_t value = 0;
-  if (std::regex_search(json, match, field)) {
-    (void)absl::SimpleAtoi(match[1].str(), &value);
-  }
-  return value;
-}
-
-absl::StatusOr<CheckReport> CheckJson(const std::string& image) {
-  absl::StatusOr<CommandResult> result = RunCommand(
-      {"qemu-img", "check", "-f", "qcow2", "--output=json", image});
-  if (!result.ok()) return result.status();
-  CheckReport report;
-  report.status = result->status;
-  report.corruptions = JsonCount(result->stdout_text, "corruptions");
-  report.leaks = JsonCount(result->stdout_text, "leaks");
-  report.check_errors = JsonCount(result->stdout_text, "check-errors");
-  report.output = result->stdout_text + result->stderr_text;
-  if (!report.clean()) {
-    // The human-readable run lists every bad cluster.
-    absl::StatusOr<CommandResult> human =
-        RunCommand({"qemu-img", "check", "-f", "qcow2", image});
-    if (human.ok()) {
-      absl::StrAppend(&report.output, "\n--- qemu-img check (text) ---\n",
-                      human->stdout_text, human->stderr_text);
-    }
-  }
-  return report;
-}
-
+// qemu-img check must find nothing wrong. On a failure the text run is
+// shown too, as it lists every bad cluster.
 void ExpectCleanCheck(const std::string& image, const std::string& when) {
-  absl::StatusOr<CheckReport> report = CheckJson(image);
-  ASSERT_OK(report);
-  EXPECT_TRUE(report->clean())
-      << "qemu-img check " << when << ": " << report->status.ToString()
-      << ", corruptions=" << report->corruptions << " leaks=" << report->leaks
-      << " check-errors=" << report->check_errors << "\n"
-      << report->output;
+  ASSERT_OK_AND_ASSIGN(QemuCheckReport report, QemuCheck(image));
+  if (report.exit_code == 0 && report.corruptions == 0 && report.leaks == 0 &&
+      report.check_errors == 0) {
+    return;
+  }
+  ADD_FAILURE() << "qemu-img check " << when << ": exit code "
+                << report.exit_code << ", corruptions=" << report.corruptions
+                << " leaks=" << report.leaks
+                << " check-errors=" << report.check_errors << "\n"
+                << report.output << "\n--- qemu-img check (text) ---\n"
+                << CheckImage(image);
 }
 
 absl::StatusOr<std::string> ImageInfoJson(const std::string& image) {
@@ -418,17 +378,6 @@ uint64_t EnvNumber(const char* name, uint64_t fallback) {
   uint64_t value = 0;
   if (text == nullptr || !absl::SimpleAtoi(text, &value)) return fallback;
   return value;
-}
-
-uint64_t BaseSeed() {
-  static const uint64_t seed = [] {
-    const char* text = std::getenv("QCOW2FUSE_TEST_SEED");
-    uint64_t value = 0;
-    if (text != nullptr && absl::SimpleAtoi(text, &value)) return value;
-    std::random_device device;
-    return (uint64_t{device()} << 32) ^ device();
-  }();
-  return seed;
 }
 
 uint64_t Fnv1a(absl::string_view text) {
@@ -933,13 +882,11 @@ class WriteOracleTest : public ::testing::TestWithParam<Recipe> {};
 TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
   const Recipe& recipe = GetParam();
   const auto started = std::chrono::steady_clock::now();
-  const uint64_t base_seed = BaseSeed();
+  const uint64_t base_seed = TestSeed();
   const uint64_t seed = base_seed ^ Fnv1a(recipe.name);
   const int ops = static_cast<int>(EnvNumber("QCOW2FUSE_TEST_OPS", kDefaultOps));
-  std::cout << "QCOW2FUSE_TEST_SEED=" << base_seed << " (recipe " << recipe.name
-            << ": rng seed " << seed << "), QCOW2FUSE_TEST_OPS=" << ops
-            << "\n";
-  RecordProperty("seed", absl::StrCat(base_seed));
+  std::cout << "recipe " << recipe.name << ": rng seed " << seed
+            << ", QCOW2FUSE_TEST_OPS=" << ops << "\n";
   RecordProperty("ops", ops);
 
   ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("oracle-" + recipe.name));

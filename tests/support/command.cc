@@ -3,6 +3,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,6 +96,28 @@ std::string ShellQuote(const std::string& word) {
   return quoted;
 }
 
+// Waits for `pid` as `options` say: for as long as it takes, or polling so
+// that the callback runs and the time limit is kept.
+absl::StatusOr<ExitStatus> WaitWhileRunning(pid_t pid,
+                                            const CommandOptions& options,
+                                            bool* timed_out) {
+  if (!options.timeout && !options.while_running) return WaitForExit(pid);
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    absl::StatusOr<std::optional<ExitStatus>> done =
+        WaitForExitFor(pid, std::chrono::milliseconds(10));
+    if (!done.ok()) return done.status();
+    if (done->has_value()) return **done;
+    if (options.while_running) options.while_running();
+    if (options.timeout &&
+        std::chrono::steady_clock::now() - start >= *options.timeout) {
+      *timed_out = true;
+      kill(pid, SIGKILL);
+      return WaitForExit(pid);
+    }
+  }
+}
+
 }  // namespace
 
 ExitStatus ExitStatus::FromWaitStatus(int wait_status) {
@@ -123,7 +146,7 @@ std::string CommandLine(const std::vector<std::string>& argv) {
 }
 
 absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, int stdout_fd,
-                            int stderr_fd) {
+                            int stderr_fd, const std::string& cwd) {
   if (argv.empty()) return absl::InvalidArgumentError("empty argv");
   std::vector<char*> c_argv;
   for (const std::string& arg : argv) {
@@ -137,6 +160,7 @@ absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, int stdout_fd,
                                    O_RDONLY, 0);
   posix_spawn_file_actions_adddup2(&actions, stdout_fd, STDOUT_FILENO);
   posix_spawn_file_actions_adddup2(&actions, stderr_fd, STDERR_FILENO);
+  if (!cwd.empty()) posix_spawn_file_actions_addchdir_np(&actions, cwd.c_str());
   pid_t pid = -1;
   int error =
       posix_spawnp(&pid, c_argv[0], &actions, nullptr, c_argv.data(), environ);
@@ -174,17 +198,19 @@ absl::StatusOr<std::optional<ExitStatus>> WaitForExitFor(
   }
 }
 
-absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv) {
+absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv,
+                                         const CommandOptions& options) {
   CaptureFile out, err;
   if (absl::Status s = out.Open(); !s.ok()) return s;
   if (absl::Status s = err.Open(); !s.ok()) return s;
-  absl::StatusOr<pid_t> pid = Spawn(argv, out.fd(), err.fd());
+  absl::StatusOr<pid_t> pid = Spawn(argv, out.fd(), err.fd(), options.cwd);
   if (!pid.ok()) return pid.status();
-  absl::StatusOr<ExitStatus> status = WaitForExit(*pid);
-  if (!status.ok()) return status.status();
 
   CommandResult result;
   result.argv = argv;
+  absl::StatusOr<ExitStatus> status = WaitWhileRunning(*pid, options,
+                                                       &result.timed_out);
+  if (!status.ok()) return status.status();
   result.status = *status;
   result.stdout_text = out.Contents();
   result.stderr_text = err.Contents();

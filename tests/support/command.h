@@ -19,6 +19,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -56,6 +57,8 @@ class ExitStatus {
 struct CommandResult {
   std::vector<std::string> argv;
   ExitStatus status;
+  // It overran CommandOptions::timeout and was killed (status says SIGKILL).
+  bool timed_out = false;
   std::string stdout_text;
   std::string stderr_text;
 
@@ -66,10 +69,24 @@ struct CommandResult {
 // a failure message can be pasted into a terminal to reproduce it.
 std::string CommandLine(const std::vector<std::string>& argv);
 
+struct CommandOptions {
+  // Working directory of the child; empty means ours.
+  std::string cwd;
+  // A child still running after this long is killed with SIGKILL (that pid
+  // only: it is our unreaped child), so a hang fails a test instead of
+  // stalling it. None means wait for as long as it takes.
+  std::optional<std::chrono::milliseconds> timeout;
+  // Called every few milliseconds while the child runs, for a caller that
+  // must react to what the child does (e.g. take down a mount it made).
+  std::function<void()> while_running;
+};
+
 // Runs argv[0] (looked up in $PATH) with `argv`, stdin from /dev/null, and
 // waits for it. The result is an error only if the program could not be
-// started at all; a non-zero exit is reported in CommandResult::status.
-absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv);
+// started or waited for; a non-zero exit, a signal or a timeout is reported
+// in CommandResult.
+absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv,
+                                         const CommandOptions& options = {});
 
 // Like RunCommand, but any way of not exiting with code 0 is an error whose
 // message holds the command line, how it ended and its stderr. Returns the
@@ -78,10 +95,11 @@ absl::StatusOr<std::string> RunChecked(const std::vector<std::string>& argv);
 
 // Low-level pieces, for callers that keep a child running (see mount.h).
 
-// Starts `argv` with stdin from /dev/null and stdout/stderr sent to the
-// given descriptors (which may be equal). Returns the child's pid.
+// Starts `argv` with stdin from /dev/null, stdout/stderr sent to the given
+// descriptors (which may be equal) and, unless `cwd` is empty, `cwd` as its
+// working directory. Returns the child's pid.
 absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, int stdout_fd,
-                            int stderr_fd);
+                            int stderr_fd, const std::string& cwd = "");
 
 // Waits for `pid` to exit, for as long as it takes.
 absl::StatusOr<ExitStatus> WaitForExit(pid_t pid);

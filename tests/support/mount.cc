@@ -25,6 +25,8 @@ namespace qcow2fuse::test {
 namespace {
 
 constexpr std::chrono::milliseconds kPollInterval(20);
+constexpr std::chrono::seconds kBusyTimeout(10);
+constexpr std::chrono::milliseconds kBusyRetryInterval(100);
 constexpr size_t kLogTail = 8192;
 
 // mountinfo escapes space, tab, newline and backslash as \ooo.
@@ -237,9 +239,16 @@ absl::Status MountedView::WaitForChild() {
 
 absl::Status MountedView::Unmount() {
   if (reaped_ && !MountedFsType(mountpoint_)) return absl::OkStatus();
-  absl::Status unmounted = absl::OkStatus();
-  if (MountedFsType(mountpoint_)) unmounted = Fusermount("-u", mountpoint_);
-  if (!unmounted.ok()) return unmounted;
+  // A loop device detached a moment ago may still hold the view (the
+  // kernel lets go of it asynchronously), which fails fusermount3 with
+  // EBUSY: retry for a while before giving up.
+  const auto deadline = std::chrono::steady_clock::now() + kBusyTimeout;
+  while (MountedFsType(mountpoint_)) {
+    absl::Status unmounted = Fusermount("-u", mountpoint_);
+    if (unmounted.ok()) break;
+    if (std::chrono::steady_clock::now() >= deadline) return unmounted;
+    std::this_thread::sleep_for(kBusyRetryInterval);
+  }
   return WaitForChild();
 }
 

@@ -28,7 +28,8 @@
 // daemon's log is printed, as it usually explains the failure.
 //
 // Close every descriptor open on the view before unmounting: an open file
-// makes `fusermount3 -u` fail with EBUSY.
+// makes `fusermount3 -u` fail with EBUSY, and Unmount() only waits out a
+// holder that lets go by itself (a loop device being detached).
 
 #ifndef QCOW2FUSE_TESTS_SUPPORT_MOUNT_H_
 #define QCOW2FUSE_TESTS_SUPPORT_MOUNT_H_
@@ -103,9 +104,10 @@ class MountedView {
   // Everything the daemon has written to stdout/stderr so far.
   std::string ReadLog() const;
 
-  // `fusermount3 -u`, then waits (bounded) for the daemon to exit. An error
-  // means the unmount or the wait failed; the destructor will then fall
-  // back to SIGKILL. Calling it again after success does nothing.
+  // `fusermount3 -u`, retried for up to 10 s while it fails (the view is
+  // busy), then waits (bounded) for the daemon to exit. An error means the
+  // unmount or the wait failed; the destructor will then fall back to
+  // SIGKILL. Calling it again after success does nothing.
   absl::Status Unmount();
 
   // Sends `signal` to the daemon and waits (bounded) for it to exit, e.g.

@@ -1,6 +1,7 @@
 #include "support/qemu.h"
 
 #include <regex>
+#include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -128,6 +129,36 @@ absl::Status CheckImage(const std::string& path, bool allow_leaks,
   return absl::InternalError(absl::StrCat(
       "qemu-img check failed (", result->status.ToString(), "): ",
       CommandLine(argv), "\n", result->stdout_text, result->stderr_text));
+}
+
+absl::StatusOr<QemuCheckReport> QemuCheck(
+    const std::string& path, const std::vector<std::string>& target) {
+  std::vector<std::string> argv = {"qemu-img", "check", "--output=json"};
+  if (target.empty()) {
+    argv.insert(argv.end(), {"-f", "qcow2", path});
+  } else {
+    argv.insert(argv.end(), target.begin(), target.end());
+  }
+  absl::StatusOr<CommandResult> result = RunCommand(argv);
+  if (!result.ok()) return result.status();
+  QemuCheckReport report;
+  report.output = result->stdout_text + result->stderr_text;
+  if (!result->status.exited() || result->status.code() > 3) {
+    return absl::InternalError(absl::StrCat(
+        "qemu-img check failed (", result->status.ToString(), "): ",
+        CommandLine(argv), "\n", report.output));
+  }
+  report.exit_code = result->status.code();
+  for (auto [key, count] : {std::pair{"corruptions", &report.corruptions},
+                            std::pair{"leaks", &report.leaks},
+                            std::pair{"check-errors", &report.check_errors}}) {
+    std::optional<std::string> text = FieldText(result->stdout_text, key);
+    if (text && !absl::SimpleAtoi(*text, count)) {
+      return absl::InternalError(
+          absl::StrCat("bad \"", key, "\" in qemu-img check: ", report.output));
+    }
+  }
+  return report;
 }
 
 absl::StatusOr<uint64_t> VirtualSize(const std::string& path,

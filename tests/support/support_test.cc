@@ -2,10 +2,12 @@
 // would make every test built on it pass too.
 
 #include <signal.h>
+#include <stdlib.h>
 #include <sys/stat.h>
 
 #include <chrono>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -13,8 +15,10 @@
 #include "gtest/gtest.h"
 #include "support/command.h"
 #include "support/file_util.h"
+#include "support/loop_device.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -77,6 +81,51 @@ TEST(CommandTest, BoundedWaitReturnsWhileChildRuns) {
   EXPECT_EQ(status.signal(), SIGKILL);
   // Reaped: waiting again is an error, not "still running".
   EXPECT_FALSE(WaitForExitFor(pid, std::chrono::milliseconds(0)).ok());
+}
+
+TEST(CommandTest, TimeoutKillsTheChild) {
+  CommandOptions options;
+  options.timeout = std::chrono::milliseconds(100);
+  const auto start = std::chrono::steady_clock::now();
+  ASSERT_OK_AND_ASSIGN(CommandResult result,
+                       RunCommand({"sh", "-c", "echo started; exec sleep 60"},
+                                  options));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  EXPECT_TRUE(result.timed_out);
+  EXPECT_EQ(result.status.signal(), SIGKILL);
+  EXPECT_EQ(result.stdout_text, "started\n");
+}
+
+TEST(CommandTest, FastChildIsNotTimedOut) {
+  CommandOptions options;
+  options.timeout = std::chrono::seconds(30);
+  ASSERT_OK_AND_ASSIGN(CommandResult result,
+                       RunCommand({"sh", "-c", "exit 4"}, options));
+  EXPECT_FALSE(result.timed_out);
+  EXPECT_EQ(result.status.code(), 4);
+}
+
+TEST(CommandTest, RunsInWorkingDirectoryAndCallsBackWhileRunning) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("selftest"));
+  int calls = 0;
+  CommandOptions options;
+  options.cwd = dir.path();
+  options.while_running = [&calls] { ++calls; };
+  ASSERT_OK_AND_ASSIGN(CommandResult result,
+                       RunCommand({"sh", "-c", "sleep 0.2; pwd"}, options));
+  EXPECT_TRUE(result.ok());
+  EXPECT_EQ(result.stdout_text, dir.path() + "\n");
+  EXPECT_GT(calls, 0);
+}
+
+TEST(SeedTest, EnvironmentReplaysASeed) {
+  const char* saved = getenv("QCOW2FUSE_TEST_SEED");
+  const std::string restore = saved != nullptr ? saved : "";
+  ASSERT_EQ(setenv("QCOW2FUSE_TEST_SEED", "18446744073709551615", 1), 0);
+  EXPECT_EQ(TestSeed(), 18446744073709551615u);
+  ASSERT_EQ(unsetenv("QCOW2FUSE_TEST_SEED"), 0);
+  EXPECT_NE(TestSeed(), TestSeed());  // Fresh ones: equal 1 in 2^64.
+  if (saved != nullptr) setenv("QCOW2FUSE_TEST_SEED", restore.c_str(), 1);
 }
 
 TEST(TempDirTest, CreatesAndRemovesRecursively) {
@@ -183,6 +232,28 @@ TEST(ComplementTest, FillsGapsAndEnds) {
   EXPECT_EQ(Complement({{2, 3}, {7, 1}}, 10),
             (std::vector<ByteRange>{{0, 2}, {5, 2}, {8, 2}}));
   EXPECT_EQ(Complement({{0, 10}}, 10), std::vector<ByteRange>{});
+}
+
+TEST(LoopDeviceTest, AttachesAndDetaches) {
+  if (std::string reason = LoopUnavailableReason(); !reason.empty()) {
+    GTEST_SKIP() << "loop devices unavailable: " << reason;
+  }
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("selftest"));
+  const std::string file = dir.Join("disk.raw");
+  ASSERT_OK(WriteFileAt(file, 0, std::string(1 << 20, 'x')));
+  std::string backing;
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop,
+                         LoopDevice::Attach(file, /*read_only=*/true));
+    backing = "/sys/block/" +
+              std::filesystem::path(loop->device()).filename().string() +
+              "/loop/backing_file";
+    ASSERT_OK_AND_ASSIGN(std::string attached_to, ReadFile(backing));
+    EXPECT_EQ(attached_to, file + "\n");
+    ASSERT_OK_AND_ASSIGN(std::string data, ReadFile(loop->device()));
+    EXPECT_TRUE(data == std::string(1 << 20, 'x')) << data.size() << " bytes";
+  }
+  EXPECT_FALSE(std::filesystem::exists(backing));
 }
 
 TEST(MountInfoTest, KnowsProc) {

@@ -24,7 +24,6 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "format/header.h"
@@ -193,48 +192,6 @@ absl::StatusOr<CheckResult> OurCheck(const std::string& path, const std::string&
   return SyncWait(CheckImage(*file, header, data.get(), options));
 }
 
-struct QemuCounts {
-  uint64_t corruptions = 0;
-  uint64_t leaks = 0;
-  uint64_t check_errors = 0;
-  std::string report;  // qemu-img's stdout and stderr, for failure messages
-};
-
-// `qemu-img check --output=json`. The counts are absent from the JSON when
-// zero. Exit codes: 0 clean, 1 check errors, 2 corruptions, 3 leaks only.
-// `target` replaces "-f qcow2 PATH", e.g. for --image-opts.
-absl::StatusOr<QemuCounts> QemuCheck(const std::string& path,
-                                     const std::vector<std::string>& target = {}) {
-  std::vector<std::string> argv = {"qemu-img", "check", "--output=json"};
-  if (target.empty()) {
-    argv.insert(argv.end(), {"-f", "qcow2", path});
-  } else {
-    argv.insert(argv.end(), target.begin(), target.end());
-  }
-  ASSIGN_OR_RETURN(CommandResult r, RunCommand(argv));
-  if (!r.status.exited() || r.status.code() > 3) {
-    return absl::InternalError(absl::StrCat(CommandLine(argv), ": ", r.status.ToString(), "\n",
-                                            r.stdout_text, r.stderr_text));
-  }
-  QemuCounts counts;
-  counts.report = r.stdout_text + r.stderr_text;
-  for (auto [key, field] :
-       {std::pair{"corruptions", &counts.corruptions}, std::pair{"leaks", &counts.leaks},
-        std::pair{"check-errors", &counts.check_errors}}) {
-    // `"key": 123,` in a flat object.
-    const std::string quoted = absl::StrCat("\"", key, "\":");
-    const size_t at = r.stdout_text.find(quoted);
-    if (at == std::string::npos) continue;
-    const size_t begin = r.stdout_text.find_first_not_of(' ', at + quoted.size());
-    const size_t end = r.stdout_text.find_first_not_of("0123456789", begin);
-    if (begin == std::string::npos ||
-        !absl::SimpleAtoi(r.stdout_text.substr(begin, end - begin), field)) {
-      return absl::InternalError(absl::StrCat("bad ", key, " in ", r.stdout_text));
-    }
-  }
-  return counts;
-}
-
 // Runs both checkers on `path`; they must agree with each other and with
 // the expected counts. Returns ours.
 CheckResult ExpectCounts(const std::string& path, uint64_t corruptions, uint64_t leaks,
@@ -242,12 +199,12 @@ CheckResult ExpectCounts(const std::string& path, uint64_t corruptions, uint64_t
                          const std::vector<std::string>& qemu_target = {}) {
   absl::StatusOr<CheckResult> ours = OurCheck(path, data_file);
   EXPECT_OK(ours);
-  absl::StatusOr<QemuCounts> qemu = QemuCheck(path, qemu_target);
+  absl::StatusOr<QemuCheckReport> qemu = QemuCheck(path, qemu_target);
   EXPECT_OK(qemu);
   if (!ours.ok() || !qemu.ok()) return {};
   const std::string context =
       absl::StrCat("\nour messages:\n  ", absl::StrJoin(ours->messages, "\n  "),
-                   "\nqemu-img check:\n", qemu->report);
+                   "\nqemu-img check:\n", qemu->output);
   EXPECT_EQ(qemu->check_errors, 0u) << context;
   EXPECT_EQ(ours->corruptions, qemu->corruptions) << "corruptions differ from qemu" << context;
   EXPECT_EQ(ours->leaks, qemu->leaks) << "leaks differ from qemu" << context;
@@ -686,9 +643,9 @@ TEST_P(DamageTest, L1EntryPointingAtTheRefcountTableIsACorruption) {
                            (entry & ~kOffsetMask) | file_->header().refcount_table_offset));
   CheckResult r = OurCheck(img_).value();
   EXPECT_GT(r.corruptions, 0u);
-  ASSERT_OK_AND_ASSIGN(QemuCounts q, QemuCheck(img_));
-  EXPECT_EQ(r.corruptions, q.corruptions) << absl::StrJoin(r.messages, "\n") << "\n" << q.report;
-  EXPECT_EQ(r.leaks, q.leaks) << absl::StrJoin(r.messages, "\n") << "\n" << q.report;
+  ASSERT_OK_AND_ASSIGN(QemuCheckReport q, QemuCheck(img_));
+  EXPECT_EQ(r.corruptions, q.corruptions) << absl::StrJoin(r.messages, "\n") << "\n" << q.output;
+  EXPECT_EQ(r.leaks, q.leaks) << absl::StrJoin(r.messages, "\n") << "\n" << q.output;
 }
 
 TEST_P(DamageTest, RefcountTableEntryPastTheEndIsACorruption) {
@@ -745,10 +702,10 @@ TEST(CheckTest, DirtyImageWithLazyRefcountsMatchesQemuRepair) {
   ASSERT_NE(dirty.header().incompatible_features & 1, 0u);  // dirty bit
 
   ASSERT_OK_AND_ASSIGN(CheckResult r, OurCheck(img));
-  ASSERT_OK_AND_ASSIGN(QemuCounts q, QemuCheck(img));
+  ASSERT_OK_AND_ASSIGN(QemuCheckReport q, QemuCheck(img));
   EXPECT_GT(r.corruptions, 0u);
-  EXPECT_EQ(r.corruptions, q.corruptions) << absl::StrJoin(r.messages, "\n") << "\n" << q.report;
-  EXPECT_EQ(r.leaks, q.leaks) << absl::StrJoin(r.messages, "\n") << "\n" << q.report;
+  EXPECT_EQ(r.corruptions, q.corruptions) << absl::StrJoin(r.messages, "\n") << "\n" << q.output;
+  EXPECT_EQ(r.leaks, q.leaks) << absl::StrJoin(r.messages, "\n") << "\n" << q.output;
 
   // QEMU's repair must arrive at the refcounts we expect, except for the
   // refcount structures themselves, which it rebuilds elsewhere.

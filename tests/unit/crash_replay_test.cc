@@ -9,9 +9,7 @@
 
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <functional>
-#include <iostream>
 #include <memory>
 #include <random>
 #include <set>
@@ -19,10 +17,10 @@
 #include <string>
 #include <vector>
 
+#include "../support/seed.h"
 #include "../support/status_testing.h"  // ASSERT_OK, ASSERT_OK_AND_ASSIGN
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "gtest/gtest.h"
 #include "io/block_file.h"
 #include "qcow2fuse/task.h"
@@ -74,18 +72,7 @@ std::vector<State> AllStates(const Bytes& initial, const std::vector<FileOp>& lo
   return all;
 }
 
-// The seed for the randomized tests: QCOW2FUSE_TEST_SEED if set, else a
-// fresh one. Printed, so that a failure can be replayed.
-uint64_t TestSeed() {
-  uint64_t seed;
-  const char* env = std::getenv("QCOW2FUSE_TEST_SEED");
-  if (env == nullptr || !absl::SimpleAtoi(env, &seed)) {
-    seed = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
-  }
-  std::cout << "seed: " << seed << " (rerun with QCOW2FUSE_TEST_SEED=" << seed << ")\n";
-  ::testing::Test::RecordProperty("seed", std::to_string(seed));
-  return seed;
-}
+using test::TestSeed;
 
 // A memory file whose operations can be made to fail, and whose Flush can
 // run a hook while it is in flight.

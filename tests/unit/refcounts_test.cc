@@ -22,14 +22,12 @@
 #include <map>
 #include <memory>
 #include <random>
-#include <regex>
 #include <set>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "format/header.h"
 #include "gtest/gtest.h"
@@ -37,6 +35,7 @@
 #include "qcow2_builder.h"
 #include "qcow2fuse/task.h"
 #include "support/command.h"
+#include "support/qemu.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -234,35 +233,6 @@ void ExpectDiskState(const Bytes& bytes, const std::vector<uint64_t>& data, uint
 
 // --- qemu-img check ----------------------------------------------------------
 
-struct QemuCheck {
-  int exit_code = -1;
-  uint64_t corruptions = 0;
-  uint64_t leaks = 0;
-  uint64_t check_errors = 0;
-  std::string output;
-};
-
-uint64_t JsonCount(const std::string& json, const std::string& key) {
-  std::smatch m;
-  const std::regex re("\"" + key + "\"\\s*:\\s*(\\d+)");
-  uint64_t v = 0;
-  if (std::regex_search(json, m, re)) (void)absl::SimpleAtoi(m[1].str(), &v);
-  return v;  // QEMU leaves out the counts that are 0
-}
-
-absl::StatusOr<QemuCheck> RunQemuCheck(const std::string& path) {
-  absl::StatusOr<CommandResult> r =
-      RunCommand({"qemu-img", "check", "-f", "qcow2", "--output=json", path});
-  if (!r.ok()) return r.status();
-  QemuCheck c;
-  c.exit_code = r->status.exited() ? r->status.code() : -1;
-  c.corruptions = JsonCount(r->stdout_text, "corruptions");
-  c.leaks = JsonCount(r->stdout_text, "leaks");
-  c.check_errors = JsonCount(r->stdout_text, "check-errors");
-  c.output = r->stdout_text + r->stderr_text.substr(0, 4000);
-  return c;
-}
-
 // Writes `bytes` to `path` as a sparse file of at least `size` bytes.
 absl::Status WriteSparse(const std::string& path, const Bytes& bytes, uint64_t size) {
   const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -289,7 +259,7 @@ void ExpectQemuCheck(const Bytes& bytes, uint64_t file_size, uint64_t want_leaks
   ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("refcounts"));
   const std::string path = dir.Join("image.qcow2");
   ASSERT_OK(WriteSparse(path, bytes, file_size));
-  ASSERT_OK_AND_ASSIGN(QemuCheck c, RunQemuCheck(path));
+  ASSERT_OK_AND_ASSIGN(QemuCheckReport c, QemuCheck(path));
   EXPECT_EQ(c.corruptions, 0u) << c.output;
   EXPECT_EQ(c.check_errors, 0u) << c.output;
   EXPECT_EQ(c.leaks, want_leaks) << c.output;

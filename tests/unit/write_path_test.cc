@@ -21,19 +21,15 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <future>
 #include <iostream>
 #include <memory>
-#include <random>
-#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "data/qcow2_layer.h"
@@ -48,6 +44,7 @@
 #include "support/command.h"
 #include "support/file_util.h"
 #include "support/qemu.h"
+#include "support/seed.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -183,38 +180,9 @@ std::pair<uint64_t, uint64_t> CompressedClusters(uint64_t descriptor, uint32_t c
 
 // --- QEMU's verdicts ------------------------------------------------------------------
 
-struct QemuCheck {
-  int exit_code = -1;
-  uint64_t corruptions = 0;
-  uint64_t leaks = 0;
-  uint64_t check_errors = 0;
-  std::string output;
-};
-
-uint64_t JsonCount(const std::string& json, const std::string& key) {
-  std::smatch m;
-  const std::regex re("\"" + key + "\"\\s*:\\s*(\\d+)");
-  uint64_t v = 0;
-  if (std::regex_search(json, m, re)) (void)absl::SimpleAtoi(m[1].str(), &v);
-  return v;  // QEMU leaves out the counts that are 0
-}
-
-absl::StatusOr<QemuCheck> RunQemuCheck(const std::string& path) {
-  absl::StatusOr<CommandResult> r =
-      RunCommand({"qemu-img", "check", "-f", "qcow2", "--output=json", path});
-  if (!r.ok()) return r.status();
-  QemuCheck c;
-  c.exit_code = r->status.exited() ? r->status.code() : -1;
-  c.corruptions = JsonCount(r->stdout_text, "corruptions");
-  c.leaks = JsonCount(r->stdout_text, "leaks");
-  c.check_errors = JsonCount(r->stdout_text, "check-errors");
-  c.output = r->stdout_text + r->stderr_text.substr(0, 4000);
-  return c;
-}
-
 // `qemu-img check`: no errors and no leaks.
 void ExpectQemuClean(const std::string& image) {
-  ASSERT_OK_AND_ASSIGN(QemuCheck c, RunQemuCheck(image));
+  ASSERT_OK_AND_ASSIGN(QemuCheckReport c, QemuCheck(image));
   EXPECT_EQ(c.corruptions, 0u) << c.output;
   EXPECT_EQ(c.check_errors, 0u) << c.output;
   EXPECT_EQ(c.leaks, 0u) << "leaked clusters after Flush and close\n" << c.output;
@@ -787,7 +755,7 @@ int WriteManySlices(const std::string& image, const std::string& raw) {
     fprintf(stderr, "qemu-img compare: %s\n", cmp.ok() ? cmp->stdout_text.c_str() : "");
     return 2;
   }
-  absl::StatusOr<QemuCheck> check = RunQemuCheck(image);
+  absl::StatusOr<QemuCheckReport> check = QemuCheck(image);
   if (!check.ok() || check->corruptions || check->leaks || check->check_errors) {
     fprintf(stderr, "qemu-img check: %s\n", check.ok() ? check->output.c_str() : "");
     return 3;
@@ -832,17 +800,6 @@ TEST(WritePathTest, PublicImageApiWritesFlushesAndResizes) {
 }
 
 // --- Crash consistency ----------------------------------------------------------------------------------
-
-uint64_t TestSeed() {
-  uint64_t seed;
-  const char* env = std::getenv("QCOW2FUSE_TEST_SEED");
-  if (env == nullptr || !absl::SimpleAtoi(env, &seed)) {
-    seed = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
-  }
-  std::cout << "seed: " << seed << " (rerun with QCOW2FUSE_TEST_SEED=" << seed << ")\n";
-  ::testing::Test::RecordProperty("seed", std::to_string(seed));
-  return seed;
-}
 
 // Drives a Qcow2Layer over a RecordingFile around a memory copy of an
 // image, and remembers which guest writes each completed Flush made durable.
@@ -956,11 +913,11 @@ void CheckCrashStates(const TempDir& dir, CrashRun& run, const Bytes& old_disk, 
     };
     ASSERT_OK(WriteBytes(state_path, contents));
     // qemu-img check and the conversion to raw side by side.
-    std::future<absl::StatusOr<QemuCheck>> checked =
-        std::async(std::launch::async, [&] { return RunQemuCheck(state_path); });
+    std::future<absl::StatusOr<QemuCheckReport>> checked =
+        std::async(std::launch::async, [&] { return QemuCheck(state_path); });
     absl::StatusOr<CommandResult> conv =
         RunCommand({"qemu-img", "convert", "-t", "unsafe", "-f", "qcow2", "-O", "raw", state_path, raw_path});
-    ASSERT_OK_AND_ASSIGN(QemuCheck c, checked.get());
+    ASSERT_OK_AND_ASSIGN(QemuCheckReport c, checked.get());
     lap(t_qemu);
     if (c.corruptions != 0 || c.check_errors != 0 || (c.exit_code != 0 && c.exit_code != 3)) {
       fail("qemu-img check: " + c.output);
