@@ -221,6 +221,10 @@ class Qcow2Layer final : public Layer {
   absl::Status corrupt_;
   RangeLock cluster_locks_;
   ZeroRanges known_zero_;
+  // Clusters known to read as zeros that keep a host cluster (zeroed
+  // without unmap, preallocated): a repeated plain zeroing skips them, a
+  // discard does not (it has a cluster to free).
+  ZeroRanges known_zero_with_host_;
   // Counters not kept by the caches (see counters()).
   std::atomic<uint64_t> data_bytes_written_{0};
   std::atomic<uint64_t> other_metadata_writes_{0};  // L1 entries, new tables, header fields

@@ -292,6 +292,7 @@ Task<absl::Status> Qcow2Layer::StoreEntry(uint64_t guest_offset, const L2Entry& 
   // Whoever knows the new entry reads as zero says so again after this.
   const uint64_t guest_cluster = guest_offset & ~(header_.cluster_size() - 1);
   known_zero_.Remove(guest_cluster, guest_cluster + header_.cluster_size());
+  known_zero_with_host_.Remove(guest_cluster, guest_cluster + header_.cluster_size());
   const uint64_t l2_entries = header_.l2_entries();
   const uint64_t l1_index = (guest_offset >> header_.cluster_bits) / l2_entries;
   absl::StatusOr<uint64_t> l2_offset = co_await WritableL2Table(l1_index);
@@ -529,7 +530,10 @@ Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
       known_zero_.Add(RoundUp(old_size, header_.cluster_size()), RoundUp(new_size, header_.cluster_size()));
     }
   }
-  if (new_size < old_size) known_zero_.Remove(new_size, UINT64_MAX);
+  if (new_size < old_size) {
+    known_zero_.Remove(new_size, UINT64_MAX);
+    known_zero_with_host_.Remove(new_size, UINT64_MAX);
+  }
   // Everything the new size relies on is durable before the size changes.
   RangeLock::Guard meta = co_await meta_mu_.Lock();
   CO_RETURN_IF_ERROR(co_await FlushLocked());

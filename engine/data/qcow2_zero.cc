@@ -82,6 +82,12 @@ Task<absl::Status> Qcow2Layer::ZeroRange(uint64_t offset, uint64_t length, ZeroM
       pos = std::min(end, pos + known);  // nothing to do: no lookup, no I/O
       continue;
     }
+    if (mode == ZeroMode::kZero) {
+      if (uint64_t known = known_zero_with_host_.ZeroRunAt(pos); known > 0) {
+        pos = std::min(end, pos + known);
+        continue;
+      }
+    }
     // An L2 range with no table and nothing beneath it is all zero already.
     const uint64_t l1_index = pos / bytes_per_l2;
     if (l1_index < L1Size() && L1EntryL2Offset(L1Entry(l1_index)) == 0 &&
@@ -162,13 +168,12 @@ Task<absl::Status> Qcow2Layer::ZeroWholeCluster(uint64_t guest_cluster, ZeroMode
     }
     CO_RETURN_IF_ERROR(co_await external_data_file_->Discard(guest_cluster, cluster_size));
   }
-  if (SameEntry(updated, *old)) co_return absl::OkStatus();
-  RangeLock::Guard meta = co_await meta_mu_.Lock();
-  CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, updated));
-  if (!keep_host) {
-    FreeLater(*old);
-    known_zero_.Add(guest_cluster, guest_cluster + cluster_size);
+  if (!SameEntry(updated, *old)) {
+    RangeLock::Guard meta = co_await meta_mu_.Lock();
+    CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, updated));
+    if (!keep_host) FreeLater(*old);
   }
+  (keep_host ? known_zero_with_host_ : known_zero_).Add(guest_cluster, guest_cluster + cluster_size);
   co_return absl::OkStatus();
 }
 
@@ -240,6 +245,7 @@ Task<absl::Status> Qcow2Layer::ZeroPartOfCluster(uint64_t offset, uint64_t end, 
 
 Task<absl::Status> Qcow2Layer::Preallocate(uint64_t offset, uint64_t length) {
   CO_RETURN_IF_ERROR(CorruptStatus());
+  if (length == 0) co_return absl::OkStatus();
   RangeLock::Guard guard = co_await LockClusters(offset, length);
   absl::Status status = co_await PrepareFirstWrite();
   const uint64_t cluster_size = header_.cluster_size();
@@ -283,7 +289,9 @@ Task<absl::Status> Qcow2Layer::PreallocateCluster(uint64_t guest_cluster) {
     updated.descriptor |= spec::kOflagZero;
   }
   RangeLock::Guard meta = co_await meta_mu_.Lock();
-  co_return co_await StoreEntry(guest_cluster, updated);
+  CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, updated));
+  known_zero_with_host_.Add(guest_cluster, guest_cluster + cluster_size);
+  co_return absl::OkStatus();
 }
 
 }  // namespace qcow2fuse
