@@ -2,9 +2,10 @@
 //
 // Front ends hand each request to Spawn() as a Task and return at once; the
 // task then runs on one of the scheduler's threads and replies to its caller
-// itself. Today one thread does all the work and file I/O is synchronous, so
-// tasks run one after another; the interface is the one a parallel
-// scheduler with asynchronous I/O needs, so callers will not change.
+// itself. File I/O is synchronous, so a task holds its thread while it
+// waits for the disk: the number of threads is the number of requests that
+// reach the disk at once. A task that waits for a lock suspends instead and
+// frees its thread; whoever releases the lock resumes it.
 
 #ifndef QCOW2FUSE_SCHEDULER_H_
 #define QCOW2FUSE_SCHEDULER_H_
