@@ -929,11 +929,11 @@ absl::StatusOr<CheckResult> CheckBytes(Bytes bytes) {
 }
 
 #if defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(memory_sanitizer)
+#if __has_feature(address_sanitizer) || __has_feature(memory_sanitizer) || __has_feature(thread_sanitizer)
 #define QCOW2FUSE_CHECK_TEST_SANITIZED 1
 #endif
 #endif
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define QCOW2FUSE_CHECK_TEST_SANITIZED 1
 #endif
 
