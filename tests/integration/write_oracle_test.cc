@@ -4,26 +4,54 @@
 // AllRecipes()), the image is converted to a raw "twin" with identical
 // contents, the image is mounted read-write, and one seeded sequence of a
 // few hundred operations is applied to BOTH the view and the twin with
-// pwrite/ftruncate/fsync:
+// pwrite/ftruncate/fallocate/fsync:
 //
 //   - writes: unaligned, sub-cluster (bytes to KiB), whole clusters, up to
 //     ~3 clusters, straddling cluster / subcluster / L2-table (and L2
 //     slice) boundaries, overwrites of earlier writes, all-zero and
-//     partly-zero buffers;
+//     partly-zero buffers, and all-zero writes over the ranges fallocate
+//     uses (below);
 //   - writes at and across the end of the view: ENOSPC, or a short write
 //     that stops exactly at the end (the twin gets the same prefix);
+//   - fallocate PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE with and without
+//     KEEP_SIZE (without it, a range past the end grows the view to the
+//     next multiple of 512 bytes: the twin is then truncated to the size
+//     the view reports), and mode 0 / KEEP_SIZE preallocation (contents
+//     unchanged; mode 0 past the end grows the view the same way). Ranges
+//     are unaligned, inside one cluster, subcluster-aligned, whole
+//     clusters, a few clusters unaligned, across L2 table / slice
+//     boundaries, over what the image held before (data, zero clusters,
+//     compressed clusters, backing-file data: from `qemu-img map`), over
+//     earlier writes, occasionally several MiB or the whole disk, and
+//     now and then across the end of the view;
 //   - fsync now and then;
 //   - truncates: grows by a random number of sectors, shrinks down to a
 //     point above every byte that ever held data, and shrinks that must
 //     FAIL because data lies beyond (the twin is then left alone, and the
 //     view must keep its size and bytes).
 //
-// Every kCompareEvery operations the whole view is compared with the twin.
+// Every kCompareEvery operations the whole view is compared with the twin,
+// and lseek SEEK_DATA/SEEK_HOLE of the view is checked against the twin's
+// contents: the walk must follow the lseek contract (data regions inside
+// the file, SEEK_DATA past the last data and at EOF gives ENXIO, SEEK_HOLE
+// finds a hole at or before EOF, random probes agree with the walk), every
+// hole must read as zeros in the twin, and st_blocks * 512 must cover the
+// data regions exactly (the engine counts data extents).
 // At the end: compare, unmount (daemon exit status 0), `qemu-img check`
 // (JSON: no corruptions, no leaks), `qemu-img compare IMAGE TWIN`,
 // recipe-specific checks (backing files untouched, internal snapshot
 // contents unchanged, persistent bitmaps marked in-use), then remount and
 // compare again, unmount, and check again.
+//
+// After every PUNCH_HOLE / ZERO_RANGE (and, under detect_zeroes, every
+// all-zero write small enough to reach the daemon as one request), the
+// whole clusters (subclusters) inside the range must be holes for
+// SEEK_DATA, on images that have zero clusters (version 3).
+//
+// Three recipes run again with the mount option detect_zeroes=on and three
+// with detect_zeroes=unmap (instances DetectZeroesOn/..._dz_on and
+// DetectZeroesUnmap/..._dz_unmap): 150 operations, more of them all-zero
+// writes, which then become zero clusters.
 //
 // The seed is printed; QCOW2FUSE_TEST_SEED=N replays it (every recipe mixes
 // its name into it), and QCOW2FUSE_TEST_OPS=N changes the operation count,
@@ -37,6 +65,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -95,14 +124,15 @@ constexpr size_t kOpLogTailAtEnd = 60;
 
 // A view of `image` for the length of a scope (read-write unless asked
 // otherwise): MountedView unmounts and reaps the daemon in every path.
-absl::StatusOr<std::unique_ptr<MountedView>> StartView(const std::string& image,
-                                                       const std::string& mountpoint,
-                                                       bool read_only = false) {
+absl::StatusOr<std::unique_ptr<MountedView>> StartView(
+    const std::string& image, const std::string& mountpoint,
+    bool read_only = false, const std::vector<std::string>& extra = {}) {
   MountOptions options;
   options.binary = Qcow2fuseBinary(QCOW2FUSE_BINARY);
   options.image = image;
   options.mountpoint = mountpoint;
   options.read_only = read_only;
+  options.extra_options = extra;
   return MountedView::Start(options);
 }
 
@@ -146,6 +176,13 @@ struct Recipe {
   std::string name;
   uint64_t cluster = 64 * kKiB;  // Of the top image.
   bool extended_l2 = false;
+  // Version 3: the image has zero clusters (version 2 writes zeros as
+  // data instead), so zeroed whole clusters must become holes.
+  bool zero_flag = true;
+  // Extra -o mount options, e.g. {"detect_zeroes=unmap"}.
+  std::vector<std::string> mount_options;
+  // Operations per run (QCOW2FUSE_TEST_OPS overrides it).
+  int ops = kDefaultOps;
   // Makes the image in `dir` (a TempDir path) and describes it in `out`.
   std::function<absl::Status(const std::string& dir, Built& out)> build;
 };
@@ -279,6 +316,7 @@ std::vector<Recipe> AllRecipes() {
     Recipe r;
     r.name = "compat_v2";
     r.cluster = 64 * kKiB;
+    r.zero_flag = false;
     r.build = [](const std::string& dir, Built& out) {
       out.image = dir + "/disk.qcow2";
       absl::Status s =
@@ -370,6 +408,27 @@ std::vector<Recipe> AllRecipes() {
   return recipes;
 }
 
+// The recipes named in `names`, mounted with -o detect_zeroes=`mode`. The
+// name gets a suffix, so the seed (and the temp dir) differ from the plain
+// run's.
+std::vector<Recipe> DetectZeroesRecipes(const std::string& mode,
+                                        const std::vector<std::string>& names) {
+  std::vector<Recipe> picked;
+  for (const Recipe& recipe : AllRecipes()) {
+    if (std::find(names.begin(), names.end(), recipe.name) == names.end()) {
+      continue;
+    }
+    Recipe r = recipe;
+    r.name = absl::StrCat(recipe.name, "_dz_", mode);
+    r.mount_options.push_back("detect_zeroes=" + mode);
+    // Fewer operations (to keep the suite's time in bounds), with more
+    // all-zero writes among them (see Oracle::Step).
+    r.ops = 150;
+    picked.push_back(std::move(r));
+  }
+  return picked;
+}
+
 // ---------------------------------------------------------------------------
 // Seeds and environment.
 
@@ -392,16 +451,37 @@ uint64_t Fnv1a(absl::string_view text) {
 // ---------------------------------------------------------------------------
 // Operations.
 
-enum class OpKind { kWrite, kWriteAtEnd, kFsync, kGrow, kShrink, kShrinkFail };
+enum class OpKind {
+  kWrite,
+  kWriteAtEnd,
+  kFsync,
+  kGrow,
+  kShrink,
+  kShrinkFail,
+  kPunchHole,  // fallocate PUNCH_HOLE|KEEP_SIZE
+  kZeroRange,  // fallocate ZERO_RANGE, with or without KEEP_SIZE
+  kPrealloc,   // fallocate mode 0 or KEEP_SIZE
+};
+
+// The fallocate mode, spelled out.
+std::string FallocateModeName(int mode) {
+  std::vector<std::string> parts;
+  if (mode & FALLOC_FL_PUNCH_HOLE) parts.push_back("PUNCH_HOLE");
+  if (mode & FALLOC_FL_ZERO_RANGE) parts.push_back("ZERO_RANGE");
+  if (mode & FALLOC_FL_KEEP_SIZE) parts.push_back("KEEP_SIZE");
+  return parts.empty() ? "0" : absl::StrJoin(parts, "|");
+}
 
 struct Op {
   int index = 0;
   OpKind kind = OpKind::kWrite;
-  uint64_t offset = 0;  // Writes.
-  uint64_t length = 0;  // Writes: bytes asked for.
-  std::string fill;     // Writes: "random", "zeros", "mixed".
+  uint64_t offset = 0;  // Writes, fallocate.
+  uint64_t length = 0;  // Writes: bytes asked for; fallocate: length.
+  std::string fill;     // Writes: "random", "zeros", "mixed"; fallocate:
+                        // what the range was picked as.
+  int mode = 0;         // fallocate mode.
   uint64_t size_before = 0;
-  uint64_t new_size = 0;  // Truncates.
+  uint64_t new_size = 0;  // Truncates; fallocate: the size afterwards.
   // Filled in once applied.
   int64_t result = 0;  // pwrite/ftruncate return value.
   int error = 0;       // errno when result < 0.
@@ -416,6 +496,11 @@ struct Op {
       case OpKind::kShrink:
       case OpKind::kShrinkFail:
         return at >= new_size;
+      case OpKind::kPunchHole:
+      case OpKind::kZeroRange:
+      case OpKind::kPrealloc:
+        return (at >= offset && at < offset + length) ||
+               (at >= size_before && at < new_size);
       case OpKind::kFsync:
         return false;
     }
@@ -446,6 +531,14 @@ struct Op {
       case OpKind::kShrinkFail:
         text = absl::StrFormat("shrink(must fail) %d -> %d", size_before,
                                new_size);
+        break;
+      case OpKind::kPunchHole:
+      case OpKind::kZeroRange:
+      case OpKind::kPrealloc:
+        text = absl::StrFormat(
+            "fallocate(%s) off=%d (0x%x) len=%d end=0x%x [%s] size %d -> %d",
+            FallocateModeName(mode), offset, offset, length, offset + length,
+            fill, size_before, new_size);
         break;
     }
     absl::StrAppend(&text, " => ", result);
@@ -496,16 +589,28 @@ std::string Hex(const uint8_t* data, size_t length) {
 
 class Oracle {
  public:
+  // `preexisting`: what the image held before (data, zero clusters,
+  // compressed or backing-file data), for fallocate ranges over it.
   Oracle(const Recipe& recipe, uint64_t seed, int view_fd, int twin_fd,
-         uint64_t size, uint64_t data_end)
+         uint64_t size, uint64_t data_end,
+         std::vector<ByteRange> preexisting = {})
       : rng_(seed),
+        probe_rng_(seed ^ 0x5eec5eec5eec5eecull),
         view_fd_(view_fd),
         twin_fd_(twin_fd),
         cluster_(recipe.cluster),
         subcluster_(recipe.extended_l2 ? recipe.cluster / 32 : recipe.cluster),
+        zero_flag_(recipe.zero_flag),
+        detect_zeroes_(std::any_of(
+            recipe.mount_options.begin(), recipe.mount_options.end(),
+            [](const std::string& o) {
+              return absl::StartsWith(o, "detect_zeroes=") &&
+                     o != "detect_zeroes=off";
+            })),
         size_(size),
         max_size_(size + size / 2),
-        data_end_(data_end) {
+        data_end_(data_end),
+        preexisting_(std::move(preexisting)) {
     const uint64_t entry = recipe.extended_l2 ? 16 : 8;
     // Whole L2 tables, and 4 KiB slices of them (a cache may load those).
     spans_ = {cluster_ * (cluster_ / entry), cluster_ * (4096 / entry)};
@@ -518,6 +623,13 @@ class Oracle {
   int failed_shrinks() const { return failed_shrinks_; }
   int last_shrink_errno() const { return last_shrink_errno_; }
   uint64_t bytes_written() const { return bytes_written_; }
+  int punches() const { return punches_; }
+  int zero_ranges() const { return zero_ranges_; }  // without KEEP_SIZE
+  int zero_ranges_kept() const { return zero_ranges_kept_; }
+  int preallocs() const { return preallocs_; }
+  int seek_checks() const { return seek_checks_; }
+  uint64_t last_data_bytes() const { return last_data_bytes_; }
+  size_t last_data_regions() const { return last_data_regions_; }
 
   // Applies operation number `index` (random, or one forced at fixed
   // points of the run). A failure is a gtest failure.
@@ -538,6 +650,11 @@ class Oracle {
     if (r < 7) return Shrink(index);
     if (r < 8) return ShrinkMustFail(index);
     if (r < 10) return WriteAtEnd(index);
+    if (r < 18) return PunchHole(index);
+    if (r < 27) return ZeroRange(index);
+    if (r < 31) return Prealloc(index);
+    // Under detect_zeroes all-zero writes are what is being tested.
+    if (r < (detect_zeroes_ ? 50 : 37)) return ZeroWrite(index);
     return RandomWrite(index);
   }
 
@@ -569,14 +686,7 @@ class Oracle {
       while (a[i] == b[i]) ++i;
       const uint64_t at = offset + i;
       const size_t shown = std::min<size_t>(16, n - i);
-      std::string touching;
-      int found = 0;
-      for (auto it = log_.rbegin(); it != log_.rend() && found < 10; ++it) {
-        if (it->Touches(at)) {
-          absl::StrAppend(&touching, "  ", it->Describe(), "\n");
-          ++found;
-        }
-      }
+      const std::string touching = Touching(at);
       FAIL() << when << ": the view differs from the twin at offset " << at
              << absl::StrFormat(" (0x%x; cluster %d, +%d)", at, at / cluster_,
                                 at % cluster_)
@@ -586,6 +696,115 @@ class Oracle {
              << (touching.empty() ? "  (none: preexisting data)\n" : touching)
              << Tail();
     }
+  }
+
+  // Checks lseek SEEK_DATA/SEEK_HOLE of the view: the lseek contract, the
+  // twin's contents (every hole reads as zeros there; Compare() has just
+  // shown the view equals the twin) and st_blocks.
+  void CheckSeek(const std::string& when) {
+    std::vector<ByteRange> data;
+    uint64_t pos = 0;
+    bool after_data = false;  // `pos` is where SEEK_HOLE found a hole.
+    while (pos < size_) {
+      errno = 0;
+      const off_t d = lseek(view_fd_, pos, SEEK_DATA);
+      const int err = errno;
+      if (d < 0) {
+        ASSERT_EQ(err, ENXIO)
+            << when << ": lseek(" << pos << ", SEEK_DATA): " << strerror(err)
+            << "\n" << Tail();
+        ASSERT_NO_FATAL_FAILURE(ExpectTwinZeros({pos, size_ - pos}, when,
+                                                "the hole after the last data"));
+        break;
+      }
+      ASSERT_GE(static_cast<uint64_t>(d), pos)
+          << when << ": SEEK_DATA from " << pos << " went back\n" << Tail();
+      ASSERT_LT(static_cast<uint64_t>(d), size_)
+          << when << ": SEEK_DATA from " << pos << " gave " << d
+          << ", at or past the end (" << size_ << ")\n" << Tail();
+      if (after_data) {
+        ASSERT_GT(static_cast<uint64_t>(d), pos)
+            << when << ": SEEK_HOLE reported a hole at " << pos
+            << ", but SEEK_DATA from there says data\n" << Tail();
+      }
+      if (static_cast<uint64_t>(d) > pos) {
+        const off_t hole = lseek(view_fd_, pos, SEEK_HOLE);
+        ASSERT_EQ(hole, static_cast<off_t>(pos))
+            << when << ": SEEK_DATA from " << pos << " skipped to " << d
+            << ", but SEEK_HOLE from " << pos << " says " << hole
+            << (hole < 0 ? absl::StrCat(" (", strerror(errno), ")") : "")
+            << "\n" << Tail();
+        ASSERT_NO_FATAL_FAILURE(ExpectTwinZeros(
+            {pos, static_cast<uint64_t>(d) - pos}, when, "a hole"));
+      }
+      errno = 0;
+      const off_t h = lseek(view_fd_, d, SEEK_HOLE);
+      ASSERT_GT(h, d) << when << ": SEEK_HOLE from data at " << d << " gave "
+                      << h << " (" << strerror(errno) << ")\n" << Tail();
+      ASSERT_LE(static_cast<uint64_t>(h), size_)
+          << when << ": SEEK_HOLE from " << d << " gave " << h
+          << ", past the end (" << size_ << ")\n" << Tail();
+      data.push_back({static_cast<uint64_t>(d), static_cast<uint64_t>(h - d)});
+      pos = h;
+      after_data = true;
+    }
+    // At the end of the file both find nothing (a regular file's ENXIO).
+    for (int whence : {SEEK_DATA, SEEK_HOLE}) {
+      errno = 0;
+      const off_t at_end = lseek(view_fd_, size_, whence);
+      const int err = errno;
+      EXPECT_TRUE(at_end < 0 && err == ENXIO)
+          << when << ": lseek(" << size_ << " (EOF), "
+          << (whence == SEEK_DATA ? "SEEK_DATA" : "SEEK_HOLE")
+          << ") gave " << at_end << " (" << strerror(err) << "), not ENXIO";
+    }
+    // Random probes must agree with the walk.
+    for (int i = 0; i < 16; ++i) {
+      const uint64_t at =
+          std::uniform_int_distribution<uint64_t>(0, size_ - 1)(probe_rng_);
+      auto it = std::find_if(data.begin(), data.end(), [&](const ByteRange& r) {
+        return r.end() > at;
+      });
+      const bool inside = it != data.end() && it->offset <= at;
+      const off_t want_data =
+          it == data.end() ? -1 : static_cast<off_t>(std::max(at, it->offset));
+      const off_t want_hole = static_cast<off_t>(inside ? it->end() : at);
+      errno = 0;
+      const off_t got_data = lseek(view_fd_, at, SEEK_DATA);
+      const int data_err = errno;
+      EXPECT_EQ(got_data, want_data)
+          << when << ": lseek(" << at << ", SEEK_DATA) disagrees with the walk"
+          << (got_data < 0 ? absl::StrCat(" (", strerror(data_err), ")") : "");
+      if (got_data < 0) {
+        EXPECT_EQ(data_err, ENXIO) << strerror(data_err);
+      }
+      const off_t got_hole = lseek(view_fd_, at, SEEK_HOLE);
+      EXPECT_EQ(got_hole, want_hole)
+          << when << ": lseek(" << at << ", SEEK_HOLE) disagrees with the walk";
+    }
+    uint64_t data_bytes = 0;
+    for (const ByteRange& r : data) data_bytes += r.length;
+    // The engine's st_blocks counts the data extents (AT_STATX_FORCE_SYNC:
+    // the daemon's answer, not attributes the kernel cached).
+    struct statx stx = {};
+    ASSERT_EQ(statx(view_fd_, "", AT_EMPTY_PATH | AT_STATX_FORCE_SYNC,
+                    STATX_BLOCKS | STATX_SIZE, &stx),
+              0)
+        << strerror(errno);
+    ASSERT_EQ(stx.stx_size, size_) << when;
+    EXPECT_GE(stx.stx_blocks * 512, data_bytes)
+        << when << ": st_blocks " << stx.stx_blocks << " (* 512 = "
+        << stx.stx_blocks * 512 << ") is below the " << data_bytes
+        << " bytes of data SEEK_DATA/SEEK_HOLE report in " << data.size()
+        << " regions\n" << Tail();
+    EXPECT_LE(stx.stx_blocks * 512, RoundUp(data_bytes, 512))
+        << when << ": st_blocks " << stx.stx_blocks << " (* 512 = "
+        << stx.stx_blocks * 512 << ") is above the " << data_bytes
+        << " bytes of data SEEK_DATA/SEEK_HOLE report in " << data.size()
+        << " regions\n" << Tail();
+    ++seek_checks_;
+    last_data_bytes_ = data_bytes;
+    last_data_regions_ = data.size();
   }
 
   std::string Tail(size_t count = kOpLogTail) const {
@@ -601,6 +820,75 @@ class Oracle {
  private:
   uint64_t Uniform(uint64_t lo, uint64_t hi) {  // inclusive
     return std::uniform_int_distribution<uint64_t>(lo, hi)(rng_);
+  }
+
+  // The latest operations that covered `at`, newest first.
+  std::string Touching(uint64_t at) const {
+    std::string touching;
+    int found = 0;
+    for (auto it = log_.rbegin(); it != log_.rend() && found < 10; ++it) {
+      if (it->Touches(at)) {
+        absl::StrAppend(&touching, "  ", it->Describe(), "\n");
+        ++found;
+      }
+    }
+    return touching;
+  }
+
+  // `range` (which lseek reported as a hole of the view) must read as
+  // zeros in the twin: otherwise the hole hides data. Only what the twin
+  // stores is read: the twin's own holes (its host file system's
+  // SEEK_DATA/SEEK_HOLE) read as zeros anyway.
+  void ExpectTwinZeros(const ByteRange& range, const std::string& when,
+                       const std::string& what) {
+    for (uint64_t pos = range.offset; pos < range.end();) {
+      errno = 0;
+      const off_t data = lseek(twin_fd_, pos, SEEK_DATA);
+      if (data < 0) {
+        ASSERT_EQ(errno, ENXIO) << "lseek of the twin: " << strerror(errno);
+        return;
+      }
+      if (static_cast<uint64_t>(data) >= range.end()) return;
+      const off_t hole = lseek(twin_fd_, data, SEEK_HOLE);
+      ASSERT_GT(hole, data) << "lseek of the twin: " << strerror(errno);
+      const uint64_t end = std::min<uint64_t>(hole, range.end());
+      ASSERT_NO_FATAL_FAILURE(
+          ExpectTwinBytesZero(range, data, end, when, what));
+      pos = end;
+    }
+  }
+
+  void ExpectTwinBytesZero(const ByteRange& range, uint64_t from, uint64_t to,
+                           const std::string& when, const std::string& what) {
+    constexpr size_t kChunk = 1 << 20;
+    std::vector<uint8_t> buf(kChunk);
+    for (uint64_t offset = from; offset < to;) {
+      const size_t n = std::min<uint64_t>(kChunk, to - offset);
+      ASSERT_TRUE(PreadFully(twin_fd_, buf.data(), n, offset))
+          << "reading the twin at " << offset;
+      const auto nonzero = std::find_if(buf.begin(), buf.begin() + n,
+                                        [](uint8_t b) { return b != 0; });
+      if (nonzero != buf.begin() + n) {
+        const uint64_t at = offset + (nonzero - buf.begin());
+        uint8_t view_byte = 0;
+        const bool read = PreadFully(view_fd_, &view_byte, 1, at);
+        const std::string touching = Touching(at);
+        FAIL() << when << ": lseek reports " << range << " of the view as "
+               << what << ", but the twin holds 0x"
+               << absl::StrFormat("%02x", *nonzero) << " at " << at
+               << absl::StrFormat(" (0x%x; cluster %d, +%d)", at,
+                                  at / cluster_, at % cluster_)
+               << "; the view reads "
+               << (read ? absl::StrFormat("0x%02x", view_byte)
+                        : std::string("(error)"))
+               << " there\nlatest operations covering that offset (newest "
+                  "first):\n"
+               << (touching.empty() ? "  (none: preexisting data)\n"
+                                    : touching)
+               << Tail();
+      }
+      offset += n;
+    }
   }
 
   std::vector<uint8_t> Fill(size_t length, std::string& kind) {
@@ -728,6 +1016,269 @@ class Oracle {
     Apply(op, data, expect);
   }
 
+  // A range for fallocate or an all-zero write, inside the view; `what`
+  // says how it was picked.
+  ByteRange PickRange(std::string& what) {
+    const uint64_t limit = std::min<uint64_t>(8 * kMiB, size_);
+    uint64_t offset = 0, length = 0;
+    const int r = Uniform(0, 99);
+    if (r < 14) {
+      what = "unaligned";
+      length = PickLength();
+      offset = PickOffset(length);
+    } else if (r < 26) {
+      what = "inside one cluster";
+      const uint64_t base = RoundDown(Uniform(0, size_ - 1), cluster_);
+      const uint64_t a = Uniform(0, cluster_ - 1);
+      offset = base + a;
+      length = Uniform(1, cluster_ - a);
+    } else if (r < 38) {
+      // Whole subclusters (extended L2), else whole sectors or 4 KiB.
+      const uint64_t unit = subcluster_ < cluster_
+                                ? subcluster_
+                                : (Uniform(0, 1) == 0 ? 512 : 4 * kKiB);
+      what = absl::StrCat(unit, "-aligned");
+      length = unit * Uniform(1, std::max<uint64_t>(1, 2 * cluster_ / unit + 2));
+      offset = Uniform(0, 1) == 0 ? Uniform(0, size_ - 1)
+                                  : NearBoundary(cluster_, length);
+      offset = RoundDown(offset, unit);
+    } else if (r < 52) {
+      what = "whole clusters";
+      offset = RoundDown(Uniform(0, size_ - 1), cluster_);
+      length = cluster_ * Uniform(1, std::clamp<uint64_t>(8 * kMiB / cluster_,
+                                                         1, 16));
+    } else if (r < 62) {
+      what = "clusters, unaligned";
+      length = Uniform(cluster_, std::min<uint64_t>(4 * cluster_, limit));
+      offset = NearBoundary(cluster_, length);
+    } else if (r < 72) {
+      what = "across an L2 table/slice boundary";
+      const uint64_t span = spans_[Uniform(0, spans_.size() - 1)];
+      length = Uniform(1, std::min<uint64_t>(4 * cluster_, limit));
+      const bool aligned = Uniform(0, 1) == 0;
+      if (aligned) length = RoundUp(length, cluster_);
+      offset = NearBoundary(span, length);
+      if (aligned) offset = RoundDown(offset, cluster_);
+    } else if (r < 84 && !preexisting_.empty()) {
+      what = "over what the image held";
+      const ByteRange& e = preexisting_[Uniform(0, preexisting_.size() - 1)];
+      offset = e.offset + Uniform(0, e.length - 1);
+      length = Uniform(1, std::min<uint64_t>(
+                              2 * std::max<uint64_t>(e.length, cluster_), limit));
+      if (Uniform(0, 1) == 0) {
+        offset = RoundDown(offset, cluster_);
+        length = RoundUp(length, cluster_);
+      }
+    } else if (r < 94 && !recent_.empty()) {
+      what = "over an earlier write";
+      const ByteRange& w = recent_[Uniform(0, recent_.size() - 1)];
+      switch (Uniform(0, 2)) {
+        case 0:  // Exactly.
+          offset = w.offset;
+          length = w.length;
+          break;
+        case 1:  // Part of it.
+          offset = w.offset + Uniform(0, w.length - 1);
+          length = Uniform(1, w.end() - offset);
+          break;
+        default:  // All of it and some around.
+          offset = w.offset - std::min(w.offset, Uniform(0, cluster_));
+          length = w.end() - offset + Uniform(0, cluster_);
+          break;
+      }
+    } else if (r < 99) {
+      what = "large";
+      length = Uniform(cluster_, std::max(limit, cluster_));
+      offset = Uniform(0, size_ - 1);
+      if (Uniform(0, 1) == 0) {
+        offset = RoundDown(offset, cluster_);
+        length = RoundUp(length, cluster_);
+      }
+    } else {
+      what = "whole disk";
+      offset = 0;
+      length = size_;
+    }
+    offset = std::min(offset, size_ - 1);
+    length = std::clamp<uint64_t>(length, 1, size_ - offset);
+    return {offset, length};
+  }
+
+  // A range that reaches past the end of the view: across it, or starting
+  // at or past it. With `grows` the view will grow to cover it, so it ends
+  // within max_size_; false when there is no room for that.
+  bool PickPastEnd(Op& op, bool grows) {
+    const uint64_t cap = std::min(
+        grows ? RoundDown(max_size_, 512) : UINT64_MAX,
+        size_ + std::min<uint64_t>(4 * cluster_, 8 * kMiB));
+    if (cap <= size_) return false;
+    const uint64_t end = Uniform(size_ + 1, cap);
+    if (Uniform(0, 2) == 0) {
+      op.offset = Uniform(size_, end - 1);
+      op.fill = "at/past the end";
+    } else {
+      op.offset = Uniform(size_ - std::min(size_, 2 * cluster_), size_ - 1);
+      op.fill = "across the end";
+    }
+    op.length = end - op.offset;
+    return true;
+  }
+
+  // fallocate(op.mode) of the view and the twin. Without KEEP_SIZE the view
+  // may grow, to the next multiple of 512 bytes: the twin follows.
+  void ApplyFallocate(Op& op) {
+    op.size_before = size_;
+    op.new_size = size_;
+    op.result = fallocate(view_fd_, op.mode, op.offset, op.length);
+    op.error = errno;
+    if (op.result != 0) {
+      Record(op);
+      FAIL() << "fallocate of the view: " << op.Describe() << "\n" << Tail();
+    }
+    struct stat st;
+    ASSERT_EQ(fstat(view_fd_, &st), 0) << strerror(errno);
+    const uint64_t view_size = st.st_size;
+    const bool keep = op.mode & FALLOC_FL_KEEP_SIZE;
+    const uint64_t expected =
+        keep ? size_ : std::max(size_, RoundUp(op.offset + op.length, 512));
+    op.new_size = view_size;
+    Record(op);
+    ASSERT_EQ(view_size, expected)
+        << "the view's size after fallocate: " << op.Describe() << "\n"
+        << Tail();
+    // The twin: the same call (its file system's fallocate), then its size
+    // made the view's.
+    if (fallocate(twin_fd_, op.mode, op.offset, op.length) != 0) {
+      // A host file system without this mode: do what it means.
+      ASSERT_EQ(errno, EOPNOTSUPP)
+          << "fallocate of the twin: " << strerror(errno) << " for "
+          << op.Describe();
+      if (view_size != size_) {
+        ASSERT_EQ(ftruncate(twin_fd_, view_size), 0) << strerror(errno);
+      }
+      if (op.mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) {
+        const uint64_t end = std::min(op.offset + op.length, view_size);
+        if (op.offset < end) {
+          const std::vector<uint8_t> zeros(end - op.offset, 0);
+          ASSERT_EQ(PwriteFully(twin_fd_, zeros.data(), zeros.size(),
+                                op.offset),
+                    static_cast<int64_t>(zeros.size()))
+              << strerror(errno);
+        }
+      }
+    }
+    struct stat twin_st;
+    ASSERT_EQ(fstat(twin_fd_, &twin_st), 0) << strerror(errno);
+    if (static_cast<uint64_t>(twin_st.st_size) != view_size) {
+      ASSERT_EQ(ftruncate(twin_fd_, view_size), 0) << strerror(errno);
+    }
+    size_ = view_size;
+    if (op.mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) {
+      ASSERT_NO_FATAL_FAILURE(ExpectZeroedUnitsAreHoles(op));
+    }
+    if (op.offset < size_) {
+      recent_.push_back(
+          ByteRange{op.offset, std::min(op.length, size_ - op.offset)});
+      if (recent_.size() > 64) recent_.pop_front();
+    }
+  }
+
+  // After `op` zeroed its range (PUNCH_HOLE, ZERO_RANGE, or an all-zero
+  // write under detect_zeroes), every whole cluster inside it (whole
+  // subcluster with extended L2; up to the end of the disk if the range
+  // reaches it) must be a hole: a zero cluster, not data. Only where the
+  // image has zero clusters (version 3). (A partial compressed cluster of
+  // an extended-L2 image would keep its zeros as data; no recipe has one.)
+  void ExpectZeroedUnitsAreHoles(const Op& op) {
+    if (!zero_flag_ || op.offset >= size_) return;
+    const uint64_t end = op.offset + op.length;
+    const uint64_t first = RoundUp(op.offset, subcluster_);
+    const uint64_t last = end >= size_ ? size_ : RoundDown(end, subcluster_);
+    if (first >= last) return;
+    errno = 0;
+    const off_t data = lseek(view_fd_, first, SEEK_DATA);
+    const int err = errno;
+    if (data < 0 && err == ENXIO) return;
+    ASSERT_GE(data, 0) << "lseek(" << first << ", SEEK_DATA): " << strerror(err);
+    ASSERT_GE(static_cast<uint64_t>(data), last)
+        << "after " << op.Describe() << ": "
+        << absl::StrFormat("[0x%x, 0x%x)", first, last)
+        << " was zeroed whole (units of " << subcluster_
+        << " bytes), yet SEEK_DATA from its start finds data at " << data
+        << absl::StrFormat(" (0x%x)", data)
+        << ": zeroed clusters must become zero clusters (holes)\n"
+        << Tail();
+  }
+
+  void PunchHole(int index) {
+    Op op;
+    op.index = index;
+    op.kind = OpKind::kPunchHole;
+    op.mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+    if (Uniform(0, 99) >= 5 || !PickPastEnd(op, /*grows=*/false)) {
+      const ByteRange range = PickRange(op.fill);
+      op.offset = range.offset;
+      op.length = range.length;
+    }
+    ApplyFallocate(op);
+    ++punches_;
+  }
+
+  void ZeroRange(int index) {
+    Op op;
+    op.index = index;
+    op.kind = OpKind::kZeroRange;
+    const int v = Uniform(0, 99);
+    const bool keep = v < 55;
+    op.mode = FALLOC_FL_ZERO_RANGE | (keep ? FALLOC_FL_KEEP_SIZE : 0);
+    const bool past_end = keep ? v < 3 : v >= 78;
+    if (!past_end || !PickPastEnd(op, /*grows=*/!keep)) {
+      const ByteRange range = PickRange(op.fill);
+      op.offset = range.offset;
+      op.length = range.length;
+    }
+    ApplyFallocate(op);
+    ++(keep ? zero_ranges_kept_ : zero_ranges_);
+  }
+
+  void Prealloc(int index) {
+    Op op;
+    op.index = index;
+    op.kind = OpKind::kPrealloc;
+    const int v = Uniform(0, 99);
+    op.mode = v < 25 ? FALLOC_FL_KEEP_SIZE : 0;
+    if (v < 90 || !PickPastEnd(op, /*grows=*/true)) {
+      const ByteRange range = PickRange(op.fill);
+      op.offset = range.offset;
+      op.length = range.length;
+    }
+    ApplyFallocate(op);
+    ++preallocs_;
+  }
+
+  // An all-zero write over a range picked as for fallocate (aligned
+  // ranges are what detect_zeroes turns into zero clusters).
+  void ZeroWrite(int index) {
+    Op op;
+    op.index = index;
+    op.size_before = size_;
+    std::string what;
+    const ByteRange range = PickRange(what);
+    op.offset = range.offset;
+    op.length = range.length;
+    op.fill = "zeros, " + what;
+    const std::vector<uint8_t> zeros(op.length, 0);
+    Apply(op, zeros, op.length);
+    // detect_zeroes turns an all-zero write request into zero clusters.
+    // The kernel splits larger writes into several requests (each zeroing
+    // only its own whole clusters), so only writes that surely arrive as
+    // one request (<= 64 KiB: at most 17 pages) are checked.
+    if (detect_zeroes_ && op.length <= 64 * kKiB &&
+        !::testing::Test::HasFatalFailure()) {
+      ASSERT_NO_FATAL_FAILURE(ExpectZeroedUnitsAreHoles(op));
+    }
+  }
+
   void Fsync(int index) {
     Op op;
     op.index = index;
@@ -815,16 +1366,21 @@ class Oracle {
   }
 
   std::mt19937_64 rng_;
+  // For CheckSeek's probes: checks never change the operations.
+  std::mt19937_64 probe_rng_;
   const int view_fd_;
   const int twin_fd_;
   const uint64_t cluster_;
   const uint64_t subcluster_;
+  const bool zero_flag_;
+  const bool detect_zeroes_;
   std::vector<uint64_t> spans_;
   uint64_t size_;
   const uint64_t max_size_;
   // Every byte at or past this offset has never held data (rounded up to
   // whole clusters): shrinking down to it loses nothing.
   uint64_t data_end_;
+  const std::vector<ByteRange> preexisting_;
   std::deque<ByteRange> recent_;
   std::vector<Op> log_;
   int grows_ = 0;
@@ -832,6 +1388,13 @@ class Oracle {
   int failed_shrinks_ = 0;
   int last_shrink_errno_ = 0;
   uint64_t bytes_written_ = 0;
+  int punches_ = 0;
+  int zero_ranges_ = 0;
+  int zero_ranges_kept_ = 0;
+  int preallocs_ = 0;
+  int seek_checks_ = 0;
+  uint64_t last_data_bytes_ = 0;
+  size_t last_data_regions_ = 0;
 };
 
 // Where the data of `image` (and its backing chain) ends, per qemu-img
@@ -884,7 +1447,8 @@ TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
   const auto started = std::chrono::steady_clock::now();
   const uint64_t base_seed = TestSeed();
   const uint64_t seed = base_seed ^ Fnv1a(recipe.name);
-  const int ops = static_cast<int>(EnvNumber("QCOW2FUSE_TEST_OPS", kDefaultOps));
+  const int ops =
+      static_cast<int>(EnvNumber("QCOW2FUSE_TEST_OPS", recipe.ops));
   std::cout << "recipe " << recipe.name << ": rng seed " << seed
             << ", QCOW2FUSE_TEST_OPS=" << ops << "\n";
   RecordProperty("ops", ops);
@@ -910,13 +1474,25 @@ TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
   ASSERT_OK_AND_ASSIGN(const uint64_t size, VirtualSize(built.image));
   ASSERT_OK_AND_ASSIGN(const uint64_t data_end,
                        DataEnd(built.image, recipe.cluster));
+  // What the image holds before we write (data, zero clusters, compressed
+  // clusters, backing-file data): fallocate ranges are aimed at it too.
+  std::vector<ByteRange> preexisting;
+  {
+    ASSERT_OK_AND_ASSIGN(std::vector<MapExtent> map, MapImage(built.image));
+    for (const MapExtent& extent : map) {
+      if (extent.present && extent.length > 0) {
+        preexisting.push_back({extent.start, extent.length});
+      }
+    }
+  }
 
   const std::string view_path = dir.Join("view.raw");
   uint64_t final_size = 0;
   std::string op_tail;  // For failures of the checks after unmounting.
   {
-    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view,
-                         StartView(built.image, view_path));
+    ASSERT_OK_AND_ASSIGN(
+        std::unique_ptr<MountedView> view,
+        StartView(built.image, view_path, false, recipe.mount_options));
     {
       ScopedFd view_fd(open(view_path.c_str(), O_RDWR | O_CLOEXEC));
       ASSERT_GE(view_fd.get(), 0) << "open " << view_path << ": "
@@ -925,14 +1501,18 @@ TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
       ASSERT_GE(twin_fd.get(), 0) << strerror(errno);
 
       Oracle oracle(recipe, seed, view_fd.get(), twin_fd.get(), size,
-                    data_end);
+                    data_end, preexisting);
       oracle.Compare("before any write");
+      ASSERT_FALSE(HasFatalFailure());
+      oracle.CheckSeek("before any write");
       ASSERT_FALSE(HasFatalFailure());
       for (int i = 0; i < ops; ++i) {
         oracle.Step(i);
         ASSERT_FALSE(HasFatalFailure()) << "seed " << base_seed;
         if ((i + 1) % kCompareEvery == 0) {
           oracle.Compare(absl::StrCat("after operation #", i));
+          ASSERT_FALSE(HasFatalFailure()) << "seed " << base_seed;
+          oracle.CheckSeek(absl::StrCat("after operation #", i));
           ASSERT_FALSE(HasFatalFailure()) << "seed " << base_seed;
         }
       }
@@ -943,12 +1523,15 @@ TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
       }
       oracle.Compare("after all operations");
       ASSERT_FALSE(HasFatalFailure()) << "seed " << base_seed;
+      oracle.CheckSeek("after all operations");
+      ASSERT_FALSE(HasFatalFailure()) << "seed " << base_seed;
       final_size = oracle.size();
       op_tail = oracle.Tail(kOpLogTailAtEnd);
       int writes = 0, zero_writes = 0, at_end = 0, fsyncs = 0;
       for (const Op& op : oracle.log()) {
         writes += op.kind == OpKind::kWrite;
-        zero_writes += op.kind == OpKind::kWrite && op.fill == "zeros";
+        zero_writes += op.kind == OpKind::kWrite &&
+                       absl::StartsWith(op.fill, "zeros");
         at_end += op.kind == OpKind::kWriteAtEnd;
         fsyncs += op.kind == OpKind::kFsync;
       }
@@ -965,7 +1548,18 @@ TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
                                        strerror(oracle.last_shrink_errno()),
                                        ")")
                         : "")
+                << "; " << oracle.punches() << " punched holes, "
+                << oracle.zero_ranges_kept() << "+" << oracle.zero_ranges()
+                << " zero ranges (KEEP_SIZE+not), " << oracle.preallocs()
+                << " preallocations; " << oracle.seek_checks()
+                << " SEEK_DATA/SEEK_HOLE walks (last: "
+                << oracle.last_data_bytes() << " bytes of data in "
+                << oracle.last_data_regions() << " regions)"
                 << "; size " << size << " -> " << final_size
+                << (recipe.mount_options.empty()
+                        ? ""
+                        : absl::StrCat("; -o ",
+                                       absl::StrJoin(recipe.mount_options, ",")))
                 << "\n";
     }  // Close both descriptors before unmounting.
     ASSERT_OK(view->Unmount());
@@ -1001,8 +1595,9 @@ TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
 
   // Everything must still be there after a fresh open.
   {
-    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view,
-                         StartView(built.image, view_path));
+    ASSERT_OK_AND_ASSIGN(
+        std::unique_ptr<MountedView> view,
+        StartView(built.image, view_path, false, recipe.mount_options));
     EXPECT_OK(CompareFiles(view_path, twin)) << "after remounting";
     ASSERT_OK(view->Unmount());
     ASSERT_TRUE(view->exit_status().has_value());
@@ -1028,6 +1623,31 @@ INSTANTIATE_TEST_SUITE_P(Recipes, WriteOracleTest,
                          [](const ::testing::TestParamInfo<Recipe>& info) {
                            return info.param.name;
                          });
+
+// detect_zeroes=on: all-zero writes become zero clusters (zero
+// subclusters with extended L2; over backing data they must hide it; over
+// compressed clusters and zero clusters that keep their host cluster).
+INSTANTIATE_TEST_SUITE_P(
+    DetectZeroesOn, WriteOracleTest,
+    ::testing::ValuesIn(DetectZeroesRecipes(
+        "on", {"extended_l2_64k", "backing_qcow2_shorter",
+               "preexisting_qemu_io"})),
+    [](const ::testing::TestParamInfo<Recipe>& info) {
+      return info.param.name;
+    });
+
+// detect_zeroes=unmap: and their host clusters are freed (clusters shared
+// with an internal snapshot, over compressed backing data, and version 2,
+// which has no zero flag: unallocated where nothing lies beneath, written
+// zeros elsewhere).
+INSTANTIATE_TEST_SUITE_P(
+    DetectZeroesUnmap, WriteOracleTest,
+    ::testing::ValuesIn(DetectZeroesRecipes(
+        "unmap", {"backing_zlib_compressed", "internal_snapshot",
+                  "compat_v2"})),
+    [](const ::testing::TestParamInfo<Recipe>& info) {
+      return info.param.name;
+    });
 
 // ---------------------------------------------------------------------------
 // Fixed, minimal cases: each one the smallest reproduction of a failure the
