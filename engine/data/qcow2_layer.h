@@ -189,6 +189,9 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> PreallocateCluster(uint64_t guest_cluster);
   // The L2 entry of a cluster that reads as zeros without a host cluster.
   L2Entry ZeroEntry() const;
+  // Whether `entry` points to a host cluster of its own (normal or
+  // preallocated zero; not compressed).
+  bool HasHostCluster(const L2Entry& entry) const;
   // Whether the part of the disk a cluster covers lies over a backing file.
   bool OverBacking(uint64_t guest_cluster) const;
 

@@ -63,6 +63,12 @@ L2Entry Qcow2Layer::ZeroEntry() const {
   return zero;
 }
 
+bool Qcow2Layer::HasHostCluster(const L2Entry& entry) const {
+  if (entry.descriptor & spec::kOflagCompressed) return false;
+  // With an external data file, host offset 0 is a valid cluster.
+  return L2EntryHostOffset(entry) != 0 || (external_data_file_ && (entry.descriptor & spec::kOflagCopied));
+}
+
 bool Qcow2Layer::OverBacking(uint64_t guest_cluster) const {
   return backing_ != nullptr && guest_cluster < backing_->size();
 }
@@ -112,8 +118,7 @@ Task<absl::Status> Qcow2Layer::ZeroWholeCluster(uint64_t guest_cluster, ZeroMode
   absl::StatusOr<L2Entry> old = co_await LookupEntry(guest_cluster);
   if (!old.ok()) co_return old.status();
   const bool compressed = old->descriptor & spec::kOflagCompressed;
-  const bool copied = old->descriptor & spec::kOflagCopied;
-  const bool has_host = !compressed && (L2EntryHostOffset(*old) != 0 || (external_data_file_ && copied));
+  const bool has_host = HasHostCluster(*old);
   const bool over_backing = OverBacking(guest_cluster);
 
   // What the cluster reads now, if it holds no host cluster: zeros when
@@ -261,8 +266,7 @@ Task<absl::Status> Qcow2Layer::PreallocateCluster(uint64_t guest_cluster) {
   absl::StatusOr<L2Entry> old = co_await LookupEntry(guest_cluster);
   if (!old.ok()) co_return old.status();
   const bool compressed = old->descriptor & spec::kOflagCompressed;
-  const bool copied = old->descriptor & spec::kOflagCopied;
-  const bool has_host = !compressed && (L2EntryHostOffset(*old) != 0 || (external_data_file_ && copied));
+  const bool has_host = HasHostCluster(*old);
   if (has_host || compressed) co_return absl::OkStatus();  // already has its space
 
   absl::StatusOr<bool> data = co_await HoldsData(guest_cluster, guest_cluster + cluster_size);

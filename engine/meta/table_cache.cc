@@ -33,24 +33,6 @@ Task<absl::StatusOr<std::shared_ptr<const Table>>> TableCache::Get(uint64_t offs
   co_return InsertLocked(offset, std::move(table))->table;
 }
 
-Task<absl::StatusOr<Table*>> TableCache::GetMutable(uint64_t offset) {
-  absl::StatusOr<std::shared_ptr<const Table>> loaded = co_await Get(offset);
-  if (!loaded.ok()) co_return loaded.status();
-  std::shared_ptr<const Table> held = std::move(*loaded);
-  std::lock_guard lock(mu_);
-  auto it = LookupLocked(offset);
-  if (it == lru_.end()) it = InsertLocked(offset, std::make_shared<Table>(*held));
-  held.reset();  // our own reference must not force a copy
-  // Readers holding the table keep their version.
-  if (it->table.use_count() > 1) it->table = std::make_shared<Table>(*it->table);
-  if (!it->dirty) {
-    it->dirty = true;
-    ++dirty_count_;
-    ++stats_.dirtied;
-  }
-  co_return it->table.get();
-}
-
 Task<absl::Status> TableCache::Modify(uint64_t offset, absl::FunctionRef<void(Table&)> change) {
   absl::StatusOr<std::shared_ptr<const Table>> loaded = co_await Get(offset);
   if (!loaded.ok()) co_return loaded.status();
@@ -67,6 +49,12 @@ Task<absl::Status> TableCache::Modify(uint64_t offset, absl::FunctionRef<void(Ta
     ++stats_.dirtied;
   }
   co_return absl::OkStatus();
+}
+
+Task<absl::StatusOr<Table*>> TableCache::GetMutable(uint64_t offset) {
+  Table* table = nullptr;
+  CO_RETURN_IF_ERROR(co_await Modify(offset, [&](Table& t) { table = &t; }));
+  co_return table;
 }
 
 void TableCache::Install(uint64_t offset, Table table) {
