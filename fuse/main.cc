@@ -176,6 +176,12 @@ int Serve(const MountOptions& options, StartupReport& report) {
   // clean stop, as is an unmount.
   const int signal = loop_result < 0 ? -loop_result : loop_result;
   if (!flushed.ok()) return 1;
+  if (loop_result == -ECONNABORTED) {
+    // The kernel dropped the connection (a forced or lazy unmount); the
+    // image has been flushed all the same, so this is an unmount too.
+    Log(LogLevel::kWarning, "the kernel aborted the FUSE connection; the image is flushed");
+    return 0;
+  }
   if (loop_result != 0 && signal != SIGTERM && signal != SIGINT && signal != SIGHUP) {
     Log(LogLevel::kError, absl::StrFormat("FUSE session ended with error %d", loop_result));
     return 1;
