@@ -189,19 +189,10 @@ struct Recipe {
 
 void PrintTo(const Recipe& recipe, std::ostream* out) { *out << recipe.name; }
 
-std::string W(int pattern, uint64_t offset, uint64_t length) {
-  return absl::StrFormat("write -P 0x%02x %d %d", pattern, offset, length);
-}
-std::string Zero(uint64_t offset, uint64_t length, bool unmap = false) {
-  return absl::StrFormat("write -z%s %d %d", unmap ? " -u" : "", offset,
-                         length);
-}
-std::string Discard(uint64_t offset, uint64_t length) {
-  return absl::StrFormat("discard %d %d", offset, length);
-}
-std::string Compressed(int pattern, uint64_t offset, uint64_t length) {
-  return absl::StrFormat("write -c -P 0x%02x %d %d", pattern, offset, length);
-}
+using qemu_io_cmd::Compressed;
+using qemu_io_cmd::Discard;
+using qemu_io_cmd::W;
+using qemu_io_cmd::Zero;
 
 // A fresh image with `options`, nothing written.
 Recipe Blank(std::string name, uint64_t size, uint64_t cluster,

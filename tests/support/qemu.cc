@@ -1,5 +1,7 @@
 #include "support/qemu.h"
 
+#include "absl/strings/str_format.h"
+
 #include <regex>
 #include <utility>
 
@@ -202,5 +204,20 @@ absl::StatusOr<std::vector<MapExtent>> ParseMapJson(absl::string_view json) {
   }
   return extents;
 }
+
+namespace qemu_io_cmd {
+std::string W(int pattern, uint64_t offset, uint64_t length) {
+  return absl::StrFormat("write -P 0x%02x %d %d", pattern, offset, length);
+}
+std::string Zero(uint64_t offset, uint64_t length, bool unmap) {
+  return absl::StrFormat("write -z%s %d %d", unmap ? " -u" : "", offset, length);
+}
+std::string Discard(uint64_t offset, uint64_t length) {
+  return absl::StrFormat("discard %d %d", offset, length);
+}
+std::string Compressed(int pattern, uint64_t offset, uint64_t length) {
+  return absl::StrFormat("write -c -P 0x%02x %d %d", pattern, offset, length);
+}
+}  // namespace qemu_io_cmd
 
 }  // namespace qcow2fuse::test

@@ -100,6 +100,15 @@ absl::StatusOr<std::vector<MapExtent>> MapImage(const std::string& path);
 // one flat shape; anything it does not understand is an error, not a skip.
 absl::StatusOr<std::vector<MapExtent>> ParseMapJson(absl::string_view json);
 
+// qemu-io command lines, for QemuIo(): a pattern write, a zero write
+// (optionally unmapping), a discard, a compressed write.
+namespace qemu_io_cmd {
+std::string W(int pattern, uint64_t offset, uint64_t length);
+std::string Zero(uint64_t offset, uint64_t length, bool unmap = false);
+std::string Discard(uint64_t offset, uint64_t length);
+std::string Compressed(int pattern, uint64_t offset, uint64_t length);
+}  // namespace qemu_io_cmd
+
 }  // namespace qcow2fuse::test
 
 #endif  // QCOW2FUSE_TESTS_SUPPORT_QEMU_H_
