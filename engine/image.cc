@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_format.h"
+#include "base/all_zero.h"
 #include "data/backing.h"
 #include "data/qcow2_layer.h"
 #include "qcow2fuse/status.h"
@@ -16,7 +17,15 @@ Image::Image(std::unique_ptr<Qcow2Layer> top, ImageOptions options)
       virtual_size_(DiskSize(*top_)),
       cluster_size_(top_->cluster_size()) {}
 
-Image::~Image() = default;
+Image::~Image() {
+  closing_ = true;
+  std::thread counter;
+  {
+    std::lock_guard lock(allocated_mu_);
+    counter = std::move(counter_);
+  }
+  if (counter.joinable()) counter.join();
+}
 
 // QEMU counts a qcow2 disk in 512-byte sectors and ignores a partial last
 // sector; the view must show the same disk.
@@ -46,19 +55,16 @@ Task<absl::Status> Image::Read(uint64_t offset, std::span<uint8_t> out) {
   co_return co_await top_->Read(offset, out);
 }
 
-namespace {
-bool AllZero(std::span<const uint8_t> data) {
-  // Compares the buffer with itself shifted by one byte: memcmp's speed
-  // without a zero buffer to compare against.
-  return data.empty() || (data[0] == 0 && std::memcmp(data.data(), data.data() + 1, data.size() - 1) == 0);
+Task<void> Image::WillNeed(uint64_t offset, uint64_t length, uint64_t max_data) {
+  if (offset >= virtual_size_) co_return;
+  co_await top_->WillNeed(offset, std::min(length, virtual_size_ - offset), max_data);
 }
-}  // namespace
 
 Task<absl::Status> Image::Write(uint64_t offset, std::span<const uint8_t> data) {
   if (options_.read_only) co_return absl::FailedPreconditionError("the image is open read-only");
   CO_RETURN_IF_ERROR(CheckRange("write", offset, data.size(), virtual_size_));
   InvalidateAllocatedBytes();
-  if (options_.detect_zeroes != DetectZeroes::kOff && AllZero(data)) {
+  if (options_.detect_zeroes != DetectZeroes::kOff && IsAllZero(data)) {
     const bool unmap = options_.detect_zeroes == DetectZeroes::kUnmap;
     co_return Changed(co_await top_->WriteZeroes(offset, data.size(), unmap));
   }
@@ -135,9 +141,22 @@ Task<absl::StatusOr<uint64_t>> Image::AllocatedBytes() {
     std::lock_guard lock(allocated_mu_);
     if (allocated_bytes_ && allocated_generation_ == generation) co_return *allocated_bytes_;
   }
+  if (top_->L2TableBytes() <= options_.sync_count_limit) {
+    absl::StatusOr<uint64_t> total = co_await CountAllocatedBytes();
+    if (total.ok()) KeepCount(generation, *total);
+    co_return total;
+  }
+  MaybeStartBackgroundCount();
+  std::lock_guard lock(allocated_mu_);
+  if (allocated_bytes_) co_return *allocated_bytes_;
+  co_return std::min<uint64_t>(top_->HostFileBytes(), virtual_size_);
+}
+
+Task<absl::StatusOr<uint64_t>> Image::CountAllocatedBytes() {
   const uint64_t disk = virtual_size_;
   uint64_t total = 0;
   for (uint64_t offset = 0; offset < disk;) {
+    if (closing_) co_return absl::CancelledError("the image is closing");
     absl::StatusOr<Extent> e = co_await BlockStatus(offset, disk - offset);
     if (!e.ok()) {
       // A damaged entry must not make the whole view unusable (getattr
@@ -148,15 +167,34 @@ Task<absl::StatusOr<uint64_t>> Image::AllocatedBytes() {
     if (e->kind == ExtentKind::kData) total += e->length;
     offset += e->length;
   }
-  {
-    // A change that began meanwhile makes this count stale: do not keep it.
-    std::lock_guard lock(allocated_mu_);
-    if (changes_.load() == generation) {
-      allocated_bytes_ = total;
-      allocated_generation_ = generation;
-    }
-  }
   co_return total;
+}
+
+void Image::KeepCount(uint64_t generation, uint64_t total) {
+  // A change that began meanwhile has moved changes_ past `generation`, so
+  // the count is stale; it is still the best answer until the next one.
+  std::lock_guard lock(allocated_mu_);
+  allocated_bytes_ = total;
+  allocated_generation_ = generation;
+}
+
+void Image::MaybeStartBackgroundCount() {
+  std::lock_guard lock(allocated_mu_);
+  if (counting_ || closing_ || std::chrono::steady_clock::now() < next_count_) return;
+  if (counter_.joinable()) counter_.join();  // finished: counting_ is false
+  counting_ = true;
+  counter_ = std::thread([this] { BackgroundCount(); });
+}
+
+void Image::BackgroundCount() {
+  const auto started = std::chrono::steady_clock::now();
+  const uint64_t generation = changes_.load();
+  absl::StatusOr<uint64_t> total = SyncWait(CountAllocatedBytes());
+  if (total.ok()) KeepCount(generation, *total);
+  const auto finished = std::chrono::steady_clock::now();
+  std::lock_guard lock(allocated_mu_);
+  counting_ = false;
+  next_count_ = finished + 4 * (finished - started);
 }
 
 std::string Image::DescribeChain() const { return top_->Describe(); }

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "base/all_zero.h"
 #include "base/endian.h"
 #include "data/qcow2_layer.h"
 #include "format/spec.h"
@@ -222,26 +223,47 @@ Task<absl::Status> Qcow2Layer::WriteInCluster(uint64_t offset, std::span<const u
     updated.descriptor &= ~spec::kOflagZero;
   }
 
-  // Copy-on-write: what the guest sees around the write comes along.
-  std::vector<uint8_t> buffer(to - from);
-  if (begin > from) CO_RETURN_IF_ERROR(co_await FillFromGuest(guest_cluster + from, std::span(buffer).first(begin - from)));
-  if (to > end) CO_RETURN_IF_ERROR(co_await FillFromGuest(guest_cluster + end, std::span(buffer).subspan(end - from)));
-  std::memcpy(buffer.data() + (begin - from), data.data(), data.size());
+  // Copy-on-write: what the guest sees around the write comes along. A
+  // write that covers [from, to) itself needs no copy.
+  std::vector<uint8_t> copy;
+  std::span<const uint8_t> buffer = data;
+  if (begin > from || to > end) {
+    copy.resize(to - from);
+    std::span<uint8_t> out(copy);
+    if (begin > from) CO_RETURN_IF_ERROR(co_await FillFromGuest(guest_cluster + from, out.first(begin - from)));
+    if (to > end) CO_RETURN_IF_ERROR(co_await FillFromGuest(guest_cluster + end, out.subspan(end - from)));
+    std::memcpy(copy.data() + (begin - from), data.data(), data.size());
+    buffer = copy;
+  }
 
   uint64_t target = host;
+  bool past_end = false;  // a new cluster beyond the end of the data file
   {
     RangeLock::Guard meta = co_await meta_mu_.Lock();
     if (!in_place) {
       absl::StatusOr<uint64_t> fresh = co_await AllocateDataCluster(guest_cluster);
       if (!fresh.ok()) co_return fresh.status();
       target = *fresh;
+      // Nobody else writes there: the cluster is this request's alone.
+      past_end = target >= data_file_->size();
     }
     if (!external_data_file_) CO_RETURN_IF_ERROR(co_await CheckOverlap(target + from, buffer.size(), "guest data"));
   }
   // The data goes to disk with no lock held: only this request knows the
   // new cluster until its entry is stored.
-  CO_RETURN_IF_ERROR(co_await data_file_->Write(target + from, buffer));
-  data_bytes_written_ += buffer.size();
+  if (past_end && !copy.empty() && IsAllZero(std::span(copy).first(begin - from)) &&
+      IsAllZero(std::span(copy).subspan(end - from))) {
+    // Beyond the end of the file every byte already reads as zero: extend
+    // the file over the cluster and write the guest's bytes alone, not a
+    // cluster of zeros around them (a 4 KiB write into a new 64 KiB
+    // cluster stays a 4 KiB write).
+    CO_RETURN_IF_ERROR(co_await data_file_->Allocate(target + from, to - from));
+    CO_RETURN_IF_ERROR(co_await data_file_->Write(target + begin, data));
+    data_bytes_written_ += data.size();
+  } else {
+    CO_RETURN_IF_ERROR(co_await data_file_->Write(target + from, buffer));
+    data_bytes_written_ += buffer.size();
+  }
   updated.descriptor = target | spec::kOflagCopied;
   RangeLock::Guard meta = co_await meta_mu_.Lock();
   CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, updated));

@@ -79,13 +79,17 @@ class BlockFile {
                              std::to_string(length) + " bytes");
   }
 
-  // Reserves space for [offset, offset + length) without defining what it
-  // reads (the caller's metadata says it is zero), so that later writes
+  // Reserves space for [offset, offset + length) so that later writes
   // there need no allocation by the filesystem; the file grows to cover
-  // the range. Files that cannot reserve space just grow.
+  // the range and never shrinks. What the range reads is not defined (the
+  // caller's metadata says it is zero), except that a part that lay past
+  // the end of the file reads as zeros. Files that cannot reserve space
+  // just grow, by writing a zero byte at the end of the range: unlike a
+  // truncate, that cannot cut off what a concurrent write just appended.
   virtual Task<absl::Status> Allocate(uint64_t offset, uint64_t length) {
-    if (offset + length <= size()) co_return absl::OkStatus();
-    co_return co_await Truncate(offset + length);
+    if (length == 0 || offset + length <= size()) co_return absl::OkStatus();
+    static constexpr uint8_t kZero[1] = {0};
+    co_return co_await Write(offset + length - 1, kZero);
   }
 
   // Sets the file's size to `size`: bytes past it are dropped, and a grown
@@ -99,6 +103,10 @@ class BlockFile {
   virtual absl::StatusOr<uint64_t> NextData(uint64_t offset) { return offset; }
   // The next offset >= `offset` where the file has a hole (SEEK_HOLE).
   virtual absl::StatusOr<uint64_t> NextHole(uint64_t /*offset*/) { return size(); }
+
+  // Advice that `length` bytes from `offset` will be read soon: the file
+  // may start reading them in the background. Never fails.
+  virtual void WillNeed(uint64_t /*offset*/, uint64_t /*length*/) {}
 
   // The POSIX file descriptor behind the file, for byte-range locks
   // (fcntl F_OFD_SETLK), or -1 when there is none. It stays owned by the

@@ -45,6 +45,11 @@ class PosixFile final : public BlockFile {
   int fd() const override { return fd_; }
   const std::string& name() const override { return name_; }
 
+  void WillNeed(uint64_t offset, uint64_t length) override {
+    // Starts the host's readahead of the range and returns; only advice.
+    (void)posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_WILLNEED);
+  }
+
   absl::StatusOr<uint64_t> NextData(uint64_t offset) override { return Seek(offset, SEEK_DATA); }
   absl::StatusOr<uint64_t> NextHole(uint64_t offset) override { return Seek(offset, SEEK_HOLE); }
 
@@ -136,10 +141,12 @@ class PosixFile final : public BlockFile {
     while (fallocate(fd_, 0, offset, length) != 0) {
       if (errno == EINTR) continue;
       // A filesystem that cannot reserve space: growing the file is all
-      // the contract asks for.
+      // the contract asks for, and a write cannot shrink it (see
+      // BlockFile::Allocate).
       if (errno == EOPNOTSUPP || errno == ENOSYS) {
         if (offset + length <= size_.load()) return absl::OkStatus();
-        return TruncateSync(offset + length);
+        static constexpr uint8_t kZero[1] = {0};
+        return WriteSync(offset + length - 1, kZero);
       }
       return ErrnoStatus(errno, what);
     }

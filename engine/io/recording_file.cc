@@ -37,6 +37,8 @@ std::string FileOp::ToString() const {
       return absl::StrFormat("discard [%u, +%u)", offset, length);
     case Kind::kTruncate:
       return absl::StrFormat("truncate to %u", offset);
+    case Kind::kAllocate:
+      return absl::StrFormat("allocate [%u, +%u)", offset, length);
   }
   return "?";
 }
@@ -58,6 +60,10 @@ void ApplyFileOp(const FileOp& op, bool discard_zeroes, std::vector<uint8_t>* co
       break;
     case FileOp::Kind::kTruncate:
       contents->resize(op.offset);
+      break;
+    case FileOp::Kind::kAllocate:
+      // Grows the file; what the range held, it keeps.
+      if (contents->size() < op.offset + op.length) contents->resize(op.offset + op.length);
       break;
     case FileOp::Kind::kFlush:
       break;
@@ -110,6 +116,12 @@ Task<absl::Status> RecordingFile::Discard(uint64_t offset, uint64_t length) {
 Task<absl::Status> RecordingFile::Truncate(uint64_t size) {
   absl::Status status = co_await inner_->Truncate(size);
   if (status.ok()) Append(FileOp{.kind = FileOp::Kind::kTruncate, .offset = size});
+  co_return status;
+}
+
+Task<absl::Status> RecordingFile::Allocate(uint64_t offset, uint64_t length) {
+  absl::Status status = co_await inner_->Allocate(offset, length);
+  if (status.ok()) Append(FileOp{.kind = FileOp::Kind::kAllocate, .offset = offset, .length = length});
   co_return status;
 }
 

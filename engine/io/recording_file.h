@@ -80,12 +80,13 @@ namespace qcow2fuse {
 
 // One logged operation.
 struct FileOp {
-  enum class Kind { kWrite, kFlush, kDiscard, kTruncate };
+  enum class Kind { kWrite, kFlush, kDiscard, kTruncate, kAllocate };
 
   Kind kind = Kind::kWrite;
-  // kWrite, kDiscard: where the range starts. kTruncate: the new size.
+  // kWrite, kDiscard, kAllocate: where the range starts. kTruncate: the
+  // new size.
   uint64_t offset = 0;
-  // kDiscard: the length of the range. kWrite: data.size().
+  // kDiscard, kAllocate: the length of the range. kWrite: data.size().
   uint64_t length = 0;
   // kWrite: the bytes written.
   std::vector<uint8_t> data = {};
@@ -112,6 +113,7 @@ class RecordingFile final : public BlockFile {
   Task<absl::Status> Flush() override;
   Task<absl::Status> Discard(uint64_t offset, uint64_t length) override;
   Task<absl::Status> Truncate(uint64_t size) override;
+  Task<absl::Status> Allocate(uint64_t offset, uint64_t length) override;
 
   uint64_t size() const override { return inner_->size(); }
   bool writable() const override { return inner_->writable(); }
