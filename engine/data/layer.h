@@ -31,6 +31,16 @@ class Layer {
   // resolved through the backing layers.
   virtual Task<absl::StatusOr<Extent>> BlockStatus(uint64_t offset, uint64_t max_length) = 0;
 
+  // Advice that the data in [offset, offset + length) will be read soon:
+  // start reading what lies behind it in the background, the first
+  // `max_data` bytes of data at most (holes and zeros cost nothing). Only
+  // advice; whatever fails is ignored.
+  virtual Task<void> WillNeed(uint64_t offset, uint64_t length, uint64_t max_data) = 0;
+
+  // Bytes of L2 tables in this layer and those below it: what a walk of
+  // the whole disk's block status reads.
+  virtual uint64_t L2TableBytes() const = 0;
+
   // Lines describing this layer and those below it, for logs.
   virtual std::string Describe() const = 0;
 };

@@ -1,10 +1,13 @@
 #include "data/qcow2_layer.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "base/all_zero.h"
 #include "base/endian.h"
 #include "format/spec.h"
 #include "meta/repair.h"
@@ -12,6 +15,9 @@
 
 namespace qcow2fuse {
 namespace {
+
+// st_blocks counts units of this many bytes.
+constexpr uint64_t kStatBlockBytes = 512;
 
 // Inflated clusters kept; with 2 MiB clusters this is 8 MiB at most.
 constexpr size_t kInflatedCacheEntries = 4;
@@ -168,6 +174,15 @@ Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint6
   }
   uint64_t pos = next_boundary(offset, m.type);
   while (pos < end) {
+    if (m.type == SubclusterType::kUnallocatedPlain) {
+      // Sparse images are mostly all-zero entries: skip them without
+      // decoding (an all-zero entry, extended or not, is unallocated).
+      const uint8_t* raw = (*slice)->data() + ((pos - slice_guest_start) >> cluster_bits) * format_.entry_size();
+      if (IsAllZero(std::span(raw, format_.entry_size()))) {
+        pos = std::min(end, ((pos >> cluster_bits) + 1) << cluster_bits);
+        continue;
+      }
+    }
     absl::StatusOr<Piece> next = classify(pos);
     // A damaged entry further on ends the run; the caller meets it next.
     if (!next.ok() || next->type != m.type) break;
@@ -233,6 +248,50 @@ Task<absl::Status> Qcow2Layer::Read(uint64_t offset, std::span<uint8_t> out) {
     out = out.subspan(chunk.size());
   }
   co_return absl::OkStatus();
+}
+
+Task<void> Qcow2Layer::WillNeed(uint64_t offset, uint64_t length, uint64_t max_data) {
+  const uint64_t end = std::min(offset + length, size());
+  while (offset < end && max_data > 0) {
+    absl::StatusOr<Mapping> m = co_await Map(offset, std::min(end - offset, max_data));
+    if (!m.ok()) co_return;  // the read that follows reports it
+    switch (m->type) {
+      case SubclusterType::kNormal:
+        data_file_->WillNeed(m->host_offset, m->length);
+        max_data -= m->length;
+        break;
+      case SubclusterType::kCompressed:
+        file_->WillNeed(m->compressed.host_offset, m->compressed.max_size);
+        max_data -= std::min(max_data, m->length);
+        break;
+      case SubclusterType::kUnallocatedPlain:
+      case SubclusterType::kUnallocatedAlloc:
+        if (backing_ && offset < backing_->size()) {
+          const uint64_t n = std::min(m->length, backing_->size() - offset);
+          co_await backing_->WillNeed(offset, n, max_data);
+          max_data -= std::min(max_data, n);
+        }
+        break;
+      default:  // zeros: nothing to read
+        break;
+    }
+    offset += m->length;
+  }
+}
+
+uint64_t Qcow2Layer::L2TableBytes() const {
+  uint64_t tables = 0;
+  {
+    std::shared_lock lock(l1_mu_);
+    for (uint64_t entry : l1_) tables += L1EntryL2Offset(entry) != 0;
+  }
+  return tables * header_.cluster_size() + (backing_ ? backing_->L2TableBytes() : 0);
+}
+
+uint64_t Qcow2Layer::HostFileBytes() const {
+  struct stat st;
+  if (file_->fd() < 0 || fstat(file_->fd(), &st) != 0) return 0;
+  return static_cast<uint64_t>(st.st_blocks) * kStatBlockBytes;
 }
 
 Task<absl::Status> Qcow2Layer::ReadBacking(uint64_t offset, std::span<uint8_t> out) {

@@ -84,7 +84,13 @@ class Qcow2Layer final : public Layer {
   uint64_t cluster_size() const override { return header_.cluster_size(); }
   Task<absl::Status> Read(uint64_t offset, std::span<uint8_t> out) override;
   Task<absl::StatusOr<Extent>> BlockStatus(uint64_t offset, uint64_t max_length) override;
+  Task<void> WillNeed(uint64_t offset, uint64_t length, uint64_t max_data) override;
+  uint64_t L2TableBytes() const override;
   std::string Describe() const override;
+
+  // Bytes the image file occupies on its file system (st_blocks), 0 when
+  // that is unknown.
+  uint64_t HostFileBytes() const;
 
   const Header& header() const { return header_; }
   bool writable() const { return refcounts_ != nullptr; }

@@ -33,6 +33,13 @@ class RawLayer final : public Layer {
     co_return Extent{ExtentKind::kData, std::clamp<uint64_t>(*hole - offset, 1, max_length)};
   }
 
+  Task<void> WillNeed(uint64_t offset, uint64_t length, uint64_t max_data) override {
+    file_->WillNeed(offset, std::min(length, max_data));
+    co_return;
+  }
+
+  uint64_t L2TableBytes() const override { return 0; }
+
   std::string Describe() const override {
     return absl::StrFormat("raw file %s (%u bytes)", file_->name(), file_->size());
   }

@@ -26,6 +26,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -347,6 +348,37 @@ TEST(WritePathTest, WriteToUnallocatedClusterAllocatesOneZeroPaddedCluster) {
   ExpectCleanAndSameAsRaw(p.image, p.raw);
 }
 
+TEST(WritePathTest, NewClusterPastTheEndOfTheFileGetsOnlyTheGuestBytes) {
+  // Past the end of the file every byte already reads as zero, so a small
+  // write into a new cluster there writes its own bytes and extends the
+  // file over the cluster, instead of writing a cluster of zeros.
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-past-end"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=65536"}, {}));
+  const Bytes data = Pattern(4096, 9);
+  const uint64_t at = 5 * k64K + 8192;
+  RecordingFile* recording = nullptr;
+  {
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image, nullptr, &recording));
+    ASSERT_OK(SyncWait(layer->Write(at, data)));
+    ASSERT_OK(SyncWait(layer->Flush()));
+    const std::vector<FileOp> log = recording->log();
+    ASSERT_OK_AND_ASSIGN(Bytes now, ReadBytes(p.image));
+    const uint64_t host = L2At(now, at).descriptor & kHostMask;
+    ASSERT_NE(host, 0u);
+    std::vector<FileOp> in_cluster;
+    for (const FileOp& op : log) {
+      if (op.offset >= host && op.offset < host + k64K) in_cluster.push_back(op);
+    }
+    ASSERT_EQ(in_cluster.size(), 2u);
+    EXPECT_EQ(in_cluster[0].ToString(), absl::StrCat("allocate [", host, ", +", k64K, ")"));
+    EXPECT_EQ(in_cluster[1].ToString(), absl::StrCat("write [", host + 8192, ", +4096)"));
+    EXPECT_GE(now.size(), host + k64K) << "the file covers the whole cluster";
+    EXPECT_EQ(layer->counters().data_bytes_written, data.size());
+  }
+  ASSERT_OK(WriteRaw(p.raw, at, data));
+  ExpectCleanAndSameAsRaw(p.image, p.raw);
+}
+
 TEST(WritePathTest, WriteToUnallocatedClusterCopiesBackingData) {
   ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-backing"));
   const std::string base = dir.Join("base.raw");
@@ -477,8 +509,10 @@ TEST(WritePathTest, ExtendedL2WritesOnlyTheTouchedSubclusters) {
   {
     const std::vector<FileOp> ops = OpsIn(rec->log(), host, host + k64K);
     ASSERT_EQ(ops.size(), 1u) << "one write into the new host cluster";
-    EXPECT_EQ(ops[0].offset, host + 3 * kSub);
-    EXPECT_EQ(ops[0].length, kSub) << "only the touched subcluster is written";
+    // The new cluster lies past the end of the file, where the rest of
+    // the subcluster already reads as zero: only the guest's bytes go.
+    EXPECT_EQ(ops[0].offset, at1 - 2 * k64K + host);
+    EXPECT_EQ(ops[0].length, d1.size()) << "only the guest's bytes are written";
   }
   const uint64_t used1 = UsedClusters(s1);
 
@@ -1085,6 +1119,52 @@ TEST(WritePathTest, CrashStatesOfRefcountTableGrowth) {
 
   CheckCrashStates(dir, *run, old_disk, 4 * kMiB,
                    {.seed = seed, .random_subsets = 2, .max_prefixes = 4, .max_states = 0});
+}
+
+// --- The allocated-bytes count behind st_blocks ----------------------------------------------
+
+// Polls AllocatedBytes() until it says `want` or a generous deadline passes.
+uint64_t WaitForCount(Image& image, uint64_t want) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  uint64_t got = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    absl::StatusOr<uint64_t> count = SyncWait(image.AllocatedBytes());
+    EXPECT_OK(count.status());
+    if (!count.ok()) return 0;
+    got = *count;
+    if (got == want) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return got;
+}
+
+TEST(AllocatedBytesTest, SmallImageIsCountedAtOnce) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("count-sync"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 64 * kMiB, {}, {"write 0 1M", "write 10M 64k"}));
+  ASSERT_OK_AND_ASSIGN(auto image, SyncWait(Image::Open(p.image, Writable())));
+  ASSERT_OK_AND_ASSIGN(uint64_t count, SyncWait(image->AllocatedBytes()));
+  EXPECT_EQ(count, kMiB + k64K);
+  ASSERT_OK(SyncWait(image->Write(20 * kMiB, Pattern(4096, 1))));
+  ASSERT_OK_AND_ASSIGN(count, SyncWait(image->AllocatedBytes()));
+  EXPECT_EQ(count, kMiB + 2 * k64K) << "a change is counted by the next call";
+}
+
+TEST(AllocatedBytesTest, LargeImageIsCountedInTheBackground) {
+  // sync_count_limit 0 makes this small image count as a large one.
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("count-background"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 64 * kMiB, {}, {"write 0 1M", "write 10M 64k"}));
+  ImageOptions options = Writable();
+  options.sync_count_limit = 0;
+  ASSERT_OK_AND_ASSIGN(auto image, SyncWait(Image::Open(p.image, options)));
+  // Before the first count: an estimate, never more than the disk.
+  ASSERT_OK_AND_ASSIGN(uint64_t first, SyncWait(image->AllocatedBytes()));
+  EXPECT_LE(first, 64 * kMiB);
+  EXPECT_EQ(WaitForCount(*image, kMiB + k64K), kMiB + k64K);
+  // After a change the last count stands until the next one is done.
+  ASSERT_OK(SyncWait(image->Write(20 * kMiB, Pattern(4096, 1))));
+  ASSERT_OK_AND_ASSIGN(uint64_t stale, SyncWait(image->AllocatedBytes()));
+  EXPECT_TRUE(stale == kMiB + k64K || stale == kMiB + 2 * k64K) << stale;
+  EXPECT_EQ(WaitForCount(*image, kMiB + 2 * k64K), kMiB + 2 * k64K);
 }
 
 }  // namespace

@@ -13,12 +13,14 @@
 #define QCOW2FUSE_IMAGE_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <span>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
 #include "qcow2fuse/task.h"
@@ -43,6 +45,10 @@ struct ImageOptions {
   // the image may then change underneath us.
   bool force_share = false;
   DetectZeroes detect_zeroes = DetectZeroes::kOff;
+  // AllocatedBytes() counts at once while the chain's L2 tables come to at
+  // most this many bytes; past it (a large image) it counts in the
+  // background, so that a stat of a 1 TiB view stays fast.
+  uint64_t sync_count_limit = uint64_t{16} << 20;
 };
 
 // Work done by the write path since the image was opened. Tests use these
@@ -93,6 +99,13 @@ class Image {
   // length, at most `max_length`. Adjacent runs of one kind are merged.
   Task<absl::StatusOr<Extent>> BlockStatus(uint64_t offset, uint64_t max_length);
 
+  // Advice that the data in [offset, offset + length) will be read soon
+  // (a caller found data there with SEEK_DATA): the host bytes behind its
+  // first `max_data` bytes of data start coming into the host's page cache
+  // in the background. Only advice: a range outside the disk or a damaged
+  // entry is ignored here and reported by the read.
+  Task<void> WillNeed(uint64_t offset, uint64_t length, uint64_t max_data);
+
   // Writes `data` at `offset`; the range must lie inside the disk.
   Task<absl::Status> Write(uint64_t offset, std::span<const uint8_t> data);
 
@@ -118,8 +131,12 @@ class Image {
   // multiple of 512 bytes, as QEMU requires.
   Task<absl::Status> Truncate(uint64_t new_size);
 
-  // Bytes of the disk that are kData, for st_blocks. Cached until the next
-  // change to the disk.
+  // Bytes of the disk that are kData, for st_blocks. Counting walks every
+  // L2 table of the chain; the count is kept until the next change. Where
+  // the tables exceed ImageOptions::sync_count_limit, a stale or missing
+  // count is redone on a background thread and this returns at once with
+  // the last count, or before the first with an estimate: the bytes the
+  // image file occupies on its file system, at most the disk's size.
   Task<absl::StatusOr<uint64_t>> AllocatedBytes();
 
   // One line per image of the chain, top first, for logs.
@@ -140,9 +157,23 @@ class Image {
   // Changes begun; AllocatedBytes() keeps a count only for the generation
   // it started in.
   std::atomic<uint64_t> changes_{0};
+  // The walk behind AllocatedBytes(); it gives up with CancelledError when
+  // the image closes.
+  Task<absl::StatusOr<uint64_t>> CountAllocatedBytes();
+  // Keeps `total` as the count of `generation` (which may be stale).
+  void KeepCount(uint64_t generation, uint64_t total);
+  // Starts a background count unless one runs or ran too recently.
+  void MaybeStartBackgroundCount();
+  void BackgroundCount();
   std::mutex allocated_mu_;
   std::optional<uint64_t> allocated_bytes_;  // under allocated_mu_
   uint64_t allocated_generation_ = 0;        // under allocated_mu_
+  std::thread counter_;                      // under allocated_mu_
+  bool counting_ = false;                    // under allocated_mu_
+  // A background count takes at most a fifth of a core: the next starts no
+  // sooner than four times the last one's duration after it.
+  std::chrono::steady_clock::time_point next_count_ = {};  // under allocated_mu_
+  std::atomic<bool> closing_{false};
 };
 
 }  // namespace qcow2fuse
