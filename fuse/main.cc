@@ -15,10 +15,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_format.h"
@@ -53,6 +58,45 @@ class StartupReport {
 
  private:
   int fd_;
+};
+
+// Bounds how long a stop may wait for requests. Once the session has been
+// told to end (unmount, SIGTERM), the loop waits for every request still
+// running; one stuck in the engine (its backing file on a hung network
+// file system) would keep the daemon and the mount forever. After
+// `timeout` the watchdog calls `give_up`, which must not return.
+class StopWatchdog {
+ public:
+  StopWatchdog(fuse_session* session, std::chrono::seconds timeout, std::function<void()> give_up)
+      : session_(session), timeout_(timeout), give_up_(std::move(give_up)), thread_([this] { Watch(); }) {}
+  // The requests are drained: nothing left to watch.
+  ~StopWatchdog() {
+    {
+      std::lock_guard lock(mu_);
+      drained_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  void Watch() {
+    // libfuse's signal handler only sets a flag, so the start of a stop is
+    // polled for; a tenth of a second is nothing next to the timeout.
+    constexpr auto kPoll = std::chrono::milliseconds(100);
+    std::unique_lock lock(mu_);
+    while (!drained_ && !fuse_session_exited(session_)) cv_.wait_for(lock, kPoll);
+    if (cv_.wait_for(lock, timeout_, [this] { return drained_; })) return;
+    give_up_();
+  }
+
+  fuse_session* const session_;
+  const std::chrono::seconds timeout_;
+  const std::function<void()> give_up_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool drained_ = false;  // under mu_
+  std::thread thread_;    // last: starts once the rest is set
 };
 
 // Makes sure MOUNTPOINT is a regular file, creating it if missing. Returns
@@ -145,8 +189,9 @@ int Serve(const MountOptions& options, StartupReport& report) {
 
   int loop_result;
   {
-    // Threads start here, after any fork.
-    Scheduler scheduler(options.threads);
+    // Threads start here, after any fork. Requests run on libfuse's worker
+    // threads (Scheduler::Start), so the scheduler needs none of its own.
+    Scheduler scheduler(/*threads=*/0);
     state.scheduler = &scheduler;
     state.on_ready = [&] {
       if (!options.foreground) {
@@ -157,9 +202,31 @@ int Serve(const MountOptions& options, StartupReport& report) {
       Log(LogLevel::kInfo, absl::StrFormat("serving %s on %s: %s", options.image,
                                            options.mountpoint, (*image)->DescribeChain()));
     };
-    loop_result = fuse_session_loop(session);
-    // Requests still running hold `req` pointers of this session.
-    scheduler.Drain();
+    // Each worker reads requests from its own clone of the /dev/fuse fd and
+    // runs them itself; libfuse starts workers as requests arrive, up to
+    // `threads`, and keeps them (an idle worker costs one blocked read).
+    fuse_loop_config* loop_config = fuse_loop_cfg_create();
+    fuse_loop_cfg_set_clone_fd(loop_config, 1);
+    fuse_loop_cfg_set_max_threads(loop_config, options.threads);
+    fuse_loop_cfg_set_idle_threads(loop_config, options.threads);
+    {
+      StopWatchdog watchdog(session, std::chrono::seconds(options.drain_timeout_seconds), [&] {
+        // The image is as a crash would leave it: consistent, without the
+        // stuck requests' changes, and without unflushed ones (a flush
+        // would wait for the locks the stuck requests hold).
+        Log(LogLevel::kError,
+            absl::StrFormat("%u requests still running %d s after the stop; exiting without them",
+                            scheduler.in_flight(), options.drain_timeout_seconds));
+        fuse_session_unmount(session);
+        remove_created();
+        if (!options.pidfile.empty()) unlink(options.pidfile.c_str());
+        _exit(1);
+      });
+      loop_result = fuse_session_loop_mt(session, loop_config);
+      // Requests still running hold `req` pointers of this session.
+      scheduler.Drain();
+    }
+    fuse_loop_cfg_destroy(loop_config);
   }
   // What was written reaches the disk before we go.
   absl::Status flushed = SyncWait((*image)->Flush());

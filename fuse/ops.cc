@@ -7,7 +7,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <vector>
+#include <memory>
+#include <span>
 
 #include "absl/strings/str_format.h"
 #include "errno_map.h"
@@ -22,6 +23,8 @@ constexpr double kAttrTimeoutSeconds = 1.0;
 constexpr off_t kStatBlockSize = 512;  // st_blocks unit
 constexpr unsigned kMaxRequestBytes = 1u << 20;
 constexpr unsigned kMaxBackground = 64;
+// How much of a data run found by SEEK_DATA is read ahead on the host.
+constexpr uint64_t kSeekDataPrefetchBytes = 4u << 20;
 
 MountState& State(fuse_req_t req) { return *static_cast<MountState*>(fuse_req_userdata(req)); }
 
@@ -63,7 +66,10 @@ Task<void> Read(fuse_req_t req, size_t size, off_t offset) {
   Image& image = *State(req).image;
   const uint64_t disk = image.virtual_size();
   const uint64_t start = std::min<uint64_t>(offset, disk);
-  std::vector<uint8_t> buf(std::min<uint64_t>(size, disk - start));
+  // Not zero-filled first: Read fills every byte.
+  const size_t n = std::min<uint64_t>(size, disk - start);
+  std::unique_ptr<uint8_t[]> storage(new uint8_t[n]);
+  std::span<uint8_t> buf(storage.get(), n);
   absl::Status status = co_await image.Read(start, buf);
   if (!status.ok()) {
     co_return ReplyError(req, status, absl::StrFormat("read of %u bytes at offset %u", buf.size(), start));
@@ -71,13 +77,13 @@ Task<void> Read(fuse_req_t req, size_t size, off_t offset) {
   fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), buf.size());
 }
 
-Task<void> Write(fuse_req_t req, std::vector<uint8_t> data, off_t offset) {
+Task<void> Write(fuse_req_t req, std::span<const uint8_t> data, off_t offset) {
   Image& image = *State(req).image;
   const uint64_t disk = image.virtual_size();
   // The view is a file of fixed size, like a disk: no room past its end.
   if (offset < 0 || static_cast<uint64_t>(offset) >= disk) co_return (void)fuse_reply_err(req, ENOSPC);
   const size_t n = std::min<uint64_t>(data.size(), disk - offset);
-  absl::Status status = co_await image.Write(offset, std::span(data).first(n));
+  absl::Status status = co_await image.Write(offset, data.first(n));
   if (!status.ok()) {
     co_return ReplyError(req, status, absl::StrFormat("write of %u bytes at offset %u", n, offset));
   }
@@ -160,7 +166,12 @@ Task<void> Lseek(fuse_req_t req, off_t offset, int whence) {
     absl::StatusOr<Extent> e = co_await image.BlockStatus(pos, disk - pos);
     if (!e.ok()) co_return ReplyError(req, e.status(), absl::StrFormat("lseek at offset %u", pos));
     const bool data = e->kind == ExtentKind::kData;
-    if (data == (whence == SEEK_DATA)) co_return (void)fuse_reply_lseek(req, pos);
+    if (data == (whence == SEEK_DATA)) {
+      // Whoever looks for data reads it next (cp --sparse, qemu-img
+      // convert): the host starts reading it now, in the background.
+      if (data) co_await image.WillNeed(pos, e->length, kSeekDataPrefetchBytes);
+      co_return (void)fuse_reply_lseek(req, pos);
+    }
     pos += e->length;
   }
   if (whence == SEEK_DATA) co_return (void)fuse_reply_err(req, ENXIO);
@@ -181,24 +192,25 @@ void OnInit(void* userdata, struct fuse_conn_info* conn) {
 }
 
 void OnGetAttr(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) {
-  State(req).scheduler->Spawn(GetAttr(req));
+  State(req).scheduler->Start(GetAttr(req));
 }
 
 void OnSetAttr(fuse_req_t req, fuse_ino_t, struct stat* attr, int to_set, struct fuse_file_info*) {
-  State(req).scheduler->Spawn(SetAttr(req, *attr, to_set));
+  State(req).scheduler->Start(SetAttr(req, *attr, to_set));
 }
 
 void OnWrite(fuse_req_t req, fuse_ino_t, const char* buf, size_t size, off_t offset,
              struct fuse_file_info*) {
-  // `buf` dies when this callback returns.
-  std::vector<uint8_t> data(buf, buf + size);
-  State(req).scheduler->Spawn(Write(req, std::move(data), offset));
+  // `buf` is libfuse's and dies when this callback returns. Rather than
+  // copy it, the callback waits for the write: if the write must wait for
+  // a lock, this thread sleeps and the other workers take other requests.
+  State(req).scheduler->Run(Write(req, std::span(reinterpret_cast<const uint8_t*>(buf), size), offset));
 }
 
 void OnFsync(fuse_req_t req, fuse_ino_t, int /*datasync*/, struct fuse_file_info*) {
   // fdatasync and fsync mean the same for the view: data and the metadata
   // that finds it.
-  State(req).scheduler->Spawn(Fsync(req));
+  State(req).scheduler->Start(Fsync(req));
 }
 
 void OnOpen(fuse_req_t req, fuse_ino_t, struct fuse_file_info* fi) {
@@ -210,19 +222,22 @@ void OnOpen(fuse_req_t req, fuse_ino_t, struct fuse_file_info* fi) {
   // Nothing else changes the view of a read-only mount, so the kernel may
   // keep what it cached across opens.
   fi->keep_cache = m.image->read_only();
+  // close() needs no FLUSH round trip: nothing is cached on our side that
+  // a close must push (fsync does that).
+  fi->noflush = 1;
   fuse_reply_open(req, fi);
 }
 
 void OnRead(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, struct fuse_file_info*) {
-  State(req).scheduler->Spawn(Read(req, size, offset));
+  State(req).scheduler->Start(Read(req, size, offset));
 }
 
 void OnLseek(fuse_req_t req, fuse_ino_t, off_t offset, int whence, struct fuse_file_info*) {
-  State(req).scheduler->Spawn(Lseek(req, offset, whence));
+  State(req).scheduler->Start(Lseek(req, offset, whence));
 }
 
 void OnFallocate(fuse_req_t req, fuse_ino_t, int mode, off_t offset, off_t length, struct fuse_file_info*) {
-  State(req).scheduler->Spawn(Fallocate(req, mode, offset, length));
+  State(req).scheduler->Start(Fallocate(req, mode, offset, length));
 }
 
 void OnFlush(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_err(req, 0); }

@@ -2,8 +2,11 @@
 // inode, the root, which is the raw view of the image.
 //
 // Each callback copies what it needs from its arguments (libfuse frees
-// them when the callback returns), spawns a coroutine on the mount's
-// scheduler, and returns; the coroutine replies. No qcow2 logic lives here.
+// them when the callback returns) and starts a coroutine on the calling
+// libfuse worker thread (Scheduler::Start); the coroutine replies. The
+// callback returns when the coroutine is done or waits for a lock; a
+// write's callback waits for the write, whose bytes stay in libfuse's
+// buffer. No qcow2 logic lives here.
 
 #ifndef QCOW2FUSE_FUSE_OPS_H_
 #define QCOW2FUSE_FUSE_OPS_H_

@@ -24,6 +24,7 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 }
 
 constexpr int kMaxThreads = 64;
+constexpr int kMaxDrainTimeoutSeconds = 24 * 3600;
 
 absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
   std::vector<std::string> kv = absl::StrSplit(option, absl::MaxSplits('=', 1));
@@ -48,6 +49,13 @@ absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
           absl::StrFormat("threads must be a number from 1 to %d, not '%s'", kMaxThreads, kv[1]));
     }
     out.threads = n;
+  } else if (key == "drain_timeout" && has_value) {
+    int n = 0;
+    if (!absl::SimpleAtoi(kv[1], &n) || n < 1 || n > kMaxDrainTimeoutSeconds) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "drain_timeout must be a number of seconds from 1 to %d, not '%s'", kMaxDrainTimeoutSeconds, kv[1]));
+    }
+    out.drain_timeout_seconds = n;
   } else if (key == "detect_zeroes" && has_value) {
     // QEMU's spelling and values.
     if (kv[1] == "off") {
@@ -85,7 +93,9 @@ const char* UsageText() {
          "  -o allow_other         let other users access the view\n"
          "  -o l2_cache_size=SIZE  L2 table cache per image (default 4M)\n"
          "  -o data_file=PATH      the image's external data file\n"
-         "  -o threads=N           requests run on N threads (default 4)\n"
+         "  -o threads=N           requests run on N threads (default 16)\n"
+         "  -o drain_timeout=S     at unmount, wait S seconds for running requests,\n"
+         "                         then exit without them (default 30)\n"
          "  -o detect_zeroes=MODE  off (default), on: all-zero writes become zero\n"
          "                         clusters; unmap: and free their space\n"
          "  -f                     stay in the foreground, log to stderr\n"

@@ -20,9 +20,12 @@ struct MountOptions {
   bool debug = false;  // libfuse's request trace; implies foreground
   bool allow_other = false;
   std::string pidfile;
-  // Threads running requests; each blocks in file I/O, so this is also how
-  // many requests reach the disk at once.
-  int threads = 4;
+  // Threads receiving and running requests; each blocks in file I/O, so
+  // this is also how many requests reach the disk at once.
+  int threads = 16;
+  // How long a stop (unmount, SIGTERM) waits for requests still running
+  // before the daemon gives up on them and exits anyway.
+  int drain_timeout_seconds = 30;
   bool help = false;
   bool version = false;
   ImageOptions image_options;

@@ -24,6 +24,29 @@ void Scheduler::Spawn(Task<void> task) {
   Post(RunSpawned(this, std::move(task)).handle);
 }
 
+void Scheduler::Start(Task<void> task) {
+  {
+    std::lock_guard lock(mu_);
+    ++in_flight_;
+  }
+  RunSpawned(this, std::move(task)).handle.resume();
+}
+
+void Scheduler::Run(Task<void> task) {
+  {
+    std::lock_guard lock(mu_);
+    ++in_flight_;
+  }
+  internal::Event done;
+  RunAndSignal(this, std::move(task), &done).handle.resume();
+  done.Wait();
+}
+
+size_t Scheduler::in_flight() const {
+  std::lock_guard lock(mu_);
+  return in_flight_;
+}
+
 void Scheduler::Drain() {
   std::unique_lock lock(mu_);
   idle_cv_.wait(lock, [this] { return in_flight_ == 0; });
@@ -41,6 +64,16 @@ internal::DetachedCoroutine Scheduler::RunSpawned(Scheduler* self, Task<void> ta
   co_await std::move(task);
   std::lock_guard lock(self->mu_);
   if (--self->in_flight_ == 0) self->idle_cv_.notify_all();
+}
+
+internal::DetachedCoroutine Scheduler::RunAndSignal(Scheduler* self, Task<void> task,
+                                                    internal::Event* done) {
+  co_await std::move(task);
+  {
+    std::lock_guard lock(self->mu_);
+    if (--self->in_flight_ == 0) self->idle_cv_.notify_all();
+  }
+  done->Set();
 }
 
 void Scheduler::RunThread() {

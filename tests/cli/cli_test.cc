@@ -20,6 +20,7 @@
 #include <memory>
 #include <regex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -449,6 +450,67 @@ TEST_F(ForegroundStopTest, ExitsZeroOnUmount) {
     EXPECT_OK(RunChecked({"umount", view.path()}));
     EXPECT_OK(view.Unmount());
   });
+}
+
+// A request stuck below the engine (the backing file on a hung file
+// system) must not keep a stopping daemon, or its mount, forever. The
+// backing file here is another qcow2fuse view whose daemon is stopped with
+// SIGSTOP, so a read through the overlay hangs in the overlay's daemon.
+TEST_F(CliTest, StopGivesUpOnAStuckRequestAfterTheDrainTimeout) {
+  const std::string base = Path("base.qcow2");
+  const std::string base_ref = Path("base.ref");
+  const std::string base_view = Path("base.raw");
+  const std::string overlay = Path("overlay.qcow2");
+  const std::string overlay_view = Path("overlay.raw");
+  MakeSample(base, base_ref);
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> inner, MountedView::Start(ViewOptions(base, base_view)));
+  ASSERT_OK(RunChecked({"qemu-img", "create", "-q", "-f", "qcow2", "-b", base_view, "-F", "raw", overlay}));
+  constexpr int kDrainTimeoutSeconds = 2;
+  MountOptions outer_options = ViewOptions(overlay, overlay_view);
+  outer_options.extra_options = {absl::StrCat("drain_timeout=", kDrainTimeoutSeconds)};
+  outer_options.stop_timeout = std::chrono::seconds(20);
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> outer, MountedView::Start(outer_options));
+
+  ASSERT_EQ(kill(inner->pid(), SIGSTOP), 0);
+  // The backing file's daemon answers nothing now: a direct read of the
+  // overlay view reaches the overlay's daemon and hangs there.
+  ASSERT_OK_AND_ASSIGN(pid_t reader, Spawn({"dd", "if=" + overlay_view, "of=/dev/null", "bs=4k", "count=1",
+                                            "iflag=direct", "status=none"},
+                                           STDERR_FILENO, STDERR_FILENO));
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  ASSERT_OK_AND_ASSIGN(std::optional<ExitStatus> early, WaitForExitFor(reader, std::chrono::milliseconds(0)));
+  EXPECT_FALSE(early.has_value()) << "the read did not hang: the test proves nothing";
+
+  const auto stop_started = std::chrono::steady_clock::now();
+  ASSERT_EQ(kill(outer->pid(), SIGTERM), 0);
+  // The daemon gives up once the timeout has passed: it says so and takes
+  // its mount down. (It cannot finish exiting while the backing file's
+  // daemon is stopped: the kernel flushes the backing file at close and
+  // waits for that daemon's answer.)
+  const auto deadline = stop_started + std::chrono::seconds(kDrainTimeoutSeconds + 10);
+  while (!absl::StrContains(outer->ReadLog(), "still running") && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  const double stop_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - stop_started).count();
+  EXPECT_TRUE(absl::StrContains(outer->ReadLog(), "still running")) << outer->ReadLog();
+  EXPECT_GE(stop_seconds, kDrainTimeoutSeconds - 0.5);
+  for (int i = 0; i < 100 && IsMounted(overlay_view); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(IsMounted(overlay_view)) << "the mount was left behind";
+  kill(inner->pid(), SIGCONT);
+  EXPECT_OK(outer->Unmount());  // nothing left to unmount: waits for the exit
+  ASSERT_TRUE(outer->exit_status().has_value()) << outer->ReadLog();
+  EXPECT_EQ(outer->exit_status()->code(), 1) << outer->exit_status()->ToString();
+  EXPECT_FALSE(Exists(overlay_view)) << "the created mountpoint file was left behind";
+  // The reader learns that the view is gone instead of hanging.
+  ASSERT_OK_AND_ASSIGN(std::optional<ExitStatus> reader_status,
+                       WaitForExitFor(reader, std::chrono::seconds(10)));
+  if (!reader_status.has_value()) {
+    kill(reader, SIGKILL);
+    (void)WaitForExit(reader);
+    ADD_FAILURE() << "the reader still hangs after the daemon exited";
+  }
+  EXPECT_OK(inner->Unmount());
 }
 
 // -------------------------------------------------------------- options --

@@ -2,12 +2,15 @@
 // spawned tasks run on the scheduler's thread and are all drained.
 
 #include <atomic>
+#include <chrono>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "qcow2fuse/scheduler.h"
 #include "qcow2fuse/task.h"
+#include "sched/range_lock.h"
 
 namespace qcow2fuse {
 namespace {
@@ -122,6 +125,60 @@ TEST(SchedulerTest, DestructorDrainsSpawnedTasks) {
     for (int i = 0; i < 50; ++i) scheduler.Spawn(Count(&done));
   }
   EXPECT_EQ(done.load(), 50);
+}
+
+// Waits on `lock` (so it can suspend mid-task), then records its thread.
+Task<void> LockAndRecord(AsyncMutex* lock, std::thread::id* where, std::atomic<int>* done) {
+  RangeLock::Guard guard = co_await lock->Lock();
+  *where = std::this_thread::get_id();
+  done->fetch_add(1);
+}
+
+TEST(SchedulerTest, StartRunsOnTheCallingThreadAndIsCountedUntilDone) {
+  Scheduler scheduler(0);  // no threads of its own: every task is started
+  AsyncMutex lock;
+  std::atomic<int> done{0};
+  std::thread::id first, second;
+  {
+    // Hold the lock: the second task suspends inside Start() and is still
+    // counted when Start() returns.
+    std::optional<RangeLock::Guard> held;
+    held.emplace(SyncWait([](AsyncMutex* m) -> Task<RangeLock::Guard> { co_return co_await m->Lock(); }(&lock)));
+    scheduler.Start(LockAndRecord(&lock, &second, &done));
+    EXPECT_EQ(done.load(), 0);
+    EXPECT_EQ(scheduler.in_flight(), 1u);
+    // Releasing the lock here resumes the task on this thread.
+    held.reset();
+  }
+  EXPECT_EQ(done.load(), 1);
+  EXPECT_EQ(second, std::this_thread::get_id());
+  EXPECT_EQ(scheduler.in_flight(), 0u);
+  // A task that never waits is done when Start() returns.
+  scheduler.Start(LockAndRecord(&lock, &first, &done));
+  EXPECT_EQ(done.load(), 2);
+  EXPECT_EQ(first, std::this_thread::get_id());
+  scheduler.Drain();
+}
+
+TEST(SchedulerTest, RunWaitsForATaskThatSuspends) {
+  Scheduler scheduler(0);
+  AsyncMutex lock;
+  std::atomic<int> done{0};
+  std::thread::id where;
+  std::optional<RangeLock::Guard> held;
+  held.emplace(SyncWait([](AsyncMutex* m) -> Task<RangeLock::Guard> { co_return co_await m->Lock(); }(&lock)));
+  // Another thread lets go of the lock a little later; Run() must not
+  // return before the task it runs has finished.
+  std::thread releaser([&] {
+    while (scheduler.in_flight() == 0) std::this_thread::yield();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    held.reset();
+  });
+  scheduler.Run(LockAndRecord(&lock, &where, &done));
+  EXPECT_EQ(done.load(), 1);
+  EXPECT_EQ(scheduler.in_flight(), 0u);
+  EXPECT_EQ(where, releaser.get_id()) << "resumed by the thread that released the lock";
+  releaser.join();
 }
 
 }  // namespace
