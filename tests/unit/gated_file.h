@@ -13,6 +13,10 @@
 //   EXPECT_FALSE(discard.done());                 // it must wait
 //   gated->Release();                             // the write goes on
 //
+// It also counts the writes that reached the file since its last successful
+// Flush (the barrier), so a test can tell that what a flush made durable
+// was followed by a barrier: writes_since_flush() == 0.
+//
 // Not thread-safe: everything runs on the test thread.
 
 #ifndef QCOW2FUSE_TESTS_UNIT_GATED_FILE_H_
@@ -22,6 +26,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -33,27 +38,46 @@ namespace qcow2fuse::test {
 class GatedFile : public BlockFile {
  public:
   using Match = std::function<bool(uint64_t offset, size_t length)>;
+  using DataMatch = std::function<bool(uint64_t offset, std::span<const uint8_t> data)>;
 
   explicit GatedFile(std::unique_ptr<BlockFile> inner) : inner_(std::move(inner)) {}
 
   // The next write that `match` accepts parks until Release().
-  void HoldNextWrite(Match match) { match_ = std::move(match); }
+  void HoldNextWrite(Match match) {
+    match_ = [match = std::move(match)](uint64_t offset, std::span<const uint8_t> data) {
+      return match(offset, data.size());
+    };
+  }
+  // The same, choosing by the bytes written: a request's own data write,
+  // whatever size the engine gives it.
+  void HoldNextWriteOf(DataMatch match) { match_ = std::move(match); }
   // Whether a write is parked now.
   bool holding() const { return static_cast<bool>(parked_); }
   // Resumes the parked write; it runs on this thread until it next suspends.
   void Release() { std::exchange(parked_, nullptr).resume(); }
+  // Writes that succeeded since the last successful Flush(). A parked write
+  // has not reached the file and is not counted.
+  uint64_t writes_since_flush() const { return writes_since_flush_; }
 
   Task<absl::Status> Read(uint64_t offset, std::span<uint8_t> out) override { return inner_->Read(offset, out); }
   uint64_t size() const override { return inner_->size(); }
   bool writable() const override { return inner_->writable(); }
   Task<absl::Status> Write(uint64_t offset, std::span<const uint8_t> data) override {
-    if (match_ && match_(offset, data.size())) {
+    if (match_ && match_(offset, data)) {
       match_ = nullptr;
       co_await Park{this};
     }
-    co_return co_await inner_->Write(offset, data);
+    absl::Status status = co_await inner_->Write(offset, data);
+    if (status.ok()) ++writes_since_flush_;
+    co_return status;
   }
-  Task<absl::Status> Flush() override { return inner_->Flush(); }
+  Task<absl::Status> Flush() override {
+    // Only writes that completed before the barrier was issued are covered.
+    const uint64_t covered = writes_since_flush_;
+    absl::Status status = co_await inner_->Flush();
+    if (status.ok()) writes_since_flush_ -= covered;
+    co_return status;
+  }
   Task<absl::Status> Discard(uint64_t offset, uint64_t length) override { return inner_->Discard(offset, length); }
   Task<absl::Status> Truncate(uint64_t size) override { return inner_->Truncate(size); }
   Task<absl::Status> Allocate(uint64_t offset, uint64_t length) override { return inner_->Allocate(offset, length); }
@@ -69,8 +93,9 @@ class GatedFile : public BlockFile {
   };
 
   std::unique_ptr<BlockFile> inner_;
-  Match match_;
+  DataMatch match_;
   std::coroutine_handle<> parked_;
+  uint64_t writes_since_flush_ = 0;
 };
 
 // A request started on the test thread that may suspend; done() once it

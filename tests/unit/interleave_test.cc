@@ -7,16 +7,28 @@
 // Qcow2Layer, the discard in DiscardWaitsForCopyOnWrite would free the
 // compressed cluster and the write would free it a second time when it
 // links its copy: the refcount would go below zero.
+//
+// Two tests park a request where no cluster lock is in play, to check the
+// caches and the flush around it: WriteIntoEvictedL2Slice lets the L2 slice
+// of a parked write be written back and evicted, and
+// FlushDoesNotWaitForWriteInFlight runs a flush while a write is parked.
 
+#include <algorithm>
+#include <map>
 #include <memory>
 #include <vector>
 
+#include "base/endian.h"
 #include "data/qcow2_layer.h"
 #include "format/header.h"
+#include "format/l2_entry.h"
+#include "format/spec.h"
 #include "gated_file.h"
 #include "gtest/gtest.h"
 #include "io/block_file.h"
+#include "meta/table_cache.h"
 #include "meta/zero_ranges.h"
+#include "qcow2fuse/image.h"
 #include "qcow2fuse/task.h"
 #include "sched/range_lock.h"
 #include "support/command.h"
@@ -34,13 +46,14 @@ class InterleaveTest : public ::testing::Test {
  protected:
   // Makes the image (`qemu_io` commands applied) and opens it read-write
   // through a GatedFile.
-  void Open(const std::vector<std::string>& qemu_io, const std::string& create_options = "") {
+  void Open(const std::vector<std::string>& qemu_io, const std::string& create_options = "",
+            uint64_t disk = kDisk, uint64_t l2_cache_size = ImageOptions().l2_cache_size) {
     absl::StatusOr<TempDir> dir = TempDir::Create("interleave");
     ASSERT_OK(dir.status());
     dir_ = std::make_unique<TempDir>(std::move(*dir));
     path_ = dir_->Join("a.qcow2");
     std::vector<std::string> create = {"create", "-q", "-f", "qcow2", "-o",
-                                       "cluster_size=64k" + create_options, path_, std::to_string(kDisk)};
+                                       "cluster_size=64k" + create_options, path_, std::to_string(disk)};
     ASSERT_OK(QemuImg(create).status());
     if (!qemu_io.empty()) {
       ASSERT_OK(QemuIo(path_, "qcow2", qemu_io));
@@ -56,9 +69,16 @@ class InterleaveTest : public ::testing::Test {
     gated_ = gated.get();
     ImageOptions options;
     options.read_only = false;
+    options.l2_cache_size = l2_cache_size;
     auto layer = SyncWait(Qcow2Layer::Open(std::move(gated), *header, nullptr, nullptr, options));
     ASSERT_OK(layer.status());
     layer_ = std::move(*layer);
+  }
+
+  // A test that failed with a write still parked lets it finish, so its
+  // coroutine does not outlive the layer it runs in.
+  void TearDown() override {
+    if (layer_ != nullptr && gated_->holding()) gated_->Release();
   }
 
   std::vector<uint8_t> ReadDisk(uint64_t offset, uint64_t length) {
@@ -74,6 +94,49 @@ class InterleaveTest : public ::testing::Test {
     EXPECT_OK(CheckImage(path_));
   }
 
+  // The image as another process sees it now: the file, read past every
+  // cache of the layer under test (which takes no image locks, so a
+  // read-only open sharing everything is allowed while it is open).
+  std::unique_ptr<Image> OpenFresh() {
+    ImageOptions options;
+    options.force_share = true;
+    absl::StatusOr<std::unique_ptr<Image>> image = SyncWait(Image::Open(path_, options));
+    EXPECT_OK(image.status());
+    return image.ok() ? std::move(*image) : nullptr;
+  }
+
+  // The L2 entry of the cluster holding `guest_offset`, decoded from the
+  // file itself; an empty entry where the file has no L2 table for it.
+  L2Entry EntryInFile(uint64_t guest_offset) {
+    absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path_, /*writable=*/false);
+    EXPECT_OK(file.status());
+    if (!file.ok()) return {};
+    std::vector<uint8_t> head(std::min<uint64_t>(kCluster, (*file)->size()));
+    EXPECT_OK(SyncWait((*file)->Read(0, head)));
+    absl::StatusOr<Header> header = DecodeHeader(head, (*file)->size());
+    EXPECT_OK(header.status());
+    if (!header.ok()) return {};
+    const uint64_t cluster = guest_offset >> header->cluster_bits;
+    uint8_t raw[spec::kL2EntrySize];
+    EXPECT_OK(SyncWait((*file)->Read(header->l1_table_offset + cluster / header->l2_entries() * spec::kL2EntrySize, raw)));
+    const uint64_t l2 = L1EntryL2Offset(LoadBE64(raw));
+    if (l2 == 0) return {};
+    EXPECT_OK(SyncWait((*file)->Read(l2 + cluster % header->l2_entries() * spec::kL2EntrySize, raw)));
+    return DecodeL2Entry(raw, L2Format{.extended_l2 = false, .external_data_file = false,
+                                       .cluster_bits = header->cluster_bits});
+  }
+
+  // The data cluster `entry` points to, read from the file.
+  std::vector<uint8_t> HostCluster(const L2Entry& entry) {
+    std::vector<uint8_t> out(kCluster);
+    absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path_, /*writable=*/false);
+    EXPECT_OK(file.status());
+    if (file.ok()) {
+      EXPECT_OK(SyncWait((*file)->Read(L2EntryHostOffset(entry), out)));
+    }
+    return out;
+  }
+
   static std::span<const uint8_t> Fill(std::vector<uint8_t>& buffer, uint8_t byte, size_t n) {
     buffer.assign(n, byte);
     return buffer;
@@ -86,6 +149,15 @@ class InterleaveTest : public ::testing::Test {
 };
 
 bool IsClusterWrite(uint64_t, size_t length) { return length == kCluster; }
+
+// Matches the data write of a request whose bytes are all `byte` (and no
+// table write is): the gate parks exactly it, whatever size the engine
+// gives it.
+GatedFile::DataMatch CarriesOnly(uint8_t byte) {
+  return [byte](uint64_t, std::span<const uint8_t> data) {
+    return !data.empty() && std::all_of(data.begin(), data.end(), [byte](uint8_t b) { return b == byte; });
+  };
+}
 
 TEST_F(InterleaveTest, DiscardWaitsForCopyOnWrite) {
   Open({"write -c -P 0x11 0 64k"});
@@ -128,10 +200,12 @@ TEST_F(InterleaveTest, WriteWaitsForPartialDiscard) {
 
 TEST_F(InterleaveTest, TwoPartialWritesIntoOneUnallocatedCluster) {
   Open({});
-  gated_->HoldNextWrite(IsClusterWrite);
+  // The new cluster lies past the end of the file, so its data write is
+  // the guest's 4 KiB alone (no cluster of zeros around it).
+  gated_->HoldNextWriteOf(CarriesOnly(0x44));
   std::vector<uint8_t> a, b;
   Started first(layer_->Write(0, Fill(a, 0x44, 4096)));
-  ASSERT_TRUE(gated_->holding());
+  ASSERT_TRUE(gated_->holding()) << "the write did not reach its data write";
   Started second(layer_->Write(32768, Fill(b, 0x55, 4096)));
   EXPECT_FALSE(second.done()) << "both writes would allocate a copy and one would be lost";
   gated_->Release();
@@ -165,6 +239,200 @@ TEST_F(InterleaveTest, RequestsOnOtherClustersDoNotWait) {
   EXPECT_EQ(ReadDisk(0, 512), std::vector<uint8_t>(512, 0x66));
   EXPECT_EQ(ReadDisk(5 * kCluster, 512), std::vector<uint8_t>(512, 0x77));
   CloseAndCheck();
+}
+
+// The guest bytes the serial order of a test's writes gives, cluster by
+// cluster (each write stays inside one cluster). Clusters never written
+// read as zeros: these images have no backing file.
+class DiskModel {
+ public:
+  void Write(uint64_t offset, std::span<const uint8_t> data) {
+    const uint64_t cluster = offset / kCluster * kCluster;
+    ASSERT_LE(offset + data.size(), cluster + kCluster) << "the model keeps each write in one cluster";
+    std::vector<uint8_t>& bytes = clusters_[cluster];
+    bytes.resize(kCluster, 0);
+    std::copy(data.begin(), data.end(), bytes.begin() + (offset - cluster));
+  }
+
+  // Compares every written cluster with `image`, and checks that no other
+  // cluster holds data, so all of the disk is compared.
+  void Expect(Image& image) const {
+    for (const auto& [cluster, bytes] : clusters_) {
+      std::vector<uint8_t> got(kCluster);
+      ASSERT_OK(SyncWait(image.Read(cluster, got)));
+      EXPECT_EQ(got, bytes) << "guest cluster at " << cluster;
+    }
+    absl::StatusOr<uint64_t> allocated = SyncWait(image.AllocatedBytes());
+    ASSERT_OK(allocated.status());
+    EXPECT_EQ(*allocated, clusters_.size() * kCluster) << "data where no write went";
+  }
+
+ private:
+  std::map<uint64_t, std::vector<uint8_t>> clusters_;
+};
+
+// An entry that links a data cluster of its own, as a completed write leaves it.
+void ExpectLinked(const L2Entry& entry, const char* what) {
+  EXPECT_NE(L2EntryHostOffset(entry), 0u) << what << " has no host cluster in the file";
+  EXPECT_NE(entry.descriptor & spec::kOflagCopied, 0u) << what << " lacks the COPIED flag";
+  EXPECT_EQ(entry.descriptor & spec::kOflagCompressed, 0u) << what;
+}
+
+
+// A write parked in its data write holds no reference to its L2 slice: the
+// table cache pins nothing for a writer (readers hold a slice only while
+// they decode it), so the slice can be written back and evicted under it.
+// Here the smallest L2 cache the engine allows fills with writes to other
+// slices; over capacity, one of them flushes, which writes back the slice
+// (dirty with the entries of a write before and a write during the parked
+// one) and evicts it. The parked write must read it back from the file and
+// store its entry beside the others. Were a dirty slice evicted, or the
+// entry stored into a table the cache had dropped, an entry would be lost.
+TEST_F(InterleaveTest, WriteIntoEvictedL2Slice) {
+  const uint32_t slice_bytes = L2SliceSize(kCluster);
+  const uint64_t slice_span = slice_bytes / spec::kL2EntrySize * kCluster;  // guest bytes per slice
+  // A TableCache raises any smaller capacity to this many slices.
+  const uint64_t min_slices = TableCache(nullptr, slice_bytes, 0).capacity();
+  // Twice the cache: the first flush over capacity evicts the coldest clean
+  // slice, and the writes after it leave no room for it to come back.
+  const uint64_t other_slices = 2 * min_slices;
+  // Slice 0 for the three writes that share one, then one slice per other
+  // write; with 64 KiB clusters an L2 table is 16 slices, so they span
+  // several L2 tables, created as they go.
+  Open({}, "", (1 + other_slices) * slice_span, min_slices * slice_bytes);
+  if (HasFatalFailure()) return;
+
+  // Three clusters mapped by slice 0: before, parked, during.
+  constexpr uint64_t kBefore = 0, kParked = kCluster, kDuring = 2 * kCluster;
+  constexpr uint8_t kBeforeByte = 0xb0, kParkedByte = 0xa0, kDuringByte = 0xc0;
+  DiskModel model;
+  std::vector<uint8_t> before, parked, during, other;
+
+  Started first(layer_->Write(kBefore, Fill(before, kBeforeByte, kCluster)));
+  ASSERT_TRUE(first.done());
+  ASSERT_OK(first.status());
+  model.Write(kBefore, before);
+
+  gated_->HoldNextWriteOf(CarriesOnly(kParkedByte));
+  Started write(layer_->Write(kParked, Fill(parked, kParkedByte, kCluster)));
+  ASSERT_TRUE(gated_->holding()) << "the write did not reach its data write";
+  model.Write(kParked, parked);
+
+  // Started, not SyncWait: a request that waited for the parked one would
+  // hang SyncWait; here it fails the test instead.
+  Started meanwhile(layer_->Write(kDuring, Fill(during, kDuringByte, kCluster)));
+  ASSERT_TRUE(meanwhile.done()) << "a write to another cluster of the slice waited for the parked one";
+  ASSERT_OK(meanwhile.status());
+  model.Write(kDuring, during);
+
+  for (uint64_t s = 1; s <= other_slices; ++s) {
+    const uint64_t offset = s * slice_span;
+    const uint8_t byte = static_cast<uint8_t>(s);  // a pattern per slice (fewer than 256 of them)
+    Started evict(layer_->Write(offset, Fill(other, byte, kCluster)));
+    ASSERT_TRUE(evict.done()) << "the write to slice " << s << " waited for the parked write";
+    ASSERT_OK(evict.status());
+    model.Write(offset, other);
+  }
+
+  // The cache had to flush to make room: slice 0 went to the file with the
+  // entries stored so far, and without the parked write's.
+  ExpectLinked(EntryInFile(kBefore), "the entry written before");
+  ExpectLinked(EntryInFile(kDuring), "the entry written meanwhile");
+  EXPECT_EQ(EntryInFile(kParked).descriptor, 0u) << "the parked write's entry is in the file before its data";
+
+  const uint64_t slice_reads = layer_->counters().l2_slice_reads;
+  gated_->Release();
+  ASSERT_TRUE(write.done());
+  ASSERT_OK(write.status());
+  // Storing the entry missed the cache: slice 0 had been evicted while the
+  // write was parked. Otherwise the test forced no eviction and proves
+  // nothing (the cache would pin slices, or be bigger than thought).
+  EXPECT_GT(layer_->counters().l2_slice_reads, slice_reads)
+      << "slice 0 was still cached when the parked write stored its entry";
+
+  CloseAndCheck();
+  const L2Entry entry = EntryInFile(kParked);
+  ExpectLinked(entry, "the parked write's entry");
+  EXPECT_EQ(HostCluster(entry), parked);
+  ExpectLinked(EntryInFile(kBefore), "the entry written before");
+  ExpectLinked(EntryInFile(kDuring), "the entry written meanwhile");
+  std::unique_ptr<Image> fresh = OpenFresh();
+  ASSERT_NE(fresh, nullptr);
+  model.Expect(*fresh);
+}
+
+// "Flush waits for every write that completed before it, and nothing else"
+// (Image::Flush, which is Qcow2Layer::Flush). A write parked in its data
+// write holds its cluster lock and no other, so a flush must finish while
+// it is parked, and must have made durable the write that completed
+// before it: its data and L2 entry are in the file, followed by a barrier.
+// The parked write's cluster, allocated but not yet linked, may meanwhile
+// leak on disk (the crash guarantee) and nothing worse.
+//
+// Everything runs on this thread, so a flush that waited for the parked
+// write would show as not done, never as a hang.
+TEST_F(InterleaveTest, FlushDoesNotWaitForWriteInFlight) {
+  Open({});
+  if (HasFatalFailure()) return;
+  // Two clusters mapped by one L2 slice: the flush writes back the slice
+  // the parked write changes later.
+  constexpr uint64_t kCompleted = kCluster, kParked = 2 * kCluster;
+  constexpr uint8_t kCompletedByte = 0xd1, kParkedByte = 0xd2;
+  // Writes whose clusters the flush may leave leaked on disk: the parked one.
+  constexpr uint64_t kWritesInFlight = 1;
+  DiskModel model;
+  std::vector<uint8_t> completed, parked;
+
+  Started first(layer_->Write(kCompleted, Fill(completed, kCompletedByte, kCluster)));
+  ASSERT_TRUE(first.done());
+  ASSERT_OK(first.status());
+  model.Write(kCompleted, completed);
+
+  gated_->HoldNextWriteOf(CarriesOnly(kParkedByte));
+  Started write(layer_->Write(kParked, Fill(parked, kParkedByte, kCluster)));
+  ASSERT_TRUE(gated_->holding()) << "the write did not reach its data write";
+
+  Started flush(layer_->Flush());
+  EXPECT_TRUE(flush.done()) << "the flush waits for a write still in flight";
+  EXPECT_TRUE(gated_->holding());
+  if (flush.done()) {
+    EXPECT_OK(flush.status());
+    EXPECT_EQ(gated_->writes_since_flush(), 0u) << "the flush returned before a barrier covered all it wrote";
+    const L2Entry entry = EntryInFile(kCompleted);
+    ExpectLinked(entry, "the completed write's entry");
+    EXPECT_EQ(HostCluster(entry), completed);
+    EXPECT_EQ(EntryInFile(kParked).descriptor, 0u) << "the parked write's entry is in the file before its data";
+    // The completed write, and nothing of the parked one.
+    if (std::unique_ptr<Image> fresh = OpenFresh()) model.Expect(*fresh);
+    // The file as a crash now would leave it.
+    absl::StatusOr<QemuCheckReport> check = QemuCheck(path_);
+    EXPECT_OK(check.status());
+    if (check.ok()) {
+      EXPECT_EQ(check->corruptions, 0u) << check->output;
+      EXPECT_EQ(check->check_errors, 0u) << check->output;
+      EXPECT_LE(check->leaks, kWritesInFlight) << check->output;
+    }
+  }
+
+  gated_->Release();
+  ASSERT_TRUE(write.done());
+  ASSERT_OK(write.status());
+  model.Write(kParked, parked);
+  ASSERT_TRUE(flush.done()) << "the flush did not finish even after the parked write did";
+  EXPECT_OK(flush.status());
+  Started second(layer_->Flush());
+  ASSERT_TRUE(second.done());
+  ASSERT_OK(second.status());
+  EXPECT_EQ(gated_->writes_since_flush(), 0u);
+  ExpectLinked(EntryInFile(kCompleted), "the completed write's entry");
+  const L2Entry entry = EntryInFile(kParked);
+  ExpectLinked(entry, "the parked write's entry");
+  EXPECT_EQ(HostCluster(entry), parked);
+
+  CloseAndCheck();
+  std::unique_ptr<Image> fresh = OpenFresh();
+  ASSERT_NE(fresh, nullptr);
+  model.Expect(*fresh);
 }
 
 TEST(RangeLockTest, OverlappingRequestsWaitInArrivalOrder) {
