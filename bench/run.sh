@@ -161,8 +161,8 @@ fi
 if [[ -n ${QCOW2FUSE:-} ]]; then
   [[ -x $QCOW2FUSE ]] || die "QCOW2FUSE=$QCOW2FUSE is not an executable"
 else
-  # An optimised build of its own: build/ is the test suite's debug build.
-  # Always (re)built, so the binary measured is the source checked out.
+  # A build of its own, without the tests, (re)built every time so that the
+  # binary measured is the source checked out.
   QCOW2FUSE=$root/build-bench/fuse/qcow2fuse
   log "building qcow2fuse (RelWithDebInfo) into $root/build-bench"
   { "$root/packaging/install-deps.sh" &&
