@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <thread>
+#include <utility>
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -15,6 +17,9 @@
 
 namespace qcow2fuse {
 namespace {
+
+// Threads inflating compressed clusters at most (one per core up to this).
+constexpr unsigned kMaxInflateThreads = 8;
 
 // st_blocks counts units of this many bytes.
 constexpr uint64_t kStatBlockBytes = 512;
@@ -215,6 +220,8 @@ absl::StatusOr<uint64_t> Qcow2Layer::L2TableOffset(uint64_t l1_index) const {
 }
 
 Task<absl::Status> Qcow2Layer::Read(uint64_t offset, std::span<uint8_t> out) {
+  // Compressed clusters met in a row are inflated together, in parallel.
+  std::vector<CompressedRead> compressed;
   while (!out.empty()) {
     if (const uint64_t known = known_zero_.ZeroRunAt(offset); known > 0) {
       const uint64_t n = std::min<uint64_t>(known, out.size());
@@ -225,6 +232,9 @@ Task<absl::Status> Qcow2Layer::Read(uint64_t offset, std::span<uint8_t> out) {
     }
     absl::StatusOr<Mapping> m = co_await Map(offset, out.size());
     if (!m.ok()) co_return m.status();
+    if (m->type != SubclusterType::kCompressed && !compressed.empty()) {
+      CO_RETURN_IF_ERROR(co_await ReadCompressedClusters(std::exchange(compressed, {})));
+    }
     std::span<uint8_t> chunk = out.first(m->length);
     switch (m->type) {
       case SubclusterType::kNormal:
@@ -239,7 +249,7 @@ Task<absl::Status> Qcow2Layer::Read(uint64_t offset, std::span<uint8_t> out) {
         CO_RETURN_IF_ERROR(co_await ReadBacking(offset, chunk));
         break;
       case SubclusterType::kCompressed:
-        CO_RETURN_IF_ERROR(co_await ReadCompressed(offset, m->compressed, chunk));
+        compressed.push_back({offset, m->compressed, chunk});
         break;
       case SubclusterType::kInvalid:  // Map() reports these as errors
         co_return absl::InternalError("invalid subcluster type from Map");
@@ -247,6 +257,7 @@ Task<absl::Status> Qcow2Layer::Read(uint64_t offset, std::span<uint8_t> out) {
     offset += chunk.size();
     out = out.subspan(chunk.size());
   }
+  if (!compressed.empty()) CO_RETURN_IF_ERROR(co_await ReadCompressedClusters(compressed));
   co_return absl::OkStatus();
 }
 
@@ -314,6 +325,30 @@ Task<absl::Status> Qcow2Layer::ReadCompressed(uint64_t offset, const CompressedD
   const uint64_t in_cluster = offset & (header_.cluster_size() - 1);
   std::memcpy(out.data(), (*cluster)->data() + in_cluster, out.size());
   co_return absl::OkStatus();
+}
+
+Task<absl::Status> Qcow2Layer::ReadCompressedClusters(std::span<const CompressedRead> reads) {
+  if (reads.size() == 1) co_return co_await ReadCompressed(reads[0].offset, reads[0].descriptor, reads[0].out);
+  std::vector<absl::Status> results(reads.size());
+  Latch latch(reads.size());
+  Scheduler& pool = InflatePool();
+  for (size_t i = 0; i < reads.size(); ++i) pool.Spawn(ReadCompressedJob(this, reads[i], &results[i], &latch));
+  co_await latch.Wait();
+  for (absl::Status& status : results) CO_RETURN_IF_ERROR(status);
+  co_return absl::OkStatus();
+}
+
+Task<void> Qcow2Layer::ReadCompressedJob(Qcow2Layer* self, CompressedRead read, absl::Status* result, Latch* latch) {
+  *result = co_await self->ReadCompressed(read.offset, read.descriptor, read.out);
+  latch->Arrive();  // the last thing: the reader may be gone after it
+}
+
+Scheduler& Qcow2Layer::InflatePool() {
+  std::call_once(inflate_pool_once_, [this] {
+    const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    inflate_pool_ = std::make_unique<Scheduler>(static_cast<int>(std::min(cores, kMaxInflateThreads)));
+  });
+  return *inflate_pool_;
 }
 
 Task<absl::StatusOr<std::shared_ptr<const std::vector<uint8_t>>>> Qcow2Layer::Decompress(

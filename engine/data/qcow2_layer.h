@@ -65,6 +65,8 @@
 #include "meta/table_cache.h"
 #include "meta/zero_ranges.h"
 #include "qcow2fuse/image.h"
+#include "qcow2fuse/scheduler.h"
+#include "sched/latch.h"
 #include "sched/range_lock.h"
 
 namespace qcow2fuse {
@@ -137,6 +139,18 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> ReadBacking(uint64_t offset, std::span<uint8_t> out);
   Task<absl::Status> ReadCompressed(uint64_t offset, const CompressedDescriptor& descriptor,
                                     std::span<uint8_t> out);
+  // One compressed cluster's part of a read.
+  struct CompressedRead {
+    uint64_t offset;
+    CompressedDescriptor descriptor;
+    std::span<uint8_t> out;
+  };
+  // Reads several compressed clusters, inflating them in parallel on the
+  // inflate pool: inflating is the time of a compressed read, and one
+  // request holds up to sixteen 64 KiB clusters.
+  Task<absl::Status> ReadCompressedClusters(std::span<const CompressedRead> reads);
+  static Task<void> ReadCompressedJob(Qcow2Layer* self, CompressedRead read, absl::Status* result, Latch* latch);
+  Scheduler& InflatePool();
   Task<absl::StatusOr<std::shared_ptr<const std::vector<uint8_t>>>> Decompress(
       const CompressedDescriptor& descriptor);
 
@@ -246,6 +260,10 @@ class Qcow2Layer final : public Layer {
   };
   std::mutex inflated_mu_;
   std::list<Inflated> inflated_;
+  // Threads that inflate clusters, one per core; made at the first read
+  // with more than one compressed cluster.
+  std::once_flag inflate_pool_once_;
+  std::unique_ptr<Scheduler> inflate_pool_;
 };
 
 }  // namespace qcow2fuse

@@ -721,6 +721,39 @@ TEST(Qcow2LayerTest, GarbageCompressedData) {
   EXPECT_TRUE(IsDataLoss(ReadStatus(*layer, k64K, k64K), {"compressed cluster"}));
 }
 
+// A read over several compressed clusters inflates them in parallel; the
+// pieces must land in their places, and one bad cluster among them fails
+// the read with its own error.
+TEST(Qcow2LayerTest, ReadOverManyCompressedClustersInflatesEachIntoPlace) {
+  constexpr int kClusters = 16;
+  Qcow2Builder b({.cluster_bits = 16, .size = 4 * kMiB});
+  // Cluster kClusters is plain data (which also places the L2 table), then
+  // kClusters + 1 is garbage.
+  const Bytes plain = Pattern(k64K, 7);
+  b.AddData(kClusters * k64K, plain);
+  // Each compresses to under a quarter cluster: four host clusters hold all.
+  uint64_t host = b.AllocateCluster();
+  for (int i = 1; i < 4; ++i) b.AllocateCluster();
+  Bytes want;
+  for (int i = 0; i < kClusters; ++i) {
+    const Bytes data = Compressible(k64K, static_cast<uint8_t>(i + 1));
+    const uint64_t size = b.AddCompressed(i * k64K, data, host);
+    ASSERT_LT(size, k64K / 4);
+    host += size;
+    want.insert(want.end(), data.begin(), data.end());
+  }
+  want.insert(want.end(), plain.begin(), plain.end());
+  const uint64_t garbage = b.AllocateCluster() + 100;
+  b.Write(garbage, Bytes(2000, 0xff));
+  b.SetL2Entry((kClusters + 1) * k64K, b.CompressedDescriptor(garbage, 2000));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Qcow2Layer> layer, OpenQcow2(b.bytes()));
+  // Start and end inside clusters, so the first and last are partial.
+  EXPECT_EQ(Read(*layer, 100, (kClusters + 1) * k64K - 200),
+            Bytes(want.begin() + 100, want.begin() + (kClusters + 1) * k64K - 100));
+  EXPECT_TRUE(IsDataLoss(ReadStatus(*layer, 0, (kClusters + 2) * k64K),
+                         {absl::StrFormat("compressed cluster at host offset %#x", garbage)}));
+}
+
 TEST(Qcow2LayerTest, GarbageZstdCompressedData) {
   Qcow2Builder b({.cluster_bits = 16, .size = 4 * kMiB, .compression = CompressionType::kZstd});
   const uint64_t host = b.AllocateCluster();

@@ -10,6 +10,7 @@
 #include "gtest/gtest.h"
 #include "qcow2fuse/scheduler.h"
 #include "qcow2fuse/task.h"
+#include "sched/latch.h"
 #include "sched/range_lock.h"
 
 namespace qcow2fuse {
@@ -159,6 +160,37 @@ TEST(SchedulerTest, StartRunsOnTheCallingThreadAndIsCountedUntilDone) {
   EXPECT_EQ(first, std::this_thread::get_id());
   scheduler.Drain();
 }
+
+Task<void> ArriveAfterCount(std::atomic<int>* done, Latch* latch) {
+  done->fetch_add(1);
+  latch->Arrive();
+  co_return;
+}
+
+Task<int> WaitForJobs(Scheduler* pool, int jobs, std::atomic<int>* done) {
+  Latch latch(jobs);
+  for (int i = 0; i < jobs; ++i) pool->Spawn(ArriveAfterCount(done, &latch));
+  co_await latch.Wait();
+  co_return done->load();
+}
+
+TEST(LatchTest, WaiterGoesOnOnceEveryJobHasArrived) {
+  Scheduler pool(2);
+  for (int round = 0; round < 200; ++round) {
+    std::atomic<int> done{0};
+    EXPECT_EQ(SyncWait(WaitForJobs(&pool, 8, &done)), 8);
+  }
+}
+
+Task<bool> WaitAfterAllArrived() {
+  Latch latch(2);
+  latch.Arrive();
+  latch.Arrive();
+  co_await latch.Wait();  // must not suspend: nobody is left to resume it
+  co_return true;
+}
+
+TEST(LatchTest, WaitAfterEveryArrivalDoesNotSuspend) { EXPECT_TRUE(SyncWait(WaitAfterAllArrived())); }
 
 TEST(SchedulerTest, RunWaitsForATaskThatSuspends) {
   Scheduler scheduler(0);
