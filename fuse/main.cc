@@ -209,6 +209,9 @@ int Serve(const MountOptions& options, StartupReport& report) {
       }
       Log(LogLevel::kInfo, absl::StrFormat("serving %s on %s: %s", options.image,
                                            options.mountpoint, (*image)->DescribeChain()));
+      Log(LogLevel::kInfo, absl::StrFormat("requests run on up to %d threads, each doing its "
+                                           "file I/O synchronously (pread/pwrite)",
+                                           options.threads));
     };
     // Each worker reads requests from its own clone of the /dev/fuse fd and
     // runs them itself; libfuse starts workers as requests arrive, up to
