@@ -17,26 +17,17 @@ Scheduler::~Scheduler() {
 }
 
 void Scheduler::Spawn(Task<void> task) {
-  {
-    std::lock_guard lock(mu_);
-    ++in_flight_;
-  }
+  TaskBegun();
   Post(RunSpawned(this, std::move(task)).handle);
 }
 
 void Scheduler::Start(Task<void> task) {
-  {
-    std::lock_guard lock(mu_);
-    ++in_flight_;
-  }
+  TaskBegun();
   RunSpawned(this, std::move(task)).handle.resume();
 }
 
 void Scheduler::Run(Task<void> task) {
-  {
-    std::lock_guard lock(mu_);
-    ++in_flight_;
-  }
+  TaskBegun();
   internal::Event done;
   RunAndSignal(this, std::move(task), &done).handle.resume();
   done.Wait();
@@ -62,18 +53,24 @@ void Scheduler::Post(std::coroutine_handle<> h) {
 
 internal::DetachedCoroutine Scheduler::RunSpawned(Scheduler* self, Task<void> task) {
   co_await std::move(task);
-  std::lock_guard lock(self->mu_);
-  if (--self->in_flight_ == 0) self->idle_cv_.notify_all();
+  self->TaskDone();
 }
 
 internal::DetachedCoroutine Scheduler::RunAndSignal(Scheduler* self, Task<void> task,
                                                     internal::Event* done) {
   co_await std::move(task);
-  {
-    std::lock_guard lock(self->mu_);
-    if (--self->in_flight_ == 0) self->idle_cv_.notify_all();
-  }
+  self->TaskDone();
   done->Set();
+}
+
+void Scheduler::TaskBegun() {
+  std::lock_guard lock(mu_);
+  ++in_flight_;
+}
+
+void Scheduler::TaskDone() {
+  std::lock_guard lock(mu_);
+  if (--in_flight_ == 0) idle_cv_.notify_all();
 }
 
 void Scheduler::RunThread() {

@@ -70,6 +70,9 @@ class Scheduler {
 
  private:
   void Post(std::coroutine_handle<> h);
+  // Count a task in and out of in_flight_.
+  void TaskBegun();
+  void TaskDone();
   void RunThread();
   static internal::DetachedCoroutine RunSpawned(Scheduler* self, Task<void> task);
   static internal::DetachedCoroutine RunAndSignal(Scheduler* self, Task<void> task, internal::Event* done);
