@@ -16,7 +16,7 @@
 // whoever comes second goes on.
 //
 // Top-level code starts tasks with SyncWait() (blocks the calling thread
-// until the task is done) or Scheduler::Spawn() (runs it detached).
+// until the task is done) or the Scheduler (Start, Run, Spawn).
 //
 // The engine never throws; an exception escaping a coroutine terminates.
 
@@ -149,7 +149,7 @@ class [[nodiscard]] Task<void> {
 namespace internal {
 
 // A coroutine that starts suspended and frees itself when it finishes. It is
-// the root frame of every task started by SyncWait() or Scheduler::Spawn().
+// the root frame of every task started by SyncWait() or a Scheduler.
 struct DetachedCoroutine {
   struct promise_type {
     DetachedCoroutine get_return_object() noexcept {
