@@ -37,7 +37,12 @@ class PosixFile final : public BlockFile {
   }
   Task<absl::Status> Truncate(uint64_t size) override { co_return TruncateSync(size); }
   Task<absl::Status> Allocate(uint64_t offset, uint64_t length) override {
-    co_return AllocateSync(offset, length);
+    absl::StatusOr<bool> reserved = ReserveSync(offset, length);
+    if (!reserved.ok()) co_return reserved.status();
+    // A file system that cannot reserve space: grow the file the one way
+    // every file can (see BlockFile::Allocate).
+    if (!*reserved) co_return co_await BlockFile::Allocate(offset, length);
+    co_return absl::OkStatus();
   }
 
   uint64_t size() const override { return size_.load(); }
@@ -132,26 +137,21 @@ class PosixFile final : public BlockFile {
     return absl::OkStatus();
   }
 
-  absl::Status AllocateSync(uint64_t offset, uint64_t length) {
+  // fallocate(2) mode 0 over the range. False if the file system cannot
+  // reserve space.
+  absl::StatusOr<bool> ReserveSync(uint64_t offset, uint64_t length) {
     const std::string what =
         absl::StrFormat("allocate %s at offset %u, %u bytes", name_, offset, length);
     if (!writable_) return RefuseReadOnly(what);
-    if (length == 0) return absl::OkStatus();
+    if (length == 0) return true;
     if (offset + length > kMaxOffset) return ErrnoStatus(EFBIG, what);
     while (fallocate(fd_, 0, offset, length) != 0) {
       if (errno == EINTR) continue;
-      // A filesystem that cannot reserve space: growing the file is all
-      // the contract asks for, and a write cannot shrink it (see
-      // BlockFile::Allocate).
-      if (errno == EOPNOTSUPP || errno == ENOSYS) {
-        if (offset + length <= size_.load()) return absl::OkStatus();
-        static constexpr uint8_t kZero[1] = {0};
-        return WriteSync(offset + length - 1, kZero);
-      }
+      if (errno == EOPNOTSUPP || errno == ENOSYS) return false;
       return ErrnoStatus(errno, what);
     }
     GrowSizeTo(offset + length);
-    return absl::OkStatus();
+    return true;
   }
 
   absl::Status TruncateSync(uint64_t size) {
