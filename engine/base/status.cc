@@ -9,7 +9,17 @@
 namespace qcow2fuse {
 namespace {
 constexpr char kErrnoPayloadUrl[] = "qcow2fuse/errno";
+constexpr char kBackingPayloadUrl[] = "qcow2fuse/backing";
 }  // namespace
+
+absl::Status FromBackingFile(absl::Status status) {
+  if (!status.ok()) status.SetPayload(kBackingPayloadUrl, absl::Cord("1"));
+  return status;
+}
+
+bool IsFromBackingFile(const absl::Status& status) {
+  return status.GetPayload(kBackingPayloadUrl).has_value();
+}
 
 absl::Status ErrnoStatus(int error_number, absl::string_view context) {
   absl::Status status(absl::ErrnoToStatusCode(error_number),

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "qcow2fuse/image.h"
@@ -43,6 +44,11 @@ class Layer {
 
   // Lines describing this layer and those below it, for logs.
   virtual std::string Describe() const = 0;
+
+  // Appends the descriptors of the host files of this layer and those
+  // below it (image, data file, backing files), to compare with paths
+  // without opening them; -1 is left out.
+  virtual void AppendFileDescriptors(std::vector<int>& fds) const = 0;
 };
 
 }  // namespace qcow2fuse

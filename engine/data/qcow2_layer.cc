@@ -12,6 +12,7 @@
 #include "base/all_zero.h"
 #include "base/endian.h"
 #include "format/spec.h"
+#include "io/latched_file.h"
 #include "meta/repair.h"
 #include "qcow2fuse/status.h"
 
@@ -54,9 +55,9 @@ std::string SizeString(uint64_t bytes) {
 Qcow2Layer::Qcow2Layer(std::unique_ptr<BlockFile> file, Header header,
                        std::unique_ptr<BlockFile> data_file, std::unique_ptr<Layer> backing,
                        const ImageOptions& options)
-    : file_(std::move(file)),
+    : file_(LatchFlushErrors(std::move(file))),
       header_(std::move(header)),
-      external_data_file_(std::move(data_file)),
+      external_data_file_(data_file ? LatchFlushErrors(std::move(data_file)) : nullptr),
       data_file_(external_data_file_ ? external_data_file_.get() : file_.get()),
       backing_(std::move(backing)),
       format_(MakeL2Format(header_)),
@@ -220,6 +221,7 @@ absl::StatusOr<uint64_t> Qcow2Layer::L2TableOffset(uint64_t l1_index) const {
 }
 
 Task<absl::Status> Qcow2Layer::Read(uint64_t offset, std::span<uint8_t> out) {
+  ReadTracker::Ticket ticket = BeginRequest();
   // Compressed clusters met in a row are inflated together, in parallel.
   std::vector<CompressedRead> compressed;
   while (!out.empty()) {
@@ -262,6 +264,7 @@ Task<absl::Status> Qcow2Layer::Read(uint64_t offset, std::span<uint8_t> out) {
 }
 
 Task<void> Qcow2Layer::WillNeed(uint64_t offset, uint64_t length, uint64_t max_data) {
+  ReadTracker::Ticket ticket = BeginRequest();
   const uint64_t end = std::min(offset + length, size());
   while (offset < end && max_data > 0) {
     absl::StatusOr<Mapping> m = co_await Map(offset, std::min(end - offset, max_data));
@@ -299,6 +302,102 @@ uint64_t Qcow2Layer::L2TableBytes() const {
   return tables * header_.cluster_size() + (backing_ ? backing_->L2TableBytes() : 0);
 }
 
+Qcow2Layer::~Qcow2Layer() {
+  closing_ = true;
+  if (counter_.joinable()) counter_.join();
+}
+
+Task<void> Qcow2Layer::StartDataCount(bool in_background) {
+  {
+    RangeLock::Guard meta = co_await meta_mu_.Lock();
+    count_end_ = 0;
+    count_limit_ = header_.size;
+  }
+  if (!in_background) co_return co_await CountDataBytes();
+  counter_ = std::thread([this] { SyncWait(CountDataBytes()); });
+}
+
+std::optional<uint64_t> Qcow2Layer::DataBytes() const {
+  if (!counted_) return std::nullopt;
+  return data_bytes_.load();
+}
+
+Task<void> Qcow2Layer::CountDataBytes() {
+  const uint64_t step = l2_cache_.table_size() / format_.entry_size() * header_.cluster_size();
+  while (!closing_) {
+    uint64_t pos, end;
+    {
+      RangeLock::Guard meta = co_await meta_mu_.Lock();
+      pos = count_end_;
+      if (pos >= count_limit_) {
+        counted_ = true;
+        co_return;
+      }
+      end = std::min(count_limit_, (pos / step + 1) * step);
+    }
+    // Bring the step's tables into the cache without holding up writers;
+    // the count that matters is taken under the lock, from the cache.
+    (void)co_await DataBytesIn(*this, pos, end);
+    RangeLock::Guard meta = co_await meta_mu_.Lock();
+    if (count_end_ != pos) continue;  // a resize moved it
+    end = std::min(end, count_limit_);
+    data_bytes_ += co_await DataBytesIn(*this, pos, end);
+    count_end_ = end;
+  }
+}
+
+Task<uint64_t> Qcow2Layer::DataBytesIn(Layer& layer, uint64_t begin, uint64_t end) {
+  uint64_t total = 0;
+  for (uint64_t pos = begin; pos < end;) {
+    absl::StatusOr<Extent> e = co_await layer.BlockStatus(pos, end - pos);
+    if (!e.ok()) {
+      // st_blocks must not fail the view: the damaged cluster counts as
+      // data, and the read of it reports the damage.
+      const uint64_t cluster = layer.cluster_size();
+      e = Extent{ExtentKind::kData, std::min(end, (pos / cluster + 1) * cluster) - pos};
+    }
+    if (e->kind == ExtentKind::kData) total += e->length;
+    pos += e->length;
+  }
+  co_return total;
+}
+
+Task<uint64_t> Qcow2Layer::EntryDataBytes(const L2Entry& entry, uint64_t begin, uint64_t end) {
+  const uint32_t bits = format_.subcluster_bits();
+  const uint64_t guest_cluster = begin & ~(header_.cluster_size() - 1);
+  uint64_t total = 0;
+  for (uint64_t pos = begin; pos < end;) {
+    const uint64_t piece_end = std::min(end, ((pos >> bits) + 1) << bits);
+    switch (GetSubclusterType(entry, static_cast<uint32_t>((pos - guest_cluster) >> bits), format_)) {
+      case SubclusterType::kZeroPlain:
+      case SubclusterType::kZeroAlloc:
+        break;
+      case SubclusterType::kUnallocatedPlain:
+      case SubclusterType::kUnallocatedAlloc:
+        if (backing_ && pos < backing_->size()) {
+          total += co_await DataBytesIn(*backing_, pos, std::min(piece_end, backing_->size()));
+        }
+        break;
+      default:  // data and compressed; a damaged entry counts as data, as in the walk
+        total += piece_end - pos;
+        break;
+    }
+    pos = piece_end;
+  }
+  co_return total;
+}
+
+Task<void> Qcow2Layer::CountEntryChange(uint64_t guest_cluster, const L2Entry& old, const L2Entry& now) {
+  if (old.descriptor == now.descriptor && old.bitmap == now.bitmap) co_return;
+  // Only the part the count covers: the walk counts the rest when it gets
+  // there, and bytes past the counted disk are not the disk's.
+  const uint64_t end = std::min({guest_cluster + header_.cluster_size(), count_end_, count_limit_});
+  if (end <= guest_cluster) co_return;
+  const uint64_t before = co_await EntryDataBytes(old, guest_cluster, end);
+  const uint64_t after = co_await EntryDataBytes(now, guest_cluster, end);
+  data_bytes_ += after - before;  // wraps around to a subtraction
+}
+
 uint64_t Qcow2Layer::HostFileBytes() const {
   struct stat st;
   if (file_->fd() < 0 || fstat(file_->fd(), &st) != 0) return 0;
@@ -311,7 +410,7 @@ Task<absl::Status> Qcow2Layer::ReadBacking(uint64_t offset, std::span<uint8_t> o
   const uint64_t from_backing = offset < backing_size ? std::min<uint64_t>(out.size(), backing_size - offset) : 0;
   std::memset(out.data() + from_backing, 0, out.size() - from_backing);
   if (from_backing == 0) co_return absl::OkStatus();
-  co_return co_await backing_->Read(offset, out.first(from_backing));
+  co_return FromBackingFile(co_await backing_->Read(offset, out.first(from_backing)));
 }
 
 Task<absl::Status> Qcow2Layer::ReadCompressed(uint64_t offset, const CompressedDescriptor& descriptor,
@@ -377,6 +476,7 @@ Task<absl::StatusOr<std::shared_ptr<const std::vector<uint8_t>>>> Qcow2Layer::De
 }
 
 Task<absl::StatusOr<Extent>> Qcow2Layer::BlockStatus(uint64_t offset, uint64_t max_length) {
+  ReadTracker::Ticket ticket = BeginRequest();
   absl::StatusOr<Mapping> m = co_await Map(offset, max_length);
   if (!m.ok()) co_return m.status();
   switch (m->type) {
@@ -391,7 +491,9 @@ Task<absl::StatusOr<Extent>> Qcow2Layer::BlockStatus(uint64_t offset, uint64_t m
   }
   const uint64_t backing_size = backing_ ? backing_->size() : 0;
   if (offset >= backing_size) co_return Extent{ExtentKind::kUnallocated, m->length};
-  co_return co_await backing_->BlockStatus(offset, std::min(m->length, backing_size - offset));
+  absl::StatusOr<Extent> below = co_await backing_->BlockStatus(offset, std::min(m->length, backing_size - offset));
+  if (!below.ok()) co_return FromBackingFile(below.status());
+  co_return below;
 }
 
 ImageCounters Qcow2Layer::counters() const {
@@ -402,6 +504,12 @@ ImageCounters Qcow2Layer::counters() const {
   c.metadata_writes = l2.writes + other_metadata_writes_.load() + (refcounts_ ? refcounts_->metadata_writes() : 0);
   c.data_bytes_written = data_bytes_written_.load();
   return c;
+}
+
+void Qcow2Layer::AppendFileDescriptors(std::vector<int>& fds) const {
+  if (file_->fd() >= 0) fds.push_back(file_->fd());
+  if (external_data_file_ && external_data_file_->fd() >= 0) fds.push_back(external_data_file_->fd());
+  if (backing_) backing_->AppendFileDescriptors(fds);
 }
 
 std::string Qcow2Layer::Describe() const {

@@ -50,7 +50,9 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
+#include <thread>
 #include <vector>
 
 #include "absl/container/btree_set.h"
@@ -68,6 +70,7 @@
 #include "qcow2fuse/scheduler.h"
 #include "sched/latch.h"
 #include "sched/range_lock.h"
+#include "sched/read_tracker.h"
 
 namespace qcow2fuse {
 
@@ -89,10 +92,22 @@ class Qcow2Layer final : public Layer {
   Task<void> WillNeed(uint64_t offset, uint64_t length, uint64_t max_data) override;
   uint64_t L2TableBytes() const override;
   std::string Describe() const override;
+  void AppendFileDescriptors(std::vector<int>& fds) const override;
 
   // Bytes the image file occupies on its file system (st_blocks), 0 when
   // that is unknown.
   uint64_t HostFileBytes() const;
+
+  // The count of data bytes behind st_blocks (bytes of the disk that are
+  // kData through the chain). One walk of the tables makes it, inline or
+  // on a thread of its own (`in_background`, for large images); from then
+  // on every change of an L2 entry adjusts it (StoreEntry), and a resize
+  // adjusts it for the bytes that came or went, so reading it costs
+  // nothing, whatever the size of the image.
+  Task<void> StartDataCount(bool in_background);
+  // The count, or nullopt while the walk has not finished.
+  std::optional<uint64_t> DataBytes() const;
+  ~Qcow2Layer() override;
 
   const Header& header() const { return header_; }
   bool writable() const { return refcounts_ != nullptr; }
@@ -170,9 +185,32 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> StoreEntry(uint64_t guest_offset, const L2Entry& entry);
   Task<absl::StatusOr<uint64_t>> WritableL2Table(uint64_t l1_index);
   Task<absl::StatusOr<uint64_t>> AllocateDataCluster(uint64_t guest_cluster);
+  // Gives up the host clusters `old_entry` points to, or `clusters` host
+  // clusters from `offset`: their refcounts drop at a flush once nothing
+  // on disk points to them and no request that could have mapped them is
+  // still running (see pending_frees_).
   void FreeLater(const L2Entry& old_entry);
+  void FreeLater(uint64_t offset, uint64_t clusters);
+  // Whether some pending free may be done now.
+  bool FreesReady() const;
   // Requires meta_mu_ held: the flush protocol itself.
   Task<absl::Status> FlushLocked();
+  // The walk behind StartDataCount: one L2 slice's worth of disk at a time,
+  // each counted under meta_mu_ so that no entry changes between what it
+  // sees and count_end_ moving past it.
+  Task<void> CountDataBytes();
+  // Bytes of [begin, end) of `layer` (this one or the backing layer) that
+  // are data; a damaged entry counts its cluster as data.
+  static Task<uint64_t> DataBytesIn(Layer& layer, uint64_t begin, uint64_t end);
+  // Data bytes of [begin, end), inside one guest cluster, if its entry were
+  // `entry`.
+  Task<uint64_t> EntryDataBytes(const L2Entry& entry, uint64_t begin, uint64_t end);
+  // Requires meta_mu_ held: the entry of `guest_cluster` changed from `old`.
+  Task<void> CountEntryChange(uint64_t guest_cluster, const L2Entry& old, const L2Entry& now);
+  // Held by every request for as long as it may map and read host
+  // clusters (see sched/read_tracker.h); none for a read-only layer, which
+  // never frees a cluster.
+  ReadTracker::Ticket BeginRequest() { return writable() ? reads_.Begin() : ReadTracker::Ticket(); }
   Task<absl::Status> GrowL1(uint64_t entries);
   Task<absl::Status> WriteHeaderField(uint32_t field_offset, std::span<const uint8_t> bytes);
   Task<absl::Status> MarkBitmapsInUse();
@@ -204,6 +242,8 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> ZeroRange(uint64_t offset, uint64_t length, ZeroMode mode);
   Task<absl::Status> ZeroWholeCluster(uint64_t guest_cluster, ZeroMode mode);
   Task<absl::Status> ZeroPartOfCluster(uint64_t offset, uint64_t end, ZeroMode mode);
+  // ZeroPartOfCluster's zeroing of [offset, end), which holds data.
+  Task<absl::Status> ZeroDataInCluster(uint64_t offset, uint64_t end);
   Task<absl::Status> WriteZeroBytes(uint64_t offset, uint64_t end);
   Task<absl::StatusOr<bool>> HoldsData(uint64_t offset, uint64_t end);
   Task<absl::Status> PreallocateCluster(uint64_t guest_cluster);
@@ -231,9 +271,23 @@ class Qcow2Layer final : public Layer {
   std::unique_ptr<Refcounts> refcounts_;
   std::atomic<bool> prepared_for_write_{false};
   absl::btree_set<uint64_t> dirty_l1_;
-  // Host ranges (offset, clusters) to give back once no durable metadata
-  // points to them: step 4 of the flush protocol.
-  std::vector<std::pair<uint64_t, uint64_t>> pending_frees_;
+  // Host clusters to give back once no durable metadata points to them
+  // (step 4 of the flush protocol) and no request that began before
+  // `moment`, and so may have mapped them, is still running.
+  struct PendingFree {
+    uint64_t offset;
+    uint64_t clusters;
+    uint64_t moment;  // reads_.Now() when the last reference went
+  };
+  std::vector<PendingFree> pending_frees_;
+  ReadTracker reads_;
+  // Changes finished so far (Finish), and how many of them the last good
+  // flush covered: a flush with nothing new to cover does no I/O, so a
+  // close or a periodic flush of an idle view costs nothing. Both under
+  // meta_mu_ except the increment.
+  std::atomic<uint64_t> changes_{0};
+  uint64_t flushed_changes_ = 0;
+  bool flush_failed_ = false;
   // Host offsets of the L2 tables the active L1 table points to, for the
   // overlap guard.
   absl::flat_hash_set<uint64_t> l2_tables_;
@@ -248,6 +302,15 @@ class Qcow2Layer final : public Layer {
   // without unmap, preallocated): a repeated plain zeroing skips them, a
   // discard does not (it has a cluster to free).
   ZeroRanges known_zero_with_host_;
+  // The data-bytes count (StartDataCount): data_bytes_ covers the disk
+  // below count_end_, and count_limit_ is the size of the disk it counts
+  // (both under meta_mu_). Counted once count_end_ reaches count_limit_.
+  std::atomic<uint64_t> data_bytes_{0};
+  std::atomic<bool> counted_{false};
+  uint64_t count_end_ = 0;
+  uint64_t count_limit_ = 0;
+  std::thread counter_;  // the background walk, if any
+  std::atomic<bool> closing_{false};
   // Counters not kept by the caches (see counters()).
   std::atomic<uint64_t> data_bytes_written_{0};
   std::atomic<uint64_t> other_metadata_writes_{0};  // L1 entries, new tables, header fields

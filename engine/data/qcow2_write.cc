@@ -78,7 +78,9 @@ Task<absl::Status> Qcow2Layer::PrepareFirstWrite() {
   if ((header_.autoclear_features & spec::kAutoclearBitmaps) && header_.bitmaps) {
     CO_RETURN_IF_ERROR(co_await MarkBitmapsInUse());
   }
-  const uint64_t kept = spec::kAutoclearBitmaps | spec::kAutoclearDataFileRaw;
+  // The bitmaps bit stays only where there are bitmaps to mark: without the
+  // extension it would claim a bitmap directory that QEMU then looks for.
+  const uint64_t kept = (header_.bitmaps ? spec::kAutoclearBitmaps : 0) | spec::kAutoclearDataFileRaw;
   if (header_.autoclear_features & ~kept) {
     header_.autoclear_features &= kept;
     uint8_t field[8];
@@ -140,12 +142,18 @@ Task<absl::Status> Qcow2Layer::CheckOverlap(uint64_t offset, uint64_t length, co
 }
 
 Task<absl::Status> Qcow2Layer::Finish(absl::Status status) {
-  if (absl::IsDataLoss(status) && !is_corrupt_) co_return co_await MarkCorrupt(status);
+  // Failed or not, the change may have left something to flush.
+  changes_.fetch_add(1);
+  // Damage met in a backing file is that file's, not this image's.
+  if (absl::IsDataLoss(status) && !IsFromBackingFile(status) && !is_corrupt_) {
+    co_return co_await MarkCorrupt(status);
+  }
   co_return status;
 }
 
 Task<absl::Status> Qcow2Layer::Write(uint64_t offset, std::span<const uint8_t> data) {
   CO_RETURN_IF_ERROR(CorruptStatus());
+  ReadTracker::Ticket ticket = BeginRequest();
   RangeLock::Guard guard = co_await LockClusters(offset, data.size());
   co_return co_await Finish(co_await WriteData(offset, data));
 }
@@ -285,11 +293,20 @@ void Qcow2Layer::FreeLater(const L2Entry& old_entry) {
     const CompressedDescriptor d = DecodeCompressedDescriptor(old_entry.descriptor, cluster_bits);
     const uint64_t first = d.host_offset >> cluster_bits;
     const uint64_t last = (d.host_offset + d.max_size - 1) >> cluster_bits;
-    pending_frees_.emplace_back(first << cluster_bits, last - first + 1);
+    FreeLater(first << cluster_bits, last - first + 1);
     return;
   }
   const uint64_t host = L2EntryHostOffset(old_entry);
-  if (host != 0 && !external_data_file_) pending_frees_.emplace_back(host, 1);
+  if (host != 0 && !external_data_file_) FreeLater(host, 1);
+}
+
+void Qcow2Layer::FreeLater(uint64_t offset, uint64_t clusters) {
+  pending_frees_.push_back({offset, clusters, reads_.Now()});
+}
+
+bool Qcow2Layer::FreesReady() const {
+  return std::any_of(pending_frees_.begin(), pending_frees_.end(),
+                     [&](const PendingFree& f) { return reads_.AllEndedBefore(f.moment); });
 }
 
 Task<absl::StatusOr<L2Entry>> Qcow2Layer::LookupEntry(uint64_t guest_offset) {
@@ -322,8 +339,14 @@ Task<absl::Status> Qcow2Layer::StoreEntry(uint64_t guest_offset, const L2Entry& 
   const uint64_t l2_index = (guest_offset >> header_.cluster_bits) % l2_entries;
   const uint64_t per_slice = l2_cache_.table_size() / format_.entry_size();
   const uint64_t in_slice = (l2_index % per_slice) * format_.entry_size();
-  co_return co_await l2_cache_.Modify(*l2_offset + (l2_index - l2_index % per_slice) * format_.entry_size(),
-                                      [&](Table& slice) { EncodeL2Entry(entry, slice.data() + in_slice, format_); });
+  L2Entry old;
+  CO_RETURN_IF_ERROR(co_await l2_cache_.Modify(
+      *l2_offset + (l2_index - l2_index % per_slice) * format_.entry_size(), [&](Table& slice) {
+        old = DecodeL2Entry(slice.data() + in_slice, format_);
+        EncodeL2Entry(entry, slice.data() + in_slice, format_);
+      }));
+  co_await CountEntryChange(guest_cluster, old, entry);
+  co_return absl::OkStatus();
 }
 
 // The L2 table of `l1_index`, made private to the active L1 table: a new
@@ -353,7 +376,7 @@ Task<absl::StatusOr<uint64_t>> Qcow2Layer::WritableL2Table(uint64_t l1_index) {
   dirty_l1_.insert(l1_index);
   l2_tables_.insert(*fresh);
   if (*old != 0) {
-    pending_frees_.emplace_back(*old, 1);
+    FreeLater(*old, 1);
     // Still in use by a snapshot, but no longer ours to guard: QEMU's
     // default overlap checks leave inactive tables out too.
     l2_tables_.erase(*old);
@@ -362,14 +385,24 @@ Task<absl::StatusOr<uint64_t>> Qcow2Layer::WritableL2Table(uint64_t l1_index) {
 }
 
 Task<absl::Status> Qcow2Layer::FlushIfCachesFull() {
-  if (l2_cache_.over_capacity() || refcounts_->over_capacity()) co_return co_await Flush();
-  co_return absl::OkStatus();
+  if (!l2_cache_.over_capacity() && !refcounts_->over_capacity()) co_return absl::OkStatus();
+  RangeLock::Guard meta = co_await meta_mu_.Lock();
+  co_return co_await FlushLocked();
 }
 
 Task<absl::Status> Qcow2Layer::Flush() {
   if (!writable()) co_return absl::OkStatus();
   RangeLock::Guard meta = co_await meta_mu_.Lock();
-  co_return co_await FlushLocked();
+  // Changes that finish from here on are not this flush's to cover.
+  const uint64_t changes = changes_.load();
+  if (changes == flushed_changes_ && !flush_failed_ && !FreesReady()) co_return absl::OkStatus();
+  absl::Status status = co_await FlushLocked();
+  if (!status.ok()) {
+    flush_failed_ = true;
+    co_return status;
+  }
+  flushed_changes_ = changes;
+  co_return absl::OkStatus();
 }
 
 Task<absl::Status> Qcow2Layer::FlushLocked() {
@@ -395,11 +428,18 @@ Task<absl::Status> Qcow2Layer::FlushLocked() {
     dirty_l1_.clear();
   }
   // 4. Nothing on disk points to these any more: drop their refcounts, and
-  // once that is durable too, discard what became free.
-  if (!pending_frees_.empty()) {
-    for (const auto& [offset, clusters] : std::exchange(pending_frees_, {})) {
-      CO_RETURN_IF_ERROR(co_await refcounts_->Update(offset, clusters, -1));
-    }
+  // once that is durable too, discard what became free. A cluster that a
+  // request still running may have mapped waits for a later flush: freed
+  // now, it could be reused and that request would read another offset's
+  // data (see sched/read_tracker.h).
+  std::vector<PendingFree> ready;
+  std::erase_if(pending_frees_, [&](const PendingFree& f) {
+    if (!reads_.AllEndedBefore(f.moment)) return false;
+    ready.push_back(f);
+    return true;
+  });
+  if (!ready.empty()) {
+    for (const PendingFree& f : ready) CO_RETURN_IF_ERROR(co_await refcounts_->Update(f.offset, f.clusters, -1));
     CO_RETURN_IF_ERROR(co_await refcounts_->WriteBack());
     CO_RETURN_IF_ERROR(co_await file_->Flush());
   }
@@ -450,7 +490,7 @@ Task<absl::Status> Qcow2Layer::GrowL1(uint64_t entries) {
   }
   header_.l1_size = static_cast<uint32_t>(entries);
   header_.l1_table_offset = *fresh;
-  if (old_clusters > 0) pending_frees_.emplace_back(old_offset, old_clusters);
+  if (old_clusters > 0) FreeLater(old_offset, old_clusters);
   co_return absl::OkStatus();
 }
 
@@ -504,6 +544,7 @@ Task<absl::Status> Qcow2Layer::ZeroNewSpace(uint64_t old_size, uint64_t new_size
 
 Task<absl::Status> Qcow2Layer::Truncate(uint64_t new_size) {
   CO_RETURN_IF_ERROR(CorruptStatus());
+  ReadTracker::Ticket ticket = BeginRequest();
   // Resizing touches the whole disk: it waits for every change in flight.
   RangeLock::Guard guard = co_await cluster_locks_.Lock(0, UINT64_MAX);
   co_return co_await Finish(co_await Resize(new_size));
@@ -558,11 +599,24 @@ Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
   }
   // Everything the new size relies on is durable before the size changes.
   RangeLock::Guard meta = co_await meta_mu_.Lock();
+  const uint64_t data_gone = new_size < std::min(count_end_, old_size)
+                                 ? co_await DataBytesIn(*this, new_size, std::min(count_end_, old_size))
+                                 : 0;
   CO_RETURN_IF_ERROR(co_await FlushLocked());
   uint8_t field[8];
   StoreBE64(field, new_size);
   CO_RETURN_IF_ERROR(co_await WriteHeaderField(spec::kOffSize, field));
   header_.size = new_size;
+  // The data count: the bytes that left the disk go, those that came in
+  // are counted (if the walk is past the old end; otherwise it counts them).
+  if (new_size < old_size) {
+    data_bytes_ -= data_gone;
+    count_end_ = std::min(count_end_, new_size);
+  } else if (count_end_ >= old_size) {
+    data_bytes_ += co_await DataBytesIn(*this, old_size, new_size);
+    count_end_ = new_size;
+  }
+  count_limit_ = new_size;
   co_return absl::OkStatus();
 }
 

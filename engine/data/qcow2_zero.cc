@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "base/all_zero.h"
 #include "data/qcow2_layer.h"
 #include "format/spec.h"
 #include "qcow2fuse/status.h"
@@ -42,12 +43,14 @@ bool SameEntry(const L2Entry& a, const L2Entry& b) {
 
 Task<absl::Status> Qcow2Layer::Discard(uint64_t offset, uint64_t length) {
   CO_RETURN_IF_ERROR(CorruptStatus());
+  ReadTracker::Ticket ticket = BeginRequest();
   RangeLock::Guard guard = co_await LockClusters(offset, length);
   co_return co_await Finish(co_await ZeroRange(offset, length, ZeroMode::kDiscard));
 }
 
 Task<absl::Status> Qcow2Layer::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) {
   CO_RETURN_IF_ERROR(CorruptStatus());
+  ReadTracker::Ticket ticket = BeginRequest();
   RangeLock::Guard guard = co_await LockClusters(offset, length);
   co_return co_await Finish(
       co_await ZeroRange(offset, length, may_unmap ? ZeroMode::kZeroUnmap : ZeroMode::kZero));
@@ -95,12 +98,16 @@ Task<absl::Status> Qcow2Layer::ZeroRange(uint64_t offset, uint64_t length, ZeroM
       }
     }
     // An L2 range with no table and nothing beneath it is all zero already.
+    // Only the clusters this request holds are recorded as known zero: a
+    // write to another cluster of the range may be creating the table now,
+    // and the record would hide its data.
     const uint64_t l1_index = pos / bytes_per_l2;
     if (l1_index < L1Size() && L1EntryL2Offset(L1Entry(l1_index)) == 0 &&
         !OverBacking(l1_index * bytes_per_l2)) {
-      const uint64_t range_end = (l1_index + 1) * bytes_per_l2;
-      known_zero_.Add(l1_index * bytes_per_l2, range_end);
-      pos = std::min(end, range_end);
+      const uint64_t range_end = std::min(end, (l1_index + 1) * bytes_per_l2);
+      known_zero_.Add(guest_cluster, std::min((l1_index + 1) * bytes_per_l2,
+                                              (end + cluster_size - 1) & ~(cluster_size - 1)));
+      pos = range_end;
       continue;
     }
     if (pos == guest_cluster && guest_cluster + cluster_size <= whole_end) {
@@ -199,12 +206,33 @@ Task<absl::Status> Qcow2Layer::WriteZeroBytes(uint64_t offset, uint64_t end) {
 }
 
 // Part of one cluster: whole subclusters get their zero bit (extended L2),
-// the rest gets zeros written, and only where it holds data now.
+// the rest gets zeros written, and only where it holds data now. A cluster
+// that reads as zeros all through afterwards becomes a zero cluster, as if
+// one request had zeroed it whole: zeros that arrive in pieces (the kernel
+// splits a write from an unaligned buffer into 4 KiB requests, none of
+// which covers a cluster) end up as they would in one aligned request.
 Task<absl::Status> Qcow2Layer::ZeroPartOfCluster(uint64_t offset, uint64_t end, ZeroMode mode) {
   absl::StatusOr<bool> data = co_await HoldsData(offset, end);
   if (!data.ok()) co_return data.status();
   if (!*data) co_return absl::OkStatus();
+  CO_RETURN_IF_ERROR(co_await ZeroDataInCluster(offset, end));
 
+  const uint64_t cluster_size = header_.cluster_size();
+  const uint64_t guest_cluster = offset & ~(cluster_size - 1);
+  // Without zero clusters (version 2, a raw data file) a whole-cluster
+  // request could only write the zeros again, unless it may unallocate.
+  const bool no_zero_flag = header_.version < spec::kVersion3 ||
+                            (external_data_file_ && (header_.autoclear_features & spec::kAutoclearDataFileRaw));
+  if (no_zero_flag && (mode == ZeroMode::kZero || OverBacking(guest_cluster) || external_data_file_)) {
+    co_return absl::OkStatus();
+  }
+  std::vector<uint8_t> content(cluster_size);
+  CO_RETURN_IF_ERROR(co_await FillFromGuest(guest_cluster, content));
+  if (!IsAllZero(std::span<const uint8_t>(content))) co_return absl::OkStatus();
+  co_return co_await ZeroWholeCluster(guest_cluster, mode);
+}
+
+Task<absl::Status> Qcow2Layer::ZeroDataInCluster(uint64_t offset, uint64_t end) {
   const uint64_t cluster_size = header_.cluster_size();
   const uint64_t guest_cluster = offset & ~(cluster_size - 1);
   const bool raw_data_file =
@@ -235,7 +263,6 @@ Task<absl::Status> Qcow2Layer::ZeroPartOfCluster(uint64_t offset, uint64_t end, 
                                                                (last - first) * subcluster_size));
     }
   }
-  (void)mode;  // a partial cluster keeps its host cluster whatever the mode
   // The unaligned head and tail, where they still hold data.
   const uint64_t head_end = first < last ? guest_cluster + first * subcluster_size : end;
   const uint64_t tail_begin = first < last ? guest_cluster + last * subcluster_size : end;
@@ -251,6 +278,7 @@ Task<absl::Status> Qcow2Layer::ZeroPartOfCluster(uint64_t offset, uint64_t end, 
 Task<absl::Status> Qcow2Layer::Preallocate(uint64_t offset, uint64_t length) {
   CO_RETURN_IF_ERROR(CorruptStatus());
   if (length == 0) co_return absl::OkStatus();
+  ReadTracker::Ticket ticket = BeginRequest();
   RangeLock::Guard guard = co_await LockClusters(offset, length);
   absl::Status status = co_await PrepareFirstWrite();
   const uint64_t cluster_size = header_.cluster_size();

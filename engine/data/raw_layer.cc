@@ -40,6 +40,10 @@ class RawLayer final : public Layer {
 
   uint64_t L2TableBytes() const override { return 0; }
 
+  void AppendFileDescriptors(std::vector<int>& fds) const override {
+    if (file_->fd() >= 0) fds.push_back(file_->fd());
+  }
+
   std::string Describe() const override {
     return absl::StrFormat("raw file %s (%u bytes)", file_->name(), file_->size());
   }

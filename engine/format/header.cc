@@ -194,6 +194,12 @@ absl::Status ValidateFeatures(const Header& h) {
     return absl::UnimplementedError(absl::StrFormat("image uses unsupported incompatible feature %s",
                                                     absl::StrJoin(names, ", ")));
   }
+  // Spec, "autoclear_features" bit 1: raw external data only means something
+  // with an external data file; QEMU refuses the image without one.
+  if ((h.autoclear_features & spec::kAutoclearDataFileRaw) && !h.has_data_file()) {
+    return Corrupt("the raw external data bit (autoclear bit 1) is set, but the image has no "
+                   "external data file (incompatible bit 2)");
+  }
   const bool type_bit = (h.incompatible_features & spec::kIncompatCompressionType) != 0;
   if (h.compression_type != spec::kCompressionDeflate &&
       h.compression_type != spec::kCompressionZstd) {

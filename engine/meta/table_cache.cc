@@ -22,15 +22,33 @@ TableCache::TableCache(BlockFile* file, uint32_t table_size, uint64_t capacity_b
       capacity_(std::max<size_t>(kMinTables, capacity_bytes / table_size)) {}
 
 Task<absl::StatusOr<std::shared_ptr<const Table>>> TableCache::Get(uint64_t offset) {
-  {
+  for (;;) {
+    uint64_t version;
+    {
+      std::lock_guard lock(mu_);
+      if (auto it = LookupLocked(offset); it != lru_.end()) co_return it->table;
+      Fill& fill = fills_[offset];
+      ++fill.readers;
+      version = fill.version;
+    }
+    auto table = std::make_shared<Table>(table_size_);
+    absl::Status status = co_await file_->Read(offset, *table);
     std::lock_guard lock(mu_);
-    if (auto it = LookupLocked(offset); it != lru_.end()) co_return it->table;
+    auto fill = fills_.find(offset);
+    const bool stale = fill->second.version != version;
+    if (--fill->second.readers == 0) fills_.erase(fill);
+    if (!status.ok()) co_return status;
+    // The table changed while we read it (and may since have been written
+    // back and evicted): what we read may predate the change. Installing
+    // it would bring an old table back, and the next change would write
+    // the old entries back to disk. Read again.
+    if (stale) continue;
+    co_return InsertLocked(offset, std::move(table))->table;
   }
-  auto table = std::make_shared<Table>(table_size_);
-  absl::Status status = co_await file_->Read(offset, *table);
-  if (!status.ok()) co_return status;
-  std::lock_guard lock(mu_);
-  co_return InsertLocked(offset, std::move(table))->table;
+}
+
+void TableCache::ChangedLocked(uint64_t offset) {
+  if (auto fill = fills_.find(offset); fill != fills_.end()) ++fill->second.version;
 }
 
 Task<absl::Status> TableCache::Modify(uint64_t offset, absl::FunctionRef<void(Table&)> change) {
@@ -43,6 +61,7 @@ Task<absl::Status> TableCache::Modify(uint64_t offset, absl::FunctionRef<void(Ta
   held.reset();  // our own reference must not force a copy
   if (it->table.use_count() > 1) it->table = std::make_shared<Table>(*it->table);
   change(*it->table);
+  ChangedLocked(offset);
   if (!it->dirty) {
     it->dirty = true;
     ++dirty_count_;
@@ -59,6 +78,7 @@ Task<absl::StatusOr<Table*>> TableCache::GetMutable(uint64_t offset) {
 
 void TableCache::Install(uint64_t offset, Table table) {
   std::lock_guard lock(mu_);
+  ChangedLocked(offset);
   if (auto it = index_.find(offset); it != index_.end()) {
     if (it->second->dirty) --dirty_count_;
     lru_.erase(it->second);
@@ -72,6 +92,7 @@ void TableCache::Install(uint64_t offset, Table table) {
 
 void TableCache::Forget(uint64_t offset) {
   std::lock_guard lock(mu_);
+  ChangedLocked(offset);
   auto it = index_.find(offset);
   if (it == index_.end()) return;
   if (it->second->dirty) --dirty_count_;

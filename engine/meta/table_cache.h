@@ -15,6 +15,12 @@
 // grows past its capacity until the owner flushes (over_capacity()).
 // Clean tables go least recently used first.
 //
+// A miss reads the table outside the lock. Should the table change
+// meanwhile (Modify, Install, Forget), the bytes read may be older than the
+// change, which may already have been written back and evicted; such a
+// read is thrown away and done again, so the cache never installs a table
+// older than the one it last held.
+//
 // Thread-safe; the lock is never held across I/O. Tables that readers may
 // hold concurrently are changed with Modify(); GetMutable() is for tables
 // only their owner reads (refcount blocks, under the owner's lock).
@@ -99,6 +105,8 @@ class TableCache {
   using Lru = std::list<Entry>;  // most recently used first
 
   Lru::iterator LookupLocked(uint64_t offset);
+  // Tells reads in flight of the table at `offset` that it changed.
+  void ChangedLocked(uint64_t offset);
   Lru::iterator InsertLocked(uint64_t offset, std::shared_ptr<Table> table);
   void EvictLocked();
 
@@ -109,6 +117,13 @@ class TableCache {
   mutable std::mutex mu_;
   Lru lru_;
   absl::flat_hash_map<uint64_t, Lru::iterator> index_;
+  // Misses being read from the file, by offset: how many readers, and a
+  // version that every change of the table bumps.
+  struct Fill {
+    int readers = 0;
+    uint64_t version = 0;
+  };
+  absl::flat_hash_map<uint64_t, Fill> fills_;
   size_t dirty_count_ = 0;
   Stats stats_;
 };

@@ -13,14 +13,11 @@
 #define QCOW2FUSE_IMAGE_H_
 
 #include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <memory>
-#include <mutex>
-#include <optional>
 #include <span>
 #include <string>
-#include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "qcow2fuse/task.h"
@@ -45,9 +42,9 @@ struct ImageOptions {
   // the image may then change underneath us.
   bool force_share = false;
   DetectZeroes detect_zeroes = DetectZeroes::kOff;
-  // AllocatedBytes() counts at once while the chain's L2 tables come to at
-  // most this many bytes; past it (a large image) it counts in the
-  // background, so that a stat of a 1 TiB view stays fast.
+  // The count behind AllocatedBytes() is made at open while the chain's L2
+  // tables come to at most this many bytes; past it (a large image) it is
+  // made in the background, so that opening a 1 TiB view stays fast.
   uint64_t sync_count_limit = uint64_t{16} << 20;
 };
 
@@ -131,16 +128,22 @@ class Image {
   // multiple of 512 bytes, as QEMU requires.
   Task<absl::Status> Truncate(uint64_t new_size);
 
-  // Bytes of the disk that are kData, for st_blocks. Counting walks every
-  // L2 table of the chain; the count is kept until the next change. Where
-  // the tables exceed ImageOptions::sync_count_limit, a stale or missing
-  // count is redone on a background thread and this returns at once with
-  // the last count, or before the first with an estimate: the bytes the
-  // image file occupies on its file system, at most the disk's size.
+  // Bytes of the disk that are kData, for st_blocks; it costs nothing. One
+  // walk of every L2 table of the chain makes the count, at open or, where
+  // the tables exceed ImageOptions::sync_count_limit, in the background;
+  // every write, zeroing, discard and resize then keeps it exact. Until
+  // the walk is done this is an estimate: the bytes the image file
+  // occupies on its file system, at most the disk's size.
   Task<absl::StatusOr<uint64_t>> AllocatedBytes();
 
   // One line per image of the chain, top first, for logs.
   std::string DescribeChain() const;
+
+  // The open descriptors of every host file of the chain: the top image
+  // file first, then its data file and the backing files. They stay owned
+  // by the image; use them only to fstat/fstatvfs (never through a path,
+  // which may lead through a mount served by this very process).
+  std::vector<int> FileDescriptors() const;
 
  private:
   Image(std::unique_ptr<Qcow2Layer> top, ImageOptions options);
@@ -151,29 +154,6 @@ class Image {
   const ImageOptions options_;
   std::atomic<uint64_t> virtual_size_;
   const uint64_t cluster_size_;
-  // Called before every change: the cached AllocatedBytes() is stale.
-  void InvalidateAllocatedBytes();
-  absl::Status Changed(absl::Status status);
-  // Changes begun; AllocatedBytes() keeps a count only for the generation
-  // it started in.
-  std::atomic<uint64_t> changes_{0};
-  // The walk behind AllocatedBytes(); it gives up with CancelledError when
-  // the image closes.
-  Task<absl::StatusOr<uint64_t>> CountAllocatedBytes();
-  // Keeps `total` as the count of `generation` (which may be stale).
-  void KeepCount(uint64_t generation, uint64_t total);
-  // Starts a background count unless one runs or ran too recently.
-  void MaybeStartBackgroundCount();
-  void BackgroundCount();
-  std::mutex allocated_mu_;
-  std::optional<uint64_t> allocated_bytes_;  // under allocated_mu_
-  uint64_t allocated_generation_ = 0;        // under allocated_mu_
-  std::thread counter_;                      // under allocated_mu_
-  bool counting_ = false;                    // under allocated_mu_
-  // A background count takes at most a fifth of a core: the next starts no
-  // sooner than four times the last one's duration after it.
-  std::chrono::steady_clock::time_point next_count_ = {};  // under allocated_mu_
-  std::atomic<bool> closing_{false};
 };
 
 }  // namespace qcow2fuse

@@ -34,6 +34,11 @@ absl::Status WithErrno(absl::Status status, int error_number);
 // The errno attached by ErrnoStatus or WithErrno, if any.
 std::optional<int> StatusErrno(const absl::Status& status);
 
+// `status` marked as met in a backing file: damage found there is that
+// read-only file's, and must not mark the image above it corrupt.
+absl::Status FromBackingFile(absl::Status status);
+bool IsFromBackingFile(const absl::Status& status);
+
 // Returns `status` with "context: " put in front of its message, keeping
 // its code and payloads.
 absl::Status Annotate(const absl::Status& status, absl::string_view context);
