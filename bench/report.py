@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 
 SYSTEMS = ("raw", "qcow2fuse", "qsd")
-LOWER_IS_BETTER = {"s", "MiB"}
+LOWER_IS_BETTER = {"s", "ms", "MiB", "ratio"}
 
 
 def number(text):
@@ -28,8 +28,12 @@ def number(text):
 def fmt(value, unit):
     if unit == "IOPS":
         return f"{value:,.0f}"
-    if unit == "s":
+    if unit == "ms" and value < 0.1:
+        return f"{value:.4f}"
+    if unit in ("s", "ms"):
         return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    if unit == "ratio":
+        return f"{value:.2f}"
     return f"{value:,.1f}"
 
 

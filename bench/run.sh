@@ -78,13 +78,19 @@ ALLOC_VSIZE=64G
 SPARSE_VSIZE=64G
 SPARSE_WRITES=800
 SPARSE_WRITE_SIZE=$((256 << 10))
+# Write-then-read pairs: a 4 KiB write and a read of the same block, on a
+# small and a large image with every L2 table (128 GiB at 64 KiB clusters:
+# 16 MiB of L2 tables). The sizes stay the same with --quick: the large one
+# is the point.
+WR_PAIRS=200
+WR_SIZES=(1G 128G)
 
 # ---------------------------------------------------------------- workloads
 #
 # Each workload is a function wl_NAME taking the system (raw, qcow2fuse,
 # qsd); it reports one or more table rows with `put ROW VALUE NOTE`.
-# add_workload NAME FUNCTION "ROW:UNIT ..." DESCRIPTION; units s and MiB
-# are lower-is-better, the others higher-is-better.
+# add_workload NAME FUNCTION "ROW:UNIT ..." DESCRIPTION; units s, ms, MiB
+# and ratio are lower-is-better, the others higher-is-better.
 
 WORKLOADS=()
 declare -A WL_FUNC WL_ROWS WL_DESC
@@ -122,6 +128,8 @@ add_workload read-zlib-1M-cold       "wl_read_compressed zlib" "read-zlib-1M-col
   "sequential 1 MiB reads of a zlib-compressed image, buffered, cold (raw: the uncompressed data)"
 add_workload "meta-$META_SIZE"         wl_meta                   "mount-first-read-$META_SIZE:s rss-peak-$META_SIZE:MiB rand-read-4k-qd32-$META_SIZE:IOPS" \
   "$META_SIZE image with every L2 table (preallocation=metadata), cold: start to first 4 KiB read, peak RSS (VmHWM) after random reads, and their IOPS (libaio QD32, O_DIRECT)"
+add_workload write-read-4k           wl_write_read             "write-read-4k-${WR_SIZES[0]}:ms write-read-4k-${WR_SIZES[1]}:ms write-read-4k-${WR_SIZES[1]}-vs-${WR_SIZES[0]}:ratio" \
+  "$WR_PAIRS pairs of a 4 KiB pwrite and a 4 KiB pread of the same block at random offsets, buffered, read-write, on a ${WR_SIZES[0]} and a ${WR_SIZES[1]} image with every L2 table (preallocation=metadata): median ms per pair, and the ratio ${WR_SIZES[1]}/${WR_SIZES[0]} (1 is ideal)"
 
 if ((list_only)); then
   for w in "${WORKLOADS[@]}"; do printf '%-28s %s\n' "$w" "${WL_DESC[$w]}"; done
@@ -456,6 +464,18 @@ need_meta() {
   log "  took $(( ($(now_ns) - t0) / 1000000 )) ms"
 }
 
+# A SIZE disk with every L2 table (preallocation=metadata, 64 KiB clusters)
+# for the write-then-read pairs, and a sparse raw file of that size. The
+# pairs write in place (every cluster is already allocated), so one image
+# serves every round and system.
+need_wr() {
+  local size=$1
+  [[ -f $work/wr-$size.qcow2 ]] && return 0
+  log "making the $size preallocation=metadata image for write-read pairs"
+  qemu-img create -q -f qcow2 -o preallocation=metadata,cluster_size=64k "$work/wr-$size.qcow2.tmp" "$size" &&
+    mv "$work/wr-$size.qcow2.tmp" "$work/wr-$size.qcow2" && truncate -s "$size" "$work/wr-$size.raw"
+}
+
 # ---------------------------------------------------------------- the workloads
 
 wl_seq_read_cold() {
@@ -588,6 +608,60 @@ wl_meta() {
   rss=$(awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$ACTIVE_PID/status" 2>/dev/null)
   [[ -n $rss ]] && put "rss-peak-$META_SIZE" "$rss" ""
   close_target
+}
+
+# WR_PAIRS times: pwrite 4 KiB at a random 4 KiB-aligned offset, then
+# pread the same 4 KiB, buffered (no O_DIRECT), from page-aligned buffers
+# (from an unaligned one, such as a Python bytes object, the kernel sends a
+# 4 KiB write to a FUSE file as two WRITE requests).
+# The write invalidates the view's attributes in the kernel, so the read
+# first asks the daemon for them (GETATTR: st_size, st_blocks), as in any
+# read-after-write through a FUSE file; that must not cost more on a
+# larger disk. Prints the median and mean ms per pair.
+WR_PAIRS_PY=$(cat <<'EOF'
+import mmap, os, random, statistics, sys, time
+path, pairs = sys.argv[1], int(sys.argv[2])
+fd = os.open(path, os.O_RDWR)
+blocks = os.fstat(fd).st_size // 4096
+out, back = mmap.mmap(-1, 4096), mmap.mmap(-1, 4096)
+out.write(os.urandom(4096))
+rng = random.Random(1)
+times = []
+for i in range(pairs):
+    offset = rng.randrange(blocks) * 4096
+    out[:8] = i.to_bytes(8, "little")
+    t0 = time.perf_counter_ns()
+    if os.pwrite(fd, out, offset) != 4096 or os.preadv(fd, [back], offset) != 4096:
+        sys.exit("short write or read at %d" % offset)
+    times.append(time.perf_counter_ns() - t0)
+    if back[:] != out[:]:
+        sys.exit("read back other bytes than written at %d" % offset)
+os.close(fd)
+print("%.4f %.4f" % (statistics.median(times) / 1e6, statistics.mean(times) / 1e6))
+EOF
+)
+
+# Write-then-read pairs on the small and the large image, each on a fresh
+# read-write view (the raw files directly for raw), then their ratio.
+wl_write_read() {
+  local system=$1 size out median mean
+  local -A per_size=()
+  for size in "${WR_SIZES[@]}"; do
+    need_wr "$size" || { FAIL_REASON="image setup failed"; return 1; }
+    open_target "$system" "$work/wr-$size.qcow2" "$work/wr-$size.raw" rw || return 1
+    if ! out=$(timeout -k 10 600 python3 -c "$WR_PAIRS_PY" "$TARGET" "$WR_PAIRS" 2>"$work/pairs.err"); then
+      FAIL_REASON="write-read pairs on $size: $(tail -n 1 "$work/pairs.err")"
+      close_target
+      return 1
+    fi
+    close_target
+    read -r median mean <<<"$out"
+    log "  ($size: mean $mean ms per pair)"
+    per_size[$size]=$median
+    put "write-read-4k-$size" "$median" ""
+  done
+  put "write-read-4k-${WR_SIZES[1]}-vs-${WR_SIZES[0]}" \
+    "$(awk -v a="${per_size[${WR_SIZES[1]}]}" -v b="${per_size[${WR_SIZES[0]}]}" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}')" ""
 }
 
 # ---------------------------------------------------------------- work directory and cleanup
