@@ -13,6 +13,10 @@
 //   EXPECT_FALSE(discard.done());                 // it must wait
 //   gated->Release();                             // the write goes on
 //
+// Reads can be parked the same way (HoldNextRead): a read request between
+// its lookup of the L2 entry and its read of the host cluster, or a cache
+// fill of an L2 slice.
+//
 // It also counts the writes that reached the file since its last successful
 // Flush (the barrier), so a test can tell that what a flush made durable
 // was followed by a barrier: writes_since_flush() == 0.
@@ -51,21 +55,44 @@ class GatedFile : public BlockFile {
   // The same, choosing by the bytes written: a request's own data write,
   // whatever size the engine gives it.
   void HoldNextWriteOf(DataMatch match) { match_ = std::move(match); }
+  // The next read that `match` accepts parks until ReleaseRead(), before
+  // it reads the file (HoldNextRead) or after, with the bytes it read then
+  // (HoldNextReadResult): a slow read that returns what the file held
+  // when it started.
+  void HoldNextRead(Match match) {
+    read_match_ = std::move(match);
+    park_read_after_ = false;
+  }
+  void HoldNextReadResult(Match match) {
+    read_match_ = std::move(match);
+    park_read_after_ = true;
+  }
   // Whether a write is parked now.
   bool holding() const { return static_cast<bool>(parked_); }
+  // Whether a read is parked now.
+  bool holding_read() const { return static_cast<bool>(parked_read_); }
   // Resumes the parked write; it runs on this thread until it next suspends.
   void Release() { std::exchange(parked_, nullptr).resume(); }
+  // Resumes the parked read, likewise.
+  void ReleaseRead() { std::exchange(parked_read_, nullptr).resume(); }
   // Writes that succeeded since the last successful Flush(). A parked write
   // has not reached the file and is not counted.
   uint64_t writes_since_flush() const { return writes_since_flush_; }
 
-  Task<absl::Status> Read(uint64_t offset, std::span<uint8_t> out) override { return inner_->Read(offset, out); }
+  Task<absl::Status> Read(uint64_t offset, std::span<uint8_t> out) override {
+    if (!read_match_ || !read_match_(offset, out.size())) co_return co_await inner_->Read(offset, out);
+    read_match_ = nullptr;
+    if (!park_read_after_) co_await Park{&parked_read_};
+    absl::Status status = co_await inner_->Read(offset, out);
+    if (park_read_after_) co_await Park{&parked_read_};
+    co_return status;
+  }
   uint64_t size() const override { return inner_->size(); }
   bool writable() const override { return inner_->writable(); }
   Task<absl::Status> Write(uint64_t offset, std::span<const uint8_t> data) override {
     if (match_ && match_(offset, data)) {
       match_ = nullptr;
-      co_await Park{this};
+      co_await Park{&parked_};
     }
     absl::Status status = co_await inner_->Write(offset, data);
     if (status.ok()) ++writes_since_flush_;
@@ -86,15 +113,18 @@ class GatedFile : public BlockFile {
 
  private:
   struct Park {
-    GatedFile* file;
+    std::coroutine_handle<>* slot;
     bool await_ready() const noexcept { return false; }
-    void await_suspend(std::coroutine_handle<> h) noexcept { file->parked_ = h; }
+    void await_suspend(std::coroutine_handle<> h) noexcept { *slot = h; }
     void await_resume() const noexcept {}
   };
 
   std::unique_ptr<BlockFile> inner_;
   DataMatch match_;
   std::coroutine_handle<> parked_;
+  Match read_match_;
+  bool park_read_after_ = false;
+  std::coroutine_handle<> parked_read_;
   uint64_t writes_since_flush_ = 0;
 };
 

@@ -483,6 +483,103 @@ TEST(ZeroRangesTest, AddMergesAndRemoveSplits) {
   EXPECT_EQ(z.ZeroRunAt(5), 25u);
 }
 
+// --- Reads beside frees: no recycled clusters -----------------------------------
+
+// A read that has mapped a host cluster reads it after its mapping is gone:
+// here cluster 0 is discarded and the discard flushed while the read waits
+// between its L2 lookup and its host read. The freed host cluster must not
+// be handed to another write before that read is done, or the read returns
+// another offset's data.
+TEST_F(InterleaveTest, ReadParkedBeforeItsHostReadKeepsItsCluster) {
+  Open({"write -P 0x11 0 64k", "write -P 0x22 64k 64k"});
+  const uint64_t host0 = L2EntryHostOffset(EntryInFile(0));
+  ASSERT_NE(host0, 0u);
+  // L2 slices are 4 KiB: the only 64 KiB read is the data read of cluster 0.
+  gated_->HoldNextRead([](uint64_t, size_t n) { return n == kCluster; });
+  std::vector<uint8_t> got(kCluster);
+  Started read(layer_->Read(0, got));
+  ASSERT_TRUE(gated_->holding_read()) << "the read did not reach its host read";
+
+  ASSERT_OK(SyncWait(layer_->Discard(0, kCluster)));
+  ASSERT_OK(SyncWait(layer_->Flush()));
+  std::vector<uint8_t> other;
+  ASSERT_OK(SyncWait(layer_->Write(5 * kCluster, Fill(other, 0x55, kCluster))));
+  ASSERT_OK(SyncWait(layer_->Flush()));
+  EXPECT_NE(L2EntryHostOffset(EntryInFile(5 * kCluster)), host0)
+      << "the host cluster of a read in flight was given to another write";
+
+  gated_->ReleaseRead();
+  ASSERT_TRUE(read.done());
+  EXPECT_OK(read.status());
+  EXPECT_EQ(got, std::vector<uint8_t>(kCluster, 0x11)) << "the read returned another offset's data";
+  // With the read done, the next flush frees the old cluster: no leak.
+  CloseAndCheck();
+}
+
+// A cache fill is slow; meanwhile a write changes an entry of the same L2
+// slice, a flush writes the slice back and other reads evict it. The fill
+// must not then install the slice as it was before the write: later reads
+// would miss the write, and the next change would write the old entries
+// back to disk.
+TEST_F(InterleaveTest, StaleCacheFillIsNotInstalled) {
+  constexpr uint64_t kSliceSpan = 512 * kCluster;  // guest bytes one 4 KiB L2 slice maps
+  constexpr int kSlices = 20;                      // more than the smallest cache holds (16)
+  std::vector<std::string> setup;
+  for (int i = 0; i < kSlices; ++i) setup.push_back("write -P 0x01 " + std::to_string(i * kSliceSpan) + " 512");
+  Open(setup, "", kSlices * kSliceSpan, /*l2_cache_size=*/0);
+  // The cache is cold: the reader's first read is its L2 slice, which
+  // returns what the file held before the write.
+  gated_->HoldNextReadResult([](uint64_t, size_t n) { return n == 4096; });
+  std::vector<uint8_t> got(4096);
+  Started reader(layer_->Read(kCluster, got));
+  ASSERT_TRUE(gated_->holding_read()) << "the read did not reach its L2 slice fill";
+
+  std::vector<uint8_t> data;
+  ASSERT_OK(SyncWait(layer_->Write(kCluster, Fill(data, 0x77, 4096))));
+  ASSERT_OK(SyncWait(layer_->Flush()));
+  const uint64_t misses = layer_->counters().l2_slice_reads;
+  for (int i = 1; i < kSlices; ++i) ReadDisk(i * kSliceSpan, 512);
+  EXPECT_GE(layer_->counters().l2_slice_reads, misses + kSlices - 1) << "the other slices were not read";
+
+  gated_->ReleaseRead();
+  ASSERT_TRUE(reader.done());
+  EXPECT_OK(reader.status());  // zeros or the write: either order is fine
+  EXPECT_EQ(ReadDisk(kCluster, 4096), std::vector<uint8_t>(4096, 0x77)) << "an old L2 slice was installed";
+  // The next change of the slice must keep the write's entry on disk.
+  ASSERT_OK(SyncWait(layer_->Write(2 * kCluster, Fill(data, 0x78, 4096))));
+  ASSERT_OK(SyncWait(layer_->Flush()));
+  ExpectLinked(EntryInFile(kCluster), "the written cluster's entry");
+  CloseAndCheck();
+}
+
+// A discard in an L2 range with no table knows the range reads as zeros,
+// but it holds only its own clusters: a write to another cluster of the
+// range may be creating the table right then. Parked while writing that
+// table, the write must still read back once it completes.
+TEST_F(InterleaveTest, DiscardBesideTableCreationDoesNotHideTheWrite) {
+  // A version 2 image shrunk and grown again: the clusters past the shrink
+  // are no longer recorded as known zero (version 2 has no zero clusters,
+  // so growing records nothing), and the discard looks at the L1 entry.
+  Open({}, ",compat=0.10");
+  ASSERT_OK(SyncWait(layer_->Truncate(kCluster)));
+  ASSERT_OK(SyncWait(layer_->Truncate(kDisk)));
+  // The write's data (4 KiB past the end of the file) goes first; the next
+  // cluster-sized write is its new L2 table.
+  gated_->HoldNextWrite(IsClusterWrite);
+  std::vector<uint8_t> data;
+  Started write(layer_->Write(3 * kCluster, Fill(data, 0x44, 4096)));
+  ASSERT_TRUE(gated_->holding()) << "the write did not reach its L2 table";
+  Started discard(layer_->Discard(8 * kCluster, kCluster));
+  EXPECT_TRUE(discard.done()) << "a discard of another cluster waited";
+  gated_->Release();
+  ASSERT_TRUE(write.done());
+  EXPECT_OK(write.status());
+  EXPECT_OK(discard.status());
+  EXPECT_EQ(ReadDisk(3 * kCluster, 4096), std::vector<uint8_t>(4096, 0x44))
+      << "the discard marked the write's cluster as known to be zero";
+  CloseAndCheck();
+}
+
 // A removal that cuts through several runs keeps both cut ends (btree
 // insertions invalidate iterators: the ends are put back after the loop).
 TEST(ZeroRangesTest, RemoveAcrossSeveralRuns) {
