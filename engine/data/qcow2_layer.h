@@ -273,7 +273,8 @@ class Qcow2Layer final : public Layer {
   absl::btree_set<uint64_t> dirty_l1_;
   // Host clusters to give back once no durable metadata points to them
   // (step 4 of the flush protocol) and no request that began before
-  // `moment`, and so may have mapped them, is still running.
+  // `moment`, and so may have mapped them, is still running. In the order
+  // given up, so moments never decrease along the list.
   struct PendingFree {
     uint64_t offset;
     uint64_t clusters;

@@ -305,8 +305,8 @@ void Qcow2Layer::FreeLater(uint64_t offset, uint64_t clusters) {
 }
 
 bool Qcow2Layer::FreesReady() const {
-  return std::any_of(pending_frees_.begin(), pending_frees_.end(),
-                     [&](const PendingFree& f) { return reads_.AllEndedBefore(f.moment); });
+  // Moments only grow along the list: the first is the oldest.
+  return !pending_frees_.empty() && pending_frees_.front().moment <= reads_.Horizon();
 }
 
 Task<absl::StatusOr<L2Entry>> Qcow2Layer::LookupEntry(uint64_t guest_offset) {
@@ -432,12 +432,11 @@ Task<absl::Status> Qcow2Layer::FlushLocked() {
   // request still running may have mapped waits for a later flush: freed
   // now, it could be reused and that request would read another offset's
   // data (see sched/read_tracker.h).
-  std::vector<PendingFree> ready;
-  std::erase_if(pending_frees_, [&](const PendingFree& f) {
-    if (!reads_.AllEndedBefore(f.moment)) return false;
-    ready.push_back(f);
-    return true;
-  });
+  const uint64_t horizon = reads_.Horizon();
+  const auto not_ready = std::find_if(pending_frees_.begin(), pending_frees_.end(),
+                                      [&](const PendingFree& f) { return f.moment > horizon; });
+  std::vector<PendingFree> ready(pending_frees_.begin(), not_ready);
+  pending_frees_.erase(pending_frees_.begin(), not_ready);
   if (!ready.empty()) {
     for (const PendingFree& f : ready) CO_RETURN_IF_ERROR(co_await refcounts_->Update(f.offset, f.clusters, -1));
     CO_RETURN_IF_ERROR(co_await refcounts_->WriteBack());

@@ -10,7 +10,7 @@
 // return. So every request holds a Ticket while it may read host clusters
 // or tables, and a host cluster given up at moment M (Now() when its last
 // reference was removed from the L2 or L1 table) is freed only once
-// AllEndedBefore(M): requests that began later cannot have seen the old
+// M <= Horizon(): requests that began later cannot have seen the old
 // mapping. Nothing waits: a free that is not yet safe just stays pending
 // until a later flush.
 //
@@ -72,10 +72,11 @@ class ReadTracker {
     return next_;
   }
 
-  // Whether every ticket begun before `moment` has ended.
-  bool AllEndedBefore(uint64_t moment) const {
+  // The latest moment before which every ticket has ended: the oldest
+  // ticket still held, or Now() when none is.
+  uint64_t Horizon() const {
     std::lock_guard lock(mu_);
-    return active_.empty() || *active_.begin() >= moment;
+    return active_.empty() ? next_ : *active_.begin();
   }
 
  private:
