@@ -96,6 +96,11 @@ Task<absl::Status> Image::Truncate(uint64_t new_size) {
   co_return absl::OkStatus();
 }
 
+Task<absl::Status> Image::CheckShrink(uint64_t new_size) {
+  if (new_size >= virtual_size_) co_return absl::OkStatus();
+  co_return co_await top_->CheckShrink(new_size);
+}
+
 Task<absl::StatusOr<Extent>> Image::BlockStatus(uint64_t offset, uint64_t max_length) {
   const uint64_t disk = virtual_size_;
   if (offset >= disk) {

@@ -6,11 +6,20 @@
 // stderr and a non-zero exit with nothing mounted. Without -f the work is
 // done in a child process, and the parent waits until the child reports
 // that the kernel's INIT was answered: then the view answers requests.
+//
+// The daemon never does I/O through a path that may lead into its own
+// mount: the mountpoint is checked in the mount table rather than by stat,
+// a mountpoint that is a file of the image's chain is refused, and the
+// view's timestamps and statfs come from the image's open descriptor.
+//
+// `qcow2fuse -u MOUNTPOINT` (unmount.h) unmounts and waits for the daemon.
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <malloc.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -23,14 +32,18 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_format.h"
 #include "log.h"
+#include "mount_table.h"
 #include "ops.h"
 #include "options.h"
+#include "periodic_flush.h"
+#include "unmount.h"
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/scheduler.h"
 #include "qcow2fuse/status.h"
@@ -101,6 +114,45 @@ class StopWatchdog {
   std::thread thread_;    // last: starts once the rest is set
 };
 
+// A mount stacked on another would hide it, and stat()ing the path to
+// check it (as PrepareMountpoint does) would wait for whatever serves the
+// mount below, possibly forever: look in the mount table instead.
+absl::Status CheckNotMounted(const std::string& path) {
+  absl::StatusOr<std::optional<MountEntry>> mount = FindMount(path);
+  if (!mount.ok()) return mount.status();
+  if (!mount->has_value()) return absl::OkStatus();
+  const MountEntry& m = **mount;
+  const std::string what = m.fs_type == kViewFsType
+                               ? absl::StrFormat("a qcow2fuse view of %s", m.source)
+                               : absl::StrFormat("a %s mount of %s", m.fs_type, m.source);
+  return absl::FailedPreconditionError(
+      absl::StrFormat("mountpoint %s is already a mount point (%s); unmount it first", path, what));
+}
+
+// Refuses a mountpoint that is a file of the image's own chain: every read
+// of the view would then go through the view itself, and the daemon would
+// wait for itself. Compares inodes, so hard links and other names of the
+// file are caught too.
+absl::Status CheckNotInChain(const std::string& path, const struct stat& mountpoint, const std::vector<int>& fds) {
+  for (size_t i = 0; i < fds.size(); ++i) {
+    struct stat st;
+    if (fstat(fds[i], &st) != 0 || st.st_dev != mountpoint.st_dev || st.st_ino != mountpoint.st_ino) continue;
+    if (i == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("mountpoint %s is the image file itself: the view would read itself", path));
+    }
+    // The descriptor's link names the file even if it was reached through
+    // a relative backing path.
+    char name[PATH_MAX] = "";
+    const ssize_t n = readlink(absl::StrFormat("/proc/self/fd/%d", fds[i]).c_str(), name, sizeof name - 1);
+    if (n > 0) name[n] = '\0';
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "mountpoint %s is %s, a file of the image's chain (backing or data file): the view would read itself",
+        path, n > 0 ? name : "a file"));
+  }
+  return absl::OkStatus();
+}
+
 // Makes sure MOUNTPOINT is a regular file, creating it if missing. Returns
 // whether it was created (and so is ours to remove afterwards).
 absl::StatusOr<bool> PrepareMountpoint(const std::string& path, struct stat& st) {
@@ -133,6 +185,8 @@ void DetachFromTerminal() {
   }
 }
 
+Task<void> FlushInto(Image& image, absl::Status& status) { status = co_await image.Flush(); }
+
 // Everything from opening the image to unmounting. Returns the exit code.
 int Serve(const MountOptions& options, StartupReport& report) {
   auto fail = [&](const std::string& message) {
@@ -141,18 +195,43 @@ int Serve(const MountOptions& options, StartupReport& report) {
     return 1;
   };
 
+  // Warnings of the start-up, logged once the log has its final place
+  // (syslog, for a daemon): until then stderr is the user's terminal, where
+  // only a refusal belongs.
+  std::vector<std::string> warnings;
+
+  // First, before any thread starts, so that every thread has it: writeback
+  // of a loop device on the view waits for this process, so the memory
+  // reclaim of its own allocations must not start I/O (which could be that
+  // very writeback). Without CAP_SYS_RESOURCE the view still works.
+  if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0) {
+    warnings.push_back(absl::StrFormat(
+        "cannot set PR_SET_IO_FLUSHER (%s; it needs CAP_SYS_RESOURCE): a loop device on this view may "
+        "deadlock under memory pressure",
+        std::strerror(errno)));
+  }
+
+  absl::StatusOr<std::string> mountpoint = CanonicalMountPath(options.mountpoint);
+  if (!mountpoint.ok()) return fail(absl::StrFormat("mountpoint: %s", mountpoint.status().message()));
+  if (absl::Status free = CheckNotMounted(*mountpoint); !free.ok()) return fail(std::string(free.message()));
+
   absl::StatusOr<std::unique_ptr<Image>> image =
       SyncWait(Image::Open(options.image, options.image_options));
   if (!image.ok()) return fail(std::string(image.status().message()));
+  const std::vector<int> image_fds = (*image)->FileDescriptors();
 
   MountState state;
   state.image = image->get();
-  state.image_path = options.image;
-  absl::StatusOr<bool> created = PrepareMountpoint(options.mountpoint, state.mountpoint_stat);
+  state.image_fd = image_fds.at(0);
+  absl::StatusOr<bool> created = PrepareMountpoint(*mountpoint, state.mountpoint_stat);
   if (!created.ok()) return fail(std::string(created.status().message()));
   auto remove_created = [&] {
-    if (*created) unlink(options.mountpoint.c_str());
+    if (*created) unlink(mountpoint->c_str());
   };
+  if (absl::Status apart = CheckNotInChain(*mountpoint, state.mountpoint_stat, image_fds); !apart.ok()) {
+    remove_created();
+    return fail(std::string(apart.message()));
+  }
 
   std::vector<std::string> arg_strings = {"qcow2fuse", "-o"};
   std::string mount_opts = "fsname=" + options.image + ",subtype=qcow2fuse,default_permissions";
@@ -170,10 +249,10 @@ int Serve(const MountOptions& options, StartupReport& report) {
     remove_created();
     return fail("cannot create the FUSE session");
   }
-  if (fuse_session_mount(session, options.mountpoint.c_str()) != 0) {
+  if (fuse_session_mount(session, mountpoint->c_str()) != 0) {
     fuse_session_destroy(session);
     remove_created();
-    return fail(absl::StrFormat("cannot mount on %s (is /dev/fuse available?)", options.mountpoint));
+    return fail(absl::StrFormat("cannot mount on %s (is /dev/fuse available?)", *mountpoint));
   }
   if (fuse_set_signal_handlers(session) != 0) {
     fuse_session_unmount(session);
@@ -181,6 +260,18 @@ int Serve(const MountOptions& options, StartupReport& report) {
     remove_created();
     return fail("cannot install signal handlers");
   }
+  // Listening starts before the view answers, so `qcow2fuse -u` finds the
+  // daemon of any view it can see.
+  std::unique_ptr<UnmountListener> unmount_listener;
+  if (absl::StatusOr<std::unique_ptr<UnmountListener>> listener = UnmountListener::Listen(*mountpoint);
+      listener.ok()) {
+    unmount_listener = *std::move(listener);
+  } else {
+    warnings.push_back(absl::StrFormat("qcow2fuse -u cannot wait for this daemon: %s", listener.status().message()));
+  }
+  auto announce = [&](const absl::Status& outcome) {
+    if (unmount_listener) unmount_listener->Announce(outcome);
+  };
 
   if (!options.pidfile.empty()) {
     if (FILE* f = std::fopen(options.pidfile.c_str(), "w")) {
@@ -212,6 +303,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
       Log(LogLevel::kInfo, absl::StrFormat("requests run on up to %d threads, each doing its "
                                            "file I/O synchronously (pread/pwrite)",
                                            options.threads));
+      for (const std::string& warning : warnings) Log(LogLevel::kWarning, warning);
     };
     // Each worker reads requests from its own clone of the /dev/fuse fd and
     // runs them itself; libfuse starts workers as requests arrive, up to
@@ -225,15 +317,33 @@ int Serve(const MountOptions& options, StartupReport& report) {
         // The image is as a crash would leave it: consistent, without the
         // stuck requests' changes, and without unflushed ones (a flush
         // would wait for the locks the stuck requests hold).
-        Log(LogLevel::kError,
+        const std::string message =
             absl::StrFormat("%u requests still running %d s after the stop; exiting without them",
-                            scheduler.in_flight(), options.drain_timeout_seconds));
+                            scheduler.in_flight(), options.drain_timeout_seconds);
+        Log(LogLevel::kError, message);
+        announce(absl::DeadlineExceededError(absl::StrFormat(
+            "its daemon gave up: %s (the image is as a crash leaves it, without their writes)", message)));
         fuse_session_unmount(session);
         remove_created();
         if (!options.pidfile.empty()) unlink(options.pidfile.c_str());
         _exit(1);
       });
-      loop_result = fuse_session_loop_mt(session, loop_config);
+      {
+        // Flushes run as scheduler tasks (Run), so the drain below and
+        // the watchdog count a periodic flush still in progress.
+        std::optional<PeriodicFlusher> flusher;
+        if (!options.image_options.read_only && options.flush_interval_seconds > 0) {
+          flusher.emplace(
+              std::chrono::seconds(options.flush_interval_seconds),
+              [&] {
+                absl::Status status;
+                scheduler.Run(FlushInto(**image, status));
+                return status;
+              },
+              options.image);
+        }
+        loop_result = fuse_session_loop_mt(session, loop_config);
+      }
       // Requests still running hold `req` pointers of this session.
       scheduler.Drain();
     }
@@ -250,6 +360,11 @@ int Serve(const MountOptions& options, StartupReport& report) {
   fuse_session_destroy(session);
   remove_created();
   if (!options.pidfile.empty()) unlink(options.pidfile.c_str());
+  // A waiting `qcow2fuse -u` learns the outcome now, and returns once this
+  // process has exited, which closes the image and so releases its locks.
+  announce(flushed.ok() ? flushed
+                        : absl::Status(flushed.code(), absl::StrFormat("the final flush of %s failed: %s",
+                                                                       options.image, flushed.message())));
   // libfuse ends the loop with the number of the signal that stopped it: a
   // clean stop, as is an unmount.
   const int signal = loop_result < 0 ? -loop_result : loop_result;
@@ -320,6 +435,7 @@ int Main(int argc, char** argv) {
     std::printf("qcow2fuse %s (libfuse %s)\n", kVersion, fuse_pkgversion());
     return 0;
   }
+  if (options->unmount) return UnmountCommand(options->mountpoint);
   if (options->foreground) {
     StartupReport none(-1);
     return Serve(*options, none);

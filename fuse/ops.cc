@@ -25,6 +25,9 @@ constexpr unsigned kMaxRequestBytes = 1u << 20;
 constexpr unsigned kMaxBackground = 64;
 // How much of a data run found by SEEK_DATA is read ahead on the host.
 constexpr uint64_t kSeekDataPrefetchBytes = 4u << 20;
+// fuse_file_info::fh of an open: whether it may write.
+constexpr uint64_t kReadOnlyHandle = 0;
+constexpr uint64_t kWritableHandle = 1;
 
 MountState& State(fuse_req_t req) { return *static_cast<MountState*>(fuse_req_userdata(req)); }
 
@@ -48,7 +51,7 @@ Task<absl::StatusOr<struct stat>> Attributes(MountState& m) {
   if (!allocated.ok()) co_return allocated.status();
   st.st_blocks = (*allocated + kStatBlockSize - 1) / kStatBlockSize;
   struct stat image_st;
-  if (stat(m.image_path.c_str(), &image_st) == 0) {
+  if (fstat(m.image_fd, &image_st) == 0) {
     st.st_atim = image_st.st_atim;
     st.st_mtim = image_st.st_mtim;
     st.st_ctim = image_st.st_ctim;
@@ -94,6 +97,42 @@ Task<void> Fsync(fuse_req_t req) {
   absl::Status status = co_await State(req).image->Flush();
   if (!status.ok()) co_return ReplyError(req, status, "fsync");
   fuse_reply_err(req, 0);
+}
+
+// The close of a writable descriptor: what was written through the view is
+// made durable before close() returns (the kernel waits for FLUSH, not for
+// RELEASE). A flush that finds nothing changed costs no I/O.
+Task<void> FlushOnClose(fuse_req_t req) {
+  absl::Status status = co_await State(req).image->Flush();
+  if (!status.ok()) co_return ReplyError(req, status, "flush at close");
+  fuse_reply_err(req, 0);
+}
+
+// An open. With atomic_o_trunc the kernel leaves O_TRUNC to us. It asks to
+// throw away everything, and follows the shrink rule: refused (the open
+// fails, the disk untouched) while the disk holds data, as `truncate -s 0`
+// is. A disk that holds none keeps its size, as a block device does: `dd
+// of=VIEW` onto a fresh image must not leave a disk of 0 bytes.
+Task<void> Open(fuse_req_t req, fuse_file_info fi) {
+  MountState& m = State(req);
+  const bool writable = (fi.flags & O_ACCMODE) != O_RDONLY;
+  if ((writable || (fi.flags & O_TRUNC)) && m.image->read_only()) co_return (void)fuse_reply_err(req, EROFS);
+  if (fi.flags & O_TRUNC) {
+    absl::Status status = co_await m.image->CheckShrink(0);
+    if (!status.ok()) {
+      co_return ReplyError(req, status, "open with O_TRUNC (use conv=notrunc with dd, or 1<> in a shell)");
+    }
+  }
+  // Nothing else changes the view of a read-only mount, so the kernel may
+  // keep what it cached across opens.
+  fi.keep_cache = m.image->read_only();
+  // Only a descriptor that changed or may change the disk has something
+  // for its close to make durable; a read-only one closes without a round
+  // trip.
+  const bool changes = writable || (fi.flags & O_TRUNC);
+  fi.noflush = !changes;
+  fi.fh = changes ? kWritableHandle : kReadOnlyHandle;
+  fuse_reply_open(req, &fi);
 }
 
 Task<void> SetAttr(fuse_req_t req, struct stat attr, int to_set) {
@@ -180,6 +219,10 @@ Task<void> Lseek(fuse_req_t req, off_t offset, int whence) {
 
 void OnInit(void* userdata, struct fuse_conn_info* conn) {
   conn->want |= conn->capable & FUSE_CAP_ASYNC_READ;
+  // O_TRUNC arrives with the OPEN (see Open), rather than as a separate
+  // SETATTR after the open has already succeeded. libfuse asks for it by
+  // default; say so, since Open relies on it.
+  conn->want |= conn->capable & FUSE_CAP_ATOMIC_O_TRUNC;
   // Big requests: 1 MiB reads and writes instead of 128 KiB ones (libfuse
   // derives the kernel's max_pages from max_write), and enough requests in
   // flight for the scheduler's threads to keep the disk busy.
@@ -214,18 +257,7 @@ void OnFsync(fuse_req_t req, fuse_ino_t, int /*datasync*/, struct fuse_file_info
 }
 
 void OnOpen(fuse_req_t req, fuse_ino_t, struct fuse_file_info* fi) {
-  MountState& m = State(req);
-  if ((fi->flags & O_ACCMODE) != O_RDONLY && m.image->read_only()) {
-    fuse_reply_err(req, EROFS);
-    return;
-  }
-  // Nothing else changes the view of a read-only mount, so the kernel may
-  // keep what it cached across opens.
-  fi->keep_cache = m.image->read_only();
-  // close() needs no FLUSH round trip: nothing is cached on our side that
-  // a close must push (fsync does that).
-  fi->noflush = 1;
-  fuse_reply_open(req, fi);
+  State(req).scheduler->Start(Open(req, *fi));
 }
 
 void OnRead(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, struct fuse_file_info*) {
@@ -240,14 +272,21 @@ void OnFallocate(fuse_req_t req, fuse_ino_t, int mode, off_t offset, off_t lengt
   State(req).scheduler->Start(Fallocate(req, mode, offset, length));
 }
 
-void OnFlush(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_err(req, 0); }
+void OnFlush(fuse_req_t req, fuse_ino_t, struct fuse_file_info* fi) {
+  // FLUSH carries no open flags: the handle says how the file was opened.
+  if (fi->fh != kWritableHandle) {
+    fuse_reply_err(req, 0);
+    return;
+  }
+  State(req).scheduler->Start(FlushOnClose(req));
+}
 
 void OnRelease(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_err(req, 0); }
 
 void OnStatfs(fuse_req_t req, fuse_ino_t) {
   // The space that matters is that of the filesystem holding the image.
   struct statvfs st;
-  if (statvfs(State(req).image_path.c_str(), &st) != 0) {
+  if (fstatvfs(State(req).image_fd, &st) != 0) {
     fuse_reply_err(req, errno);
     return;
   }

@@ -7,6 +7,11 @@
 // callback returns when the coroutine is done or waits for a lock; a
 // write's callback waits for the write, whose bytes stay in libfuse's
 // buffer. No qcow2 logic lives here.
+//
+// Durability: fsync flushes the image, and so does the close of every
+// descriptor opened for writing (FLUSH, which close() waits for); read-only
+// opens set noflush, so their close costs no round trip. An open with
+// O_TRUNC truncates the disk to 0 under the shrink rule.
 
 #ifndef QCOW2FUSE_FUSE_OPS_H_
 #define QCOW2FUSE_FUSE_OPS_H_
@@ -26,7 +31,9 @@ namespace qcow2fuse {
 struct MountState {
   Image* image = nullptr;
   Scheduler* scheduler = nullptr;
-  std::string image_path;  // for statfs and timestamps
+  // The image file's descriptor, for statfs and timestamps. Never a path:
+  // the image may lie under a mount this very process serves.
+  int image_fd = -1;
   struct stat mountpoint_stat {};  // owner and permissions of the view
   // Called once, when the kernel's INIT has been answered: the mount is live.
   std::function<void()> on_ready;

@@ -25,6 +25,7 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 
 constexpr int kMaxThreads = 64;
 constexpr int kMaxDrainTimeoutSeconds = 24 * 3600;
+constexpr int kMaxFlushIntervalSeconds = 24 * 3600;
 
 absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
   std::vector<std::string> kv = absl::StrSplit(option, absl::MaxSplits('=', 1));
@@ -56,6 +57,13 @@ absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
           "drain_timeout must be a number of seconds from 1 to %d, not '%s'", kMaxDrainTimeoutSeconds, kv[1]));
     }
     out.drain_timeout_seconds = n;
+  } else if (key == "flush_interval" && has_value) {
+    int n = 0;
+    if (!absl::SimpleAtoi(kv[1], &n) || n < 0 || n > kMaxFlushIntervalSeconds) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "flush_interval must be a number of seconds from 0 to %d, not '%s'", kMaxFlushIntervalSeconds, kv[1]));
+    }
+    out.flush_interval_seconds = n;
   } else if (key == "detect_zeroes" && has_value) {
     // QEMU's spelling and values.
     if (kv[1] == "off") {
@@ -82,10 +90,14 @@ absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
 
 const char* UsageText() {
   return "usage: qcow2fuse [options] IMAGE MOUNTPOINT\n"
+         "       qcow2fuse -u MOUNTPOINT\n"
          "\n"
          "Shows the qcow2 disk image IMAGE as the raw file MOUNTPOINT (a regular\n"
          "file, created if missing and removed again at unmount).\n"
-         "Unmount with: fusermount3 -u MOUNTPOINT\n"
+         "\n"
+         "qcow2fuse -u MOUNTPOINT unmounts the view and returns once its daemon has\n"
+         "flushed the image, released its locks and exited, so that qemu-img or a\n"
+         "new mount can use the image right away (fusermount3 -u does not wait).\n"
          "\n"
          "options:\n"
          "  -o ro                  read-only view\n"
@@ -96,11 +108,15 @@ const char* UsageText() {
          "  -o threads=N           requests run on N threads (default 16)\n"
          "  -o drain_timeout=S     at unmount, wait S seconds for running requests,\n"
          "                         then exit without them (default 30)\n"
+         "  -o flush_interval=S    make writes durable at most S seconds after they\n"
+         "                         were acknowledged, also while the view stays open\n"
+         "                         (default 5; 0: only at fsync, close and unmount)\n"
          "  -o detect_zeroes=MODE  off (default), on: all-zero writes become zero\n"
          "                         clusters; unmap: and free their space\n"
          "  -f                     stay in the foreground, log to stderr\n"
          "  -d                     foreground, with libfuse's request trace\n"
          "  --pidfile PATH         write the daemon's process id to PATH\n"
+         "  -u                     unmount MOUNTPOINT and wait for its daemon to exit\n"
          "  -h, --help             this text\n"
          "  -V, --version          the version\n";
 }
@@ -129,6 +145,7 @@ absl::StatusOr<MountOptions> ParseCommandLine(int argc, char** argv) {
   MountOptions out;
   out.image_options.read_only = false;  // a plain mount asks for writing
   std::vector<std::string> positional;
+  bool mount_options_given = false;  // anything that only a mount uses
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto next = [&]() -> absl::StatusOr<std::string> {
@@ -139,17 +156,21 @@ absl::StatusOr<MountOptions> ParseCommandLine(int argc, char** argv) {
       out.help = true;
     } else if (arg == "-V" || arg == "--version") {
       out.version = true;
+    } else if (arg == "-u") {
+      out.unmount = true;
     } else if (arg == "-f") {
-      out.foreground = true;
+      out.foreground = mount_options_given = true;
     } else if (arg == "-d") {
-      out.debug = out.foreground = true;
+      out.debug = out.foreground = mount_options_given = true;
     } else if (arg == "-o") {
+      mount_options_given = true;
       absl::StatusOr<std::string> value = next();
       if (!value.ok()) return value.status();
       for (const std::string& option : std::vector<std::string>(absl::StrSplit(*value, ',', absl::SkipEmpty()))) {
         if (absl::Status s = ApplyMountOption(option, out); !s.ok()) return s;
       }
     } else if (arg == "--pidfile") {
+      mount_options_given = true;
       absl::StatusOr<std::string> value = next();
       if (!value.ok()) return value.status();
       absl::StatusOr<std::string> path = AbsolutePath(*value);
@@ -162,6 +183,13 @@ absl::StatusOr<MountOptions> ParseCommandLine(int argc, char** argv) {
     }
   }
   if (out.help || out.version) return out;
+  if (out.unmount) {
+    if (mount_options_given || positional.size() != 1) {
+      return absl::InvalidArgumentError("-u takes a MOUNTPOINT and nothing else");
+    }
+    out.mountpoint = positional[0];  // resolved by the unmount itself
+    return out;
+  }
   if (out.image_options.force_share && !out.image_options.read_only) {
     return absl::InvalidArgumentError("force_share needs ro: a writer must hold the image's locks");
   }

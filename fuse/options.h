@@ -1,6 +1,7 @@
 // The command line of qcow2fuse.
 //
 //   qcow2fuse [-f] [-d] [-o OPT[,OPT...]] [--pidfile PATH] IMAGE MOUNTPOINT
+//   qcow2fuse -u MOUNTPOINT
 
 #ifndef QCOW2FUSE_FUSE_OPTIONS_H_
 #define QCOW2FUSE_FUSE_OPTIONS_H_
@@ -26,6 +27,12 @@ struct MountOptions {
   // How long a stop (unmount, SIGTERM) waits for requests still running
   // before the daemon gives up on them and exits anyway.
   int drain_timeout_seconds = 30;
+  // A written byte is flushed at most this long after its write was
+  // acknowledged, also while the view stays open; 0: only at fsync, close
+  // and unmount.
+  int flush_interval_seconds = 5;
+  // -u: unmount `mountpoint` and wait for its daemon, instead of mounting.
+  bool unmount = false;
   bool help = false;
   bool version = false;
   ImageOptions image_options;

@@ -22,7 +22,7 @@ loopdev=""
 cleanup() {
   [[ -n "$loopdev" ]] && { umount "$work/fs" 2>/dev/null || true; losetup -d "$loopdev" 2>/dev/null || true; }
   if (( ! keep )); then
-    fusermount3 -u "$view" 2>/dev/null || true
+    "$bin" -u "$view" 2>/dev/null || true
     rm -rf "$work"
   fi
 }
@@ -68,7 +68,8 @@ if blkid -p "$view" 2>/dev/null | grep -q 'TYPE="ext[234]"'; then
 fi
 
 if (( keep )); then
-  echo; echo "The view stays mounted at $view; unmount it with: fusermount3 -u $view"
+  echo; echo "The view stays mounted at $view; unmount it with: $bin -u $view"
 else
-  step fusermount3 -u "$view"
+  # Returns once the daemon has exited: the image is free for qemu-img.
+  step "$bin" -u "$view"
 fi

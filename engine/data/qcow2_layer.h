@@ -119,6 +119,8 @@ class Qcow2Layer final : public Layer {
   // Changes the virtual size. Growing makes the new space read as zeros;
   // shrinking is refused (FailedPreconditionError) if data would be lost.
   Task<absl::Status> Truncate(uint64_t new_size);
+  // The error Truncate(new_size) would refuse a shrink with, or OK.
+  Task<absl::Status> CheckShrink(uint64_t new_size);
 
   // Makes [offset, offset + length) read as zeros and frees the host
   // clusters wholly inside it (PUNCH_HOLE). Where a backing file could show
@@ -227,6 +229,9 @@ class Qcow2Layer final : public Layer {
   absl::Status CorruptStatus() const;
   Task<absl::Status> WriteData(uint64_t offset, std::span<const uint8_t> data);
   Task<absl::Status> Resize(uint64_t new_size);
+  // The shrink rule: FailedPreconditionError (errno EINVAL) naming the first
+  // non-zero byte at or past `new_size`.
+  Task<absl::Status> CheckNoDataFrom(uint64_t new_size);
   // Holds the guest clusters of [offset, offset + length) (see
   // cluster_locks_); every public change takes this first.
   auto LockClusters(uint64_t offset, uint64_t length) {

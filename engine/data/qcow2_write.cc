@@ -541,6 +541,38 @@ Task<absl::Status> Qcow2Layer::ZeroNewSpace(uint64_t old_size, uint64_t new_size
   co_return absl::OkStatus();
 }
 
+Task<absl::Status> Qcow2Layer::CheckNoDataFrom(uint64_t new_size) {
+  // Only bytes that are not zero would be lost; stored zeros (such as
+  // those a grow writes over a larger backing file) are not data.
+  const uint64_t old_size = header_.size;
+  std::vector<uint8_t> chunk;
+  for (uint64_t offset = new_size; offset < old_size;) {
+    absl::StatusOr<Extent> e = co_await BlockStatus(offset, old_size - offset);
+    if (!e.ok()) co_return e.status();
+    for (uint64_t done = 0; e->kind == ExtentKind::kData && done < e->length;) {
+      chunk.resize(std::min<uint64_t>(e->length - done, kShrinkCheckChunk));
+      CO_RETURN_IF_ERROR(co_await Read(offset + done, chunk));
+      const auto nonzero = std::find_if(chunk.begin(), chunk.end(), [](uint8_t b) { return b != 0; });
+      if (nonzero != chunk.end()) {
+        co_return WithErrno(absl::FailedPreconditionError(absl::StrFormat(
+                                "cannot shrink %s to %u bytes: the disk holds data at offset %u",
+                                file_->name(), new_size, offset + done + (nonzero - chunk.begin()))),
+                            EINVAL);
+      }
+      done += chunk.size();
+    }
+    offset += e->length;
+  }
+  co_return absl::OkStatus();
+}
+
+Task<absl::Status> Qcow2Layer::CheckShrink(uint64_t new_size) {
+  ReadTracker::Ticket ticket = BeginRequest();
+  // As a resize would: with every change in flight done.
+  RangeLock::Guard guard = co_await cluster_locks_.Lock(0, UINT64_MAX);
+  co_return co_await CheckNoDataFrom(new_size);
+}
+
 Task<absl::Status> Qcow2Layer::Truncate(uint64_t new_size) {
   CO_RETURN_IF_ERROR(CorruptStatus());
   ReadTracker::Ticket ticket = BeginRequest();
@@ -554,26 +586,7 @@ Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
   const uint64_t old_size = header_.size;
   if (new_size == old_size) co_return absl::OkStatus();
   if (new_size < old_size) {
-    // Only bytes that are not zero would be lost; stored zeros (such as
-    // those a grow writes over a larger backing file) are not data.
-    std::vector<uint8_t> chunk;
-    for (uint64_t offset = new_size; offset < old_size;) {
-      absl::StatusOr<Extent> e = co_await BlockStatus(offset, old_size - offset);
-      if (!e.ok()) co_return e.status();
-      for (uint64_t done = 0; e->kind == ExtentKind::kData && done < e->length;) {
-        chunk.resize(std::min<uint64_t>(e->length - done, kShrinkCheckChunk));
-        CO_RETURN_IF_ERROR(co_await Read(offset + done, chunk));
-        const auto nonzero = std::find_if(chunk.begin(), chunk.end(), [](uint8_t b) { return b != 0; });
-        if (nonzero != chunk.end()) {
-          co_return WithErrno(absl::FailedPreconditionError(absl::StrFormat(
-                                  "cannot shrink %s to %u bytes: the disk holds data at offset %u",
-                                  file_->name(), new_size, offset + done + (nonzero - chunk.begin()))),
-                              EINVAL);
-        }
-        done += chunk.size();
-      }
-      offset += e->length;
-    }
+    CO_RETURN_IF_ERROR(co_await CheckNoDataFrom(new_size));
   } else {
     const uint64_t bytes_per_l2 = header_.cluster_size() * header_.l2_entries();
     const uint64_t l1_needed = new_size / bytes_per_l2 + (new_size % bytes_per_l2 != 0);

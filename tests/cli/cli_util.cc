@@ -1,12 +1,17 @@
 #include "cli_util.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <dirent.h>
+#include <string.h>
+
 #include <algorithm>
+#include <fstream>
 #include <iostream>
 #include <thread>
 
@@ -15,6 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "support/file_util.h"
 #include "support/mount.h"
 
@@ -336,6 +342,228 @@ absl::StatusOr<uint64_t> L2EntryOffset(const std::string& image,
          << (mode == Mode::kDaemon ? "[daemon mode] " : "[foreground -f] ")
          << absl::StrJoin(problems, "; ") << "\n"
          << run->Describe();
+}
+
+void TempDirTest::SetUp() {
+  BecomeSubreaper();
+  absl::StatusOr<TempDir> dir = TempDir::Create("cli");
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  dir_ = std::make_unique<TempDir>(std::move(*dir));
+}
+
+absl::StatusOr<RunResult> StartDaemon(const std::string& image,
+                                      const std::string& mountpoint,
+                                      const std::string& pidfile,
+                                      const std::vector<std::string>& options) {
+  std::vector<std::string> argv = {Binary()};
+  if (!options.empty()) {
+    argv.push_back("-o");
+    argv.push_back(absl::StrJoin(options, ","));
+  }
+  argv.insert(argv.end(), {"--pidfile", pidfile, image, mountpoint});
+  RunOptions run_options;
+  run_options.timeout = std::chrono::seconds(30);
+  return RunBounded(argv, run_options);
+}
+
+absl::StatusOr<RunResult> RunUnmount(const std::string& path) {
+  RunOptions options;
+  options.timeout = std::chrono::seconds(60);
+  return RunBounded({Binary(), "-u", path}, options);
+}
+
+::testing::AssertionResult FailsWithOneLine(const RunResult& run,
+                                            const std::vector<std::string>& words) {
+  std::vector<std::string> problems;
+  if (run.timed_out) problems.push_back("did not finish in time");
+  if (!run.timed_out && !run.status.exited()) problems.push_back("ended by a signal");
+  if (run.status.exited() && run.status.code() == 0) problems.push_back("exited with code 0");
+  const std::string& err = run.stderr_text;
+  if (!absl::StartsWith(err, "qcow2fuse: ")) {
+    problems.push_back("stderr does not start with \"qcow2fuse: \"");
+  }
+  if (std::count(err.begin(), err.end(), '\n') != 1 || !absl::EndsWith(err, "\n")) {
+    problems.push_back("stderr is not exactly one line");
+  }
+  const std::string lower = absl::AsciiStrToLower(err);
+  for (const std::string& word : words) {
+    if (!absl::StrContains(lower, absl::AsciiStrToLower(word))) {
+      problems.push_back(absl::StrCat("stderr does not say \"", word, "\""));
+    }
+  }
+  if (problems.empty()) {
+    std::cout << "[refused] " << err;
+    return ::testing::AssertionSuccess();
+  }
+  return ::testing::AssertionFailure() << absl::StrJoin(problems, "; ") << "\n"
+                                       << run.Describe();
+}
+
+absl::StatusOr<std::vector<std::pair<pid_t, unsigned long>>> ThreadFlags(pid_t pid) {
+  const std::string task_dir = absl::StrCat("/proc/", pid, "/task");
+  DIR* dir = opendir(task_dir.c_str());
+  if (dir == nullptr) {
+    return absl::NotFoundError(absl::StrCat("cannot list ", task_dir, ": ", strerror(errno)));
+  }
+  std::vector<std::pair<pid_t, unsigned long>> flags;
+  while (dirent* entry = readdir(dir)) {
+    int tid = 0;
+    if (!absl::SimpleAtoi(entry->d_name, &tid)) continue;
+    std::ifstream in(absl::StrCat(task_dir, "/", tid, "/stat"));
+    std::string line;
+    if (!std::getline(in, line)) continue;  // the thread just ended
+    // "tid (comm) state ppid pgrp session tty_nr tpgid flags ...": comm
+    // may hold spaces, so count from the last ')'.
+    const size_t paren = line.rfind(')');
+    std::vector<std::string> fields =
+        absl::StrSplit(line.substr(paren + 2), ' ', absl::SkipEmpty());
+    unsigned long value = 0;
+    if (fields.size() < 7 || !absl::SimpleAtoi(fields[6], &value)) {
+      closedir(dir);
+      return absl::InternalError(absl::StrCat("cannot parse ", task_dir, "/", tid, "/stat: ", line));
+    }
+    flags.emplace_back(tid, value);
+  }
+  closedir(dir);
+  return flags;
+}
+
+bool HasEffectiveCapability(int cap) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (!absl::StartsWith(line, "CapEff:")) continue;
+    uint64_t mask = 0;
+    if (!absl::SimpleHexAtoi(absl::StripAsciiWhitespace(line.substr(7)), &mask)) return false;
+    return (mask >> cap) & 1;
+  }
+  return false;
+}
+
+namespace {
+
+// One command to a DescriptorHolder's child: 'w'rite or 'c'lose.
+struct HolderCommand {
+  char op;
+  int pattern;
+  uint64_t offset;
+  uint64_t length;
+};
+
+bool ReadAll(int fd, void* data, size_t size) {
+  char* p = static_cast<char*>(data);
+  while (size > 0) {
+    const ssize_t n = read(fd, p, size);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    p += n;
+    size -= n;
+  }
+  return true;
+}
+
+// The child, after fork() of a multi-threaded process: system calls only,
+// no allocation.
+[[noreturn]] void HolderChild(const char* path, int commands, int results) {
+  int fd = open(path, O_WRONLY | O_CLOEXEC);
+  int result = fd < 0 ? errno : 0;
+  (void)!write(results, &result, sizeof result);
+  if (fd < 0) _exit(1);
+  static char buffer[64 * 1024];
+  HolderCommand command;
+  while (ReadAll(commands, &command, sizeof command)) {
+    result = 0;
+    if (command.op == 'w') {
+      memset(buffer, command.pattern, sizeof buffer);
+      for (uint64_t done = 0; done < command.length && result == 0;) {
+        const size_t chunk = std::min<uint64_t>(sizeof buffer, command.length - done);
+        const ssize_t n = pwrite(fd, buffer, chunk, command.offset + done);
+        if (n <= 0) result = n < 0 ? errno : EIO;
+        done += n > 0 ? n : 0;
+      }
+    } else if (fd >= 0) {
+      result = close(fd) == 0 ? 0 : errno;
+      fd = -1;
+    }
+    (void)!write(results, &result, sizeof result);
+  }
+  if (fd >= 0) close(fd);
+  _exit(0);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<DescriptorHolder>> DescriptorHolder::Open(const std::string& path) {
+  int commands[2], results[2];
+  if (pipe2(commands, O_CLOEXEC) != 0) return absl::InternalError(strerror(errno));
+  if (pipe2(results, O_CLOEXEC) != 0) {
+    close(commands[0]);
+    close(commands[1]);
+    return absl::InternalError(strerror(errno));
+  }
+  const pid_t pid = fork();
+  if (pid == 0) {
+    // Only its own two pipe ends: a copy of any other descriptor of the
+    // parent (this holder's other ends, another holder's pipes) would keep
+    // that pipe from ever reporting its end.
+    const int low = std::min(commands[0], results[1]);
+    const int high = std::max(commands[0], results[1]);
+    close_range(STDERR_FILENO + 1, low - 1, 0);
+    close_range(low + 1, high - 1, 0);
+    close_range(high + 1, ~0U, 0);
+    HolderChild(path.c_str(), commands[0], results[1]);
+  }
+  close(commands[0]);
+  close(results[1]);
+  if (pid < 0) {
+    close(commands[1]);
+    close(results[0]);
+    return absl::InternalError(absl::StrCat("fork: ", strerror(errno)));
+  }
+  std::unique_ptr<DescriptorHolder> holder(new DescriptorHolder(pid, commands[1], results[0]));
+  int opened = 0;
+  if (!ReadAll(holder->from_child_, &opened, sizeof opened)) return absl::InternalError("the holder died");
+  if (opened != 0) {
+    holder->closed_ = true;
+    return absl::InternalError(absl::StrCat("open ", path, ": ", strerror(opened)));
+  }
+  return holder;
+}
+
+DescriptorHolder::~DescriptorHolder() {
+  close(to_child_);  // end of commands: the child closes and exits
+  close(from_child_);
+  int status;
+  while (waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+  }
+}
+
+absl::StatusOr<int> DescriptorHolder::Command(char op, int pattern, uint64_t offset, uint64_t length) {
+  const HolderCommand command = {op, pattern, offset, length};
+  if (write(to_child_, &command, sizeof command) != sizeof command) {
+    return absl::InternalError(absl::StrCat("cannot reach the holder: ", strerror(errno)));
+  }
+  int result = 0;
+  if (!ReadAll(from_child_, &result, sizeof result)) return absl::InternalError("the holder died");
+  return result;
+}
+
+absl::Status DescriptorHolder::Write(int pattern, uint64_t offset, uint64_t length) {
+  absl::StatusOr<int> result = Command('w', pattern, offset, length);
+  if (!result.ok()) return result.status();
+  if (*result != 0) {
+    return absl::InternalError(absl::StrCat("pwrite of ", length, " bytes at ", offset, ": ", strerror(*result)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DescriptorHolder::Close() {
+  if (closed_) return absl::OkStatus();
+  closed_ = true;
+  absl::StatusOr<int> result = Command('c', 0, 0, 0);
+  if (!result.ok()) return result.status();
+  if (*result != 0) return absl::InternalError(absl::StrCat("close: ", strerror(*result)));
+  return absl::OkStatus();
 }
 
 }  // namespace qcow2fuse::test::cli

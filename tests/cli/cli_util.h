@@ -15,6 +15,8 @@
 //    that pid, in every path out of a test.
 //  * Qcow2Header and friends: the few big-endian header fields the damage
 //    tests need, parsed here rather than trusted from the code under test.
+//  * TempDirTest, StartDaemon, RunUnmount, FailsWithOneLine, ThreadFlags:
+//    what the durability, unmount and safety tests share.
 
 #ifndef QCOW2FUSE_TESTS_CLI_CLI_UTIL_H_
 #define QCOW2FUSE_TESTS_CLI_CLI_UTIL_H_
@@ -23,20 +25,26 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "gtest/gtest.h"
+#include "absl/strings/string_view.h"
 #include "support/command.h"
+#include "support/mount.h"
+#include "support/temp_dir.h"
 
 namespace qcow2fuse::test::cli {
 
-// The binary under test.
+// The binary under test: $QCOW2FUSE_BINARY if set (an installed build, or
+// an older one to see a test fail), else the one built with the tests.
 inline const std::string& Binary() {
-  static const std::string binary = QCOW2FUSE_BINARY;
+  static const std::string binary = Qcow2fuseBinary(QCOW2FUSE_BINARY);
   return binary;
 }
 
@@ -179,6 +187,72 @@ enum class Mode { kDaemon, kForeground };
     const std::vector<std::string>& extra_options,
     const std::vector<std::string>& keywords, Mode mode,
     std::string* stderr_out = nullptr);
+
+// A test with a scratch directory of its own, made a subreaper (see
+// BecomeSubreaper) so the daemons it starts become its children.
+class TempDirTest : public ::testing::Test {
+ protected:
+  void SetUp() override;
+  std::string Path(absl::string_view name) const { return dir_->Join(name); }
+
+  // Declared before any guard a test body makes, so destroyed after it.
+  std::unique_ptr<TempDir> dir_;
+};
+
+// Runs `qcow2fuse [-o OPTIONS] --pidfile PIDFILE IMAGE MOUNTPOINT` (daemon
+// mode; read-write unless OPTIONS say ro), which returns once the view
+// answers. Make a DaemonGuard for MOUNTPOINT and PIDFILE first.
+absl::StatusOr<RunResult> StartDaemon(const std::string& image,
+                                      const std::string& mountpoint,
+                                      const std::string& pidfile,
+                                      const std::vector<std::string>& options = {});
+
+// `qcow2fuse -u PATH`.
+absl::StatusOr<RunResult> RunUnmount(const std::string& path);
+
+// A clean refusal or failure: a normal exit with a non-zero code, and on
+// stderr exactly one line, starting "qcow2fuse: " and holding every one of
+// `words` (case-insensitive).
+::testing::AssertionResult FailsWithOneLine(const RunResult& run,
+                                            const std::vector<std::string>& words);
+
+// The flags field (the 9th) of /proc/PID/task/TID/stat, for every thread
+// of `pid`: the kernel's PF_* bits.
+absl::StatusOr<std::vector<std::pair<pid_t, unsigned long>>> ThreadFlags(pid_t pid);
+
+// Whether this process has capability number `cap` in its effective set.
+bool HasEffectiveCapability(int cap);
+
+// A writable descriptor of a file, held by a child process. A test that
+// checks when writes become durable must not hold the descriptor itself:
+// every program it starts (qemu-io, fusermount3) gets a copy of its
+// descriptor table, and the exec that closes the copy is a close of the
+// view, whose FLUSH makes the writes durable.
+class DescriptorHolder {
+ public:
+  // Forks a child that opens `path` O_WRONLY and waits for commands.
+  static absl::StatusOr<std::unique_ptr<DescriptorHolder>> Open(const std::string& path);
+  DescriptorHolder(const DescriptorHolder&) = delete;
+  DescriptorHolder& operator=(const DescriptorHolder&) = delete;
+  // Closes the descriptor (if still open) and reaps the child.
+  ~DescriptorHolder();
+
+  // pwrite of `length` bytes of `pattern` at `offset`, all of them.
+  absl::Status Write(int pattern, uint64_t offset, uint64_t length);
+  // close() of the descriptor, with its result.
+  absl::Status Close();
+
+ private:
+  DescriptorHolder(pid_t pid, int to_child, int from_child)
+      : pid_(pid), to_child_(to_child), from_child_(from_child) {}
+  // Sends one command and returns the child's errno for it (0: success).
+  absl::StatusOr<int> Command(char op, int pattern, uint64_t offset, uint64_t length);
+
+  const pid_t pid_;
+  int to_child_;
+  int from_child_;
+  bool closed_ = false;
+};
 
 }  // namespace qcow2fuse::test::cli
 

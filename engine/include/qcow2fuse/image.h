@@ -128,6 +128,11 @@ class Image {
   // multiple of 512 bytes, as QEMU requires.
   Task<absl::Status> Truncate(uint64_t new_size);
 
+  // Whether a shrink to `new_size` would lose data: the error Truncate
+  // would refuse it with (naming the first byte that is not zero), or OK.
+  // Changes nothing.
+  Task<absl::Status> CheckShrink(uint64_t new_size);
+
   // Bytes of the disk that are kData, for st_blocks; it costs nothing. One
   // walk of every L2 table of the chain makes the count, at open or, where
   // the tables exceed ImageOptions::sync_count_limit, in the background;
