@@ -614,10 +614,18 @@ Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
   const uint64_t data_gone = new_size < std::min(count_end_, old_size)
                                  ? co_await DataBytesIn(*this, new_size, std::min(count_end_, old_size))
                                  : 0;
-  CO_RETURN_IF_ERROR(co_await FlushLocked());
-  uint8_t field[8];
-  StoreBE64(field, new_size);
-  CO_RETURN_IF_ERROR(co_await WriteHeaderField(spec::kOffSize, field));
+  absl::Status durable = co_await FlushLocked();
+  if (durable.ok()) {
+    uint8_t field[8];
+    StoreBE64(field, new_size);
+    durable = co_await WriteHeaderField(spec::kOffSize, field);
+  }
+  if (!durable.ok()) {
+    // The header keeps the old size, and so must the layer: a retry of the
+    // same resize must not find nothing to do and report success.
+    header_.size = old_size;
+    co_return durable;
+  }
   header_.size = new_size;
   // The data count: the bytes that left the disk go, those that came in
   // are counted (if the walk is past the old end; otherwise it counts them).
