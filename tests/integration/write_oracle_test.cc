@@ -25,6 +25,12 @@
 //     earlier writes, occasionally several MiB or the whole disk, and
 //     now and then across the end of the view;
 //   - fsync now and then;
+//   - close: at operation 110 of every 300 the descriptor the oracle writes
+//     through is closed (the kernel sends FUSE FLUSH, which makes every
+//     acknowledged write durable) and opened again;
+//   - interval flush: where the view is mounted with -o flush_interval=1,
+//     at operation 185 of every 300 the oracle sleeps 1.5 s, so the
+//     periodic flush (every 0.5 s) must have made everything durable;
 //   - truncates: grows by a random number of sectors, shrinks down to a
 //     point above every byte that ever held data, and shrinks that must
 //     FAIL because data lies beyond (the twin is then left alone, and the
@@ -42,6 +48,24 @@
 // recipe-specific checks (backing files untouched, internal snapshot
 // contents unchanged, persistent bitmaps marked in-use), then remount and
 // compare again, unmount, and check again.
+//
+// After each close and each interval flush the image is judged on disk while
+// it stays mounted (qemu-img -U: the daemon holds its locks): `qemu-img
+// check -U` must find no corruption and no leak, the header must hold the
+// view's size, and `qemu-img compare -U` must find the twin's contents. No
+// leak either: a flush drops the refcount of every cluster given up before
+// it, except one that a request still running, begun before the cluster
+// was given up, may be reading (engine/sched/read_tracker.h; such a cluster
+// is freed by a later flush, and until then the image on disk leaks it, but
+// is never corrupt). The oracle runs one operation at a time and has
+// nothing in flight when it closes or sleeps, so nothing is held back.
+// After an interval flush the view is still open, so a copy of the image
+// file is judged: a qemu-img started while the view is open would itself
+// make the image durable (see CopyOfImage). Three instances are mounted
+// with flush_interval=1 (refcount_bits_64_4k, internal_snapshot, and through
+// it internal_snapshot_dz_unmap: periodic flushes then also run between the
+// operations), one with flush_interval=0 (cluster_64k: only fsync and close
+// flush there), the rest with the default.
 //
 // After every PUNCH_HOLE / ZERO_RANGE (and, under detect_zeroes, every
 // all-zero write small enough to reach the daemon as one request), the
@@ -79,6 +103,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -214,6 +239,8 @@ std::vector<Recipe> AllRecipes() {
                           {"cluster_size=4096"}));
   recipes.push_back(Blank("cluster_64k", 48 * kMiB, 64 * kKiB,
                           {"cluster_size=65536"}));
+  // No periodic flush: a close alone must make the writes durable.
+  recipes.back().mount_options.push_back("flush_interval=0");
   recipes.push_back(Blank("cluster_2m", 64 * kMiB, 2 * kMiB,
                           {"cluster_size=2097152"}));
   {
@@ -243,6 +270,8 @@ std::vector<Recipe> AllRecipes() {
   // 512 clusters, so writing allocates many of them.
   recipes.push_back(Blank("refcount_bits_64_4k", 32 * kMiB, 4 * kKiB,
                           {"refcount_bits=64", "cluster_size=4096"}));
+  // Periodic flushes every 0.5 s while refcount blocks keep being added.
+  recipes.back().mount_options.push_back("flush_interval=1");
   {
     Recipe r;
     r.name = "backing_qcow2_shorter";
@@ -371,6 +400,9 @@ std::vector<Recipe> AllRecipes() {
       }
       return s;
     };
+    // Periodic flushes every 0.5 s while copy-on-write frees shared
+    // clusters and tables.
+    r.mount_options.push_back("flush_interval=1");
     recipes.push_back(r);
   }
   {
@@ -452,6 +484,8 @@ enum class OpKind {
   kPunchHole,  // fallocate PUNCH_HOLE|KEEP_SIZE
   kZeroRange,  // fallocate ZERO_RANGE, with or without KEEP_SIZE
   kPrealloc,   // fallocate mode 0 or KEEP_SIZE
+  kClose,      // close the view's descriptor (FUSE FLUSH) and open it again
+  kIntervalFlush,  // sleep until the periodic flush must have run
 };
 
 // The fallocate mode, spelled out.
@@ -493,6 +527,8 @@ struct Op {
         return (at >= offset && at < offset + length) ||
                (at >= size_before && at < new_size);
       case OpKind::kFsync:
+      case OpKind::kClose:
+      case OpKind::kIntervalFlush:
         return false;
     }
     return false;
@@ -512,6 +548,12 @@ struct Op {
         break;
       case OpKind::kFsync:
         text = "fsync";
+        break;
+      case OpKind::kClose:
+        text = "close and reopen";
+        break;
+      case OpKind::kIntervalFlush:
+        text = "sleep for the periodic flush";
         break;
       case OpKind::kGrow:
         text = absl::StrFormat("grow       %d -> %d", size_before, new_size);
@@ -578,13 +620,107 @@ std::string Hex(const uint8_t* data, size_t length) {
   return text;
 }
 
+// The disk size in the header of the qcow2 image at `path` (bytes 24-31,
+// big-endian), as it is on disk now.
+absl::StatusOr<uint64_t> HeaderSize(const std::string& path) {
+  ScopedFd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) return absl::NotFoundError("open " + path);
+  uint8_t field[8];
+  if (!PreadFully(fd.get(), field, sizeof field, 24)) {
+    return absl::InternalError("reading the header of " + path);
+  }
+  uint64_t size = 0;
+  for (uint8_t byte : field) size = size << 8 | byte;
+  return size;
+}
+
+// The image on disk while the view stays mounted (qemu-img -U, since the
+// daemon holds the image's locks): what is wrong with it, or "" if nothing.
+// `qemu-img check -U` must find no corruption, check error or leak, the
+// header must hold the view's size, and `qemu-img compare -U` must find the
+// twin's bytes. (Check and compare run side by side.)
+std::string ProblemsOnDisk(const std::string& image, const std::string& twin,
+                           uint64_t size) {
+  std::future<absl::StatusOr<QemuCheckReport>> checked =
+      std::async(std::launch::async, [&] {
+        return QemuCheck(image, {"-U", "-f", "qcow2", image});
+      });
+  absl::StatusOr<CommandResult> compare = RunCommand(
+      {"qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", image, twin});
+  absl::StatusOr<QemuCheckReport> check = checked.get();
+  if (!check.ok()) return check.status().ToString();
+  if (check->exit_code != 0 || check->corruptions != 0 || check->leaks != 0 ||
+      check->check_errors != 0) {
+    return absl::StrCat("qemu-img check -U: exit code ", check->exit_code,
+                        ", corruptions=", check->corruptions,
+                        " leaks=", check->leaks,
+                        " check-errors=", check->check_errors, "\n",
+                        check->output);
+  }
+  absl::StatusOr<uint64_t> on_disk = HeaderSize(image);
+  if (!on_disk.ok()) return on_disk.status().ToString();
+  if (*on_disk != size) {
+    return absl::StrCat("the header says the disk has ", *on_disk,
+                        " bytes, the view has ", size);
+  }
+  if (!compare.ok()) return compare.status().ToString();
+  if (!compare->ok()) {
+    return absl::StrCat("qemu-img compare -U ", image, " ", twin, ": ",
+                        compare->status.ToString(), "\n", compare->stdout_text,
+                        compare->stderr_text);
+  }
+  return "";
+}
+
+// A copy of the image file as it is on disk now, made in this process: a
+// process started while the view is open gets a copy of the view's
+// descriptor, and closing that copy (at exec, O_CLOEXEC, or at exit) sends
+// FUSE FLUSH, which flushes the image. So a qemu-img started before the
+// copy exists would itself make the writes durable, and could not tell
+// whether the periodic flush did. The copy lies next to the image, so a
+// relative backing file name still resolves.
+absl::StatusOr<std::string> CopyOfImage(const std::string& image) {
+  absl::StatusOr<std::string> bytes = ReadFile(image);
+  if (!bytes.ok()) return bytes.status();
+  const std::string copy = image + ".as-on-disk.qcow2";
+  ScopedFd fd(open(copy.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (fd.get() < 0) return absl::InternalError("create " + copy);
+  if (PwriteFully(fd.get(), reinterpret_cast<const uint8_t*>(bytes->data()),
+                  bytes->size(), 0) != static_cast<int64_t>(bytes->size())) {
+    return absl::InternalError("write " + copy);
+  }
+  return copy;
+}
+
+// What the close and interval-flush steps need besides the descriptors:
+// the image and the twin (for qemu-img -U), and the view's path and the
+// descriptor a close replaces.
+struct OnDisk {
+  std::string image;
+  std::string twin;
+  std::string view_path;
+  ScopedFd* view = nullptr;  // null: no close steps
+  int flush_interval = -1;   // -o flush_interval; -1: the default
+};
+
+// The -o flush_interval=S among mount options, or -1.
+int FlushInterval(const std::vector<std::string>& mount_options) {
+  int seconds = -1;
+  for (const std::string& o : mount_options) {
+    if (absl::StartsWith(o, "flush_interval=")) {
+      if (!absl::SimpleAtoi(o.substr(15), &seconds)) seconds = -1;
+    }
+  }
+  return seconds;
+}
+
 class Oracle {
  public:
   // `preexisting`: what the image held before (data, zero clusters,
   // compressed or backing-file data), for fallocate ranges over it.
   Oracle(const Recipe& recipe, uint64_t seed, int view_fd, int twin_fd,
          uint64_t size, uint64_t data_end,
-         std::vector<ByteRange> preexisting = {})
+         std::vector<ByteRange> preexisting = {}, OnDisk on_disk = {})
       : rng_(seed),
         probe_rng_(seed ^ 0x5eec5eec5eec5eecull),
         view_fd_(view_fd),
@@ -601,7 +737,8 @@ class Oracle {
         size_(size),
         max_size_(size + size / 2),
         data_end_(data_end),
-        preexisting_(std::move(preexisting)) {
+        preexisting_(std::move(preexisting)),
+        on_disk_(std::move(on_disk)) {
     const uint64_t entry = recipe.extended_l2 ? 16 : 8;
     // Whole L2 tables, and 4 KiB slices of them (a cache may load those).
     spans_ = {cluster_ * (cluster_ / entry), cluster_ * (4096 / entry)};
@@ -619,6 +756,8 @@ class Oracle {
   int zero_ranges_kept() const { return zero_ranges_kept_; }
   int preallocs() const { return preallocs_; }
   int seek_checks() const { return seek_checks_; }
+  int closes() const { return closes_; }
+  int interval_flushes() const { return interval_flushes_; }
   uint64_t last_data_bytes() const { return last_data_bytes_; }
   size_t last_data_regions() const { return last_data_regions_; }
 
@@ -634,6 +773,12 @@ class Oracle {
       Grow(index);
       if (::testing::Test::HasFatalFailure()) return;
       return Shrink(index);
+    }
+    if (index % 300 == 110 && on_disk_.view != nullptr) {
+      return CloseAndReopen(index);
+    }
+    if (index % 300 == 185 && on_disk_.flush_interval == 1) {
+      return SleepForIntervalFlush(index);
     }
     const int r = Uniform(0, 99);
     if (r < 3) return Fsync(index);
@@ -1282,6 +1427,54 @@ class Oracle {
                             << "\n" << Tail();
   }
 
+  // Closes the view's descriptor: the kernel sends FUSE FLUSH and close()
+  // returns once it is answered, so every write acknowledged before is
+  // durable. The image on disk must then be clean and equal the twin. Then
+  // the view is opened again.
+  void CloseAndReopen(int index) {
+    Op op;
+    op.index = index;
+    op.kind = OpKind::kClose;
+    op.size_before = size_;
+    op.result = close(on_disk_.view->release());
+    op.error = errno;
+    view_fd_ = -1;
+    Record(op);
+    ++closes_;
+    ASSERT_EQ(op.result, 0) << "closing the view (FUSE FLUSH): "
+                            << strerror(op.error) << "\n" << Tail();
+    const std::string problems =
+        ProblemsOnDisk(on_disk_.image, on_disk_.twin, size_);
+    *on_disk_.view =
+        ScopedFd(open(on_disk_.view_path.c_str(), O_RDWR | O_CLOEXEC));
+    view_fd_ = on_disk_.view->get();
+    ASSERT_GE(view_fd_, 0) << "reopening the view: " << strerror(errno);
+    ASSERT_TRUE(problems.empty())
+        << "after closing the view (operation #" << index
+        << "), the image on disk: " << problems << "\n" << Tail();
+  }
+
+  // With -o flush_interval=1 the daemon flushes every 0.5 s, so 1.5 s after
+  // the last acknowledged change (the promise is 1 s) it is on disk, and
+  // with nothing in flight the frees are done too: clean, and equal to the
+  // twin. The view stays open; what is judged is a copy of the image file
+  // taken then (see CopyOfImage: a qemu-img started now would flush).
+  void SleepForIntervalFlush(int index) {
+    Op op;
+    op.index = index;
+    op.kind = OpKind::kIntervalFlush;
+    op.size_before = size_;
+    Record(op);
+    ++interval_flushes_;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    ASSERT_OK_AND_ASSIGN(const std::string copy, CopyOfImage(on_disk_.image));
+    const std::string problems = ProblemsOnDisk(copy, on_disk_.twin, size_);
+    ASSERT_TRUE(problems.empty())
+        << "1.5 s after the last change, with flush_interval=1, the image on "
+           "disk (operation #"
+        << index << "): " << problems << "\n" << Tail();
+  }
+
   void Truncate(Op& op) {
     op.result = ftruncate(view_fd_, op.new_size);
     op.error = errno;
@@ -1359,7 +1552,7 @@ class Oracle {
   std::mt19937_64 rng_;
   // For CheckSeek's probes: checks never change the operations.
   std::mt19937_64 probe_rng_;
-  const int view_fd_;
+  int view_fd_;  // a close replaces it
   const int twin_fd_;
   const uint64_t cluster_;
   const uint64_t subcluster_;
@@ -1372,6 +1565,7 @@ class Oracle {
   // whole clusters): shrinking down to it loses nothing.
   uint64_t data_end_;
   const std::vector<ByteRange> preexisting_;
+  const OnDisk on_disk_;
   std::deque<ByteRange> recent_;
   std::vector<Op> log_;
   int grows_ = 0;
@@ -1386,6 +1580,8 @@ class Oracle {
   int seek_checks_ = 0;
   uint64_t last_data_bytes_ = 0;
   size_t last_data_regions_ = 0;
+  int closes_ = 0;
+  int interval_flushes_ = 0;
 };
 
 // Where the data of `image` (and its backing chain) ends, per qemu-img
@@ -1492,7 +1688,9 @@ TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
       ASSERT_GE(twin_fd.get(), 0) << strerror(errno);
 
       Oracle oracle(recipe, seed, view_fd.get(), twin_fd.get(), size,
-                    data_end, preexisting);
+                    data_end, preexisting,
+                    OnDisk{built.image, twin, view_path, &view_fd,
+                           FlushInterval(recipe.mount_options)});
       oracle.Compare("before any write");
       ASSERT_FALSE(HasFatalFailure());
       oracle.CheckSeek("before any write");
@@ -1545,7 +1743,9 @@ TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
                 << " preallocations; " << oracle.seek_checks()
                 << " SEEK_DATA/SEEK_HOLE walks (last: "
                 << oracle.last_data_bytes() << " bytes of data in "
-                << oracle.last_data_regions() << " regions)"
+                << oracle.last_data_regions() << " regions); "
+                << oracle.closes() << " closes, " << oracle.interval_flushes()
+                << " interval flushes"
                 << "; size " << size << " -> " << final_size
                 << (recipe.mount_options.empty()
                         ? ""
