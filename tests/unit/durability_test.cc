@@ -85,34 +85,6 @@ constexpr uint64_t kHostMask = 0x00fffffffffffe00ull;
 
 // --- Files ---------------------------------------------------------------------------
 
-absl::StatusOr<Bytes> ReadBytes(const std::string& path) {
-  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return absl::NotFoundError("cannot open " + path);
-  Bytes bytes(static_cast<size_t>(std::max<off_t>(lseek(fd, 0, SEEK_END), 0)));
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = pread(fd, bytes.data() + done, bytes.size() - done, done);
-    if (n <= 0) break;
-    done += n;
-  }
-  close(fd);
-  if (done != bytes.size()) return absl::InternalError("short read of " + path);
-  return bytes;
-}
-
-absl::Status WriteBytes(const std::string& path, const Bytes& bytes) {
-  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::InternalError("cannot create " + path);
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = pwrite(fd, bytes.data() + done, bytes.size() - done, done);
-    if (n <= 0) break;
-    done += n;
-  }
-  close(fd);
-  return done == bytes.size() ? absl::OkStatus() : absl::InternalError("short write to " + path);
-}
-
 // Forwards everything to a file the test owns: the layer can be destroyed
 // and opened again over the same RecordingFile.
 class Borrowed final : public BlockFile {

@@ -12,6 +12,8 @@
 #ifndef QCOW2FUSE_TESTS_UNIT_QCOW2_BUILDER_H_
 #define QCOW2FUSE_TESTS_UNIT_QCOW2_BUILDER_H_
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -22,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "support/file_util.h"
 #include "support/status_testing.h"  // ASSERT_OK, ASSERT_OK_AND_ASSIGN
 #include "absl/status/statusor.h"
 #include "data/codec.h"
@@ -35,6 +38,19 @@
 namespace qcow2fuse::test {
 
 using Bytes = std::vector<uint8_t>;
+
+// The whole file at `path`, as bytes.
+inline absl::StatusOr<Bytes> ReadBytes(const std::string& path) {
+  absl::StatusOr<std::string> contents = ReadFile(path);
+  if (!contents.ok()) return contents.status();
+  return Bytes(contents->begin(), contents->end());
+}
+
+// Replaces the file at `path` with `bytes`.
+inline absl::Status WriteBytes(const std::string& path, const Bytes& bytes) {
+  unlink(path.c_str());
+  return WriteFileAt(path, 0, absl::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+}
 
 // --- The spec's numbers -------------------------------------------------
 

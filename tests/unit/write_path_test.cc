@@ -61,34 +61,6 @@ constexpr uint64_t kHostMask = 0x00fffffffffffe00ull;
 
 // --- Files ---------------------------------------------------------------------
 
-absl::StatusOr<Bytes> ReadBytes(const std::string& path) {
-  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return absl::NotFoundError("cannot open " + path);
-  Bytes bytes(static_cast<size_t>(std::max<off_t>(lseek(fd, 0, SEEK_END), 0)));
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = pread(fd, bytes.data() + done, bytes.size() - done, done);
-    if (n <= 0) break;
-    done += n;
-  }
-  close(fd);
-  if (done != bytes.size()) return absl::InternalError("short read of " + path);
-  return bytes;
-}
-
-absl::Status WriteBytes(const std::string& path, const Bytes& bytes) {
-  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::InternalError("cannot create " + path);
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = pwrite(fd, bytes.data() + done, bytes.size() - done, done);
-    if (n <= 0) break;
-    done += n;
-  }
-  close(fd);
-  return done == bytes.size() ? absl::OkStatus() : absl::InternalError("short write to " + path);
-}
-
 absl::Status WriteRaw(const std::string& path, uint64_t offset, const Bytes& data) {
   return WriteFileAt(path, offset,
                      absl::string_view(reinterpret_cast<const char*>(data.data()), data.size()));
