@@ -196,11 +196,7 @@ TEST_F(CliTest, DirtyImageIsRepairedBeforeWriting) {
   for (int i = 5; i < 25; i += 4) ASSERT_OK(WriteBE64At(image, block + 2 * i, 0));
   EXPECT_FALSE(CheckImage(image, /*allow_leaks=*/true).ok()) << "the damage did not take";
 
-  MountOptions options;
-  options.binary = Binary();
-  options.image = image;
-  options.mountpoint = Path("view.raw");
-  options.read_only = false;
+  MountOptions options = WritableView(image, Path("view.raw"));
   {
     ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
     int fd = open(view->path().c_str(), O_WRONLY);
@@ -232,11 +228,7 @@ TEST_F(CliTest, WriteThatWouldOverwriteMetadataMarksImageCorrupt) {
   // 16-bit refcounts: zero the L2 table's entry (and its neighbour's).
   ASSERT_OK(WriteBE32At(image, block + 2 * l2_cluster, 0));
 
-  MountOptions options;
-  options.binary = Binary();
-  options.image = image;
-  options.mountpoint = Path("view.raw");
-  options.read_only = false;
+  MountOptions options = WritableView(image, Path("view.raw"));
   {
     ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
     int fd = open(view->path().c_str(), O_WRONLY);

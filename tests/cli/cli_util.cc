@@ -25,6 +25,16 @@
 #include "support/mount.h"
 
 namespace qcow2fuse::test::cli {
+
+MountOptions WritableView(const std::string& image, const std::string& mountpoint) {
+  MountOptions options;
+  options.binary = Binary();
+  options.image = image;
+  options.mountpoint = mountpoint;
+  options.read_only = false;
+  return options;
+}
+
 namespace {
 
 constexpr std::chrono::milliseconds kPoll(10);

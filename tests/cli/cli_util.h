@@ -48,6 +48,10 @@ inline const std::string& Binary() {
   return binary;
 }
 
+// Options for a read-write view of `image` at `mountpoint`, served by the
+// binary under test (MountedView mounts it, and always unmounts it).
+MountOptions WritableView(const std::string& image, const std::string& mountpoint);
+
 // Makes this process a child subreaper (prctl), so a daemon that qcow2fuse
 // forks is re-parented to the test when its parent exits: the test can then
 // reap it and learn its exit status, and it never lingers as a zombie.

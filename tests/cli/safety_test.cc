@@ -189,11 +189,7 @@ TEST_F(SafetyTest, DaemonRunsAsAnIoFlusher) {
   }
   // In the foreground, where the log is ours to read.
   {
-    MountOptions options;
-    options.binary = Binary();
-    options.image = image;
-    options.mountpoint = Path("view.raw");
-    options.read_only = false;
+    MountOptions options = WritableView(image, Path("view.raw"));
     ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
     ASSERT_OK_AND_ASSIGN(ScopedFd fd, OpenReadOnly(view->path()));
     char byte;
@@ -242,11 +238,7 @@ TEST_F(SafetyTest, OpenWithTruncIsRefusedWhileTheDiskHoldsData) {
   const std::string image = MakeImage("disk.qcow2");
   const std::string reference = Path("disk.ref");
   ASSERT_OK(ConvertToRaw(image, reference));
-  MountOptions options;
-  options.binary = Binary();
-  options.image = image;
-  options.mountpoint = Path("view.raw");
-  options.read_only = false;
+  MountOptions options = WritableView(image, Path("view.raw"));
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
 
   ASSERT_OK_AND_ASSIGN(RunResult shell, RunBounded({"sh", "-c", "echo hi > \"$0\"", view->path()}));
@@ -296,11 +288,7 @@ TEST_F(SafetyTest, OpenWithTruncKeepsADiskWithoutData) {
   ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
   const std::string data = Path("data.bin");
   ASSERT_OK(RunChecked({"sh", "-c", "head -c 65536 /dev/urandom > " + data}).status());
-  MountOptions options;
-  options.binary = Binary();
-  options.image = image;
-  options.mountpoint = Path("view.raw");
-  options.read_only = false;
+  MountOptions options = WritableView(image, Path("view.raw"));
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
   {
     const int fd = open(view->path().c_str(), O_WRONLY | O_TRUNC | O_CLOEXEC);

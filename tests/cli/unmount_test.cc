@@ -92,11 +92,7 @@ TEST_F(UnmountTest, ReturnsOnlyOnceTheDaemonHasReleasedTheImage) {
 TEST_F(UnmountTest, EndsAForegroundDaemon) {
   const std::string image = Path("disk.qcow2");
   ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
-  MountOptions options;
-  options.binary = Binary();
-  options.image = image;
-  options.mountpoint = Path("view.raw");
-  options.read_only = false;
+  MountOptions options = WritableView(image, Path("view.raw"));
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
   ASSERT_OK_AND_ASSIGN(RunResult unmounted, RunUnmount(view->path()));
   EXPECT_TRUE(unmounted.status.success()) << unmounted.Describe();

@@ -65,11 +65,7 @@ TEST_F(ViewDurabilityTest, CloseOfAWritableDescriptorMakesItsWritesDurable) {
   constexpr uint64_t kLength = 100000;
   const std::string image = Path("disk.qcow2");
   ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
-  MountOptions options;
-  options.binary = Binary();
-  options.image = image;
-  options.mountpoint = Path("view.raw");
-  options.read_only = false;
+  MountOptions options = WritableView(image, Path("view.raw"));
   options.extra_options = {"flush_interval=0"};
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
 
@@ -94,11 +90,7 @@ TEST_F(ViewDurabilityTest, ReadOnlyOpensOfAWritableViewCloseCleanly) {
   const std::string image = Path("disk.qcow2");
   ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
   ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x3c 1M 64k"}));
-  MountOptions options;
-  options.binary = Binary();
-  options.image = image;
-  options.mountpoint = Path("view.raw");
-  options.read_only = false;
+  MountOptions options = WritableView(image, Path("view.raw"));
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
   for (int i = 0; i < 100; ++i) {
     ASSERT_OK_AND_ASSIGN(ScopedFd fd, OpenReadOnly(view->path()));
