@@ -284,12 +284,6 @@ class Disk {
 
 // --- Decoding the image bytes ---------------------------------------------------------
 
-uint64_t GetBE(const Bytes& b, uint64_t offset, int width) {
-  uint64_t v = 0;
-  for (int i = 0; i < width; ++i) v = (v << 8) | (offset + i < b.size() ? b[offset + i] : 0);
-  return v;
-}
-
 struct Geometry {
   uint64_t cluster_size;
   uint64_t size;

@@ -106,6 +106,13 @@ inline void PutBE(Bytes& b, uint64_t offset, uint64_t value, int width) {
   for (int i = 0; i < width; ++i) raw[i] = static_cast<uint8_t>(value >> (8 * (width - 1 - i)));
   PutBytes(b, offset, std::span(raw, width));
 }
+// The big-endian field of `width` bytes at `offset`; bytes past the end
+// read as zero.
+inline uint64_t GetBE(const Bytes& b, uint64_t offset, int width) {
+  uint64_t v = 0;
+  for (int i = 0; i < width; ++i) v = (v << 8) | (offset + i < b.size() ? b[offset + i] : 0);
+  return v;
+}
 inline void PutBE8(Bytes& b, uint64_t offset, uint8_t v) { PutBE(b, offset, v, 1); }
 inline void PutBE16(Bytes& b, uint64_t offset, uint16_t v) { PutBE(b, offset, v, 2); }
 inline void PutBE32(Bytes& b, uint64_t offset, uint32_t v) { PutBE(b, offset, v, 4); }

@@ -51,14 +51,6 @@ constexpr uint64_t kHdrL1TableOffset = 40;
 
 constexpr uint64_t kCacheBytes = 1 << 20;
 
-uint64_t GetBE(const Bytes& b, uint64_t offset, int width) {
-  uint64_t v = 0;
-  for (int i = 0; i < width; ++i) {
-    v = (v << 8) | (offset + i < b.size() ? b[offset + i] : 0);
-  }
-  return v;
-}
-
 // --- Refcount entries as the spec describes them --------------------------
 // ("Host cluster management": entries narrower than a byte are packed
 // starting at the least significant bit; wider ones are big-endian.)

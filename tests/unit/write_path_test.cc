@@ -73,12 +73,6 @@ absl::Status TruncateRaw(const std::string& path, uint64_t size) {
 
 // --- Decoding the image bytes ------------------------------------------------------
 
-uint64_t GetBE(const Bytes& b, uint64_t offset, int width) {
-  uint64_t v = 0;
-  for (int i = 0; i < width; ++i) v = (v << 8) | (offset + i < b.size() ? b[offset + i] : 0);
-  return v;
-}
-
 struct Geometry {
   uint32_t cluster_bits;
   bool extended;
