@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_format.h"
 #include "base/all_zero.h"
+#include "base/budget.h"
 #include "data/backing.h"
 #include "data/qcow2_layer.h"
 #include "qcow2fuse/status.h"
@@ -27,6 +28,9 @@ Task<absl::StatusOr<std::unique_ptr<Image>>> Image::Open(std::string path, Image
   if (options.force_share && !options.read_only) {
     co_return absl::InvalidArgumentError("force_share is only allowed for read-only opens");
   }
+  // One budget for the whole chain: a 64-deep chain of hostile images must
+  // not get 64 budgets.
+  if (options.budget == nullptr) options.budget = std::make_shared<MemoryBudget>(options.max_metadata_memory);
   absl::StatusOr<std::unique_ptr<Qcow2Layer>> top = co_await OpenChain(path, options);
   if (!top.ok()) co_return top.status();
   co_await (*top)->StartDataCount(/*in_background=*/(*top)->L2TableBytes() > options.sync_count_limit);

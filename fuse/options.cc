@@ -26,6 +26,9 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 constexpr int kMaxThreads = 64;
 constexpr int kMaxDrainTimeoutSeconds = 24 * 3600;
 constexpr int kMaxFlushIntervalSeconds = 24 * 3600;
+// Below this few images open at all (a 2 MiB cluster is read whole);
+// a smaller value is a typo, not a choice.
+constexpr uint64_t kMinMetadataMemory = uint64_t{1} << 20;
 
 absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
   std::vector<std::string> kv = absl::StrSplit(option, absl::MaxSplits('=', 1));
@@ -43,6 +46,14 @@ absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
     absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
     if (!bytes.ok()) return bytes.status();
     out.image_options.l2_cache_size = *bytes;
+  } else if (key == "max_metadata_memory" && has_value) {
+    absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
+    if (!bytes.ok()) return bytes.status();
+    if (*bytes < kMinMetadataMemory) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "max_metadata_memory must be at least %uM, not '%s'", kMinMetadataMemory >> 20, kv[1]));
+    }
+    out.image_options.max_metadata_memory = *bytes;
   } else if (key == "threads" && has_value) {
     int n = 0;
     if (!absl::SimpleAtoi(kv[1], &n) || n < 1 || n > kMaxThreads) {
@@ -104,6 +115,10 @@ const char* UsageText() {
          "  -o force_share         with ro: take no image locks, like qemu-img -U\n"
          "  -o allow_other         let other users access the view\n"
          "  -o l2_cache_size=SIZE  L2 table cache per image (default 4M)\n"
+         "  -o max_metadata_memory=SIZE\n"
+         "                         memory the image and its backing chain may use\n"
+         "                         for tables and caches whose size the images\n"
+         "                         decide; a larger image is refused (default 256M)\n"
          "  -o data_file=PATH      the image's external data file\n"
          "  -o threads=N           requests run on N threads (default 16)\n"
          "  -o drain_timeout=S     at unmount, wait S seconds for running requests,\n"

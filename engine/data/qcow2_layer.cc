@@ -7,12 +7,16 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "base/all_zero.h"
 #include "base/endian.h"
 #include "format/spec.h"
 #include "io/latched_file.h"
+#include "format/bitmap.h"
+#include "format/snapshot.h"
 #include "meta/repair.h"
 #include "qcow2fuse/status.h"
 
@@ -62,7 +66,9 @@ Qcow2Layer::Qcow2Layer(std::unique_ptr<BlockFile> file, Header header,
       backing_(std::move(backing)),
       format_(MakeL2Format(header_)),
       compression_(MakeCompressionType(header_)),
-      l2_cache_(file_.get(), L2SliceSize(header_.cluster_size()), options.l2_cache_size) {}
+      budget_(options.budget ? options.budget : std::make_shared<MemoryBudget>(options.max_metadata_memory)),
+      l2_cache_(file_.get(), L2SliceSize(header_.cluster_size()), options.l2_cache_size, budget_.get(),
+                absl::StrCat("the L2 cache of ", file_->name())) {}
 
 Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Open(
     std::unique_ptr<BlockFile> file, Header header, std::unique_ptr<BlockFile> data_file,
@@ -70,12 +76,22 @@ Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Open(
   std::unique_ptr<Qcow2Layer> layer(new Qcow2Layer(std::move(file), std::move(header),
                                                    std::move(data_file), std::move(backing),
                                                    options));
-  // The header check has bounded the L1 table to 32 MiB and to the file.
+  // The header check has bounded the L1 table to 32 MiB and to the file;
+  // the budget bounds what a chain of them costs. Open holds the raw table
+  // and the decoded one at once.
   const Header& h = layer->header_;
-  std::vector<uint8_t> raw(uint64_t{h.l1_size} * spec::kL2EntrySize);
-  CO_RETURN_IF_ERROR(co_await layer->file_->Read(h.l1_table_offset, raw));
-  layer->l1_.resize(h.l1_size);
-  for (uint32_t i = 0; i < h.l1_size; ++i) layer->l1_[i] = LoadBE64(raw.data() + i * spec::kL2EntrySize);
+  const uint64_t l1_bytes = uint64_t{h.l1_size} * spec::kL2EntrySize;
+  const std::string l1_what = absl::StrFormat("the L1 table of %s", layer->file_->name());
+  CO_RETURN_IF_ERROR(layer->l1_charge_.Take(layer->budget_.get(), l1_bytes, l1_what));
+  {
+    BudgetCharge raw_charge;
+    CO_RETURN_IF_ERROR(raw_charge.Take(layer->budget_.get(), l1_bytes, l1_what));
+    std::vector<uint8_t> raw(l1_bytes);
+    CO_RETURN_IF_ERROR(co_await layer->file_->Read(h.l1_table_offset, raw));
+    layer->l1_.resize(h.l1_size);
+    for (uint32_t i = 0; i < h.l1_size; ++i) layer->l1_[i] = LoadBE64(raw.data() + i * spec::kL2EntrySize);
+  }
+  CO_RETURN_IF_ERROR(layer->CheckL2TablesDistinct());
   // L2 ranges without a table, past the end of any backing file, read as
   // zeros: a fresh image answers reads without looking at its metadata.
   const uint64_t bytes_per_l2 = h.cluster_size() * h.l2_entries();
@@ -89,16 +105,127 @@ Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Open(
       // Left dirty by a crash with lazy refcounts: the refcounts are not to
       // be trusted until rebuilt ("dirty bit" in the spec).
       absl::Status repaired =
-          co_await RebuildRefcounts(*layer->file_, layer->header_, layer->external_data_file_.get());
+          co_await RebuildRefcounts(*layer->file_, layer->header_, layer->external_data_file_.get(),
+                                    layer->budget_.get());
       if (!repaired.ok()) co_return Annotate(repaired, "rebuilding the refcounts of a dirty image");
     }
-    layer->refcounts_ = std::make_unique<Refcounts>(layer->file_.get(), h, kRefcountCacheBytes);
-    CO_RETURN_IF_ERROR(co_await layer->refcounts_->Load());
-    for (uint64_t entry : layer->l1_) {
-      if (L1EntryL2Offset(entry) != 0) layer->l2_tables_.insert(L1EntryL2Offset(entry));
-    }
+    layer->metadata_ = std::make_unique<MetadataMap>(h.cluster_bits);
+    layer->refcounts_ =
+        std::make_unique<Refcounts>(layer->file_.get(), h, kRefcountCacheBytes, layer->metadata_.get(),
+                                    layer->budget_.get());
+    CO_RETURN_IF_ERROR(co_await layer->RegisterMetadata());
   }
   co_return layer;
+}
+
+absl::Status Qcow2Layer::CheckL2TablesDistinct() {
+  // Two L1 entries naming one L2 table never happen in a real image (QEMU
+  // copies a shared table before changing it), and a crafted L1 table full
+  // of them would make every walk of the disk (st_blocks, SEEK_HOLE, a
+  // shrink) read the same table millions of times: hours for a 4 KiB file.
+  // With distinct tables inside the file, a walk costs at most one read of
+  // each table the file really holds.
+  std::vector<std::pair<uint64_t, uint32_t>> tables;  // (L2 offset, L1 index)
+  BudgetCharge charge;
+  RETURN_IF_ERROR(charge.Take(budget_.get(), l1_.size() * sizeof(tables[0]),
+                                      absl::StrFormat("checking the L1 table of %s", file_->name())));
+  for (uint32_t i = 0; i < l1_.size(); ++i) {
+    if (L1EntryL2Offset(l1_[i]) != 0) tables.emplace_back(L1EntryL2Offset(l1_[i]), i);
+  }
+  std::sort(tables.begin(), tables.end());
+  for (size_t i = 1; i < tables.size(); ++i) {
+    if (tables[i].first == tables[i - 1].first) {
+      return absl::DataLossError(absl::StrFormat("L1 entries %u and %u both point to the L2 table at %#x",
+                                                 tables[i - 1].second, tables[i].second, tables[i].first));
+    }
+  }
+  return absl::OkStatus();
+}
+
+Task<absl::Status> Qcow2Layer::RegisterMetadata() {
+  const Header& h = header_;
+  const uint64_t cluster_size = h.cluster_size();
+  MetadataMap& map = *metadata_;
+  auto placed = [&](absl::Status status, const std::string& where) {
+    // (Open's caller names the file.)
+    return status.ok() ? status : absl::DataLossError(absl::StrCat(where, status.message()));
+  };
+  // A structure must lie inside the file and within the spec's bounds
+  // before it is trusted as metadata.
+  auto in_file = [&](uint64_t offset, uint64_t length, std::string_view what) -> absl::Status {
+    if ((offset & (cluster_size - 1)) != 0 || offset > file_->size() || length > file_->size() - offset) {
+      return absl::DataLossError(
+          absl::StrFormat("%s at %#x (%u bytes) is not cluster aligned or not inside the file", what, offset, length));
+    }
+    return absl::OkStatus();
+  };
+  CO_RETURN_IF_ERROR(placed(map.Add(MetadataKind::kHeader, 0, cluster_size), ""));
+  CO_RETURN_IF_ERROR(placed(map.Add(MetadataKind::kL1Table, h.l1_table_offset, uint64_t{h.l1_size} * spec::kL2EntrySize), ""));
+
+  // Snapshot table and the snapshots' L1 tables.
+  if (h.nb_snapshots > 0) {
+    const uint64_t available = std::min(file_->size() - std::min(file_->size(), h.snapshots_offset),
+                                        spec::kMaxSnapshotTableBytes);
+    BudgetCharge charge;
+    CO_RETURN_IF_ERROR(charge.Take(budget_.get(), available, absl::StrFormat("the snapshot table of %s", file_->name())));
+    std::vector<uint8_t> bytes(available);
+    CO_RETURN_IF_ERROR(co_await file_->Read(h.snapshots_offset, bytes));
+    absl::StatusOr<SnapshotTable> table = DecodeSnapshotTable(bytes, h.nb_snapshots);
+    if (!table.ok()) co_return placed(table.status(), "");
+    CO_RETURN_IF_ERROR(placed(map.Add(MetadataKind::kSnapshotTable, h.snapshots_offset, table->bytes), ""));
+    for (size_t i = 0; i < table->entries.size(); ++i) {
+      const SnapshotEntry& sn = table->entries[i];
+      const uint64_t l1 = uint64_t{sn.l1_size} * spec::kL2EntrySize;
+      if (l1 == 0) continue;
+      const std::string what = absl::StrFormat("the L1 table of snapshot %u", i);
+      if (l1 > spec::kMaxL1Bytes) {
+        co_return absl::DataLossError(absl::StrFormat("%s has %u entries, more than the limit", what, sn.l1_size));
+      }
+      CO_RETURN_IF_ERROR(in_file(sn.l1_table_offset, l1, what));
+      CO_RETURN_IF_ERROR(placed(map.Add(MetadataKind::kSnapshotL1Table, sn.l1_table_offset, l1), what + ": "));
+    }
+  }
+
+  // Bitmap directory and bitmap tables.
+  if (h.bitmaps) {
+    const BitmapsExtension& b = *h.bitmaps;
+    BudgetCharge charge;
+    CO_RETURN_IF_ERROR(charge.Take(budget_.get(), b.bitmap_directory_size,
+                                   absl::StrFormat("the bitmap directory of %s", file_->name())));
+    std::vector<uint8_t> dir(b.bitmap_directory_size);
+    CO_RETURN_IF_ERROR(co_await file_->Read(b.bitmap_directory_offset, dir));
+    absl::StatusOr<std::vector<BitmapDirectoryEntry>> entries = DecodeBitmapDirectory(dir, b.nb_bitmaps);
+    if (!entries.ok()) co_return placed(entries.status(), "");
+    CO_RETURN_IF_ERROR(placed(map.Add(MetadataKind::kBitmapDirectory, b.bitmap_directory_offset, dir.size()), ""));
+    for (const BitmapDirectoryEntry& e : *entries) {
+      const uint64_t bytes = uint64_t{e.bitmap_table_size} * spec::kBitmapTableEntrySize;
+      if (e.bitmap_table_offset == 0 || bytes == 0) continue;
+      const std::string what = absl::StrFormat("the bitmap table of bitmap '%s'", absl::CHexEscape(e.name));
+      if (e.bitmap_table_size > spec::kMaxBitmapTableEntries) {
+        co_return absl::DataLossError(absl::StrFormat("%s has %u entries, more than the limit", what, e.bitmap_table_size));
+      }
+      CO_RETURN_IF_ERROR(in_file(e.bitmap_table_offset, bytes, what));
+      CO_RETURN_IF_ERROR(placed(map.Add(MetadataKind::kBitmapTable, e.bitmap_table_offset, bytes), what + ": "));
+    }
+  }
+
+  // The active L2 tables (distinct: CheckL2TablesDistinct), then the
+  // refcount table and blocks (Refcounts::Load). Each costs a little memory.
+  uint64_t clusters = 0;
+  for (uint64_t entry : l1_) clusters += L1EntryL2Offset(entry) != 0;
+  CO_RETURN_IF_ERROR(map_charge_.Take(budget_.get(), clusters * MetadataMap::kBytesPerCluster,
+                                      absl::StrFormat("the index of the L2 tables of %s", file_->name())));
+  for (size_t i = 0; i < l1_.size(); ++i) {
+    const uint64_t l2 = L1EntryL2Offset(l1_[i]);
+    if (l2 == 0) continue;
+    // A table that is not aligned or not inside the file is never used
+    // (L2TableOffset refuses it at every access, so that the rest of the
+    // disk stays readable): nothing to guard.
+    if (!L2TableOffset(i).ok()) continue;
+    CO_RETURN_IF_ERROR(placed(map.Add(MetadataKind::kL2Table, l2, cluster_size), absl::StrFormat("L1 entry %u: ", i)));
+  }
+  CO_RETURN_IF_ERROR(co_await refcounts_->Load());
+  co_return absl::OkStatus();
 }
 
 Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint64_t max_length) {

@@ -52,17 +52,20 @@
 #include <mutex>
 #include <optional>
 #include <shared_mutex>
+#include <string_view>
 #include <thread>
 #include <vector>
 
 #include "absl/container/btree_set.h"
 #include "absl/container/flat_hash_set.h"
 
+#include "base/budget.h"
 #include "data/codec.h"
 #include "data/layer.h"
 #include "format/header.h"
 #include "format/l2_entry.h"
 #include "io/block_file.h"
+#include "meta/metadata_map.h"
 #include "meta/refcounts.h"
 #include "meta/table_cache.h"
 #include "meta/zero_ranges.h"
@@ -218,10 +221,28 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> MarkBitmapsInUse();
   Task<absl::Status> ZeroNewSpace(uint64_t old_size, uint64_t new_size);
   Task<absl::Status> FlushIfCachesFull();
-  // Refuses (and marks the image corrupt) a write of guest data or a new
-  // table to [offset, offset + length) that would land on metadata in use.
-  // Requires meta_mu_ held.
-  Task<absl::Status> CheckOverlap(uint64_t offset, uint64_t length, const char* what);
+  // The one check before every write to a host cluster that is not a
+  // write of that structure itself (guest data in place or copied, zeros,
+  // a preallocated cluster, a new L1 or L2 table): [offset, offset +
+  // length) of the data file must lie where a cluster can be (inside the
+  // file, or for a new cluster inside the clusters handed out; for an
+  // external data file, inside the disk) and, in the image file, touch no
+  // metadata (metadata_). DataLossError naming `what` and what it would
+  // have hit, which marks the image corrupt (Finish), as QEMU does.
+  // Requires meta_mu_ held, except `in_place` (a cluster already linked,
+  // which must lie inside the file).
+  absl::Status CheckHostWrite(uint64_t offset, uint64_t length, std::string_view what,
+                              bool in_place = false) const;
+  // The same for giving back the host clusters of `entry` (guest cluster
+  // `guest_cluster`): a crafted entry must not free metadata, whose cluster
+  // would then be discarded and handed out again. Call before the entry is
+  // replaced.
+  absl::Status CheckFreeable(uint64_t guest_cluster, const L2Entry& entry) const;
+  // Refuses an L1 table with two entries naming one L2 table (at open).
+  absl::Status CheckL2TablesDistinct();
+  // Registers the metadata of a writable image in metadata_ (at open),
+  // refusing structures that overlap one another.
+  Task<absl::Status> RegisterMetadata();
   // Marks the image corrupt (header bit) after `status`, a DataLossError
   // met while changing it, and latches it: later changes fail.
   Task<absl::Status> MarkCorrupt(absl::Status status);
@@ -267,6 +288,9 @@ class Qcow2Layer final : public Layer {
   const std::unique_ptr<Layer> backing_;
   const L2Format format_;
   const CompressionType compression_;
+  // Memory taken for the image's own structures (see base/budget.h),
+  // shared with the rest of the chain.
+  const std::shared_ptr<MemoryBudget> budget_;
   mutable std::shared_mutex l1_mu_;
   std::vector<uint64_t> l1_;
   TableCache l2_cache_;
@@ -294,9 +318,11 @@ class Qcow2Layer final : public Layer {
   std::atomic<uint64_t> changes_{0};
   uint64_t flushed_changes_ = 0;
   bool flush_failed_ = false;
-  // Host offsets of the L2 tables the active L1 table points to, for the
-  // overlap guard.
-  absl::flat_hash_set<uint64_t> l2_tables_;
+  // Where the metadata of a writable image lies (null when read-only), for
+  // CheckHostWrite; the refcounts keep their part of it up to date.
+  std::unique_ptr<MetadataMap> metadata_;
+  BudgetCharge l1_charge_;    // l1_
+  BudgetCharge map_charge_;   // metadata_'s clusters
   // Set once the image is found inconsistent while writing: it is marked
   // corrupt on disk and every later change is refused.
   std::atomic<bool> is_corrupt_{false};

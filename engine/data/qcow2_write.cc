@@ -11,6 +11,7 @@
 #include "base/all_zero.h"
 #include "base/endian.h"
 #include "data/qcow2_layer.h"
+#include "format/bitmap.h"
 #include "format/spec.h"
 #include "qcow2fuse/status.h"
 
@@ -42,21 +43,16 @@ Task<absl::Status> Qcow2Layer::WriteHeaderField(uint32_t field_offset, std::span
 // reports them as inconsistent instead of trusting them.
 Task<absl::Status> Qcow2Layer::MarkBitmapsInUse() {
   const BitmapsExtension& b = *header_.bitmaps;
+  // The header check bounded the directory to QEMU's 64 MiB limit.
+  BudgetCharge charge;
+  CO_RETURN_IF_ERROR(charge.Take(budget_.get(), b.bitmap_directory_size,
+                                 absl::StrFormat("the bitmap directory of %s", file_->name())));
   std::vector<uint8_t> dir(b.bitmap_directory_size);
   CO_RETURN_IF_ERROR(co_await file_->Read(b.bitmap_directory_offset, dir));
-  uint64_t pos = 0;
-  for (uint32_t i = 0; i < b.nb_bitmaps; ++i) {
-    if (pos + spec::kBitmapDirEntryFixedSize > dir.size()) {
-      co_return absl::DataLossError(absl::StrFormat(
-          "%s: bitmap directory entry %u runs past the directory", file_->name(), i));
-    }
-    uint8_t* entry = dir.data() + pos;
-    StoreBE32(entry + spec::kBitmapDirOffFlags,
-              LoadBE32(entry + spec::kBitmapDirOffFlags) | spec::kBitmapFlagInUse);
-    pos += RoundUp(uint64_t{spec::kBitmapDirEntryFixedSize} +
-                       LoadBE16(entry + spec::kBitmapDirOffNameSize) +
-                       LoadBE32(entry + spec::kBitmapDirOffExtraDataSize),
-                   spec::kExtAlignment);
+  absl::StatusOr<std::vector<BitmapDirectoryEntry>> entries = DecodeBitmapDirectory(dir, b.nb_bitmaps);
+  if (!entries.ok()) co_return Annotate(entries.status(), file_->name());
+  for (const BitmapDirectoryEntry& e : *entries) {
+    StoreBE32(dir.data() + e.position + spec::kBitmapDirOffFlags, e.flags | spec::kBitmapFlagInUse);
   }
   CO_RETURN_IF_ERROR(co_await file_->Write(b.bitmap_directory_offset, dir));
   co_return co_await file_->Flush();
@@ -106,6 +102,9 @@ Task<absl::Status> Qcow2Layer::MarkCorrupt(absl::Status status) {
     corrupt_ = latched;
   }
   is_corrupt_ = true;
+  // Version 2 has no corrupt bit: its header ends where the field would
+  // be, and the bytes there are header extensions (QEMU marks only v3).
+  if (header_.version < spec::kVersion3) co_return latched;
   header_.incompatible_features |= spec::kIncompatCorrupt;
   uint8_t field[8];
   StoreBE64(field, header_.incompatible_features);
@@ -114,31 +113,62 @@ Task<absl::Status> Qcow2Layer::MarkCorrupt(absl::Status status) {
   co_return latched;
 }
 
-Task<absl::Status> Qcow2Layer::CheckOverlap(uint64_t offset, uint64_t length, const char* what) {
+absl::Status Qcow2Layer::CheckHostWrite(uint64_t offset, uint64_t length, std::string_view what,
+                                        bool in_place) const {
   const uint64_t cluster_size = header_.cluster_size();
-  auto overlaps = [&](uint64_t start, uint64_t size) { return offset < start + size && start < offset + length; };
-  const char* hit = nullptr;
-  if (overlaps(0, cluster_size)) {
-    hit = "the header";
-  } else if (overlaps(header_.l1_table_offset, uint64_t{header_.l1_size} * spec::kL2EntrySize)) {
-    hit = "the L1 table";
-  } else if (refcounts_->OverlapsMetadata(offset, length)) {
-    hit = "the refcount table or a refcount block";
-  } else if (header_.nb_snapshots > 0 && overlaps(header_.snapshots_offset, cluster_size)) {
-    hit = "the snapshot table";
-  } else if (header_.bitmaps && overlaps(header_.bitmaps->bitmap_directory_offset,
-                                         header_.bitmaps->bitmap_directory_size)) {
-    hit = "the bitmap directory";
-  } else {
-    for (uint64_t c = offset & ~(cluster_size - 1); c < offset + length; c += cluster_size) {
-      if (l2_tables_.contains(c)) hit = "an L2 table in use";
+  // Where a cluster of ours can be. In the image file: inside the file, or
+  // for a cluster handed out just now, the clusters the refcounts know of
+  // (an L2 entry pointing past the end would send the write to a sparse
+  // 4 PiB file). In an external data file, guest and host offsets are the
+  // same: inside the disk.
+  const uint64_t in_file = RoundUp(file_->size(), cluster_size);
+  const uint64_t limit = external_data_file_ ? RoundUp(header_.size, cluster_size)
+                         : in_place          ? in_file
+                                             : std::max(in_file, refcounts_->end_cluster() << header_.cluster_bits);
+  std::string problem;
+  if (offset > limit || length > limit - offset) {
+    problem = external_data_file_ ? "it lies past the end of the disk in the external data file"
+                                  : "it lies past the end of the image file";
+  } else if (!external_data_file_) {
+    if (std::optional<MetadataMap::Hit> h = metadata_->Find(offset, length)) {
+      problem = absl::StrFormat("it would overwrite %s at %#x", MetadataKindName(h->kind), h->offset);
     }
   }
-  if (hit == nullptr) co_return absl::OkStatus();
-  co_return absl::DataLossError(absl::StrFormat(
-      "%s: refusing to write %s at host offset %#x (%u bytes): it would overwrite %s; the "
-      "refcounts must be wrong",
-      file_->name(), what, offset, length, hit));
+  if (problem.empty()) return absl::OkStatus();
+  return absl::DataLossError(absl::StrFormat("%s: refusing to write %s at host offset %#x (%u bytes): %s",
+                                             file_->name(), what, offset, length, problem));
+}
+
+absl::Status Qcow2Layer::CheckFreeable(uint64_t guest_cluster, const L2Entry& entry) const {
+  if (external_data_file_) return absl::OkStatus();  // data clusters there have no refcounts
+  const uint32_t cluster_bits = header_.cluster_bits;
+  uint64_t offset = 0, length = 0;
+  if (entry.descriptor & spec::kOflagCompressed) {
+    const CompressedDescriptor d = DecodeCompressedDescriptor(entry.descriptor, cluster_bits);
+    offset = d.host_offset >> cluster_bits << cluster_bits;
+    length = d.host_offset + d.max_size - offset;
+  } else if (L2EntryHostOffset(entry) != 0) {
+    offset = L2EntryHostOffset(entry);
+    length = header_.cluster_size();
+  } else {
+    return absl::OkStatus();
+  }
+  // A referenced cluster lies inside the file; compressed data may end in
+  // the last cluster's successor (its descriptor counts whole sectors).
+  // Freeing one far past the end would make the refcounts describe it.
+  const uint64_t limit = RoundUp(file_->size(), header_.cluster_size()) + header_.cluster_size();
+  if (offset > limit || length > limit - offset) {
+    return absl::DataLossError(absl::StrFormat(
+        "%s: the L2 entry of guest offset %#x (%#016x) points to host offset %#x, past the end of the "
+        "file: refusing to free it",
+        file_->name(), guest_cluster, entry.descriptor, offset));
+  }
+  std::optional<MetadataMap::Hit> hit = metadata_->Find(offset, length);
+  if (!hit) return absl::OkStatus();
+  return absl::DataLossError(absl::StrFormat(
+      "%s: the L2 entry of guest offset %#x (%#016x) points to host offset %#x, which is %s at %#x: "
+      "refusing to free it",
+      file_->name(), guest_cluster, entry.descriptor, offset, MetadataKindName(hit->kind), hit->offset));
 }
 
 Task<absl::Status> Qcow2Layer::Finish(absl::Status status) {
@@ -215,6 +245,7 @@ Task<absl::Status> Qcow2Layer::WriteInCluster(uint64_t offset, std::span<const u
       updated.bitmap = (old->bitmap | touched) & ~(touched << spec::kSubclusterZeroShift);
       if (in_place && (old->bitmap & touched) == touched) {
         // Every touched subcluster already holds data: a plain overwrite.
+        CO_RETURN_IF_ERROR(CheckHostWrite(host + begin, data.size(), "guest data in place", true));
         data_bytes_written_ += data.size();
         co_return co_await data_file_->Write(host + begin, data);
       }
@@ -225,6 +256,7 @@ Task<absl::Status> Qcow2Layer::WriteInCluster(uint64_t offset, std::span<const u
   } else {
     const SubclusterType type = GetSubclusterType(*old, 0, format_);
     if (type == SubclusterType::kNormal && in_place) {
+      CO_RETURN_IF_ERROR(CheckHostWrite(host + begin, data.size(), "guest data in place", true));
       data_bytes_written_ += data.size();
       co_return co_await data_file_->Write(host + begin, data);
     }
@@ -246,6 +278,8 @@ Task<absl::Status> Qcow2Layer::WriteInCluster(uint64_t offset, std::span<const u
 
   uint64_t target = host;
   bool past_end = false;  // a new cluster beyond the end of the data file
+  // The old cluster is given up below: it must be ours to give.
+  if (!in_place) CO_RETURN_IF_ERROR(CheckFreeable(guest_cluster, *old));
   {
     RangeLock::Guard meta = co_await meta_mu_.Lock();
     if (!in_place) {
@@ -255,7 +289,7 @@ Task<absl::Status> Qcow2Layer::WriteInCluster(uint64_t offset, std::span<const u
       // Nobody else writes there: the cluster is this request's alone.
       past_end = target >= data_file_->size();
     }
-    if (!external_data_file_) CO_RETURN_IF_ERROR(co_await CheckOverlap(target + from, buffer.size(), "guest data"));
+    CO_RETURN_IF_ERROR(CheckHostWrite(target + from, buffer.size(), "guest data", in_place));
   }
   // The data goes to disk with no lock held: only this request knows the
   // new cluster until its entry is stored.
@@ -363,7 +397,9 @@ Task<absl::StatusOr<uint64_t>> Qcow2Layer::WritableL2Table(uint64_t l1_index) {
   if (*old != 0) CO_RETURN_IF_ERROR(co_await file_->Read(*old, table));
   // The whole table goes to disk now; the L1 entry that points to it is
   // written only after a barrier (flush step 3).
-  CO_RETURN_IF_ERROR(co_await CheckOverlap(*fresh, table.size(), "a new L2 table"));
+  CO_RETURN_IF_ERROR(CheckHostWrite(*fresh, table.size(), "a new L2 table"));
+  CO_RETURN_IF_ERROR(map_charge_.Take(budget_.get(), MetadataMap::kBytesPerCluster,
+                                      absl::StrFormat("the index of the L2 tables of %s", file_->name())));
   ++other_metadata_writes_;
   CO_RETURN_IF_ERROR(co_await file_->Write(*fresh, table));
   for (uint64_t s = 0; s < header_.cluster_size(); s += l2_cache_.table_size()) {
@@ -374,13 +410,13 @@ Task<absl::StatusOr<uint64_t>> Qcow2Layer::WritableL2Table(uint64_t l1_index) {
     l1_[l1_index] = *fresh | spec::kOflagCopied;
   }
   dirty_l1_.insert(l1_index);
-  l2_tables_.insert(*fresh);
   if (*old != 0) {
-    FreeLater(*old, 1);
     // Still in use by a snapshot, but no longer ours to guard: QEMU's
     // default overlap checks leave inactive tables out too.
-    l2_tables_.erase(*old);
+    metadata_->Remove(MetadataKind::kL2Table, *old);
+    FreeLater(*old, 1);
   }
+  CO_RETURN_IF_ERROR(metadata_->Add(MetadataKind::kL2Table, *fresh, header_.cluster_size()));
   co_return *fresh;
 }
 
@@ -457,6 +493,12 @@ Task<absl::Status> Qcow2Layer::GrowL1(uint64_t entries) {
         spec::kMaxL1Bytes));
   }
   RangeLock::Guard meta = co_await meta_mu_.Lock();
+  // The larger table in memory, and while it is built, its bytes.
+  BudgetCharge growth;
+  const std::string what = absl::StrFormat("the L1 table of %s", file_->name());
+  CO_RETURN_IF_ERROR(growth.Take(budget_.get(), (entries - L1Size()) * spec::kL2EntrySize, what));
+  BudgetCharge raw_charge;
+  CO_RETURN_IF_ERROR(raw_charge.Take(budget_.get(), RoundUp(entries * spec::kL2EntrySize, cluster_size), what));
   // The new table copies the in-memory entries: what they point to must be
   // durable before the header can point to it.
   CO_RETURN_IF_ERROR(co_await FlushLocked());
@@ -468,7 +510,7 @@ Task<absl::Status> Qcow2Layer::GrowL1(uint64_t entries) {
     std::shared_lock lock(l1_mu_);
     for (size_t i = 0; i < l1_.size(); ++i) StoreBE64(raw.data() + i * spec::kL2EntrySize, l1_[i]);
   }
-  CO_RETURN_IF_ERROR(co_await CheckOverlap(*fresh, raw.size(), "a new L1 table"));
+  CO_RETURN_IF_ERROR(CheckHostWrite(*fresh, raw.size(), "a new L1 table"));
   ++other_metadata_writes_;
   CO_RETURN_IF_ERROR(co_await file_->Write(*fresh, raw));
   CO_RETURN_IF_ERROR(co_await refcounts_->WriteBack());
@@ -489,6 +531,12 @@ Task<absl::Status> Qcow2Layer::GrowL1(uint64_t entries) {
   }
   header_.l1_size = static_cast<uint32_t>(entries);
   header_.l1_table_offset = *fresh;
+  metadata_->Move(MetadataKind::kL1Table, old_offset, *fresh, entries * spec::kL2EntrySize);
+  // The growth now belongs to the table (given back and taken at once;
+  // nothing else takes from the budget of an open image meanwhile).
+  const uint64_t grown = growth.bytes();
+  growth.Reset();
+  l1_charge_.Take(budget_.get(), grown, what).IgnoreError();
   if (old_clusters > 0) FreeLater(old_offset, old_clusters);
   co_return absl::OkStatus();
 }
@@ -531,6 +579,7 @@ Task<absl::Status> Qcow2Layer::ZeroNewSpace(uint64_t old_size, uint64_t new_size
         } else {
           zero.descriptor = spec::kOflagZero;
         }
+        CO_RETURN_IF_ERROR(CheckFreeable(gc, *entry));
         RangeLock::Guard meta = co_await meta_mu_.Lock();
         CO_RETURN_IF_ERROR(co_await StoreEntry(gc, zero));
         FreeLater(*entry);

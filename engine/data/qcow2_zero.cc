@@ -147,6 +147,7 @@ Task<absl::Status> Qcow2Layer::ZeroWholeCluster(uint64_t guest_cluster, ZeroMode
     // No zero flag (version 2), or a raw data file that must itself read as
     // the disk does: unallocated is enough only where nothing shows through.
     if (mode != ZeroMode::kZero && !over_backing && !external_data_file_) {
+      CO_RETURN_IF_ERROR(CheckFreeable(guest_cluster, *old));
       RangeLock::Guard meta = co_await meta_mu_.Lock();
       CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, L2Entry{}));
       FreeLater(*old);
@@ -181,6 +182,7 @@ Task<absl::Status> Qcow2Layer::ZeroWholeCluster(uint64_t guest_cluster, ZeroMode
     CO_RETURN_IF_ERROR(co_await external_data_file_->Discard(guest_cluster, cluster_size));
   }
   if (!SameEntry(updated, *old)) {
+    if (!keep_host) CO_RETURN_IF_ERROR(CheckFreeable(guest_cluster, *old));
     RangeLock::Guard meta = co_await meta_mu_.Lock();
     CO_RETURN_IF_ERROR(co_await StoreEntry(guest_cluster, updated));
     if (!keep_host) FreeLater(*old);
@@ -311,7 +313,7 @@ Task<absl::Status> Qcow2Layer::PreallocateCluster(uint64_t guest_cluster) {
     RangeLock::Guard meta = co_await meta_mu_.Lock();
     host = co_await AllocateDataCluster(guest_cluster);
     if (!host.ok()) co_return host.status();
-    if (!external_data_file_) CO_RETURN_IF_ERROR(co_await CheckOverlap(*host, cluster_size, "a preallocated cluster"));
+    CO_RETURN_IF_ERROR(CheckHostWrite(*host, cluster_size, "a preallocated cluster"));
   }
   CO_RETURN_IF_ERROR(co_await data_file_->Allocate(*host, cluster_size));
   L2Entry updated{*host | spec::kOflagCopied, 0};

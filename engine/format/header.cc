@@ -239,6 +239,12 @@ absl::Status DecodeExtension(uint32_t type, std::span<const uint8_t> data, uint6
       if (e.nb_bitmaps == 0 || e.nb_bitmaps > spec::kMaxBitmaps) {
         return Corrupt(absl::StrFormat("bitmaps extension lists %u bitmaps", e.nb_bitmaps));
       }
+      // The file may be sparse: its size says nothing about what a
+      // directory that big would cost in memory.
+      if (e.bitmap_directory_size > spec::kMaxBitmapDirectoryBytes) {
+        return Corrupt(absl::StrFormat("bitmap directory of %u bytes is larger than the limit of %u",
+                                       e.bitmap_directory_size, spec::kMaxBitmapDirectoryBytes));
+      }
       if (!InFile(e.bitmap_directory_offset, e.bitmap_directory_size, file_size)) {
         return Corrupt(absl::StrFormat("bitmap directory at %#x (%u bytes) runs past the end of the file",
                                        e.bitmap_directory_offset, e.bitmap_directory_size));

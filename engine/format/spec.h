@@ -106,10 +106,21 @@ inline constexpr uint32_t kMaxBitmaps = 65535;
 // "Bitmap directory" entries: a 24-byte fixed part, then extra data and
 // the name, padded to 8 bytes.
 inline constexpr uint32_t kBitmapDirEntryFixedSize = 24;
+inline constexpr uint32_t kBitmapDirOffTableOffset = 0;
+inline constexpr uint32_t kBitmapDirOffTableSize = 8;
 inline constexpr uint32_t kBitmapDirOffFlags = 12;
+inline constexpr uint32_t kBitmapDirOffType = 16;
+inline constexpr uint32_t kBitmapDirOffGranularityBits = 17;
 inline constexpr uint32_t kBitmapDirOffNameSize = 18;
 inline constexpr uint32_t kBitmapDirOffExtraDataSize = 20;
+inline constexpr uint32_t kBitmapDirEntryAlignment = 8;
 inline constexpr uint32_t kBitmapFlagInUse = 1u << 0;
+// "Bitmap table": 8-byte entries.
+inline constexpr uint32_t kBitmapTableEntrySize = 8;
+// QEMU's limits: QCOW2_MAX_BITMAP_DIRECTORY_SIZE (1 KiB per bitmap) and
+// BME_MAX_TABLE_SIZE (entries of one bitmap table).
+inline constexpr uint64_t kMaxBitmapDirectoryBytes = uint64_t{1024} * kMaxBitmaps;
+inline constexpr uint64_t kMaxBitmapTableEntries = 0x8000000;
 
 // "Full disk encryption header pointer": offset (8), length (8).
 inline constexpr uint32_t kFdeExtSize = 16;
@@ -156,6 +167,18 @@ inline constexpr uint64_t kMaxRefcountTableBytes = 8ull << 20;
 // --- "Snapshots" ----------------------------------------------------------
 // QEMU's limit on the number of internal snapshots.
 inline constexpr uint32_t kMaxSnapshots = 65536;
+// A snapshot table entry: a 40-byte fixed part, extra data, the ID string
+// and the name, padded to 8 bytes.
+inline constexpr uint32_t kSnapshotFixedSize = 40;
+inline constexpr uint32_t kSnapOffL1TableOffset = 0;
+inline constexpr uint32_t kSnapOffL1Size = 8;
+inline constexpr uint32_t kSnapOffIdStrSize = 12;
+inline constexpr uint32_t kSnapOffNameSize = 14;
+inline constexpr uint32_t kSnapOffExtraDataSize = 36;
+inline constexpr uint32_t kSnapshotEntryAlignment = 8;
+// QEMU's limits: QCOW_MAX_SNAPSHOT_EXTRA_DATA and QCOW_MAX_SNAPSHOTS_SIZE.
+inline constexpr uint32_t kMaxSnapshotExtraData = 1024;
+inline constexpr uint64_t kMaxSnapshotTableBytes = uint64_t{1024} * kMaxSnapshots;
 
 }  // namespace qcow2fuse::spec
 

@@ -56,6 +56,10 @@ PermSet PermsFor(LockMode mode) {
       return {Bit(kConsistentRead), kShared};
     case LockMode::kReadWrite:
       return {Bit(kConsistentRead) | Bit(kWrite) | Bit(kResize), kShared};
+    case LockMode::kDataFileReadOnly:
+      return {Bit(kConsistentRead), kShared | Bit(kWrite)};
+    case LockMode::kDataFileReadWrite:
+      return {Bit(kConsistentRead) | Bit(kWrite) | Bit(kResize), kShared | Bit(kWrite)};
   }
   return {0, kAllPerms};
 }

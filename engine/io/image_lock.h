@@ -36,8 +36,17 @@
 // that is, QEMU readers and writers both refuse to share write and resize:
 // while a VM runs, qemu-img info/check without -U fail with
 // 'Failed to get shared "write" lock', and while a qemu-img check runs, a
-// VM cannot start. LockMode mirrors the two rows above exactly, so
-// qcow2fuse behaves like the equivalent qemu-io open.
+// VM cannot start.
+//
+// On the external data file of a qcow2 image QEMU takes the same
+// permissions but shares write too (qemu-io and qemu-storage-daemon alike):
+//
+//   read-write open                          locks 100 101 103 203
+//   read-only open, and the data file of a
+//     backing image                          locks 100 203
+//
+// LockMode mirrors the read-write and read-only rows of both tables
+// exactly, so qcow2fuse behaves like the equivalent qemu-io open.
 
 #ifndef QCOW2FUSE_IO_IMAGE_LOCK_H_
 #define QCOW2FUSE_IO_IMAGE_LOCK_H_
@@ -59,6 +68,15 @@ enum class LockMode {
   // process has the image open through QEMU's block layer without
   // force-share, reader or writer.
   kReadWrite,
+  // An external data file, as QEMU locks the data file of a qcow2 image
+  // (observed with qemu-io and qemu-storage-daemon 7.2): the permissions of
+  // the image's open, but sharing write, since the qcow2 image is what
+  // guards the data. Read-only: bytes 100 203; read-write: 100 101 103 203.
+  // So a data file in use by another image's QEMU writer (which holds
+  // resize) refuses both, and a data file held by one of these refuses a
+  // QEMU writer of another image naming it (it wants to resize).
+  kDataFileReadOnly,
+  kDataFileReadWrite,
 };
 
 // Takes QEMU's locks for `mode` on the open file description of `fd` (the

@@ -18,7 +18,9 @@ class MemFile final : public BlockFile {
       size_t have =
           offset < contents_.size() ? std::min<uint64_t>(out.size(), contents_.size() - offset) : 0;
       if (have > 0) std::memcpy(out.data(), contents_.data() + offset, have);
-      std::memset(out.data() + have, 0, out.size() - have);
+      // An empty span may have no buffer at all: memset(nullptr, 0, 0) is
+      // undefined behaviour.
+      if (out.size() > have) std::memset(out.data() + have, 0, out.size() - have);
     }
     co_return absl::OkStatus();
   }

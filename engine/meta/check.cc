@@ -125,28 +125,67 @@ struct SnapshotInfo {
 
 enum class ClusterType { kUnallocated, kZeroPlain, kZeroAlloc, kNormal, kCompressed };
 
+// Bytes charged per entry of the structures that grow with the metadata
+// (vector elements, with room for their growth).
+constexpr uint64_t kL2UseBytes = 2 * 32;
+constexpr uint64_t kPendingRangeBytes = 2 * 24 + 2 * 16;  // the range and its two sweep events
+
+// One pass of the check over a window of host clusters (see check.h).
+struct Pass {
+  enum Mode {
+    kFull,       // walk the metadata, compare, check COPIED flags
+    kCountOnly,  // walk the metadata and count references, nothing else
+    kTail,       // no walk: nothing references the window; stored refcounts are leaks
+  };
+  Mode mode = kFull;
+  uint64_t first = 0;  // a multiple of the refcount block entries
+  uint64_t end = std::numeric_limits<uint64_t>::max();
+  bool global = true;  // count the problems that do not depend on the window
+};
+
 class Checker {
  public:
-  Checker(BlockFile& image, const Header& header, BlockFile* data_file, CheckOptions options)
-      : image_(image), h_(header), data_file_(data_file), options_(options) {}
+  Checker(BlockFile& image, const Header& header, BlockFile* data_file, CheckOptions options,
+          Pass pass = {})
+      : image_(image), h_(header), data_file_(data_file), options_(options), pass_(pass) {}
+
+  // Checks the header fields the geometry depends on.
+  static absl::Status CheckGeometry(const Header& h);
 
   Task<absl::StatusOr<CheckResult>> Run();
+  uint64_t omitted() const { return omitted_; }
+  uint64_t end_referenced() const { return end_referenced_; }
+  uint64_t nb_clusters() const { return nb_clusters_; }
 
  private:
   using EntryVisitor =
       std::function<void(uint64_t entry, uint64_t times, const TableRef& table, uint64_t index)>;
 
   // --- Reporting ----------------------------------------------------------
-  // Adds `times` to `counter`; true if there is room for a message.
-  bool Count(uint64_t& counter, uint64_t times) {
+  // Adds `times` to `counter`; true if there is room for a message. A
+  // problem that does not depend on the window counts in the global pass
+  // only.
+  bool Count(uint64_t& counter, uint64_t times, bool in_window) {
+    if (!in_window && !pass_.global) return false;
     counter += times;
     if (result_.messages.size() < options_.max_messages) return true;
     ++omitted_;
     return false;
   }
-  bool Corruption(uint64_t times = 1) { return Count(result_.corruptions, times); }
-  bool Leak(uint64_t times = 1) { return Count(result_.leaks, times); }
-  bool Warning(uint64_t times = 1) { return Count(result_.warnings, times); }
+  bool Corruption(uint64_t times = 1) { return Count(result_.corruptions, times, false); }
+  bool Warning(uint64_t times = 1) { return Count(result_.warnings, times, false); }
+  // Problems of one cluster of the window.
+  bool WindowCorruption(uint64_t times = 1) { return Count(result_.corruptions, times, true); }
+  bool WindowLeak(uint64_t times = 1) { return Count(result_.leaks, times, true); }
+
+  // Charges `bytes` of the pass's structures to the budget, for the pass.
+  absl::Status Charge(uint64_t bytes, std::string_view what) {
+    return charge_.Take(options_.budget, bytes, what);
+  }
+  std::string OfImage(std::string_view what) const {
+    return absl::StrFormat("%s of %s (consistency check)", what, image_.name());
+  }
+  bool InWindow(uint64_t cluster) const { return cluster >= win_first_ && cluster < win_end_; }
   void Message(std::string line) { result_.messages.push_back(std::move(line)); }
 
   // --- References ---------------------------------------------------------
@@ -155,12 +194,17 @@ class Checker {
   template <typename What>
   void AddRef(uint64_t offset, uint64_t length, uint64_t times, const What& what);
   void AddToCluster(uint64_t cluster, uint64_t times) {
-    uint32_t& ref = result_.expected_refcounts[cluster];
+    end_referenced_ = std::max(end_referenced_, cluster + 1);
+    if (InWindow(cluster)) AddInWindow(cluster, times);
+  }
+  void AddInWindow(uint64_t cluster, uint64_t times) {
+    uint32_t& ref = result_.expected_refcounts[cluster - win_first_];
     const uint64_t sum = uint64_t{ref} + times;
     ref = sum > std::numeric_limits<uint32_t>::max() ? std::numeric_limits<uint32_t>::max()
                                                      : static_cast<uint32_t>(sum);
   }
-  void ApplyPendingRanges();
+  uint64_t Expected(uint64_t cluster) const { return result_.expected_refcounts[cluster - win_first_]; }
+  absl::Status ApplyPendingRanges();
 
   // --- Reading ------------------------------------------------------------
   // Reads `out` at `offset`; past the end of the file it is zeros.
@@ -184,9 +228,11 @@ class Checker {
   Task<absl::Status> LoadRefcountTable();
   void CountRefcountBlocks();
   Task<absl::Status> CompareRefcounts();
+  Task<absl::Status> CompareTail();
   Task<absl::Status> CheckCopiedFlags();
+  // The stored refcount of a cluster of the window.
   std::optional<uint64_t> StoredInFile(uint64_t cluster) const {
-    const uint8_t s = stored_[cluster];
+    const uint8_t s = stored_[cluster - win_first_];
     if (s == kStoredUnknown) return std::nullopt;
     return s;
   }
@@ -197,6 +243,8 @@ class Checker {
   const Header& h_;
   BlockFile* const data_file_;
   const CheckOptions options_;
+  const Pass pass_;
+  BudgetCharge charge_;  // what this pass holds until it ends
 
   uint64_t file_size_ = 0;
   uint32_t cluster_bits_ = 0;
@@ -208,18 +256,25 @@ class Checker {
 
   CheckResult result_;
   uint64_t omitted_ = 0;
+  uint64_t win_first_ = 0;  // the window: expected_refcounts[0] is cluster win_first_
+  uint64_t win_end_ = 0;
+  uint64_t end_referenced_ = 0;
 
   std::vector<SnapshotInfo> snapshots_;
   uint64_t snapshot_table_bytes_ = 0;
   std::vector<TableRef> l1_tables_;  // the active one first, if it has entries
   bool has_active_l1_ = false;
-  std::map<uint64_t, L2Use> l2_uses_;  // aligned L2 tables inside the file
+  // Aligned L2 tables inside the file, in the order the sweep met them;
+  // sorted by offset and merged (the first reference kept) before use.
+  std::vector<std::pair<uint64_t, L2Use>> l2_uses_;
+  absl::Status l2_uses_status_;  // a failed charge for l2_uses_
   struct PendingRange {
     uint64_t first;  // cluster index
     uint64_t end;
     uint64_t times;
   };
   std::vector<PendingRange> pending_;
+  absl::Status pending_status_;  // a failed charge for pending_
 
   std::vector<uint64_t> refcount_table_;
   uint64_t refcount_block_entries_ = 0;
@@ -248,14 +303,21 @@ void Checker::AddRef(uint64_t offset, uint64_t length, uint64_t times, const Wha
   const uint64_t first = offset >> cluster_bits_;
   const uint64_t end = std::min(((offset + length - 1) >> cluster_bits_) + 1, nb_clusters_);
   if (first >= end) return;  // entirely in the short tail past the end of the file
+  end_referenced_ = std::max(end_referenced_, end);
   if (end - first > kDirectRefClusters) {
-    pending_.push_back({first, end, times});
+    // Charged as they come: their number grows with the snapshots and
+    // bitmaps the image claims. A failed charge ends the pass (Run()).
+    if (pending_status_.ok()) {
+      pending_status_ = Charge(kPendingRangeBytes, OfImage("the list of large references"));
+    }
+    if (pending_status_.ok()) pending_.push_back({first, end, times});
     return;
   }
-  for (uint64_t c = first; c < end; ++c) AddToCluster(c, times);
+  for (uint64_t c = std::max(first, win_first_); c < std::min(end, win_end_); ++c) AddInWindow(c, times);
 }
 
-void Checker::ApplyPendingRanges() {
+absl::Status Checker::ApplyPendingRanges() {
+  RETURN_IF_ERROR(pending_status_);
   // (cluster, +times) at each start and (cluster, -times) at each end,
   // summed in one pass: cost linear in the clusters covered, not in the
   // number of ranges times their length.
@@ -276,9 +338,12 @@ void Checker::ApplyPendingRanges() {
     for (; k < events.size() && events[k].first == pos; ++k) running += events[k].second;
     const uint64_t next = k < events.size() ? events[k].first : pos;
     if (running > 0) {
-      for (uint64_t c = pos; c < next; ++c) AddToCluster(c, static_cast<uint64_t>(running));
+      for (uint64_t c = std::max(pos, win_first_); c < std::min(next, win_end_); ++c) {
+        AddInWindow(c, static_cast<uint64_t>(running));
+      }
     }
   }
+  return absl::OkStatus();
 }
 
 Task<absl::Status> Checker::ReadAt(uint64_t offset, std::span<uint8_t> out) {
@@ -302,6 +367,9 @@ Task<absl::Status> Checker::Sweep(const std::vector<TableRef>& tables, const Ent
     bool start;
   };
   std::vector<Event> events;
+  BudgetCharge charge;
+  CO_RETURN_IF_ERROR(charge.Take(options_.budget, tables.size() * (2 * sizeof(Event) + 64),
+                                 OfImage("the list of tables")));
   const uint64_t limit = AlignUp(file_size_, spec::kL2EntrySize);
   for (size_t i = 0; i < tables.size(); ++i) {
     const TableRef& t = tables[i];
@@ -374,6 +442,8 @@ Task<absl::Status> Checker::ReadSnapshotTable() {
     co_return absl::OkStatus();
   }
   const uint64_t available = std::min(file_size_ - offset, ck::kMaxSnapshotTableBytes);
+  BudgetCharge buf_charge;
+  CO_RETURN_IF_ERROR(buf_charge.Take(options_.budget, available, OfImage("the snapshot table")));
   std::vector<uint8_t> buf(available);
   CO_RETURN_IF_ERROR(co_await ReadAt(offset, buf));
 
@@ -416,6 +486,8 @@ Task<absl::Status> Checker::ReadSnapshotTable() {
       break;
     }
     const uint8_t* id = p + ck::kSnapshotHeaderSize + extra_size;
+    CO_RETURN_IF_ERROR(Charge(2 * sizeof(SnapshotInfo) + id_size + name_size + 2,
+                              OfImage("the list of snapshots")));
     sn.id.assign(id, id + id_size);
     sn.name.assign(id + id_size, id + id_size + name_size);
     snapshots_.push_back(std::move(sn));
@@ -466,13 +538,29 @@ Task<absl::Status> Checker::CountL1Tables() {
     }
     if (sn.l1_size == 0) continue;
     TableRef t{sn.l1_table_offset, sn.l1_size, absl::StrFormat("L1 table of %s", name)};
+    CO_RETURN_IF_ERROR(Charge(2 * sizeof(TableRef) + t.name.size() + 1, OfImage("the list of L1 tables")));
     AddRef(t.offset, t.entries * spec::kL2EntrySize, 1, [&] { return t.name; });
     l1_tables_.push_back(std::move(t));
   }
-  co_return co_await Sweep(
+  CO_RETURN_IF_ERROR(co_await Sweep(
       l1_tables_, [this](uint64_t entry, uint64_t times, const TableRef& table, uint64_t index) {
         VisitL1Entry(entry, times, static_cast<size_t>(&table - l1_tables_.data()), table, index);
-      });
+      }));
+  CO_RETURN_IF_ERROR(l2_uses_status_);
+  // In offset order, one element per table; a stable sort keeps the first
+  // reference the sweep met first.
+  std::stable_sort(l2_uses_.begin(), l2_uses_.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  size_t out = 0;
+  for (size_t i = 0; i < l2_uses_.size(); ++i) {
+    if (out > 0 && l2_uses_[out - 1].first == l2_uses_[i].first) {
+      l2_uses_[out - 1].second.times += l2_uses_[i].second.times;
+    } else {
+      l2_uses_[out++] = l2_uses_[i];
+    }
+  }
+  l2_uses_.resize(out);
+  co_return absl::OkStatus();
 }
 
 void Checker::VisitL1Entry(uint64_t entry, uint64_t times, size_t table_index,
@@ -508,12 +596,9 @@ void Checker::VisitL1Entry(uint64_t entry, uint64_t times, size_t table_index,
     AddRef(l2_offset, cluster_size_, times, what);  // reports it
     return;
   }
-  L2Use& use = l2_uses_[l2_offset];
-  if (use.times == 0) {
-    use.table = table_index;
-    use.index = index;
-  }
-  use.times += times;
+  if (!l2_uses_status_.ok()) return;
+  l2_uses_status_ = Charge(kL2UseBytes, OfImage("the list of L2 tables"));
+  if (l2_uses_status_.ok()) l2_uses_.push_back({l2_offset, L2Use{times, table_index, index}});
 }
 
 ClusterType Checker::TypeOf(const L2Entry& entry) const {
@@ -535,6 +620,8 @@ ClusterType Checker::TypeOf(const L2Entry& entry) const {
 }
 
 Task<absl::Status> Checker::CountL2Tables() {
+  BudgetCharge buf_charge;
+  CO_RETURN_IF_ERROR(buf_charge.Take(options_.budget, cluster_size_, OfImage("an L2 table")));
   std::vector<uint8_t> buf(cluster_size_);
   const uint32_t entry_size = l2_format_.entry_size();
   for (const auto& item : l2_uses_) {
@@ -666,6 +753,8 @@ Task<absl::Status> Checker::CountBitmaps() {
     }
     co_return absl::OkStatus();
   }
+  BudgetCharge dir_charge;
+  CO_RETURN_IF_ERROR(dir_charge.Take(options_.budget, dir_size, OfImage("the bitmap directory")));
   std::vector<uint8_t> dir(dir_size);
   CO_RETURN_IF_ERROR(co_await ReadAt(dir_offset, dir));
 
@@ -729,6 +818,7 @@ Task<absl::Status> Checker::CountBitmaps() {
       broken = absl::StrFormat("bitmap '%s': %s", name, why);
       break;
     }
+    CO_RETURN_IF_ERROR(Charge(2 * sizeof(TableRef) + name.size() + 20, OfImage("the list of bitmaps")));
     tables.push_back({table_offset, table_size, absl::StrFormat("table of bitmap '%s'", name)});
     pos += entry_size;
   }
@@ -795,6 +885,9 @@ Task<absl::Status> Checker::LoadRefcountTable() {
                                ? std::min(bytes, AlignUp(file_size_ - h_.refcount_table_offset,
                                                          spec::kRefcountTableEntrySize))
                                : 0;
+  CO_RETURN_IF_ERROR(Charge(in_file, OfImage("the refcount table")));
+  BudgetCharge buf_charge;
+  CO_RETURN_IF_ERROR(buf_charge.Take(options_.budget, in_file, OfImage("the refcount table")));
   std::vector<uint8_t> buf(in_file);
   CO_RETURN_IF_ERROR(co_await ReadAt(h_.refcount_table_offset, buf));
   refcount_table_.resize(in_file / spec::kRefcountTableEntrySize);
@@ -838,8 +931,9 @@ void Checker::CountRefcountBlocks() {
     }
     if (offset == 0) continue;
     AddToCluster(cluster, 1);
-    const uint64_t refs = result_.expected_refcounts[cluster];
-    if (std::min(refs, max) != 1 && Corruption()) {
+    if (!InWindow(cluster)) continue;
+    const uint64_t refs = Expected(cluster);
+    if (std::min(refs, max) != 1 && WindowCorruption()) {
       Message(
           absl::StrFormat("refcount table entry %u: refcount block %#x is referenced %u times "
                           "(it overlaps other metadata or data)",
@@ -851,10 +945,13 @@ void Checker::CountRefcountBlocks() {
 Task<absl::Status> Checker::CompareRefcounts() {
   const uint64_t max = MaxRefcount(h_.refcount_order);
   const uint64_t entries = refcount_block_entries_;
-  stored_.assign(nb_clusters_, 0);
+  CO_RETURN_IF_ERROR(Charge(win_end_ - win_first_, OfImage("the stored refcounts")));
+  stored_.assign(win_end_ - win_first_, 0);
+  BudgetCharge block_charge;
+  CO_RETURN_IF_ERROR(block_charge.Take(options_.budget, cluster_size_, OfImage("a refcount block")));
   std::vector<uint8_t> block(cluster_size_);
-  for (uint64_t first = 0; first < nb_clusters_; first += entries) {
-    const uint64_t end = std::min(nb_clusters_, first + entries);
+  for (uint64_t first = win_first_; first < win_end_; first += entries) {
+    const uint64_t end = std::min(win_end_, first + entries);
     const uint64_t table_index = first / entries;
     enum { kZero, kUnknown, kBlock } state = kZero;
     if (table_index < refcount_table_.size()) {
@@ -867,31 +964,31 @@ Task<absl::Status> Checker::CompareRefcounts() {
       }
     }
     for (uint64_t c = first; c < end; ++c) {
-      const uint64_t refs = result_.expected_refcounts[c];
-      if (refs > max && Corruption(refs - max)) {
+      const uint64_t refs = Expected(c);
+      if (refs > max && WindowCorruption(refs - max)) {
         Message(
             absl::StrFormat("cluster %u (offset %#x) has %u references, more than %u-bit "
                             "refcounts can count",
                             c, c << cluster_bits_, refs, h_.refcount_bits()));
-      } else if (refs == std::numeric_limits<uint32_t>::max() && max >= refs && Corruption()) {
+      } else if (refs == std::numeric_limits<uint32_t>::max() && max >= refs && WindowCorruption()) {
         Message(absl::StrFormat("cluster %u (offset %#x) has %u or more references", c,
                                 c << cluster_bits_, refs));
       }
       if (state == kUnknown) {
-        stored_[c] = kStoredUnknown;
+        stored_[c - win_first_] = kStoredUnknown;
         continue;
       }
       const uint64_t stored =
           state == kBlock ? GetRefcount(block, c - first, h_.refcount_order) : 0;
-      stored_[c] = static_cast<uint8_t>(std::min<uint64_t>(stored, kStoredMany));
+      stored_[c - win_first_] = static_cast<uint8_t>(std::min<uint64_t>(stored, kStoredMany));
       const uint64_t expected = std::min(refs, max);
       if (stored < expected) {
-        if (Corruption()) {
+        if (WindowCorruption()) {
           Message(absl::StrFormat("cluster %u (offset %#x): refcount %u is below its %u references",
                                   c, c << cluster_bits_, stored, expected));
         }
       } else if (stored > expected) {
-        if (Leak()) {
+        if (WindowLeak()) {
           Message(absl::StrFormat("leaked cluster %u (offset %#x): refcount %u but %u references",
                                   c, c << cluster_bits_, stored, expected));
         }
@@ -927,52 +1024,86 @@ Task<absl::Status> Checker::CheckCopiedFlags() {
   const TableRef& l1 = l1_tables_[0];
   const uint64_t entries = std::min(
       l1.entries, AlignUp(file_size_ - l1.offset, spec::kL2EntrySize) / spec::kL2EntrySize);
-  std::vector<uint8_t> l1_bytes(entries * spec::kL2EntrySize);
-  CO_RETURN_IF_ERROR(co_await ReadAt(l1.offset, l1_bytes));
-
-  std::map<uint64_t, uint64_t> active_l2;  // offset -> L1 entries pointing to it
-  for (uint64_t i = 0; i < entries; ++i) {
-    const uint64_t entry = LoadBE64(l1_bytes.data() + i * spec::kL2EntrySize);
-    const uint64_t l2_offset = L1EntryL2Offset(entry);
-    if (l2_offset == 0) continue;
-    const uint64_t cluster = l2_offset >> cluster_bits_;
-    std::optional<uint64_t> refcount;
-    if (cluster < nb_clusters_) {
-      refcount = StoredInFile(cluster);
-    } else {
-      CO_ASSIGN_OR_RETURN(refcount, co_await StoredPastEof(cluster));
+  std::vector<uint64_t> active_l2;  // one element per L1 entry pointing to it
+  BudgetCharge active_l2_charge;
+  {
+    BudgetCharge l1_charge;
+    CO_RETURN_IF_ERROR(l1_charge.Take(options_.budget, entries * spec::kL2EntrySize,
+                                      OfImage("the active L1 table")));
+    std::vector<uint8_t> l1_bytes(entries * spec::kL2EntrySize);
+    CO_RETURN_IF_ERROR(co_await ReadAt(l1.offset, l1_bytes));
+    const auto readable = [&](uint64_t l2_offset) {
+      return l2_offset != 0 && l2_offset % cluster_size_ == 0 && l2_offset < file_size_;
+    };
+    uint64_t tables = 0;
+    for (uint64_t i = 0; i < entries; ++i) {
+      tables += readable(L1EntryL2Offset(LoadBE64(l1_bytes.data() + i * spec::kL2EntrySize)));
     }
-    const bool copied = (entry & spec::kOflagCopied) != 0;
-    if (refcount && (*refcount == 1) != copied && Corruption()) {
-      Message(
-          absl::StrFormat("active L1 table entry %u (%#x): COPIED flag is %s, but the refcount "
-                          "of L2 table %#x is %s",
-                          i, entry, copied ? "set" : "clear", l2_offset, RefcountString(refcount)));
+    CO_RETURN_IF_ERROR(active_l2_charge.Take(options_.budget, tables * sizeof(uint64_t),
+                                             OfImage("the list of active L2 tables")));
+    active_l2.reserve(tables);
+    for (uint64_t i = 0; i < entries; ++i) {
+      const uint64_t entry = LoadBE64(l1_bytes.data() + i * spec::kL2EntrySize);
+      const uint64_t l2_offset = L1EntryL2Offset(entry);
+      if (l2_offset == 0) continue;
+      // Each stored refcount is checked in the pass whose window holds it;
+      // those past the end of the file in the global pass.
+      const uint64_t cluster = l2_offset >> cluster_bits_;
+      std::optional<uint64_t> refcount;
+      bool here = true;
+      if (cluster < nb_clusters_) {
+        here = InWindow(cluster);
+        if (here) refcount = StoredInFile(cluster);
+      } else {
+        here = pass_.global;
+        if (here) {
+          CO_ASSIGN_OR_RETURN(refcount, co_await StoredPastEof(cluster));
+        }
+      }
+      const bool copied = (entry & spec::kOflagCopied) != 0;
+      if (here && refcount && (*refcount == 1) != copied && WindowCorruption()) {
+        Message(absl::StrFormat(
+            "active L1 table entry %u (%#x): COPIED flag is %s, but the refcount of L2 table %#x "
+            "is %s",
+            i, entry, copied ? "set" : "clear", l2_offset, RefcountString(refcount)));
+      }
+      if (readable(l2_offset)) active_l2.push_back(l2_offset);
     }
-    if (l2_offset % cluster_size_ == 0 && l2_offset < file_size_) ++active_l2[l2_offset];
   }
+  std::sort(active_l2.begin(), active_l2.end());
 
+  BudgetCharge buf_charge;
+  CO_RETURN_IF_ERROR(buf_charge.Take(options_.budget, cluster_size_, OfImage("an L2 table")));
   std::vector<uint8_t> buf(cluster_size_);
   const uint32_t entry_size = l2_format_.entry_size();
-  for (const auto& [l2_offset, times] : active_l2) {
+  for (size_t k = 0; k < active_l2.size();) {
+    const uint64_t l2_offset = active_l2[k];
+    uint64_t times = 0;
+    for (; k < active_l2.size() && active_l2[k] == l2_offset; ++k) ++times;
     CO_RETURN_IF_ERROR(co_await ReadAt(l2_offset, buf));
     for (uint64_t j = 0; j < l2_entries_; ++j) {
       const L2Entry entry = DecodeL2Entry(buf.data() + j * entry_size, l2_format_);
       const ClusterType type = TypeOf(entry);
       if (type != ClusterType::kNormal && type != ClusterType::kZeroAlloc) continue;
       std::optional<uint64_t> refcount;
+      bool here = true;
       if (has_data_file_) {
+        here = pass_.global;
         refcount = 1;  // data file clusters are not refcounted and count as 1
       } else {
         const uint64_t cluster = L2EntryHostOffset(entry) >> cluster_bits_;
         if (cluster < nb_clusters_) {
-          refcount = StoredInFile(cluster);
+          here = InWindow(cluster);
+          if (here) refcount = StoredInFile(cluster);
         } else {
-          CO_ASSIGN_OR_RETURN(refcount, co_await StoredPastEof(cluster));
+          here = pass_.global;
+          if (here) {
+            CO_ASSIGN_OR_RETURN(refcount, co_await StoredPastEof(cluster));
+          }
         }
       }
       const bool copied = (entry.descriptor & spec::kOflagCopied) != 0;
-      if (refcount && (*refcount == 1) != copied && Corruption(times)) {
+      if (here && refcount && (*refcount == 1) != copied && WindowCorruption(times)) {
         Message(
             absl::StrFormat("L2 table %#x entry %u (%#x): COPIED flag is %s, but the refcount "
                             "of data cluster %#x is %s%s",
@@ -994,16 +1125,48 @@ void Checker::CheckDataFileSize() {
   }
 }
 
+absl::Status Checker::CheckGeometry(const Header& h) {
+  if (h.cluster_bits < spec::kMinClusterBits || h.cluster_bits > spec::kMaxClusterBits) {
+    return absl::InvalidArgumentError(absl::StrFormat("check: cluster_bits %u is outside %u..%u",
+                                                      h.cluster_bits, spec::kMinClusterBits,
+                                                      spec::kMaxClusterBits));
+  }
+  if (h.refcount_order > spec::kMaxRefcountOrder) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "check: refcount_order %u is larger than %u", h.refcount_order, spec::kMaxRefcountOrder));
+  }
+  return absl::OkStatus();
+}
+
+Task<absl::Status> Checker::CompareTail() {
+  // Every reference lies below the window, so every cluster in it should
+  // have refcount 0: read only the refcount blocks that describe it.
+  const uint64_t entries = refcount_block_entries_;
+  BudgetCharge block_charge;
+  CO_RETURN_IF_ERROR(block_charge.Take(options_.budget, cluster_size_, OfImage("a refcount block")));
+  std::vector<uint8_t> block(cluster_size_);
+  const uint64_t last_index = std::min<uint64_t>(refcount_table_.size(), (win_end_ - 1) / entries + 1);
+  for (uint64_t index = win_first_ / entries; index < last_index; ++index) {
+    const uint64_t offset = refcount_table_[index] & spec::kRefcountTableOffsetMask;
+    // As CompareRefcounts(): an unaligned block is unknown (and reported
+    // by CountRefcountBlocks()); past the end of the file it reads as zeros.
+    if (offset == 0 || offset % cluster_size_ != 0 || offset >= file_size_) continue;
+    CO_RETURN_IF_ERROR(co_await ReadAt(offset, block));
+    const uint64_t first = std::max(win_first_, index * entries);
+    const uint64_t end = std::min(win_end_, (index + 1) * entries);
+    for (uint64_t c = first; c < end; ++c) {
+      const uint64_t stored = GetRefcount(block, c - index * entries, h_.refcount_order);
+      if (stored > 0 && WindowLeak()) {
+        Message(absl::StrFormat("leaked cluster %u (offset %#x): refcount %u but 0 references", c,
+                                c << cluster_bits_, stored));
+      }
+    }
+  }
+  co_return absl::OkStatus();
+}
+
 Task<absl::StatusOr<CheckResult>> Checker::Run() {
-  if (h_.cluster_bits < spec::kMinClusterBits || h_.cluster_bits > spec::kMaxClusterBits) {
-    co_return absl::InvalidArgumentError(absl::StrFormat("check: cluster_bits %u is outside %u..%u",
-                                                         h_.cluster_bits, spec::kMinClusterBits,
-                                                         spec::kMaxClusterBits));
-  }
-  if (h_.refcount_order > spec::kMaxRefcountOrder) {
-    co_return absl::InvalidArgumentError(absl::StrFormat(
-        "check: refcount_order %u is larger than %u", h_.refcount_order, spec::kMaxRefcountOrder));
-  }
+  CO_RETURN_IF_ERROR(CheckGeometry(h_));
   cluster_bits_ = h_.cluster_bits;
   cluster_size_ = uint64_t{1} << cluster_bits_;
   file_size_ = image_.size();
@@ -1020,7 +1183,16 @@ Task<absl::StatusOr<CheckResult>> Checker::Run() {
   l2_entries_ = cluster_size_ / l2_format_.entry_size();
   refcount_block_entries_ = RefcountBlockEntries(cluster_bits_, h_.refcount_order);
   result_.cluster_bits = cluster_bits_;
-  result_.expected_refcounts.assign(nb_clusters_, 0);
+  win_first_ = std::min(pass_.first, nb_clusters_);
+  win_end_ = std::max(win_first_, std::min(pass_.end, nb_clusters_));
+
+  if (pass_.mode == Pass::kTail) {
+    CO_RETURN_IF_ERROR(co_await LoadRefcountTable());
+    CO_RETURN_IF_ERROR(co_await CompareTail());
+    co_return std::move(result_);
+  }
+  CO_RETURN_IF_ERROR(Charge((win_end_ - win_first_) * sizeof(uint32_t), OfImage("the reference counts")));
+  result_.expected_refcounts.assign(win_end_ - win_first_, 0);
 
   AddRef(0, cluster_size_, 1, [] { return std::string("header"); });
   CO_RETURN_IF_ERROR(co_await ReadSnapshotTable());
@@ -1035,17 +1207,31 @@ Task<absl::StatusOr<CheckResult>> Checker::Run() {
            [] { return std::string("full disk encryption header"); });
   }
   CO_RETURN_IF_ERROR(co_await CountBitmaps());
-  ApplyPendingRanges();
+  CO_RETURN_IF_ERROR(ApplyPendingRanges());
   CO_RETURN_IF_ERROR(co_await LoadRefcountTable());
   CountRefcountBlocks();
-  CO_RETURN_IF_ERROR(co_await CompareRefcounts());
-  CO_RETURN_IF_ERROR(co_await CheckCopiedFlags());
-  CheckDataFileSize();
-
-  if (omitted_ > 0) {
-    result_.messages.push_back(absl::StrFormat("... and %u more problems not listed", omitted_));
+  if (pass_.mode == Pass::kFull) {
+    CO_RETURN_IF_ERROR(co_await CompareRefcounts());
+    CO_RETURN_IF_ERROR(co_await CheckCopiedFlags());
+    CheckDataFileSize();
   }
   co_return std::move(result_);
+}
+
+// Adds the problems of one pass to the total.
+void Merge(CheckResult& total, uint64_t& omitted, CheckResult pass, uint64_t pass_omitted,
+           size_t max_messages) {
+  total.corruptions += pass.corruptions;
+  total.leaks += pass.leaks;
+  total.warnings += pass.warnings;
+  for (std::string& m : pass.messages) {
+    if (total.messages.size() < max_messages) {
+      total.messages.push_back(std::move(m));
+    } else {
+      ++omitted;
+    }
+  }
+  omitted += pass_omitted;
 }
 
 }  // namespace
@@ -1053,8 +1239,71 @@ Task<absl::StatusOr<CheckResult>> Checker::Run() {
 Task<absl::StatusOr<CheckResult>> CheckImage(BlockFile& image, const Header& header,
                                              BlockFile* external_data_file_or_null,
                                              CheckOptions options) {
-  Checker checker(image, header, external_data_file_or_null, options);
-  co_return co_await checker.Run();
+  CO_RETURN_IF_ERROR(Checker::CheckGeometry(header));
+  const uint64_t cluster_size = header.cluster_size();
+  const uint64_t nb_clusters = image.size() / cluster_size + (image.size() % cluster_size != 0);
+  const uint64_t per_block = RefcountBlockEntries(header.cluster_bits, header.refcount_order);
+  // Clusters per pass: whole refcount blocks, so that each block is
+  // compared in one pass.
+  uint64_t window = nb_clusters;
+  if (options.window_clusters > 0) {
+    window = AlignUp(options.window_clusters, per_block);
+  } else if (options.budget != nullptr) {
+    const uint64_t fits = options.budget->available() / 2 / kCheckBytesPerCluster;
+    window = std::max(per_block, fits / per_block * per_block);
+  }
+  if (window >= nb_clusters) {
+    Checker checker(image, header, external_data_file_or_null, options);
+    absl::StatusOr<CheckResult> result = co_await checker.Run();
+    if (result.ok() && checker.omitted() > 0) {
+      result->messages.push_back(
+          absl::StrFormat("... and %u more problems not listed", checker.omitted()));
+    }
+    co_return result;
+  }
+
+  CheckResult total;
+  total.cluster_bits = header.cluster_bits;
+  uint64_t omitted = 0;
+  uint64_t end_referenced = nb_clusters;  // known after the first pass
+  uint64_t first = 0;
+  for (; first < std::min(end_referenced, nb_clusters); first += window) {
+    Pass pass{Pass::kFull, first, first + window, /*global=*/first == 0};
+    Checker checker(image, header, external_data_file_or_null, options, pass);
+    absl::StatusOr<CheckResult> result = co_await checker.Run();
+    if (!result.ok()) co_return result.status();
+    if (first == 0) end_referenced = checker.end_referenced();
+    Merge(total, omitted, *std::move(result), checker.omitted(), options.max_messages);
+  }
+  if (first < nb_clusters) {
+    Pass pass{Pass::kTail, first, nb_clusters, /*global=*/false};
+    Checker checker(image, header, external_data_file_or_null, options, pass);
+    absl::StatusOr<CheckResult> result = co_await checker.Run();
+    if (!result.ok()) co_return result.status();
+    Merge(total, omitted, *std::move(result), checker.omitted(), options.max_messages);
+  }
+  if (omitted > 0) {
+    total.messages.push_back(absl::StrFormat("... and %u more problems not listed", omitted));
+  }
+  co_return total;
+}
+
+Task<absl::StatusOr<ReferenceCounts>> CountReferences(BlockFile& image, const Header& header,
+                                                      uint64_t first_cluster, uint64_t end_cluster,
+                                                      MemoryBudget* budget) {
+  CheckOptions options;
+  options.max_messages = 0;  // only the counts are wanted
+  options.budget = budget;
+  Pass pass{Pass::kCountOnly, first_cluster, end_cluster, /*global=*/false};
+  Checker checker(image, header, nullptr, options, pass);
+  absl::StatusOr<CheckResult> result = co_await checker.Run();
+  if (!result.ok()) co_return result.status();
+  ReferenceCounts counts;
+  counts.first_cluster = std::min(first_cluster, checker.nb_clusters());
+  counts.counts = std::move(result->expected_refcounts);
+  counts.nb_clusters = checker.nb_clusters();
+  counts.end_referenced = checker.end_referenced();
+  co_return counts;
 }
 
 }  // namespace qcow2fuse

@@ -26,6 +26,21 @@
 // an image: `corruptions` and `leaks` are what `qemu-img check
 // --output=json` reports as "corruptions" and "leaks".
 //
+// Memory: the per-cluster counts cost 5 bytes per host cluster of the file
+// (4 for the references, 1 for the stored refcount); a sparse 1 TiB file of
+// 512-byte clusters would need 10 GiB. With a memory budget the check runs
+// in passes over ranges ("windows") of host clusters, as many clusters per
+// pass as half the budget holds: each pass walks the metadata again and
+// counts only the references into its window. Clusters past the last one
+// referenced need no walk at all: their stored refcounts are leaks, read
+// from the refcount blocks that describe them. Problems that do not depend
+// on the window (a reserved bit, an entry past the end of the file) are
+// counted in the first pass only, so the totals are those of one pass over
+// the whole file. Every other structure the check builds from the image
+// (snapshot table, bitmap directory, refcount table, the list of L2 tables)
+// is charged to the budget too; past it the check fails with the budget's
+// error.
+//
 // Hostile images: every allocation and every loop is bounded by the size of
 // the image file. Tables that overlap (for example many snapshots sharing
 // one L1 table, or many L1 entries pointing to one L2 table) are read once
@@ -42,6 +57,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "base/budget.h"
 #include "format/header.h"
 #include "io/block_file.h"
 #include "qcow2fuse/task.h"
@@ -57,7 +73,8 @@ struct CheckResult {
   // image gets near it; that is reported as a corruption). References that
   // run less than a cluster past the end of the file (QEMU allows a short
   // last cluster) are clamped to it; references a whole cluster or more
-  // past the end are corruptions and are not counted.
+  // past the end are corruptions and are not counted. Empty when the check
+  // ran in more than one pass (see above).
   std::vector<uint32_t> expected_refcounts;
 
   // As `qemu-img check` counts them: a stored refcount below the number of
@@ -89,6 +106,11 @@ struct CheckResult {
 
 struct CheckOptions {
   size_t max_messages = 100;
+  // Charged for the check's structures; null: no limit, one pass.
+  MemoryBudget* budget = nullptr;
+  // Host clusters counted per pass (rounded up to whole refcount blocks);
+  // 0: as many as half the budget holds. For tests of the passes.
+  uint64_t window_clusters = 0;
 };
 
 // Checks the image in `image` whose decoded header is `header` (see
@@ -99,11 +121,34 @@ struct CheckOptions {
 // Problems of the image are reported in the CheckResult; the returned
 // status is an error only when the check itself cannot run: a failed read
 // (the error of the BlockFile), a header whose geometry cannot be checked
-// (cluster_bits or refcount_order out of range: InvalidArgumentError), or
-// a file with more than 2^31 clusters (ResourceExhaustedError, as QEMU).
+// (cluster_bits or refcount_order out of range: InvalidArgumentError), a
+// file with more than 2^31 clusters (ResourceExhaustedError, as QEMU), or
+// a budget too small for the structures of the check (the budget's
+// ResourceExhaustedError, naming the structure).
 Task<absl::StatusOr<CheckResult>> CheckImage(BlockFile& image, const Header& header,
                                              BlockFile* external_data_file_or_null,
                                              CheckOptions options = {});
+
+// The references the metadata makes to host clusters [first_cluster,
+// end_cluster) of the image, counted as CheckResult::expected_refcounts
+// counts them: one pass of the check, for a repair that rebuilds the
+// refcounts one window at a time. first_cluster must be a multiple of the
+// entries of a refcount block.
+struct ReferenceCounts {
+  uint64_t first_cluster = 0;
+  std::vector<uint32_t> counts;  // of clusters first_cluster, first_cluster + 1, ...
+  uint64_t nb_clusters = 0;      // clusters of the file (its size rounded up)
+  // One past the last cluster of the file that anything references
+  // (refcount structures included); 0 if none is.
+  uint64_t end_referenced = 0;
+};
+Task<absl::StatusOr<ReferenceCounts>> CountReferences(BlockFile& image, const Header& header,
+                                                      uint64_t first_cluster, uint64_t end_cluster,
+                                                      MemoryBudget* budget);
+
+// Bytes a pass of the check spends per host cluster of its window.
+inline constexpr uint64_t kCheckBytesPerCluster = sizeof(uint32_t) + sizeof(uint8_t);
+inline constexpr uint64_t kCountBytesPerCluster = sizeof(uint32_t);
 
 }  // namespace qcow2fuse
 

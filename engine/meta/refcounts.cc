@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "base/endian.h"
 #include "format/refcount.h"
@@ -10,14 +11,17 @@
 
 namespace qcow2fuse {
 
-Refcounts::Refcounts(BlockFile* file, const Header& header, uint64_t cache_bytes)
+Refcounts::Refcounts(BlockFile* file, const Header& header, uint64_t cache_bytes, MetadataMap* map,
+                     MemoryBudget* budget)
     : file_(file),
+      map_(map),
       cluster_bits_(header.cluster_bits),
       refcount_order_(header.refcount_order),
       block_entries_(RefcountBlockEntries(header.cluster_bits, header.refcount_order)),
       table_offset_(header.refcount_table_offset),
       table_clusters_(header.refcount_table_clusters),
-      blocks_(file, uint32_t{1} << header.cluster_bits, cache_bytes) {}
+      blocks_(file, uint32_t{1} << header.cluster_bits, cache_bytes, budget,
+              absl::StrCat("the refcount cache of ", file->name())) {}
 
 Task<absl::Status> Refcounts::Load() {
   const uint64_t cluster_size = uint64_t{1} << cluster_bits_;
@@ -27,14 +31,31 @@ Task<absl::Status> Refcounts::Load() {
   table_.resize(raw.size() / spec::kRefcountTableEntrySize);
   const uint64_t file_clusters = (file_->size() + cluster_size - 1) >> cluster_bits_;
   end_cluster_ = file_clusters;
+  if (map_ != nullptr) {
+    absl::Status placed = map_->Add(MetadataKind::kRefcountTable, table_offset_, raw.size());
+    if (!placed.ok()) co_return absl::DataLossError(absl::StrCat(file_->name(), ": ", placed.message()));
+  }
   for (size_t i = 0; i < table_.size(); ++i) {
     table_[i] = LoadBE64(raw.data() + i * spec::kRefcountTableEntrySize) & spec::kRefcountTableOffsetMask;
     if (table_[i] == 0) continue;
-    block_offsets_.insert(table_[i]);
     if ((table_[i] & (cluster_size - 1)) != 0 || table_[i] >= file_->size()) {
       co_return absl::DataLossError(absl::StrFormat(
           "%s: refcount table entry %u points to a refcount block at %#x, which is %s", file_->name(),
           i, table_[i], table_[i] >= file_->size() ? "past the end of the file" : "not cluster aligned"));
+    }
+    // A block named twice would count two ranges of clusters in one place;
+    // a block on other metadata would have its refcounts written over it.
+    if (!block_offsets_.insert(table_[i]).second) {
+      co_return absl::DataLossError(absl::StrFormat(
+          "%s: refcount table entry %u points to the refcount block at %#x, which an earlier entry "
+          "points to too", file_->name(), i, table_[i]));
+    }
+    if (map_ != nullptr) {
+      absl::Status placed = map_->Add(MetadataKind::kRefcountBlock, table_[i], cluster_size);
+      if (!placed.ok()) {
+        co_return absl::DataLossError(
+            absl::StrFormat("%s: refcount table entry %u: %s", file_->name(), i, placed.message()));
+      }
     }
   }
   co_return absl::OkStatus();
@@ -53,6 +74,13 @@ Task<absl::Status> Refcounts::Update(uint64_t offset, uint64_t count, int64_t de
   const uint64_t max = MaxRefcount(refcount_order_);
   for (uint64_t cluster = first; cluster < first + count;) {
     const uint64_t block_index = cluster / block_entries_;
+    if (delta < 0 && (block_index >= table_.size() || table_[block_index] == 0)) {
+      // No block: the refcount is 0 and cannot drop. Never make metadata
+      // to find that out (the cluster may lie anywhere up to 2^56).
+      co_return absl::DataLossError(absl::StrFormat(
+          "%s: refcount of cluster at %#x would drop below zero (no refcount block describes it)",
+          file_->name(), cluster << cluster_bits_));
+    }
     CO_RETURN_IF_ERROR(co_await EnsureBlock(block_index));
     absl::StatusOr<Table*> block = co_await blocks_.GetMutable(table_[block_index]);
     if (!block.ok()) co_return block.status();
@@ -149,6 +177,9 @@ Task<absl::Status> Refcounts::EnsureBlock(uint64_t block_index) {
   } else {
     CO_RETURN_IF_ERROR(co_await Update(*cluster << cluster_bits_, 1, +1));
   }
+  if (map_ != nullptr) {
+    CO_RETURN_IF_ERROR(map_->Add(MetadataKind::kRefcountBlock, *cluster << cluster_bits_, uint64_t{1} << cluster_bits_));
+  }
   blocks_.Install(*cluster << cluster_bits_, std::move(block));
   table_[block_index] = *cluster << cluster_bits_;
   block_offsets_.insert(table_[block_index]);
@@ -173,6 +204,12 @@ Task<absl::Status> Refcounts::GrowTable(uint64_t min_entries) {
   for (;;) {
     entries = (entries + entries_per_cluster - 1) / entries_per_cluster * entries_per_cluster;
     table_clusters = entries / entries_per_cluster;
+    // Checked before laying anything out: the list of missing blocks grows
+    // with the table.
+    if (table_clusters * cluster_size > spec::kMaxRefcountTableBytes) {
+      co_return absl::ResourceExhaustedError(absl::StrFormat(
+          "%s: the refcount table would grow past %u bytes", file_->name(), spec::kMaxRefcountTableBytes));
+    }
     std::vector<uint64_t> missing;
     for (;;) {
       missing.clear();
@@ -238,8 +275,10 @@ Task<absl::Status> Refcounts::GrowTable(uint64_t min_entries) {
   table_offset_ = area << cluster_bits_;
   table_clusters_ = static_cast<uint32_t>(table_clusters);
   end_cluster_ = std::max(end_cluster_, area_end);
+  if (map_ != nullptr) map_->Move(MetadataKind::kRefcountTable, old_offset, table_offset_, table_bytes);
   for (size_t i = 0; i < new_blocks.size(); ++i) {
     block_offsets_.insert(table_[new_blocks[i]]);
+    if (map_ != nullptr) CO_RETURN_IF_ERROR(map_->Add(MetadataKind::kRefcountBlock, table_[new_blocks[i]], cluster_size));
     blocks_.Install(table_[new_blocks[i]], std::move(blocks[i]));
   }
   // Installed blocks are already on disk; writing them again is harmless.

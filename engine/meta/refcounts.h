@@ -14,6 +14,14 @@
 // describe the new table and themselves; the header is switched to it only
 // once all of that is durable, and the old table is freed after.
 //
+// Damage: Load() refuses a refcount table entry that points at a block
+// outside the file, twice at one block, or at other metadata (through the
+// MetadataMap, if given, where it registers the table and its blocks and
+// keeps them up to date as they move). Freeing never creates a block or
+// grows the table: a decrement of a cluster no block describes finds the
+// image inconsistent (DataLossError) instead of allocating metadata, which
+// could be unbounded, for a cluster a crafted entry names far past the end.
+//
 // Callers serialise all calls (one metadata writer at a time).
 
 #ifndef QCOW2FUSE_META_REFCOUNTS_H_
@@ -26,8 +34,10 @@
 #include "absl/container/btree_set.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
+#include "base/budget.h"
 #include "format/header.h"
 #include "io/block_file.h"
+#include "meta/metadata_map.h"
 #include "meta/table_cache.h"
 #include "qcow2fuse/task.h"
 
@@ -36,8 +46,10 @@ namespace qcow2fuse {
 class Refcounts {
  public:
   // `header` gives the geometry and the table's location; `file` must be
-  // writable for anything but Get().
-  Refcounts(BlockFile* file, const Header& header, uint64_t cache_bytes);
+  // writable for anything but Get(). `map` and `budget` (the cache's
+  // memory), if not null, outlive this.
+  Refcounts(BlockFile* file, const Header& header, uint64_t cache_bytes, MetadataMap* map = nullptr,
+            MemoryBudget* budget = nullptr);
 
   Refcounts(const Refcounts&) = delete;
   Refcounts& operator=(const Refcounts&) = delete;
@@ -90,6 +102,7 @@ class Refcounts {
   Task<absl::StatusOr<uint64_t>> TakeEndCluster();
 
   BlockFile* const file_;
+  MetadataMap* const map_;
   const uint32_t cluster_bits_;
   const uint32_t refcount_order_;
   const uint64_t block_entries_;

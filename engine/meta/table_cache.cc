@@ -8,18 +8,23 @@ namespace qcow2fuse {
 namespace {
 // 4 KiB slices match the page size, and QEMU's own default since 3.1.
 constexpr uint64_t kDefaultSliceSize = 4096;
-// Enough tables that one request spanning a few of them never thrashes.
-constexpr size_t kMinTables = 16;
 }  // namespace
 
 uint32_t L2SliceSize(uint64_t cluster_size) {
   return static_cast<uint32_t>(std::min(cluster_size, kDefaultSliceSize));
 }
 
-TableCache::TableCache(BlockFile* file, uint32_t table_size, uint64_t capacity_bytes)
+TableCache::TableCache(BlockFile* file, uint32_t table_size, uint64_t capacity_bytes,
+                       MemoryBudget* budget, std::string what)
     : file_(file),
       table_size_(table_size),
-      capacity_(std::max<size_t>(kMinTables, capacity_bytes / table_size)) {}
+      capacity_(std::max<uint64_t>(1, capacity_bytes / table_size)),
+      budget_(budget),
+      what_(std::move(what)) {}
+
+TableCache::~TableCache() {
+  if (budget_ != nullptr) budget_->Give(uint64_t{charged_} * table_size_);
+}
 
 Task<absl::StatusOr<std::shared_ptr<const Table>>> TableCache::Get(uint64_t offset) {
   for (;;) {
@@ -27,6 +32,7 @@ Task<absl::StatusOr<std::shared_ptr<const Table>>> TableCache::Get(uint64_t offs
     {
       std::lock_guard lock(mu_);
       if (auto it = LookupLocked(offset); it != lru_.end()) co_return it->table;
+      CO_RETURN_IF_ERROR(ChargeLocked());
       Fill& fill = fills_[offset];
       ++fill.readers;
       version = fill.version;
@@ -37,12 +43,18 @@ Task<absl::StatusOr<std::shared_ptr<const Table>>> TableCache::Get(uint64_t offs
     auto fill = fills_.find(offset);
     const bool stale = fill->second.version != version;
     if (--fill->second.readers == 0) fills_.erase(fill);
-    if (!status.ok()) co_return status;
+    if (!status.ok()) {
+      UnchargeLocked();
+      co_return status;
+    }
     // The table changed while we read it (and may since have been written
     // back and evicted): what we read may predate the change. Installing
     // it would bring an old table back, and the next change would write
     // the old entries back to disk. Read again.
-    if (stale) continue;
+    if (stale) {
+      UnchargeLocked();
+      continue;
+    }
     co_return InsertLocked(offset, std::move(table))->table;
   }
 }
@@ -57,7 +69,11 @@ Task<absl::Status> TableCache::Modify(uint64_t offset, absl::FunctionRef<void(Ta
   std::shared_ptr<const Table> held = std::move(*loaded);
   std::lock_guard lock(mu_);
   auto it = LookupLocked(offset);
-  if (it == lru_.end()) it = InsertLocked(offset, std::make_shared<Table>(*held));
+  if (it == lru_.end()) {
+    // Evicted since Get(): it comes back.
+    CO_RETURN_IF_ERROR(ChargeLocked());
+    it = InsertLocked(offset, std::make_shared<Table>(*held));
+  }
   held.reset();  // our own reference must not force a copy
   if (it->table.use_count() > 1) it->table = std::make_shared<Table>(*it->table);
   change(*it->table);
@@ -79,11 +95,9 @@ Task<absl::StatusOr<Table*>> TableCache::GetMutable(uint64_t offset) {
 void TableCache::Install(uint64_t offset, Table table) {
   std::lock_guard lock(mu_);
   ChangedLocked(offset);
-  if (auto it = index_.find(offset); it != index_.end()) {
-    if (it->second->dirty) --dirty_count_;
-    lru_.erase(it->second);
-    index_.erase(it);
-  }
+  if (auto it = index_.find(offset); it != index_.end()) EraseLocked(it->second);
+  if (budget_ != nullptr) budget_->TakeExisting(table_size_);
+  ++charged_;
   auto it = InsertLocked(offset, std::make_shared<Table>(std::move(table)));
   it->dirty = true;
   ++dirty_count_;
@@ -95,9 +109,7 @@ void TableCache::Forget(uint64_t offset) {
   ChangedLocked(offset);
   auto it = index_.find(offset);
   if (it == index_.end()) return;
-  if (it->second->dirty) --dirty_count_;
-  lru_.erase(it->second);
-  index_.erase(it);
+  EraseLocked(it->second);
 }
 
 Task<absl::Status> TableCache::WriteBack() {
@@ -158,7 +170,10 @@ TableCache::Lru::iterator TableCache::LookupLocked(uint64_t offset) {
 
 TableCache::Lru::iterator TableCache::InsertLocked(uint64_t offset, std::shared_ptr<Table> table) {
   // Another reader may have loaded it while we read.
-  if (auto it = index_.find(offset); it != index_.end()) return it->second;
+  if (auto it = index_.find(offset); it != index_.end()) {
+    UnchargeLocked();
+    return it->second;
+  }
   lru_.push_front({offset, std::move(table)});
   index_[offset] = lru_.begin();
   EvictLocked();
@@ -173,9 +188,39 @@ void TableCache::EvictLocked() {
     --it;
     if (it == lru_.begin()) break;
     if (it->dirty) continue;
-    index_.erase(it->offset);
-    it = lru_.erase(it);
+    it = EraseLocked(it);
   }
+}
+
+TableCache::Lru::iterator TableCache::EraseLocked(Lru::iterator it) {
+  index_.erase(it->offset);
+  if (it->dirty) --dirty_count_;
+  UnchargeLocked();
+  return lru_.erase(it);
+}
+
+absl::Status TableCache::ChargeLocked() {
+  if (budget_ == nullptr) {
+    ++charged_;
+    return absl::OkStatus();
+  }
+  for (;;) {
+    absl::Status taken = budget_->Take(table_size_, what_);
+    if (taken.ok()) {
+      ++charged_;
+      return absl::OkStatus();
+    }
+    // The chain's other structures (or other caches) have the budget:
+    // this cache shrinks rather than fail while it can.
+    auto victim = std::find_if(lru_.rbegin(), lru_.rend(), [](const Entry& e) { return !e.dirty; });
+    if (victim == lru_.rend()) return taken;
+    EraseLocked(std::next(victim).base());
+  }
+}
+
+void TableCache::UnchargeLocked() {
+  if (budget_ != nullptr) budget_->Give(table_size_);
+  --charged_;
 }
 
 }  // namespace qcow2fuse

@@ -38,6 +38,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
+#include "base/budget.h"
 #include "io/block_file.h"
 #include "qcow2fuse/task.h"
 
@@ -51,8 +52,13 @@ uint32_t L2SliceSize(uint64_t cluster_size);
 class TableCache {
  public:
   // Caches tables of `table_size` bytes of `file`, at most `capacity_bytes`
-  // worth of clean tables (and never fewer than a handful).
-  TableCache(BlockFile* file, uint32_t table_size, uint64_t capacity_bytes);
+  // worth of clean tables (and never less than one table). The tables held
+  // are charged to `budget` if not null, which must outlive the cache (it
+  // gives its bytes back when destroyed); `what` names the cache in its
+  // errors, e.g. "the L2 cache of disk.qcow2".
+  TableCache(BlockFile* file, uint32_t table_size, uint64_t capacity_bytes,
+             MemoryBudget* budget = nullptr, std::string what = "a metadata cache");
+  ~TableCache();
 
   TableCache(const TableCache&) = delete;
   TableCache& operator=(const TableCache&) = delete;
@@ -71,7 +77,9 @@ class TableCache {
   Task<absl::Status> Modify(uint64_t offset, absl::FunctionRef<void(Table&)> change);
 
   // Installs `table` (table_size() bytes) as the dirty contents at `offset`
-  // without reading the file: for tables the caller has just created.
+  // without reading the file: for tables the caller has just created. The
+  // memory exists already, so it is charged to the budget even past its
+  // limit (later misses then evict or fail).
   void Install(uint64_t offset, Table table);
 
   // Drops the entry at `offset`, dirty or not: its cluster was freed.
@@ -107,12 +115,22 @@ class TableCache {
   Lru::iterator LookupLocked(uint64_t offset);
   // Tells reads in flight of the table at `offset` that it changed.
   void ChangedLocked(uint64_t offset);
+  // Inserts a table whose bytes are charged already; if another reader
+  // inserted it first, gives the charge back and returns that entry.
   Lru::iterator InsertLocked(uint64_t offset, std::shared_ptr<Table> table);
   void EvictLocked();
+  // Takes one table's bytes from the budget, evicting clean tables of this
+  // cache (never the most recent) while the budget has no room.
+  absl::Status ChargeLocked();
+  void UnchargeLocked();
+  // Drops an entry; returns the one after it.
+  Lru::iterator EraseLocked(Lru::iterator it);
 
   BlockFile* const file_;
   const uint32_t table_size_;
   const size_t capacity_;  // in tables
+  MemoryBudget* const budget_;
+  const std::string what_;
 
   mutable std::mutex mu_;
   Lru lru_;
@@ -125,6 +143,7 @@ class TableCache {
   };
   absl::flat_hash_map<uint64_t, Fill> fills_;
   size_t dirty_count_ = 0;
+  size_t charged_ = 0;  // tables charged to the budget: those in lru_, and misses being read
   Stats stats_;
 };
 

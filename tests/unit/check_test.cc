@@ -10,10 +10,16 @@
 
 #include "meta/check.h"
 
+#include <errno.h>
+#include <stdio.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdint>
+#include <cstring>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <set>
@@ -26,10 +32,12 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/budget.h"
 #include "format/header.h"
 #include "format/refcount.h"
 #include "gtest/gtest.h"
 #include "io/block_file.h"
+#include "meta/repair.h"
 #include "qcow2fuse/status.h"
 #include "qcow2fuse/task.h"
 #include "support/command.h"
@@ -37,6 +45,17 @@
 #include "support/qemu.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
+
+// Sanitizers map shadow memory that a limit on the process's data would
+// refuse: the tests that run under one skip it there.
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(memory_sanitizer) || __has_feature(thread_sanitizer)
+#define QCOW2FUSE_CHECK_TEST_SANITIZED 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define QCOW2FUSE_CHECK_TEST_SANITIZED 1
+#endif
 
 namespace qcow2fuse::test {
 namespace {
@@ -192,13 +211,30 @@ absl::StatusOr<CheckResult> OurCheck(const std::string& path, const std::string&
   return SyncWait(CheckImage(*file, header, data.get(), options));
 }
 
+// Our check again in passes of one refcount block's clusters each (see
+// meta/check.h): it must count exactly what one pass counts.
+void ExpectSameInPasses(const std::string& path, const std::string& data_file,
+                        const CheckResult& one_pass) {
+  CheckOptions options;
+  options.window_clusters = 1;
+  absl::StatusOr<CheckResult> passes = OurCheck(path, data_file, options);
+  ASSERT_OK(passes);
+  const std::string context = absl::StrCat("\nin passes:\n  ", absl::StrJoin(passes->messages, "\n  "),
+                                           "\nin one pass:\n  ", absl::StrJoin(one_pass.messages, "\n  "));
+  EXPECT_EQ(passes->corruptions, one_pass.corruptions) << context;
+  EXPECT_EQ(passes->leaks, one_pass.leaks) << context;
+  EXPECT_EQ(passes->warnings, one_pass.warnings) << context;
+}
+
 // Runs both checkers on `path`; they must agree with each other and with
-// the expected counts. Returns ours.
+// the expected counts, and ours must count the same in passes. Returns
+// ours (from one pass).
 CheckResult ExpectCounts(const std::string& path, uint64_t corruptions, uint64_t leaks,
                          const std::string& data_file = "",
                          const std::vector<std::string>& qemu_target = {}) {
   absl::StatusOr<CheckResult> ours = OurCheck(path, data_file);
   EXPECT_OK(ours);
+  if (ours.ok()) ExpectSameInPasses(path, data_file, *ours);
   absl::StatusOr<QemuCheckReport> qemu = QemuCheck(path, qemu_target);
   EXPECT_OK(qemu);
   if (!ours.ok() || !qemu.ok()) return {};
@@ -726,6 +762,216 @@ TEST(CheckTest, DirtyImageWithLazyRefcountsMatchesQemuRepair) {
   EXPECT_GT(compared, 100);
 }
 
+// --- Passes and the refcount rebuild within a memory budget ------------------
+
+// qemu-io killed after `writes` with lazy refcounts on: the dirty bit is
+// set and the refcounts of the new clusters were never written.
+absl::Status MakeDirtyImage(const std::string& img, uint64_t size,
+                            std::vector<std::string> create_options,
+                            const std::vector<std::string>& writes) {
+  create_options.push_back("lazy_refcounts=on");
+  RETURN_IF_ERROR(CreateImage(img, "qcow2", size, create_options));
+  std::vector<std::string> argv = {"qemu-io", "-f", "qcow2"};
+  for (const std::string& w : writes) {
+    argv.push_back("-c");
+    argv.push_back(w);
+  }
+  for (const char* arg : {"-c", "sigraise 9"}) argv.push_back(arg);
+  argv.push_back(img);
+  ASSIGN_OR_RETURN(CommandResult killed, RunCommand(argv));
+  if (!killed.status.signaled()) {
+    return absl::InternalError(absl::StrCat("qemu-io was not killed: ", killed.status.ToString()));
+  }
+  return absl::OkStatus();
+}
+
+// Big-endian fields read with pread: ImageFile reads the whole file, and
+// some files here are 1 TiB (sparse).
+absl::StatusOr<uint64_t> ReadBE(const std::string& path, uint64_t offset, int size) {
+  ASSIGN_OR_RETURN(ScopedFd fd, OpenReadOnly(path));
+  uint8_t b[8] = {};
+  if (pread(fd.get(), b, size, static_cast<off_t>(offset)) != size) {
+    return absl::DataLossError(absl::StrCat("short read at ", offset, " of ", path));
+  }
+  uint64_t v = 0;
+  for (int i = 0; i < size; ++i) v = (v << 8) | b[i];
+  return v;
+}
+
+// The engine's rebuild (as a read-write open of a dirty image runs it).
+absl::Status RebuildWithEngine(const std::string& path, MemoryBudget* budget,
+                               uint64_t window_clusters = 0) {
+  ASSIGN_OR_RETURN(std::unique_ptr<BlockFile> file, OpenPosixFile(path, /*writable=*/true));
+  std::vector<uint8_t> head(std::min<uint64_t>(kHeaderReadSize, file->size()));
+  RETURN_IF_ERROR(SyncWait(file->Read(0, head)));
+  ASSIGN_OR_RETURN(Header header, DecodeHeader(head, file->size()));
+  return SyncWait(RebuildRefcounts(*file, header, nullptr, budget, window_clusters));
+}
+
+// A check in passes counts what one pass counts, also for the problems of
+// one cluster (refcounts below the references, leaks, COPIED flags) and for
+// leaks past the last reference, which no pass walks to.
+TEST(CheckTest, PassesCountWhatOnePassCounts) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("check"));
+  const std::string img = dir.Join("dirty.qcow2");
+  // 64 refcounts per block: a pass is 32 KiB of the file.
+  ASSERT_OK(MakeDirtyImage(img, 16 * kMiB, {"cluster_size=512", "refcount_bits=64"},
+                           {"write -P 1 0 300k", "write -P 2 5M 200k", "write -P 3 15M 64k"}));
+  ASSERT_OK_AND_ASSIGN(ImageFile f, ImageFile::Open(img));
+  ASSERT_OK_AND_ASSIGN(uint64_t size, f.FileSize());
+  // Leaked clusters past everything referenced, as far as the last
+  // refcount block reaches.
+  ASSERT_OK(WriteFileAt(img, size + 100 * 512, std::string(512, '\0')));
+  int leaked = 0;
+  for (uint64_t c = (size + 511) / 512; c < (size + 511) / 512 + 64 && f.SetRefcountOf(c, 2).ok(); c += 3) {
+    ++leaked;
+  }
+  ASSERT_GT(leaked, 0);
+  // Problems that do not depend on the pass: counted once, not per pass.
+  ASSERT_OK_AND_ASSIGN(uint64_t reserved_at, f.L2EntryPos(0));
+  ASSERT_OK_AND_ASSIGN(uint64_t reserved_entry, f.Read64(reserved_at));
+  ASSERT_OK(f.Write64(reserved_at, reserved_entry | (1u << 3)));  // bits 1-8 are reserved
+  ASSERT_OK_AND_ASSIGN(uint64_t far_at, f.L2EntryPos(5 * kMiB));
+  ASSERT_OK(f.Write64(far_at, kCopied | (uint64_t{1} << 40)));  // a cluster 1 TiB past the end
+  ASSERT_OK_AND_ASSIGN(CheckResult one, OurCheck(img));
+  ASSERT_OK_AND_ASSIGN(QemuCheckReport q, QemuCheck(img));
+  EXPECT_GT(one.corruptions, 0u);
+  EXPECT_GE(one.leaks, static_cast<uint64_t>(leaked));
+  EXPECT_EQ(one.corruptions, q.corruptions) << absl::StrJoin(one.messages, "\n") << "\n" << q.output;
+  EXPECT_EQ(one.leaks, q.leaks) << absl::StrJoin(one.messages, "\n") << "\n" << q.output;
+  for (uint64_t window : {1, 64, 200, 1000}) {
+    SCOPED_TRACE(absl::StrCat("window of ", window, " clusters"));
+    CheckOptions options;
+    options.window_clusters = window;
+    ASSERT_OK_AND_ASSIGN(CheckResult passes, OurCheck(img, "", options));
+    EXPECT_EQ(passes.corruptions, one.corruptions) << absl::StrJoin(passes.messages, "\n");
+    EXPECT_EQ(passes.leaks, one.leaks) << absl::StrJoin(passes.messages, "\n");
+    EXPECT_TRUE(passes.expected_refcounts.empty());
+  }
+  // A budget that holds a tenth of the counts: passes, the same result.
+  MemoryBudget budget(f.header().size / 512 / 2);
+  CheckOptions options;
+  options.budget = &budget;
+  ASSERT_OK_AND_ASSIGN(CheckResult budgeted, OurCheck(img, "", options));
+  EXPECT_EQ(budgeted.corruptions, one.corruptions);
+  EXPECT_EQ(budgeted.leaks, one.leaks);
+  EXPECT_EQ(budget.used(), 0u);
+}
+
+// The rebuild counts in passes when the budget cannot hold all counts at
+// once, and the result is exactly what qemu-img check wants: in passes of
+// one refcount block's clusters (the smallest), and in the passes a small
+// budget leads to.
+TEST(CheckTest, RebuildInPassesIsExact) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("check"));
+  struct Case {
+    const char* name;
+    std::vector<std::string> create;
+    uint64_t window_clusters;  // 0: from the budget
+  };
+  for (const Case& c : {Case{"512-byte clusters, passes of 256", {"cluster_size=512"}, 1},
+                        Case{"4k clusters, 64-bit refcounts, passes of 512",
+                             {"cluster_size=4096", "refcount_bits=64"}, 1},
+                        Case{"512-byte clusters, passes from the budget", {"cluster_size=512"}, 0}}) {
+    SCOPED_TRACE(c.name);
+    const std::string img = dir.Join(absl::StrCat(c.window_clusters, c.create.size(), c.create[0], ".qcow2"));
+    ASSERT_OK(MakeDirtyImage(img, 16 * kMiB, c.create,
+                             {"write -P 1 0 1M", "write -P 2 6M 1M", "write -P 3 12M 1M"}));
+    ASSERT_FALSE(CheckImage(img, /*allow_leaks=*/true).ok()) << "the image is not damaged";
+    ASSERT_OK_AND_ASSIGN(std::string bytes, ReadFile(img));
+    const uint64_t clusters = bytes.size() / 512;
+    // From the budget: room to count about a third of the clusters per
+    // pass, and for the list of L2 tables (one per 64 data clusters).
+    MemoryBudget budget(c.window_clusters > 0 ? 64 * kMiB : clusters * 3 + clusters + 32 * kKiB_);
+    ASSERT_OK(RebuildWithEngine(img, &budget, c.window_clusters));
+    EXPECT_EQ(budget.used(), 0u);
+    EXPECT_OK(CheckImage(img));
+    EXPECT_OK(QemuIo(img, "qcow2", {"read -P 1 0 1M", "read -P 2 6M 1M", "read -P 3 12M 1M",
+                                    "read -P 0 1M 5M"}));
+    ASSERT_OK_AND_ASSIGN(uint64_t features, ReadBE(img, 72, 8));
+    EXPECT_EQ(features & 1, 0u) << "still dirty";
+  }
+}
+
+// A budget too small for even one pass refuses the rebuild with the
+// budget's one line, and leaves the image as it was.
+TEST(CheckTest, RebuildBeyondTheBudgetIsRefusedAndChangesNothing) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("check"));
+  const std::string img = dir.Join("dirty.qcow2");
+  ASSERT_OK(MakeDirtyImage(img, 16 * kMiB, {"cluster_size=512"}, {"write -P 1 0 1M"}));
+  ASSERT_OK_AND_ASSIGN(std::string before, ReadFile(img));
+  MemoryBudget budget(2 * kKiB_);
+  absl::Status refused = RebuildWithEngine(img, &budget);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_FALSE(absl::StrContains(refused.message(), "\n")) << refused;
+  EXPECT_TRUE(absl::StrContains(refused.message(), "max_metadata_memory")) << refused;
+  EXPECT_EQ(budget.used(), 0u);
+  ASSERT_OK_AND_ASSIGN(std::string after, ReadFile(img));
+  EXPECT_TRUE(before == after) << "a refused rebuild changed the image";
+}
+
+#ifndef QCOW2FUSE_CHECK_TEST_SANITIZED
+// Runs `body` in a child limited to `limit_bytes` of data (heap and private
+// mappings) and exits 0 if it returned OK.
+[[noreturn]] void RunWithDataLimit(const std::function<absl::Status()>& body, rlim_t limit_bytes) {
+  struct rlimit limit;
+  limit.rlim_cur = limit_bytes;
+  limit.rlim_max = limit_bytes;
+  if (setrlimit(RLIMIT_DATA, &limit) != 0) _exit(2);
+  absl::Status status = body();
+  if (!status.ok()) fprintf(stderr, "%s\n", status.ToString().c_str());
+  _exit(status.ok() ? 0 : 1);
+}
+#endif
+
+// A dirty image in a sparse file of almost 1 TiB with 512-byte clusters
+// (2^31 clusters: 12 bytes per cluster was 24 GiB) is rebuilt within a
+// 64 MiB budget, its new refcount structures right after its data rather
+// than at the end of the file, and without blocks for the empty rest.
+TEST(CheckTest, RebuildOfAHugeSparseFileStaysWithinTheBudget) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("check"));
+  const std::string img = dir.Join("dirty.qcow2");
+  ASSERT_OK(MakeDirtyImage(img, 64 * kMiB, {"cluster_size=512"},
+                           {"write -P 1 0 1M", "write -P 2 40M 512k"}));
+  struct stat st;
+  ASSERT_EQ(stat(img.c_str(), &st), 0) << strerror(errno);
+  const uint64_t small_size = st.st_size;
+  constexpr uint64_t kHuge = (uint64_t{1} << 40) - kMiB;
+  ASSERT_EQ(truncate(img.c_str(), kHuge), 0) << strerror(errno);
+
+  const auto start = std::chrono::steady_clock::now();
+  const auto rebuild = [&img]() -> absl::Status {
+    MemoryBudget budget(64 * kMiB);
+    return RebuildWithEngine(img, &budget);
+  };
+#ifdef QCOW2FUSE_CHECK_TEST_SANITIZED
+  ASSERT_OK(rebuild());
+#else
+  // In a child limited to 1 GiB of data, so that a rebuild that allocates
+  // per cluster of the file fails the test instead of the machine. Forked
+  // ("fast"), not re-run from the start: it must rebuild this very file.
+  GTEST_FLAG_SET(death_test_style, "fast");
+  EXPECT_EXIT(RunWithDataLimit(rebuild, uint64_t{1} << 30), ::testing::ExitedWithCode(0), "");
+#endif
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(60));
+
+  // The new table and blocks lie right after the old end of the data; past
+  // them the file holds nothing anything refers to. Cut it there and let
+  // qemu-img check every refcount (it would need 4 GiB for the huge file).
+  ASSERT_OK_AND_ASSIGN(uint64_t table, ReadBE(img, 48, 8));
+  ASSERT_OK_AND_ASSIGN(uint64_t table_clusters, ReadBE(img, 56, 4));
+  EXPECT_LT(table, small_size + kMiB) << "the new refcount table went to the end of the file";
+  uint64_t end = table + table_clusters * 512;
+  for (uint64_t i = 0; i < table_clusters * 512 / 8; ++i) {
+    ASSERT_OK_AND_ASSIGN(uint64_t block, ReadBE(img, table + 8 * i, 8));
+    if (block != 0) end = std::max(end, block + 512);
+  }
+  EXPECT_LT(end, small_size + kMiB);
+  ASSERT_EQ(truncate(img.c_str(), end), 0) << strerror(errno);
+  EXPECT_OK(CheckImage(img));
+  EXPECT_OK(QemuIo(img, "qcow2", {"read -P 1 0 1M", "read -P 2 40M 512k", "read -P 0 1M 39M"}));
+}
+
 TEST(CheckTest, DamagedSnapshotSharing) {
   ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("check"));
   const std::string img = dir.Join("a.qcow2");
@@ -928,14 +1174,6 @@ absl::StatusOr<CheckResult> CheckBytes(Bytes bytes) {
   return SyncWait(CheckImage(*file, header, nullptr));
 }
 
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(memory_sanitizer) || __has_feature(thread_sanitizer)
-#define QCOW2FUSE_CHECK_TEST_SANITIZED 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define QCOW2FUSE_CHECK_TEST_SANITIZED 1
-#endif
 
 #ifndef QCOW2FUSE_CHECK_TEST_SANITIZED
 // Runs the check under a limit on the process's data (heap and private

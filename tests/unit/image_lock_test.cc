@@ -53,6 +53,9 @@ constexpr milliseconds kExitGrace{10'000};
 // The bytes QEMU 7.2 holds on a qcow2 image's file, observed in /proc/locks.
 const std::set<int> kQemuReadWriteBytes = {100, 101, 103, 201, 203};
 const std::set<int> kQemuReadOnlyBytes = {100, 201, 203};
+// And on its external data file: the same, but write is shared.
+const std::set<int> kQemuDataFileReadWriteBytes = {100, 101, 103, 203};
+const std::set<int> kQemuDataFileReadOnlyBytes = {100, 203};
 
 // A file descriptor closed on destruction.
 class Fd {
@@ -350,11 +353,14 @@ class ImageLockTest : public ::testing::Test {
     return fd;
   }
 
-  // Expects `status` to be our "in use" refusal naming `byte`.
-  void ExpectInUse(const absl::Status& status, int byte, const std::string& what) {
+  // Expects `status` to be our "in use" refusal of `name` (default: the
+  // image) naming `byte`.
+  void ExpectInUse(const absl::Status& status, int byte, const std::string& what,
+                   const std::string& name = "") {
     EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
     EXPECT_EQ(StatusErrno(status), std::optional<int>(EAGAIN)) << status;
-    EXPECT_TRUE(absl::StrContains(status.message(), image_ + " is in use: ")) << status;
+    EXPECT_TRUE(absl::StrContains(status.message(), (name.empty() ? image_ : name) + " is in use: "))
+        << status;
     EXPECT_TRUE(absl::StrContains(status.message(), absl::StrCat("QEMU lock byte ", byte)))
         << status;
     EXPECT_TRUE(absl::StrContains(status.message(), what)) << status;
@@ -508,6 +514,110 @@ TEST_F(ImageLockTest, SwitchingModesLeavesExactlyTheNewBytes) {
   ASSERT_OK(UnlockImage(fd.get()));
   ASSERT_OK_AND_ASSIGN(std::set<int> none, LockedBytes(image_));
   EXPECT_TRUE(none.empty()) << Show(none);
+}
+
+// --- External data files -------------------------------------------------------
+
+class DataFileLockTest : public ImageLockTest {
+ protected:
+  void SetUp() override {
+    ImageLockTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    // An image keeping its data in data.raw, and a copy naming the same file.
+    with_data_ = dir_->Join("with-data.qcow2");
+    other_ = dir_->Join("other.qcow2");
+    data_ = dir_->Join("data.raw");
+    ASSERT_OK(CreateImage(with_data_, "qcow2", 4 * kMiB, {"data_file=" + data_}));
+    ExpectRuns({"cp", with_data_, other_});
+  }
+
+  // QemuIoHolder waits for the image's locks; the data file's may come a
+  // moment later.
+  absl::StatusOr<std::set<int>> WaitForDataFileBytes(const std::set<int>& bytes) {
+    const auto deadline = std::chrono::steady_clock::now() + kLockAppearTimeout;
+    for (;;) {
+      ASSIGN_OR_RETURN(std::set<int> held, LockedBytes(data_));
+      if (held == bytes || std::chrono::steady_clock::now() >= deadline) return held;
+      std::this_thread::sleep_for(milliseconds(5));
+    }
+  }
+
+  absl::StatusOr<Fd> OpenDataLocked(LockMode mode) {
+    ASSIGN_OR_RETURN(Fd fd, OpenFile(data_, mode == LockMode::kDataFileReadOnly ? O_RDONLY : O_RDWR));
+    RETURN_IF_ERROR(LockImage(fd.get(), mode, data_));
+    return fd;
+  }
+
+  std::string with_data_, other_, data_;
+};
+
+TEST_F(DataFileLockTest, BytesMatchWhatQemuIoTakesOnADataFile) {
+  for (bool read_only : {false, true}) {
+    SCOPED_TRACE(read_only ? "read-only" : "read-write");
+    std::set<int> qemu, ours;
+    const std::set<int>& expected = read_only ? kQemuDataFileReadOnlyBytes : kQemuDataFileReadWriteBytes;
+    {
+      ASSERT_OK_AND_ASSIGN(auto holder, QemuIoHolder::Start(with_data_, read_only));
+      ASSERT_OK_AND_ASSIGN(qemu, WaitForDataFileBytes(expected));
+      ASSERT_OK(holder->Stop());
+    }
+    {
+      ASSERT_OK_AND_ASSIGN(Fd fd, OpenDataLocked(read_only ? LockMode::kDataFileReadOnly
+                                                           : LockMode::kDataFileReadWrite));
+      ASSERT_OK_AND_ASSIGN(ours, LockedBytes(data_));
+    }
+    EXPECT_EQ(Show(ours), Show(qemu));
+    EXPECT_EQ(Show(ours), Show(expected));
+  }
+}
+
+// A QEMU writer of one image keeps us from opening another image onto its
+// data file, reading or writing (it holds resize, which neither shares).
+TEST_F(DataFileLockTest, QemuWriterOfTheDataFileRefusesBothModes) {
+  ASSERT_OK_AND_ASSIGN(auto holder, QemuIoHolder::Start(with_data_, /*read_only=*/false));
+  ASSERT_OK(WaitForDataFileBytes(kQemuDataFileReadWriteBytes));
+  {
+    ASSERT_OK_AND_ASSIGN(Fd fd, OpenFile(data_, O_RDWR));
+    ExpectInUse(LockImage(fd.get(), LockMode::kDataFileReadWrite, data_), 203,
+                "does not share resizing", data_);
+    ExpectInUse(LockImage(fd.get(), LockMode::kDataFileReadOnly, data_), 103,
+                "open for resizing", data_);
+  }
+  ASSERT_OK(holder->Stop());
+  ASSERT_OK_AND_ASSIGN(Fd fd, OpenDataLocked(LockMode::kDataFileReadWrite));
+}
+
+// A QEMU reader admits our reader, not our writer, as QEMU admits its own.
+TEST_F(DataFileLockTest, QemuReaderOfTheDataFileAdmitsOnlyOurReader) {
+  ASSERT_OK_AND_ASSIGN(auto holder, QemuIoHolder::Start(with_data_, /*read_only=*/true));
+  ASSERT_OK(WaitForDataFileBytes(kQemuDataFileReadOnlyBytes));
+  {
+    ASSERT_OK_AND_ASSIGN(Fd fd, OpenDataLocked(LockMode::kDataFileReadOnly));
+  }
+  ASSERT_OK_AND_ASSIGN(Fd fd, OpenFile(data_, O_RDWR));
+  ExpectInUse(LockImage(fd.get(), LockMode::kDataFileReadWrite, data_), 203, "does not share resizing",
+              data_);
+}
+
+// Our locks on a data file keep QEMU from opening another image onto it,
+// but not from opening the data file alone as raw, which QEMU allows too.
+// (QEMU names the first conflict it finds: "shared \"resize\"" when we
+// hold resize, "\"resize\"" when we refuse to share it.)
+TEST_F(DataFileLockTest, OurDataFileLocksKeepQemuOut) {
+  {
+    ASSERT_OK_AND_ASSIGN(Fd fd, OpenDataLocked(LockMode::kDataFileReadWrite));
+    ExpectLockedOut({"qemu-io", "-f", "qcow2", "-c", "read 0 4k", other_},
+                    "Failed to get shared \"resize\" lock");
+    ExpectLockedOut({"qemu-io", "-f", "qcow2", "-r", "-c", "read 0 4k", other_},
+                    "Failed to get shared \"resize\" lock");
+    ExpectRuns({"qemu-io", "-f", "raw", "-c", "read 0 4k", data_});
+  }
+  {
+    ASSERT_OK_AND_ASSIGN(Fd fd, OpenDataLocked(LockMode::kDataFileReadOnly));
+    ExpectLockedOut({"qemu-io", "-f", "qcow2", "-c", "read 0 4k", other_}, "Failed to get \"resize\" lock");
+    ExpectRuns({"qemu-io", "-f", "qcow2", "-r", "-c", "read 0 4k", other_});
+  }
+  ExpectRuns({"qemu-io", "-f", "qcow2", "-c", "write 0 4k", other_});
 }
 
 TEST_F(ImageLockTest, SystemErrorsAreNotInUse) {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "base/budget.h"
 #include "gtest/gtest.h"
 #include "io/block_file.h"
 #include "qcow2_builder.h"
@@ -20,7 +21,7 @@ namespace qcow2fuse::test {
 namespace {
 
 constexpr uint32_t kSlice = 4096;
-constexpr size_t kMinTables = 16;  // the cache never holds fewer
+constexpr size_t kTables = 16;  // the capacity of the eviction tests
 
 // An in-memory file that counts reads and can fail the next few.
 class CountingFile final : public BlockFile {
@@ -44,6 +45,7 @@ class CountingFile final : public BlockFile {
   const std::string& name() const override { return name_; }
 
   void FailNextReads(int n) { failures_ = n; }
+  const Bytes& contents() const { return contents_; }
   int reads() const { return reads_; }
 
  private:
@@ -75,8 +77,13 @@ TEST(TableCacheTest, CapacityInSlices) {
   CountingFile file(Bytes(kSlice, 0));
   EXPECT_EQ(TableCache(&file, kSlice, 32 * kSlice).capacity(), 32u);
   EXPECT_EQ(TableCache(&file, kSlice, 32 * kSlice + kSlice - 1).capacity(), 32u);
-  EXPECT_EQ(TableCache(&file, kSlice, 0).capacity(), kMinTables);
-  EXPECT_EQ(TableCache(&file, kSlice, kSlice).capacity(), kMinTables);
+  // Never less than the one table in use, and never more than asked for.
+  EXPECT_EQ(TableCache(&file, kSlice, 0).capacity(), 1u);
+  EXPECT_EQ(TableCache(&file, kSlice, kSlice - 1).capacity(), 1u);
+  EXPECT_EQ(TableCache(&file, kSlice, kSlice).capacity(), 1u);
+  EXPECT_EQ(TableCache(&file, kSlice, 2 * kSlice).capacity(), 2u);
+  // 1 MiB of 2 MiB refcount blocks: one block, not sixteen (32 MiB).
+  EXPECT_EQ(TableCache(&file, 2 << 20, 1 << 20).capacity(), 1u);
 }
 
 TEST(TableCacheTest, GetReturnsSliceBytes) {
@@ -128,9 +135,9 @@ TEST(TableCacheTest, DifferentOffsetsAreDifferentSlices) {
 TEST(TableCacheTest, CapacityIsRespected) {
   const Bytes contents = Pattern(40 * kSlice, 5);
   CountingFile file(contents);
-  TableCache cache(&file, kSlice, 0);
+  TableCache cache(&file, kSlice, kTables * kSlice);
   for (uint64_t i = 0; i < 40; ++i) MustGet(cache, i * kSlice);
-  EXPECT_EQ(cache.stats().cached, kMinTables);
+  EXPECT_EQ(cache.stats().cached, kTables);
   EXPECT_EQ(file.reads(), 40);
 }
 
@@ -139,10 +146,10 @@ TEST(TableCacheTest, CapacityIsRespected) {
 TEST(TableCacheTest, EvictsLeastRecentlyUsed) {
   const Bytes contents = Pattern(20 * kSlice, 6);
   CountingFile file(contents);
-  TableCache cache(&file, kSlice, 0);
-  for (uint64_t i = 0; i < kMinTables; ++i) MustGet(cache, i * kSlice);
+  TableCache cache(&file, kSlice, kTables * kSlice);
+  for (uint64_t i = 0; i < kTables; ++i) MustGet(cache, i * kSlice);
   MustGet(cache, 0);
-  MustGet(cache, kMinTables * kSlice);
+  MustGet(cache, kTables * kSlice);
   ASSERT_EQ(file.reads(), 17);
 
   MustGet(cache, 0);
@@ -151,15 +158,15 @@ TEST(TableCacheTest, EvictsLeastRecentlyUsed) {
   EXPECT_EQ(file.reads(), 17) << "slice 2 should not have been evicted yet";
   MustGet(cache, kSlice);
   EXPECT_EQ(file.reads(), 18) << "slice 1 was the least recently used and should have gone";
-  EXPECT_EQ(cache.stats().cached, kMinTables);
+  EXPECT_EQ(cache.stats().cached, kTables);
 }
 
 TEST(TableCacheTest, HeldSliceOutlivesEviction) {
   const Bytes contents = Pattern(20 * kSlice, 7);
   CountingFile file(contents);
-  TableCache cache(&file, kSlice, 0);
+  TableCache cache(&file, kSlice, kTables * kSlice);
   std::shared_ptr<const Table> held = MustGet(cache, 0);
-  for (uint64_t i = 1; i <= kMinTables; ++i) MustGet(cache, i * kSlice);
+  for (uint64_t i = 1; i <= kTables; ++i) MustGet(cache, i * kSlice);
   ASSERT_NE(held, nullptr);
   EXPECT_EQ(*held, SliceOf(contents, 0));
 
@@ -194,6 +201,93 @@ TEST(TableCacheTest, ReadErrorIsNotCached) {
   EXPECT_EQ(*slice, SliceOf(contents, kSlice));
   EXPECT_EQ(file.reads(), 2);
   EXPECT_EQ(cache.stats().cached, 1u);
+}
+
+// A table larger than the capacity: the cache keeps only the one in use.
+TEST(TableCacheTest, TablesLargerThanTheCapacityKeepOne) {
+  constexpr uint32_t kBlock = 2 << 20;  // a refcount block of 2 MiB clusters
+  CountingFile file(Pattern(3 * kBlock, 10));
+  auto budget = std::make_shared<MemoryBudget>(uint64_t{1} << 30);
+  TableCache cache(&file, kBlock, 1 << 20, budget.get(), "the refcount cache of counting.img");
+  for (uint64_t i = 0; i < 3; ++i) MustGet(cache, i * kBlock);
+  EXPECT_EQ(cache.stats().cached, 1u);
+  EXPECT_EQ(budget->used(), kBlock);
+}
+
+// Every table the cache holds is charged, and given back when it goes.
+TEST(TableCacheTest, ChargesTheTablesItHolds) {
+  CountingFile file(Pattern(40 * kSlice, 11));
+  auto budget = std::make_shared<MemoryBudget>(uint64_t{1} << 30);
+  {
+    TableCache cache(&file, kSlice, kTables * kSlice, budget.get(), "the L2 cache of counting.img");
+    MustGet(cache, 0);
+    EXPECT_EQ(budget->used(), kSlice);
+    for (uint64_t i = 0; i < 40; ++i) MustGet(cache, i * kSlice);
+    EXPECT_EQ(budget->used(), kTables * kSlice);
+    cache.Forget(39 * kSlice);
+    EXPECT_EQ(budget->used(), (kTables - 1) * kSlice);
+    file.FailNextReads(1);
+    EXPECT_FALSE(SyncWait(cache.Get(39 * kSlice)).ok());
+    EXPECT_EQ(budget->used(), (kTables - 1) * kSlice) << "a failed read keeps no charge";
+  }
+  EXPECT_EQ(budget->used(), 0u);
+}
+
+// When the budget is spent elsewhere, the cache gives up its own clean
+// tables rather than failing.
+TEST(TableCacheTest, ShrinksWhenTheBudgetIsSpent) {
+  CountingFile file(Pattern(40 * kSlice, 12));
+  auto budget = std::make_shared<MemoryBudget>(4 * kSlice);
+  TableCache cache(&file, kSlice, kTables * kSlice, budget.get(), "the L2 cache of counting.img");
+  // Another structure holds all but one slice's worth.
+  ASSERT_OK(budget->Take(3 * kSlice, "another table"));
+  for (uint64_t i = 0; i < 10; ++i) {
+    std::shared_ptr<const Table> slice = MustGet(cache, i * kSlice);
+    ASSERT_NE(slice, nullptr);
+    EXPECT_EQ(*slice, SliceOf(file.contents(), i * kSlice));
+  }
+  EXPECT_EQ(cache.stats().cached, 1u);
+  EXPECT_EQ(budget->used(), 4 * kSlice);
+  // It lets go: the cache grows again, up to what the budget holds.
+  budget->Give(3 * kSlice);
+  for (uint64_t i = 10; i < 20; ++i) MustGet(cache, i * kSlice);
+  EXPECT_EQ(cache.stats().cached, 4u);
+  EXPECT_EQ(budget->used(), 4 * kSlice);
+}
+
+// Dirty tables cannot be dropped: past the budget a miss fails with the
+// budget's error, and works again once they are written back.
+TEST(TableCacheTest, DirtyTablesOverTheBudgetFailTheNextMiss) {
+  std::unique_ptr<BlockFile> file = NewMemFile("mem.img", Pattern(8 * kSlice, 13));
+  auto budget = std::make_shared<MemoryBudget>(2 * kSlice);
+  TableCache cache(file.get(), kSlice, kTables * kSlice, budget.get(), "the L2 cache of mem.img");
+  ASSERT_OK(SyncWait(cache.Modify(0, [](Table& t) { t[0] = 1; })));
+  ASSERT_OK(SyncWait(cache.Modify(kSlice, [](Table& t) { t[0] = 2; })));
+  absl::StatusOr<std::shared_ptr<const Table>> miss = SyncWait(cache.Get(2 * kSlice));
+  ASSERT_FALSE(miss.ok());
+  EXPECT_EQ(miss.status().code(), absl::StatusCode::kResourceExhausted) << miss.status();
+  EXPECT_NE(miss.status().message().find("the L2 cache of mem.img"), std::string::npos) << miss.status();
+  EXPECT_EQ(budget->used(), 2 * kSlice);
+
+  ASSERT_OK(SyncWait(cache.WriteBack()));
+  ASSERT_OK(SyncWait(cache.Get(2 * kSlice)).status());
+  EXPECT_EQ(budget->used(), 2 * kSlice);
+}
+
+// A table handed over by its maker exists already: it is counted even past
+// the limit, so the next miss evicts or fails instead.
+TEST(TableCacheTest, InstalledTablesAreCountedPastTheLimit) {
+  std::unique_ptr<BlockFile> file = NewMemFile("mem.img", Pattern(8 * kSlice, 14));
+  auto budget = std::make_shared<MemoryBudget>(kSlice);
+  {
+    TableCache cache(file.get(), kSlice, kTables * kSlice, budget.get(), "the refcount cache of mem.img");
+    cache.Install(0, Table(kSlice, 1));
+    cache.Install(kSlice, Table(kSlice, 2));
+    cache.Install(kSlice, Table(kSlice, 3));  // replaces: still two tables
+    EXPECT_EQ(budget->used(), 2 * kSlice);
+    EXPECT_FALSE(SyncWait(cache.Get(4 * kSlice)).ok());
+  }
+  EXPECT_EQ(budget->used(), 0u);
 }
 
 }  // namespace

@@ -12,7 +12,8 @@
 // block allocation on a RecordingFile, and check every crash state it
 // enumerates with `qemu-img check` (no corruption; leaks allowed) and by
 // reading the disk back (everything written before a completed Flush is
-// there).
+// there); the harness is crash_harness.h, and crash_states_test.cc runs it
+// over discard, write-zeroes, preallocation, growth and repair.
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -22,10 +23,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <future>
 #include <random>
 #include <span>
-#include <iostream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -42,6 +41,7 @@
 #include "gtest/gtest.h"
 #include "io/block_file.h"
 #include "io/recording_file.h"
+#include "crash_harness.h"
 #include "qcow2_builder.h"  // Bytes, Pattern, PutBE*
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/task.h"
@@ -804,188 +804,7 @@ TEST(WritePathTest, PublicImageApiWritesFlushesAndResizes) {
 
 // --- Crash consistency ----------------------------------------------------------------------------------
 
-// Drives a Qcow2Layer over a RecordingFile around a memory copy of an
-// image, and remembers which guest writes each completed Flush made durable.
-class CrashRun {
- public:
-  struct GuestWrite {
-    uint64_t offset;
-    Bytes data;
-    size_t flush;  // index of the first Flush completed after it
-  };
-
-  static absl::StatusOr<std::unique_ptr<CrashRun>> Start(Bytes initial) {
-    absl::StatusOr<Header> header = DecodeHeader(initial, initial.size());
-    if (!header.ok()) return header.status();
-    auto run = std::unique_ptr<CrashRun>(new CrashRun());
-    run->initial_ = initial;
-    auto rec = std::make_unique<RecordingFile>(NewMemFile("crash.qcow2", std::move(initial)));
-    run->rec_ = rec.get();
-    absl::StatusOr<std::unique_ptr<Qcow2Layer>> layer = SyncWait(Qcow2Layer::Open(
-        std::move(rec), std::move(*header), nullptr, nullptr, Writable()));
-    if (!layer.ok()) return layer.status();
-    run->layer_ = std::move(*layer);
-    return run;
-  }
-
-  absl::Status Write(uint64_t offset, Bytes data) {
-    absl::Status s = SyncWait(layer_->Write(offset, data));
-    writes_.push_back({offset, std::move(data), flush_barriers_.size()});
-    return s;
-  }
-  absl::Status Flush() { return Durable(SyncWait(layer_->Flush())); }
-  // Truncate flushes before it changes the size, and the size after.
-  absl::Status Truncate(uint64_t size) {
-    size_flush_ = flush_barriers_.size();
-    new_size_ = size;
-    return Durable(SyncWait(layer_->Truncate(size)));
-  }
-
-  const Bytes& initial() const { return initial_; }
-  // What the file holds now.
-  absl::StatusOr<Bytes> contents() const { return MemFileContents(rec_->inner()); }
-  std::vector<FileOp> log() const { return rec_->log(); }
-  const std::vector<GuestWrite>& writes() const { return writes_; }
-  Qcow2Layer& layer() { return *layer_; }
-  // Whether Flush number `flush` had completed at barrier `barrier`.
-  bool DurableAt(size_t flush, size_t barrier) const {
-    return flush < flush_barriers_.size() && flush_barriers_[flush] <= barrier;
-  }
-  size_t size_flush() const { return size_flush_; }
-  uint64_t new_size() const { return new_size_; }
-  size_t flushes() const { return flush_barriers_.size(); }
-
- private:
-  CrashRun() = default;
-  absl::Status Durable(absl::Status s) {
-    size_t barriers = 0;
-    for (const FileOp& op : rec_->log()) barriers += op.kind == FileOp::Kind::kFlush;
-    flush_barriers_.push_back(barriers);
-    return s;
-  }
-
-  Bytes initial_;
-  RecordingFile* rec_ = nullptr;
-  std::unique_ptr<Qcow2Layer> layer_;
-  std::vector<GuestWrite> writes_;
-  std::vector<size_t> flush_barriers_;  // barriers in the log when Flush i returned
-  size_t size_flush_ = SIZE_MAX;
-  uint64_t new_size_ = 0;
-};
-
-// Checks every crash state of `run` with qemu-img check and by reading the
-// disk back with qemu-img convert. `old_disk` is the guest contents at the
-// start; `old_size` the virtual size then. Guest writes must not overlap.
-void CheckCrashStates(const TempDir& dir, CrashRun& run, const Bytes& old_disk, uint64_t old_size,
-                      CrashStateOptions options) {
-  const std::vector<FileOp> log = run.log();
-  CrashStates states(run.initial(), log, options);
-  const std::string state_path = dir.Join("state.qcow2");
-  const std::string raw_path = dir.Join("state.raw");
-  const uint64_t cs = run.layer().cluster_size();
-  // The old disk, read as zeros past its end.
-  Bytes old = old_disk;
-  old.resize(std::max<uint64_t>({old_size, run.new_size(), old.size()}), 0);
-  // The guest ranges that writes cover, sorted (writes do not overlap).
-  std::vector<std::pair<uint64_t, uint64_t>> covered;
-  for (const CrashRun::GuestWrite& w : run.writes()) covered.emplace_back(w.offset, w.offset + w.data.size());
-  std::sort(covered.begin(), covered.end());
-  for (size_t i = 1; i < covered.size(); ++i) ASSERT_LE(covered[i - 1].second, covered[i].first) << "writes overlap";
-
-  Bytes contents;
-  std::string what;
-  size_t count = 0, failed = 0, max_leaks = 0, with_leaks = 0;
-  using Clock = std::chrono::steady_clock;
-  Clock::duration t_enum{}, t_qemu{}, t_compare{};
-  Clock::time_point t = Clock::now();
-  auto lap = [&](Clock::duration& into) {
-    const Clock::time_point now = Clock::now();
-    into += now - t;
-    t = now;
-  };
-  while (states.Next(&contents, &what)) {
-    lap(t_enum);
-    ++count;
-    if (failed >= 5) continue;  // enough to go on
-    const size_t barrier = states.barrier();
-    bool ok = true;
-    auto fail = [&](const std::string& why) {
-      if (ok) ++failed;
-      ok = false;
-      ADD_FAILURE() << "crash state " << what << ": " << why;
-    };
-    ASSERT_OK(WriteBytes(state_path, contents));
-    // qemu-img check and the conversion to raw side by side.
-    std::future<absl::StatusOr<QemuCheckReport>> checked =
-        std::async(std::launch::async, [&] { return QemuCheck(state_path); });
-    absl::StatusOr<CommandResult> conv =
-        RunCommand({"qemu-img", "convert", "-t", "unsafe", "-f", "qcow2", "-O", "raw", state_path, raw_path});
-    ASSERT_OK_AND_ASSIGN(QemuCheckReport c, checked.get());
-    lap(t_qemu);
-    if (c.corruptions != 0 || c.check_errors != 0 || (c.exit_code != 0 && c.exit_code != 3)) {
-      fail("qemu-img check: " + c.output);
-      continue;
-    }
-    max_leaks = std::max<size_t>(max_leaks, c.leaks);
-    with_leaks += c.leaks != 0;
-    ASSERT_OK(conv);
-    if (!conv->ok()) {
-      fail("qemu-img convert: " + conv->stderr_text);
-      continue;
-    }
-    ASSERT_OK_AND_ASSIGN(Bytes disk, ReadBytes(raw_path));
-    const bool size_durable = run.DurableAt(run.size_flush(), barrier);
-    if (disk.size() != old_size && disk.size() != run.new_size()) {
-      fail(absl::StrCat("virtual size ", disk.size()));
-      continue;
-    }
-    if (size_durable && disk.size() != run.new_size()) {
-      fail(absl::StrCat("virtual size ", disk.size(), " after the resize was flushed"));
-      continue;
-    }
-    // Every byte is either as before, or (for a write) as written; written
-    // and flushed means as written. Checked cluster piece by cluster piece:
-    // one L2 entry switches a whole piece.
-    for (const CrashRun::GuestWrite& w : run.writes()) {
-      const bool durable = run.DurableAt(w.flush, barrier);
-      if (w.offset + w.data.size() > disk.size()) {
-        if (durable) fail(absl::StrCat("flushed write at ", w.offset, " is past the end of the disk"));
-        continue;
-      }
-      for (uint64_t o = w.offset; o < w.offset + w.data.size() && ok;) {
-        const uint64_t end = std::min<uint64_t>(w.offset + w.data.size(), (o / cs + 1) * cs);
-        const bool is_new = std::memcmp(disk.data() + o, w.data.data() + (o - w.offset), end - o) == 0;
-        const bool is_old = std::memcmp(disk.data() + o, old.data() + o, end - o) == 0;
-        if (!is_new && !(is_old && !durable)) {
-          fail(absl::StrCat("guest bytes [", o, ", ", end, ") of a write at ", w.offset, " (flush ", w.flush,
-                            durable ? ", durable" : ", not durable", ") are neither ",
-                            durable ? "" : "old nor ", "new"));
-        }
-        o = end;
-      }
-    }
-    // Never written: as before.
-    uint64_t from = 0;
-    for (size_t i = 0; i <= covered.size() && ok; ++i) {
-      const uint64_t to = std::min<uint64_t>(i < covered.size() ? covered[i].first : disk.size(), disk.size());
-      if (from < to && std::memcmp(disk.data() + from, old.data() + from, to - from) != 0) {
-        uint64_t b = from;
-        while (disk[b] == old[b]) ++b;
-        fail(absl::StrCat("guest byte ", b, ", never written, changed"));
-      }
-      if (i < covered.size()) from = std::min<uint64_t>(covered[i].second, disk.size());
-    }
-    lap(t_compare);
-  }
-  std::cout << "crash states checked: " << count << " (" << states.barrier_count() << " barriers, "
-            << log.size() << " logged operations); states with leaks: " << with_leaks
-            << ", most leaked clusters: " << max_leaks << "; seconds enumerating "
-            << std::chrono::duration<double>(t_enum).count() << ", in qemu-img check + convert "
-            << std::chrono::duration<double>(t_qemu).count() << ", comparing "
-            << std::chrono::duration<double>(t_compare).count() << "\n";
-  ::testing::Test::RecordProperty("crash_states", std::to_string(count));
-  EXPECT_EQ(failed, 0u) << "of " << count << " crash states";
-}
+// CrashRun and CrashChecker: crash_harness.h.
 
 TEST(WritePathTest, CrashStatesOfAllocationCowL2L1AndRefcountGrowth) {
   const uint64_t seed = TestSeed();
@@ -1026,8 +845,7 @@ TEST(WritePathTest, CrashStatesOfAllocationCowL2L1AndRefcountGrowth) {
   ASSERT_OK(run->Flush());
 
   // The scenario did what it claims.
-  Bytes final_bytes = run->initial();
-  for (const FileOp& op : run->log()) ApplyFileOp(op, true, &final_bytes);
+  const Bytes final_bytes = FinalContents(*run);
   const Geometry g = Geom(final_bytes);
   EXPECT_EQ(g.size, 4 * kMiB);
   EXPECT_GE(g.l1_size, 128u);
@@ -1037,12 +855,13 @@ TEST(WritePathTest, CrashStatesOfAllocationCowL2L1AndRefcountGrowth) {
   ASSERT_OK(WriteBytes(final_path, final_bytes));
   ExpectQemuClean(final_path);
 
-  CheckCrashStates(dir, *run, old_disk, 1 * kMiB,
-                   {.seed = seed, .random_subsets = 6, .max_prefixes = 8, .max_states = 0});
+  CrashChecker checker(dir, *run, old_disk);
+  checker.CheckAll(
+      {.seed = seed, .random_subsets = SampleStates(6), .max_prefixes = SampleStates(8), .max_states = 0});
   // And on a filesystem whose discards leave the old bytes (fewer states).
-  CheckCrashStates(dir, *run, old_disk, 1 * kMiB,
-                   {.seed = seed + 1, .random_subsets = 2, .max_prefixes = 4, .max_states = 0,
-                    .discard_zeroes = false});
+  checker.CheckAll({.seed = seed + 1, .random_subsets = SampleStates(2), .max_prefixes = SampleStates(4),
+                    .max_states = 0, .discard_zeroes = false});
+  checker.Report("allocation, copy-on-write, L2, L1 and refcount growth");
 }
 
 // The refcount table growth under crashes: 512-byte clusters with 64-bit
@@ -1079,15 +898,16 @@ TEST(WritePathTest, CrashStatesOfRefcountTableGrowth) {
   }
   EXPECT_TRUE(grown);
   ASSERT_OK(run->Flush());
-  Bytes final_bytes = run->initial();
-  for (const FileOp& op : run->log()) ApplyFileOp(op, true, &final_bytes);
+  const Bytes final_bytes = FinalContents(*run);
   EXPECT_NE(Geom(final_bytes).refcount_table_offset, Geom(initial).refcount_table_offset) << "the table grew";
   const std::string final_path = dir.Join("final.qcow2");
   ASSERT_OK(WriteBytes(final_path, final_bytes));
   ExpectQemuClean(final_path);
 
-  CheckCrashStates(dir, *run, old_disk, 4 * kMiB,
-                   {.seed = seed, .random_subsets = 2, .max_prefixes = 4, .max_states = 0});
+  CrashChecker checker(dir, *run, old_disk);
+  checker.CheckAll(
+      {.seed = seed, .random_subsets = SampleStates(2), .max_prefixes = SampleStates(4), .max_states = 0});
+  checker.Report("refcount table growth");
 }
 
 // --- The allocated-bytes count behind st_blocks ----------------------------------------------

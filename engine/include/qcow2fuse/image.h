@@ -31,10 +31,13 @@ enum class DetectZeroes {
   kUnmap,  // make zero clusters and free the host clusters they had
 };
 
+class MemoryBudget;
+
 struct ImageOptions {
   // Open for reading only.
   bool read_only = true;
-  // Bytes of L2 table slices each image of the chain may cache.
+  // Bytes of clean L2 table slices each image of the chain may cache (at
+  // least one slice); slices changed since the last flush come on top.
   uint64_t l2_cache_size = uint64_t{4} << 20;
   // Path of the external data file, overriding the name the image records.
   std::string data_file;
@@ -46,6 +49,14 @@ struct ImageOptions {
   // tables come to at most this many bytes; past it (a large image) it is
   // made in the background, so that opening a 1 TiB view stays fast.
   uint64_t sync_count_limit = uint64_t{16} << 20;
+  // Bytes the whole chain may spend on structures whose size the image
+  // files decide (L1 tables, snapshot and bitmap tables, header
+  // extensions, metadata caches, a refcount rebuild): a hostile image is
+  // refused instead of exhausting memory.
+  uint64_t max_metadata_memory = uint64_t{256} << 20;
+  // The budget of max_metadata_memory, shared by every layer of the chain;
+  // Image::Open makes it from max_metadata_memory when null.
+  std::shared_ptr<MemoryBudget> budget;
 };
 
 // Work done by the write path since the image was opened. Tests use these

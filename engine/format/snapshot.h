@@ -1,0 +1,39 @@
+// The snapshot table ("Snapshots" in the spec): one entry per internal
+// snapshot, each naming the snapshot's own L1 table. Decoded from bytes
+// here; the caller reads them (at most spec::kMaxSnapshotTableBytes).
+
+#ifndef QCOW2FUSE_FORMAT_SNAPSHOT_H_
+#define QCOW2FUSE_FORMAT_SNAPSHOT_H_
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace qcow2fuse {
+
+struct SnapshotEntry {
+  uint64_t l1_table_offset = 0;
+  uint32_t l1_size = 0;  // entries
+  std::string id;
+  std::string name;
+};
+
+struct SnapshotTable {
+  std::vector<SnapshotEntry> entries;
+  // Bytes from the table's start to the end of its last entry (QEMU's
+  // size of the table: no padding after the last entry).
+  uint64_t bytes = 0;
+};
+
+// Decodes `count` entries from `table`, the bytes at the table's offset
+// (fewer than the table needs if the file ends first). DataLossError names
+// the entry and what is wrong: runs past `table`, extra data beyond QEMU's
+// limit.
+absl::StatusOr<SnapshotTable> DecodeSnapshotTable(std::span<const uint8_t> table, uint32_t count);
+
+}  // namespace qcow2fuse
+
+#endif  // QCOW2FUSE_FORMAT_SNAPSHOT_H_

@@ -1,0 +1,563 @@
+// Host errors under a real mount: the daemon runs with the fault shim
+// (fault_shim.c) preloaded, which fails the Nth pwrite, fallocate or
+// fdatasync the daemon makes on its image, or fills the disk, and a small
+// workload runs through the view: writes, fsync, fallocate punch-hole,
+// zero-range and preallocation, a grow by ftruncate, and close.
+//
+// A counting run first shows that the shim sees the calls the daemon
+// really makes (PosixFile's pwrite, fallocate and fdatasync) and how many
+// of each the workload makes. Then, for each kind of fault, the workload
+// runs on a fresh image once per call N (every call in the normal build;
+// one, seeded, under the sanitizers or QCOW2FUSE_TEST_OPS), and each time:
+//   - the call that met the fault returns the injected errno (EIO or
+//     ENOSPC) to the user;
+//   - the daemon still answers: a read through a fresh descriptor works
+//     after it;
+//   - after a one-shot fault every later call succeeds; after a failed
+//     fdatasync every later fsync (and the close) fails with EIO; on a full
+//     disk calls fail with ENOSPC or succeed, and once the disk has room
+//     again a write and an fsync succeed;
+//   - the daemon exits cleanly at unmount (with status 1 when its final
+//     flush was refused by the latch), never by a signal;
+//   - `qemu-img check` finds no corruption (leaks allowed) and the disk
+//     reads as what the last successful fsync made durable, each byte
+//     possibly changed by a call issued since.
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "cli_util.h"
+#include "fault_shim.h"
+#include "gtest/gtest.h"
+#include "support/command.h"
+#include "support/file_util.h"
+#include "support/mount.h"
+#include "support/qemu.h"
+#include "support/seed.h"
+#include "support/status_testing.h"
+
+namespace qcow2fuse::test::cli {
+namespace {
+
+constexpr uint64_t kDiskSize = 16 * kMiB;
+constexpr uint64_t kGrownSize = 17 * kMiB;
+
+// The sanitizer builds run the daemon several times slower: they, and the
+// ThreadSanitizer run's QCOW2FUSE_TEST_OPS, walk a few points per kind.
+bool Sampling() {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  return true;
+#else
+  return std::getenv("QCOW2FUSE_TEST_OPS") != nullptr;
+#endif
+}
+
+// --- The shim's control block ------------------------------------------------------------
+
+class Control {
+ public:
+  static absl::StatusOr<std::unique_ptr<Control>> Create(const std::string& path) {
+    int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return absl::InternalError(absl::StrCat("create ", path, ": ", strerror(errno)));
+    if (ftruncate(fd, sizeof(FaultControl)) != 0) {
+      close(fd);
+      return absl::InternalError(absl::StrCat("size ", path, ": ", strerror(errno)));
+    }
+    void* p = mmap(nullptr, sizeof(FaultControl), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) return absl::InternalError(absl::StrCat("map ", path, ": ", strerror(errno)));
+    return std::unique_ptr<Control>(new Control(path, static_cast<FaultControl*>(p)));
+  }
+  ~Control() { munmap(c_, sizeof(FaultControl)); }
+
+  const std::string& path() const { return path_; }
+  void Arm(FaultMode mode, FaultCall call, uint64_t nth, int error) {
+    __atomic_store_n(&c_->mode, static_cast<uint32_t>(mode), __ATOMIC_SEQ_CST);
+    __atomic_store_n(&c_->call, static_cast<uint32_t>(call), __ATOMIC_SEQ_CST);
+    __atomic_store_n(&c_->nth, nth, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&c_->error, error, __ATOMIC_SEQ_CST);
+  }
+  uint64_t calls(FaultCall call) const { return __atomic_load_n(&c_->calls[call], __ATOMIC_SEQ_CST); }
+  uint64_t after(FaultCall call) const { return __atomic_load_n(&c_->after[call], __ATOMIC_SEQ_CST); }
+  bool fired() const { return __atomic_load_n(&c_->fired, __ATOMIC_SEQ_CST) != 0; }
+  bool full() const { return __atomic_load_n(&c_->full, __ATOMIC_SEQ_CST) != 0; }
+  void SetFull(bool full) { __atomic_store_n(&c_->full, full ? 1u : 0u, __ATOMIC_SEQ_CST); }
+
+ private:
+  Control(std::string path, FaultControl* c) : path_(std::move(path)), c_(c) {
+    __atomic_store_n(&c_->magic, QCOW2FUSE_FAULT_MAGIC, __ATOMIC_SEQ_CST);
+  }
+  const std::string path_;
+  FaultControl* const c_;
+};
+
+const char* CallName(FaultCall call) {
+  switch (call) {
+    case kFaultPwrite: return "pwrite";
+    case kFaultFallocate: return "fallocate";
+    case kFaultSync: return "fdatasync";
+    case kFaultTruncate: return "ftruncate";
+    default: return "?";
+  }
+}
+
+// Sets an environment variable for the life of the object (for the daemon
+// Spawn starts, which inherits it) and puts the old value back.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value) : name_(name) {
+    if (const char* old = getenv(name)) old_ = old;
+    setenv(name, value.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (old_) {
+      setenv(name_, old_->c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+  const std::optional<std::string>& old() const { return old_; }
+
+ private:
+  const char* const name_;
+  std::optional<std::string> old_;
+};
+
+// Starts the view of `image` with the shim preloaded, reporting to `control`.
+absl::StatusOr<std::unique_ptr<MountedView>> StartWithShim(const std::string& image, const std::string& mountpoint,
+                                                           const Control& control) {
+  MountOptions options = WritableView(image, mountpoint);
+  // No periodic flush: the test alone decides when the daemon syncs.
+  options.extra_options = {"flush_interval=0"};
+  const char* asan = getenv("ASAN_OPTIONS");
+  // The shim comes before the sanitizer's runtime in the library list,
+  // which AddressSanitizer refuses unless told otherwise.
+  ScopedEnv asan_options("ASAN_OPTIONS", absl::StrCat(asan ? asan : "", asan ? ":" : "", "verify_asan_link_order=0"));
+  ScopedEnv preload("LD_PRELOAD", QCOW2FUSE_FAULT_SHIM);
+  ScopedEnv file(QCOW2FUSE_FAULT_FILE_ENV, image);
+  ScopedEnv ctl(QCOW2FUSE_FAULT_CONTROL_ENV, control.path());
+  return MountedView::Start(options);
+}
+
+// --- The workload ----------------------------------------------------------------------------
+
+struct Call {
+  enum Kind { kWrite, kFsync, kPunch, kZeroRange, kPreallocate, kGrow } kind;
+  uint64_t offset = 0;
+  uint64_t length = 0;  // kGrow: the new size
+  int pattern = 0;
+};
+
+std::string Describe(const Call& c) {
+  switch (c.kind) {
+    case Call::kWrite: return absl::StrFormat("pwrite [%u, +%u)", c.offset, c.length);
+    case Call::kFsync: return "fsync";
+    case Call::kPunch: return absl::StrFormat("fallocate punch-hole [%u, +%u)", c.offset, c.length);
+    case Call::kZeroRange: return absl::StrFormat("fallocate zero-range [%u, +%u)", c.offset, c.length);
+    case Call::kPreallocate: return absl::StrFormat("fallocate [%u, +%u)", c.offset, c.length);
+    case Call::kGrow: return absl::StrFormat("ftruncate to %u", c.length);
+  }
+  return "?";
+}
+
+const std::vector<Call>& Workload() {
+  static const std::vector<Call> calls = {
+      {Call::kWrite, 1 * kMiB + 4096, 8192, 1},       // allocating: past the end of the file
+      {Call::kWrite, 4096, 4096, 2},                  // in place, over qemu-io's data
+      {Call::kFsync},
+      {Call::kWrite, 5 * kMiB, 4096, 3},              // allocating
+      {Call::kPunch, 1 * kMiB, 64 * kKiB},            // a whole cluster freed at the next fsync
+      {Call::kZeroRange, 5 * kMiB + 1000, 2000},      // zeros written in place
+      {Call::kFsync},
+      {Call::kGrow, 0, kGrownSize},                   // the header, after a flush
+      {Call::kWrite, kDiskSize + 4096, 4096, 4},      // in the grown part
+      {Call::kPreallocate, 8 * kMiB, 64 * kKiB},      // a host cluster reserved
+      {Call::kFsync},
+  };
+  return calls;
+}
+
+std::vector<uint8_t> Pattern(size_t n, int seed) {
+  std::vector<uint8_t> b(n);
+  uint32_t x = static_cast<uint32_t>(seed) * 2654435761u + 7;
+  for (uint8_t& v : b) {
+    x = x * 1103515245u + 12345;
+    v = static_cast<uint8_t>(x >> 16);
+  }
+  return b;
+}
+
+// What each byte of the disk may read as (see fault_injection_test.cc for
+// the same model on the engine).
+struct Model {
+  std::vector<uint8_t> bytes;
+  std::map<uint64_t, std::vector<uint8_t>> maybe;
+  uint64_t size = kDiskSize;
+
+  void Set(uint64_t offset, const std::vector<uint8_t>& data) {
+    std::copy(data.begin(), data.end(), bytes.begin() + offset);
+    maybe.erase(maybe.lower_bound(offset), maybe.lower_bound(offset + data.size()));
+  }
+  void Maybe(uint64_t offset, const std::vector<uint8_t>& data) {
+    for (size_t i = 0; i < data.size(); ++i) {
+      std::vector<uint8_t>& values = maybe[offset + i];
+      for (uint8_t v : {bytes[offset + i], data[i]}) {
+        if (std::find(values.begin(), values.end(), v) == values.end()) values.push_back(v);
+      }
+    }
+  }
+  bool Allows(uint64_t b, uint8_t v) const {
+    if (bytes[b] == v) return true;
+    auto it = maybe.find(b);
+    return it != maybe.end() && std::find(it->second.begin(), it->second.end(), v) != it->second.end();
+  }
+};
+
+struct Unflushed {
+  uint64_t offset;
+  std::vector<uint8_t> data;
+};
+
+// --- One run ---------------------------------------------------------------------------------
+
+struct Fault {
+  FaultMode mode = kFaultNone;
+  FaultCall call = kFaultPwrite;
+  uint64_t nth = 0;
+  int error = EIO;
+
+  // E.g. "pwrite 3 fails (EIO)".
+  std::string ToString() const {
+    if (mode == kFaultNone) return "no fault";
+    return absl::StrFormat("%s %u %s", CallName(call), nth, What());
+  }
+  // What happens to the chosen call, e.g. "fails (EIO)".
+  std::string What() const {
+    return absl::StrFormat("%s (%s)",
+                           mode == kFaultOnce    ? "fails"
+                           : mode == kFaultShort ? "is short, then its retry fails"
+                                                 : "finds the disk full",
+                           mode == kFaultFull ? "ENOSPC" : error == EIO ? "EIO" : "ENOSPC");
+  }
+};
+
+// Calls the disk stays full for after the one that found it full.
+constexpr size_t kFullCalls = 1;
+
+class FaultRun {
+ public:
+  // `image`: the bytes of the image to start from (see MakeImage).
+  FaultRun(std::string dir, const std::string& image, Fault fault)
+      : dir_(std::move(dir)), initial_(image), fault_(fault) {}
+
+  const std::vector<std::string>& problems() const { return problems_; }
+  std::map<FaultCall, uint64_t> counted;  // what the shim counted in the workload
+  bool fired = false;
+
+  void Go() {
+    const std::string image = dir_ + "/disk.qcow2";
+    if (absl::Status s = WriteFileAt(image, 0, initial_); !s.ok()) return Problem(s.ToString());
+    model_.bytes.assign(kGrownSize, 0);
+    std::fill(model_.bytes.begin(), model_.bytes.begin() + 128 * kKiB, 0x11);
+    durable_ = model_;
+    absl::StatusOr<std::unique_ptr<Control>> control = Control::Create(dir_ + "/fault.ctl");
+    if (!control.ok()) return Problem(control.status().ToString());
+    control_ = *std::move(control);
+    control_->Arm(fault_.mode, fault_.call, fault_.nth, fault_.error);
+    {
+      absl::StatusOr<std::unique_ptr<MountedView>> view = StartWithShim(image, dir_ + "/view.raw", *control_);
+      if (!view.ok()) return Problem("mount: " + view.status().ToString());
+      RunWorkload((*view)->path());
+      if (absl::Status s = (*view)->Unmount(); !s.ok()) Problem("unmount: " + s.ToString());
+      const std::optional<ExitStatus>& exit = (*view)->exit_status();
+      const int want = latched_ ? 1 : 0;
+      if (!exit || !exit->exited() || exit->code() != want) {
+        Problem(absl::StrCat("the daemon ended with ", exit ? exit->ToString() : "an unknown status", ", not exit code ",
+                             want, "\n", (*view)->ReadLog()));
+      }
+    }
+    CheckImageFile(image);
+  }
+
+ private:
+  bool IsSyncFault() const { return fault_.mode == kFaultOnce && fault_.call == kFaultSync; }
+
+  // One call through `fd`: 0 or the errno it failed with.
+  int Do(int fd, const Call& c) {
+    switch (c.kind) {
+      case Call::kWrite: {
+        // As a program writes: a short count (the kernel sent the write as
+        // several requests and a later one failed) is followed by a retry
+        // of the rest, whose result is the call's.
+        const std::vector<uint8_t> data = Pattern(c.length, c.pattern);
+        since_.push_back({c.offset, data});
+        size_t done = 0;
+        short_count_ = false;
+        while (done < data.size()) {
+          const ssize_t n = pwrite(fd, data.data() + done, data.size() - done, c.offset + done);
+          if (n <= 0) {
+            const int err = n < 0 ? errno : EIO;
+            model_.Maybe(c.offset + done, std::vector<uint8_t>(data.begin() + done, data.end()));
+            return err;
+          }
+          model_.Set(c.offset + done, std::vector<uint8_t>(data.begin() + done, data.begin() + done + n));
+          done += n;
+          short_count_ |= done < data.size();
+        }
+        return 0;
+      }
+      case Call::kFsync:
+        if (fsync(fd) != 0) return errno;
+        durable_ = model_;
+        since_.clear();
+        return 0;
+      case Call::kPunch:
+      case Call::kZeroRange: {
+        const int mode = c.kind == Call::kPunch ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                                                : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+        const std::vector<uint8_t> zeros(c.length, 0);
+        const int r = fallocate(fd, mode, c.offset, c.length);
+        if (r == 0) {
+          model_.Set(c.offset, zeros);
+        } else {
+          model_.Maybe(c.offset, zeros);
+        }
+        since_.push_back({c.offset, zeros});
+        return r == 0 ? 0 : errno;
+      }
+      case Call::kPreallocate:
+        return fallocate(fd, 0, c.offset, c.length) == 0 ? 0 : errno;
+      case Call::kGrow:
+        if (ftruncate(fd, c.length) != 0) {
+          failed_grow_ = c.length;
+          return errno;
+        }
+        model_.size = c.length;
+        durable_.size = c.length;  // the header is synced before the grow returns
+        return 0;
+    }
+    return -1;
+  }
+
+  void RunWorkload(const std::string& view) {
+    const int fd = open(view.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return Problem(absl::StrCat("open ", view, ": ", strerror(errno)));
+    const std::vector<Call>& calls = Workload();
+    size_t clear_before = SIZE_MAX;
+    for (size_t i = 0; i < calls.size(); ++i) {
+      if (i == clear_before) control_->SetFull(false);
+      if (calls[i].kind != Call::kGrow && calls[i].kind != Call::kFsync &&
+          calls[i].offset + calls[i].length > model_.size) {
+        continue;  // past the end of a disk whose grow failed
+      }
+      const bool full_before = control_->full();
+      const bool fired_before = control_->fired();
+      const int err = Do(fd, calls[i]);
+      const std::string where = absl::StrCat("call ", i, " (", Describe(calls[i]), ")");
+      if (!fired_before && control_->fired()) {
+        const int want = fault_.mode == kFaultFull ? ENOSPC : fault_.error;
+        // A short count is how the kernel reports an error after progress.
+        if (err != want && !(err == 0 && short_count_)) {
+          Problem(absl::StrCat(where, " met the fault and returned ", err == 0 ? "success" : strerror(err), ", not ",
+                               strerror(want)));
+        }
+        if (IsSyncFault()) latched_ = true;
+        if (fault_.mode == kFaultFull) clear_before = i + 1 + kFullCalls;
+        ExpectAnswers(view, where);
+      } else if (!fired_before) {
+        if (err != 0) Problem(absl::StrCat(where, " failed before any fault: ", strerror(err)));
+      } else if (err != 0) {
+        if (latched_) {
+          if (err != EIO) Problem(absl::StrCat(where, " after the failed fdatasync: ", strerror(err), ", not EIO"));
+          if (calls[i].kind != Call::kFsync && calls[i].kind != Call::kGrow) {
+            Problem(absl::StrCat(where, " failed after the failed fdatasync, though it needs no sync"));
+          }
+        } else if (full_before) {
+          if (err != ENOSPC) Problem(absl::StrCat(where, " on a full disk: ", strerror(err), ", not ENOSPC"));
+        } else {
+          Problem(absl::StrCat(where, " failed after the disk works again: ", strerror(err)));
+        }
+        ExpectAnswers(view, where);
+      } else if (latched_ && calls[i].kind == Call::kFsync) {
+        Problem(where + " succeeded after a failed fdatasync");
+      }
+    }
+    for (FaultCall k : {kFaultPwrite, kFaultFallocate, kFaultSync, kFaultTruncate}) counted[k] = control_->calls(k);
+    fired = control_->fired();
+    control_->SetFull(false);
+    if (fault_.mode != kFaultNone && !fired) Problem("the fault was never reached");
+    // The disk works again: a write and an fsync succeed, except that the
+    // latch refuses every fsync.
+    const Call probe{Call::kWrite, 2 * kMiB + 100, 3000, 9};
+    if (int err = Do(fd, probe); err != 0) Problem(absl::StrCat("a write after the workload: ", strerror(err)));
+    const int synced = Do(fd, Call{Call::kFsync});
+    if (latched_ != (synced != 0)) {
+      Problem(absl::StrCat("an fsync after the workload ", synced == 0 ? "succeeded" : strerror(synced),
+                           latched_ ? " after a failed fdatasync" : ""));
+    }
+    if (latched_ && synced != EIO) Problem(absl::StrCat("the latched fsync failed with ", strerror(synced)));
+    const int closed = close(fd) == 0 ? 0 : errno;
+    if (latched_ ? closed != EIO : closed != 0) {
+      Problem(absl::StrCat("close: ", closed == 0 ? "success" : strerror(closed)));
+    }
+    if (latched_ && control_->after(kFaultSync) != 0) {
+      Problem(absl::StrCat(control_->after(kFaultSync), " fdatasync calls reached the image after the failed one"));
+    }
+  }
+
+  // A read through a fresh descriptor (so not from the page cache) works.
+  void ExpectAnswers(const std::string& view, const std::string& where) {
+    const int fd = open(view.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return Problem(absl::StrCat("after ", where, ": open: ", strerror(errno)));
+    char buf[4096];
+    const ssize_t n = pread(fd, buf, sizeof(buf), 64 * kKiB);
+    if (n != static_cast<ssize_t>(sizeof(buf))) {
+      Problem(absl::StrCat("after ", where, ": the daemon does not answer a read: ", n < 0 ? strerror(errno) : "short"));
+    }
+    close(fd);
+  }
+
+  void CheckImageFile(const std::string& image) {
+    absl::StatusOr<QemuCheckReport> c = QemuCheck(image);
+    if (!c.ok()) return Problem("qemu-img check: " + c.status().ToString());
+    if (c->corruptions != 0 || c->check_errors != 0 || (c->exit_code != 0 && c->exit_code != 3)) {
+      Problem("qemu-img check: " + c->output.substr(0, 1500));
+    }
+    const std::string raw = dir_ + "/disk.raw";
+    if (absl::Status s = ConvertToRaw(image, raw); !s.ok()) return Problem(s.ToString());
+    absl::StatusOr<std::string> read = ReadFile(raw);
+    if (!read.ok()) return Problem(read.status().ToString());
+    if (read->size() != durable_.size && read->size() != failed_grow_) {
+      return Problem(absl::StrCat("the disk has ", read->size(), " bytes"));
+    }
+    const std::string& disk = *read;
+    constexpr uint64_t kChunk = 4096;
+    for (uint64_t at = 0; at < disk.size(); at += kChunk) {
+      const uint64_t end = std::min<uint64_t>(disk.size(), at + kChunk);
+      if (std::memcmp(disk.data() + at, durable_.bytes.data() + at, end - at) == 0) continue;
+      for (uint64_t b = at; b < end; ++b) {
+        const uint8_t v = static_cast<uint8_t>(disk[b]);
+        if (durable_.Allows(b, v)) continue;
+        const bool explained = std::any_of(since_.begin(), since_.end(), [&](const Unflushed& u) {
+          return b >= u.offset && b < u.offset + u.data.size() && u.data[b - u.offset] == v;
+        });
+        if (!explained) {
+          return Problem(absl::StrFormat("disk byte %u reads %#x: neither what the last good fsync left (%#x) nor "
+                                         "what a call since wrote",
+                                         b, v, durable_.bytes[b]));
+        }
+      }
+    }
+  }
+
+  void Problem(const std::string& what) { problems_.push_back(what); }
+
+  const std::string dir_;
+  const std::string& initial_;
+  const Fault fault_;
+  std::unique_ptr<Control> control_;
+  Model model_;
+  Model durable_;
+  std::vector<Unflushed> since_;
+  uint64_t failed_grow_ = 0;
+  bool latched_ = false;
+  bool short_count_ = false;  // the last write returned a short count first
+  std::vector<std::string> problems_;
+};
+
+class FaultMountTest : public TempDirTest {
+ protected:
+  // The image every run starts from: made once by qemu-img and qemu-io,
+  // then copied.
+  void MakeImage() {
+    const std::string path = Path("made.qcow2");
+    ASSERT_OK(CreateImage(path, "qcow2", kDiskSize));
+    ASSERT_OK(QemuIo(path, "qcow2", {"write -P 0x11 0 128k"}));
+    ASSERT_OK_AND_ASSIGN(image_, ReadFile(path));
+  }
+
+  // The workload's calls of each kind, from a run that fails nothing.
+  std::map<FaultCall, uint64_t> Count() {
+    MakeImage();
+    if (HasFatalFailure()) return {};
+    FaultRun run(Path("count"), image_, Fault{});
+    mkdir(Path("count").c_str(), 0700);
+    run.Go();
+    for (const std::string& p : run.problems()) ADD_FAILURE() << "with no fault: " << p;
+    return run.counted;
+  }
+
+  // Runs the workload with the fault at each sampled call of `call`.
+  void Walk(FaultMode mode, FaultCall call, int error) {
+    const std::map<FaultCall, uint64_t> counts = Count();
+    ASSERT_FALSE(HasFailure());
+    const uint64_t total = counts.at(call);
+    ASSERT_GT(total, 0u) << "the workload makes no " << CallName(call);
+    std::vector<uint64_t> points;
+    for (uint64_t n = 1; n <= total; ++n) points.push_back(n);
+    if (Sampling()) {
+      // One point, a different one each run (the seed is printed).
+      std::mt19937_64 rng(TestSeed());
+      points = {std::uniform_int_distribution<uint64_t>(1, total)(rng)};
+    }
+    size_t failed = 0;
+    for (uint64_t n : points) {
+      const Fault fault{mode, call, n, error};
+      const std::string dir = Path(absl::StrCat("run", n));
+      mkdir(dir.c_str(), 0700);
+      FaultRun run(dir, image_, fault);
+      run.Go();
+      if (run.problems().empty()) continue;
+      ++failed;
+      std::string all;
+      for (const std::string& p : run.problems()) absl::StrAppend(&all, "\n  ", p);
+      ADD_FAILURE() << fault.ToString() << ":" << all;
+    }
+    std::cout << CallName(call) << " calls in the workload: " << total << "; points walked: " << points.size()
+              << " (the call " << Fault{mode, call, 0, error}.What() << "); runs with problems: " << failed << "\n";
+  }
+
+  std::string image_;
+};
+
+// The shim sees the daemon's own calls: its pwrite, fallocate and
+// fdatasync on the image (no ftruncate: the image file is never resized
+// that way), and the workload passes with nothing failed.
+TEST_F(FaultMountTest, ShimCountsTheCallsTheDaemonMakes) {
+  const std::map<FaultCall, uint64_t> counts = Count();
+  std::cout << "calls on the image:";
+  for (const auto& [call, n] : counts) std::cout << " " << CallName(call) << " " << n << ";";
+  std::cout << "\n";
+  EXPECT_GE(counts.at(kFaultPwrite), 5u) << "every allocating write and flush writes the image";
+  EXPECT_GE(counts.at(kFaultSync), 3u) << "every fsync is at least one fdatasync";
+  EXPECT_GE(counts.at(kFaultFallocate), 2u) << "a freed cluster is punched, a preallocated one reserved";
+}
+
+TEST_F(FaultMountTest, EveryPwriteFailingWithEio) { Walk(kFaultOnce, kFaultPwrite, EIO); }
+TEST_F(FaultMountTest, EveryPwriteFailingWithEnospc) { Walk(kFaultOnce, kFaultPwrite, ENOSPC); }
+TEST_F(FaultMountTest, EveryPwriteShortThenEnospc) { Walk(kFaultShort, kFaultPwrite, ENOSPC); }
+TEST_F(FaultMountTest, EveryFallocateFailingWithEio) { Walk(kFaultOnce, kFaultFallocate, EIO); }
+TEST_F(FaultMountTest, EveryFallocateFailingWithEnospc) { Walk(kFaultOnce, kFaultFallocate, ENOSPC); }
+TEST_F(FaultMountTest, EveryFdatasyncFailingWithEio) { Walk(kFaultOnce, kFaultSync, EIO); }
+TEST_F(FaultMountTest, DiskFullAtEveryPwriteUntilCleared) { Walk(kFaultFull, kFaultPwrite, ENOSPC); }
+
+}  // namespace
+}  // namespace qcow2fuse::test::cli
