@@ -39,16 +39,21 @@ absl::Status MetadataMap::Add(MetadataKind kind, uint64_t offset, uint64_t lengt
 
 void MetadataMap::Remove(MetadataKind kind, uint64_t offset) {
   std::unique_lock lock(mu_);
+  // Only a structure of that kind: a table with no bytes (registered as
+  // nothing) must not take the header at offset 0 with it.
   if (IsCluster(kind)) {
-    clusters_.erase(offset);
+    auto it = clusters_.find(offset);
+    if (it != clusters_.end() && it->second == kind) clusters_.erase(it);
   } else {
-    ranges_.erase(offset);
+    auto it = ranges_.find(offset);
+    if (it != ranges_.end() && it->second.kind == kind) ranges_.erase(it);
   }
 }
 
 void MetadataMap::Move(MetadataKind kind, uint64_t old_offset, uint64_t new_offset, uint64_t new_length) {
   std::unique_lock lock(mu_);
-  ranges_.erase(old_offset);
+  auto it = ranges_.find(old_offset);
+  if (it != ranges_.end() && it->second.kind == kind) ranges_.erase(it);
   if (new_length > 0) ranges_[new_offset] = Range{new_offset + new_length, kind};
 }
 

@@ -62,10 +62,12 @@ class MetadataMap {
   // L2 tables and refcount blocks, one cluster. DataLossError naming both
   // when it overlaps a structure already registered.
   absl::Status Add(MetadataKind kind, uint64_t offset, uint64_t length);
-  // Forgets the structure registered at `offset`.
+  // Forgets the structure of `kind` registered at `offset` (nothing if
+  // another kind is there).
   void Remove(MetadataKind kind, uint64_t offset);
   // Moves a single-range structure (the L1 table, the refcount table) to a
   // new place, unchecked: the caller has checked the new place with Find.
+  // Only a structure of `kind` at `old_offset` is forgotten.
   void Move(MetadataKind kind, uint64_t old_offset, uint64_t new_offset, uint64_t new_length);
 
   // The first structure that [offset, offset + length) touches, if any.
