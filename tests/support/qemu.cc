@@ -14,12 +14,26 @@ namespace qcow2fuse::test {
 namespace {
 
 // Returns the JSON value of "key" in a flat object, as text, or nullopt.
+// A plain scan, not std::regex: tests call this from several threads at
+// once, and compiling a regex touches the shared locale's caches, which
+// ThreadSanitizer reports as a race.
 std::optional<std::string> FieldText(const std::string& object,
                                      const std::string& key) {
-  std::regex field("\"" + key + "\"\\s*:\\s*([^,}\\s]+)");
-  std::smatch match;
-  if (!std::regex_search(object, match, field)) return std::nullopt;
-  return match[1].str();
+  const std::string quoted = "\"" + key + "\"";
+  auto is_space = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; };
+  for (size_t at = object.find(quoted); at != std::string::npos;
+       at = object.find(quoted, at + 1)) {
+    size_t i = at + quoted.size();
+    while (i < object.size() && is_space(object[i])) ++i;
+    if (i == object.size() || object[i] != ':') continue;
+    ++i;
+    while (i < object.size() && is_space(object[i])) ++i;
+    const size_t begin = i;
+    while (i < object.size() && object[i] != ',' && object[i] != '}' && !is_space(object[i])) ++i;
+    if (i == begin) return std::nullopt;
+    return object.substr(begin, i - begin);
+  }
+  return std::nullopt;
 }
 
 absl::StatusOr<uint64_t> NumberField(const std::string& object,
