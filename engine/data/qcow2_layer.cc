@@ -110,9 +110,10 @@ Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Open(
       if (!repaired.ok()) co_return Annotate(repaired, "rebuilding the refcounts of a dirty image");
     }
     layer->metadata_ = std::make_unique<MetadataMap>(h.cluster_bits);
+    layer->header_writer_ = std::make_unique<HeaderWriter>(layer->file_.get());
     layer->refcounts_ =
         std::make_unique<Refcounts>(layer->file_.get(), h, kRefcountCacheBytes, layer->metadata_.get(),
-                                    layer->budget_.get());
+                                    layer->budget_.get(), layer->header_writer_.get());
     CO_RETURN_IF_ERROR(co_await layer->RegisterMetadata());
   }
   co_return layer;

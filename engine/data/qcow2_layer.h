@@ -65,6 +65,7 @@
 #include "format/header.h"
 #include "format/l2_entry.h"
 #include "io/block_file.h"
+#include "meta/header_writer.h"
 #include "meta/metadata_map.h"
 #include "meta/refcounts.h"
 #include "meta/table_cache.h"
@@ -217,7 +218,9 @@ class Qcow2Layer final : public Layer {
   // never frees a cluster.
   ReadTracker::Ticket BeginRequest() { return writable() ? reads_.Begin() : ReadTracker::Ticket(); }
   Task<absl::Status> GrowL1(uint64_t entries);
-  Task<absl::Status> WriteHeaderField(uint32_t field_offset, std::span<const uint8_t> bytes);
+  // Writes `now` over header field bytes that are `before` (HeaderWriter).
+  Task<absl::Status> WriteHeaderField(uint32_t field_offset, std::span<const uint8_t> now,
+                                      std::span<const uint8_t> before);
   Task<absl::Status> MarkBitmapsInUse();
   Task<absl::Status> ZeroNewSpace(uint64_t old_size, uint64_t new_size);
   Task<absl::Status> FlushIfCachesFull();
@@ -297,6 +300,7 @@ class Qcow2Layer final : public Layer {
 
   // Writing (null refcounts_ for a read-only layer). Under meta_mu_.
   AsyncMutex meta_mu_;
+  std::unique_ptr<HeaderWriter> header_writer_;  // before refcounts_, which uses it
   std::unique_ptr<Refcounts> refcounts_;
   std::atomic<bool> prepared_for_write_{false};
   absl::btree_set<uint64_t> dirty_l1_;

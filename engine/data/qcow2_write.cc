@@ -32,10 +32,10 @@ uint64_t SubclusterMask(uint32_t first, uint32_t last) {
 
 }  // namespace
 
-Task<absl::Status> Qcow2Layer::WriteHeaderField(uint32_t field_offset, std::span<const uint8_t> bytes) {
+Task<absl::Status> Qcow2Layer::WriteHeaderField(uint32_t field_offset, std::span<const uint8_t> now,
+                                                std::span<const uint8_t> before) {
   ++other_metadata_writes_;
-  CO_RETURN_IF_ERROR(co_await file_->Write(field_offset, bytes));
-  co_return co_await file_->Flush();
+  co_return co_await header_writer_->Switch(field_offset, now, before);
 }
 
 // Bitmaps we do not maintain must not keep claiming to be consistent: mark
@@ -78,10 +78,12 @@ Task<absl::Status> Qcow2Layer::PrepareFirstWrite() {
   // extension it would claim a bitmap directory that QEMU then looks for.
   const uint64_t kept = (header_.bitmaps ? spec::kAutoclearBitmaps : 0) | spec::kAutoclearDataFileRaw;
   if (header_.autoclear_features & ~kept) {
-    header_.autoclear_features &= kept;
     uint8_t field[8];
-    StoreBE64(field, header_.autoclear_features);
-    CO_RETURN_IF_ERROR(co_await WriteHeaderField(spec::kOffAutoclearFeatures, field));
+    StoreBE64(field, header_.autoclear_features & kept);
+    uint8_t old_field[8];
+    StoreBE64(old_field, header_.autoclear_features);
+    CO_RETURN_IF_ERROR(co_await WriteHeaderField(spec::kOffAutoclearFeatures, field, old_field));
+    header_.autoclear_features &= kept;
   }
   prepared_for_write_ = true;
   co_return absl::OkStatus();
@@ -105,10 +107,12 @@ Task<absl::Status> Qcow2Layer::MarkCorrupt(absl::Status status) {
   // Version 2 has no corrupt bit: its header ends where the field would
   // be, and the bytes there are header extensions (QEMU marks only v3).
   if (header_.version < spec::kVersion3) co_return latched;
-  header_.incompatible_features |= spec::kIncompatCorrupt;
   uint8_t field[8];
-  StoreBE64(field, header_.incompatible_features);
-  absl::Status marked = co_await WriteHeaderField(spec::kOffIncompatibleFeatures, field);
+  StoreBE64(field, header_.incompatible_features | spec::kIncompatCorrupt);
+  uint8_t old_field[8];
+  StoreBE64(old_field, header_.incompatible_features);
+  absl::Status marked = co_await WriteHeaderField(spec::kOffIncompatibleFeatures, field, old_field);
+  if (marked.ok()) header_.incompatible_features |= spec::kIncompatCorrupt;
   if (!marked.ok()) co_return Annotate(latched, absl::StrCat("(setting the corrupt bit failed too: ", marked.message(), ")"));
   co_return latched;
 }
@@ -431,7 +435,9 @@ Task<absl::Status> Qcow2Layer::Flush() {
   RangeLock::Guard meta = co_await meta_mu_.Lock();
   // Changes that finish from here on are not this flush's to cover.
   const uint64_t changes = changes_.load();
-  if (changes == flushed_changes_ && !flush_failed_ && !FreesReady()) co_return absl::OkStatus();
+  if (changes == flushed_changes_ && !flush_failed_ && !FreesReady() && !header_writer_->unsettled()) {
+    co_return absl::OkStatus();
+  }
   absl::Status status = co_await FlushLocked();
   if (!status.ok()) {
     flush_failed_ = true;
@@ -442,6 +448,8 @@ Task<absl::Status> Qcow2Layer::Flush() {
 }
 
 Task<absl::Status> Qcow2Layer::FlushLocked() {
+  // 0. A header field that a failed switch could not restore yet.
+  CO_RETURN_IF_ERROR(co_await header_writer_->Settle());
   // 1. Refcounts and guest data.
   CO_RETURN_IF_ERROR(co_await refcounts_->WriteBack());
   if (external_data_file_) CO_RETURN_IF_ERROR(co_await external_data_file_->Flush());
@@ -521,7 +529,10 @@ Task<absl::Status> Qcow2Layer::GrowL1(uint64_t entries) {
   uint8_t fields[12];
   StoreBE32(fields, static_cast<uint32_t>(entries));
   StoreBE64(fields + 4, *fresh);
-  CO_RETURN_IF_ERROR(co_await WriteHeaderField(spec::kOffL1Size, fields));
+  uint8_t old_fields[12];
+  StoreBE32(old_fields, header_.l1_size);
+  StoreBE64(old_fields + 4, header_.l1_table_offset);
+  CO_RETURN_IF_ERROR(co_await WriteHeaderField(spec::kOffL1Size, fields, old_fields));
 
   const uint64_t old_offset = header_.l1_table_offset;
   const uint64_t old_clusters = RoundUp(uint64_t{header_.l1_size} * spec::kL2EntrySize, cluster_size) / cluster_size;
@@ -667,7 +678,9 @@ Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
   if (durable.ok()) {
     uint8_t field[8];
     StoreBE64(field, new_size);
-    durable = co_await WriteHeaderField(spec::kOffSize, field);
+    uint8_t old_field[8];
+    StoreBE64(old_field, old_size);
+    durable = co_await WriteHeaderField(spec::kOffSize, field, old_field);
   }
   if (!durable.ok()) {
     // The header keeps the old size, and so must the layer: a retry of the

@@ -12,9 +12,11 @@
 namespace qcow2fuse {
 
 Refcounts::Refcounts(BlockFile* file, const Header& header, uint64_t cache_bytes, MetadataMap* map,
-                     MemoryBudget* budget)
+                     MemoryBudget* budget, HeaderWriter* header_writer)
     : file_(file),
       map_(map),
+      own_header_writer_(header_writer == nullptr ? std::make_unique<HeaderWriter>(file) : nullptr),
+      header_writer_(header_writer != nullptr ? header_writer : own_header_writer_.get()),
       cluster_bits_(header.cluster_bits),
       refcount_order_(header.refcount_order),
       block_entries_(RefcountBlockEntries(header.cluster_bits, header.refcount_order)),
@@ -25,6 +27,14 @@ Refcounts::Refcounts(BlockFile* file, const Header& header, uint64_t cache_bytes
 
 Task<absl::Status> Refcounts::Load() {
   const uint64_t cluster_size = uint64_t{1} << cluster_bits_;
+  // Without a table nothing is counted, not even the header: an allocation
+  // would hand out cluster 0. QEMU refuses to open such an image.
+  if (table_clusters_ == 0) {
+    co_return absl::DataLossError(absl::StrFormat(
+        "%s has no refcount table (its header gives it 0 clusters), so nothing says which clusters "
+        "are in use; it can be mounted read-only",
+        file_->name()));
+  }
   // DecodeHeader bounded the table to 8 MiB inside the file.
   std::vector<uint8_t> raw(uint64_t{table_clusters_} * cluster_size);
   CO_RETURN_IF_ERROR(co_await file_->Read(table_offset_, raw));
@@ -120,7 +130,8 @@ Task<absl::StatusOr<uint64_t>> Refcounts::Allocate(uint64_t count) {
   uint64_t first_free = kNone;  // the next hint: no free cluster before it
   uint64_t run_start = 0;
   uint64_t run_length = 0;
-  for (uint64_t cluster = free_hint_; run_length < count;) {
+  // Cluster 0 holds the header, whatever its refcount says.
+  for (uint64_t cluster = std::max<uint64_t>(free_hint_, 1); run_length < count;) {
     const uint64_t block_index = cluster / block_entries_;
     const uint64_t block_end = (block_index + 1) * block_entries_;
     if (block_index >= table_.size() || table_[block_index] == 0) {
@@ -260,14 +271,17 @@ Task<absl::Status> Refcounts::GrowTable(uint64_t min_entries) {
   CO_RETURN_IF_ERROR(co_await file_->Write(area << cluster_bits_, raw));
   CO_RETURN_IF_ERROR(co_await file_->Flush());
 
-  // Switch the header: offset and cluster count are adjacent, in one sector.
+  // Switch the header: offset and cluster count are adjacent, in one
+  // sector. A failed switch leaves the old fields, and this the old table.
   uint8_t fields[12];
   StoreBE64(fields, area << cluster_bits_);
   StoreBE32(fields + 8, static_cast<uint32_t>(table_clusters));
+  uint8_t old_fields[12];
+  StoreBE64(old_fields, table_offset_);
+  StoreBE32(old_fields + 8, table_clusters_);
   static_assert(spec::kOffRefcountTableClusters == spec::kOffRefcountTableOffset + 8);
   ++writes_;
-  CO_RETURN_IF_ERROR(co_await file_->Write(spec::kOffRefcountTableOffset, fields));
-  CO_RETURN_IF_ERROR(co_await file_->Flush());
+  CO_RETURN_IF_ERROR(co_await header_writer_->Switch(spec::kOffRefcountTableOffset, fields, old_fields));
 
   const uint64_t old_offset = table_offset_;
   const uint64_t old_clusters = table_clusters_;

@@ -28,6 +28,7 @@
 #define QCOW2FUSE_META_REFCOUNTS_H_
 
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -37,6 +38,7 @@
 #include "base/budget.h"
 #include "format/header.h"
 #include "io/block_file.h"
+#include "meta/header_writer.h"
 #include "meta/metadata_map.h"
 #include "meta/table_cache.h"
 #include "qcow2fuse/task.h"
@@ -46,10 +48,11 @@ namespace qcow2fuse {
 class Refcounts {
  public:
   // `header` gives the geometry and the table's location; `file` must be
-  // writable for anything but Get(). `map` and `budget` (the cache's
-  // memory), if not null, outlive this.
+  // writable for anything but Get(). `map`, `budget` (the cache's memory)
+  // and `header_writer` (the image's, which its flushes settle), if not
+  // null, outlive this; without a header writer it uses one of its own.
   Refcounts(BlockFile* file, const Header& header, uint64_t cache_bytes, MetadataMap* map = nullptr,
-            MemoryBudget* budget = nullptr);
+            MemoryBudget* budget = nullptr, HeaderWriter* header_writer = nullptr);
 
   Refcounts(const Refcounts&) = delete;
   Refcounts& operator=(const Refcounts&) = delete;
@@ -103,6 +106,8 @@ class Refcounts {
 
   BlockFile* const file_;
   MetadataMap* const map_;
+  std::unique_ptr<HeaderWriter> own_header_writer_;  // when none is given
+  HeaderWriter* const header_writer_;
   const uint32_t cluster_bits_;
   const uint32_t refcount_order_;
   const uint64_t block_entries_;

@@ -12,6 +12,7 @@
 #include "format/refcount.h"
 #include "format/spec.h"
 #include "meta/check.h"
+#include "meta/header_writer.h"
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/status.h"
 
@@ -236,12 +237,17 @@ Task<absl::Status> Rebuilder::SwitchAndVerify() {
   CO_RETURN_IF_ERROR(co_await file_.Write(new_first_ * cluster_size_, table_));
   CO_RETURN_IF_ERROR(co_await file_.Flush());
 
-  // Switch to the new structures, then declare the image clean.
+  // Switch to the new structures, then declare the image clean. A switch
+  // that fails leaves the old fields: the image stays dirty, and the next
+  // open rebuilds again.
+  HeaderWriter header(&file_);
   uint8_t fields[12];
   StoreBE64(fields, new_first_ * cluster_size_);
   StoreBE32(fields + 8, static_cast<uint32_t>(table_clusters_));
-  CO_RETURN_IF_ERROR(co_await file_.Write(spec::kOffRefcountTableOffset, fields));
-  CO_RETURN_IF_ERROR(co_await file_.Flush());
+  uint8_t old_fields[12];
+  StoreBE64(old_fields, h_.refcount_table_offset);
+  StoreBE32(old_fields + 8, h_.refcount_table_clusters);
+  CO_RETURN_IF_ERROR(co_await header.Switch(spec::kOffRefcountTableOffset, fields, old_fields));
   h_.refcount_table_offset = new_first_ * cluster_size_;
   h_.refcount_table_clusters = static_cast<uint32_t>(table_clusters_);
 
@@ -267,11 +273,13 @@ Task<absl::Status> Rebuilder::SwitchAndVerify() {
         "with qemu-img check -r all",
         file_.name(), after->corruptions, absl::StrJoin(after->messages, "; ")));
   }
-  h_.incompatible_features &= ~spec::kIncompatDirty;
   uint8_t features[8];
-  StoreBE64(features, h_.incompatible_features);
-  CO_RETURN_IF_ERROR(co_await file_.Write(spec::kOffIncompatibleFeatures, features));
-  co_return co_await file_.Flush();
+  StoreBE64(features, h_.incompatible_features & ~spec::kIncompatDirty);
+  uint8_t old_features[8];
+  StoreBE64(old_features, h_.incompatible_features);
+  CO_RETURN_IF_ERROR(co_await header.Switch(spec::kOffIncompatibleFeatures, features, old_features));
+  h_.incompatible_features &= ~spec::kIncompatDirty;
+  co_return absl::OkStatus();
 }
 
 Task<absl::Status> Rebuilder::Run() {

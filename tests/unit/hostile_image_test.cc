@@ -269,6 +269,25 @@ TEST_F(HostileImageTest, RefcountTableEntriesOnMetadataAreRefusedAtOpen) {
   }
 }
 
+// With no refcount table nothing says which clusters are in use, not even
+// the header's: an allocation would hand out cluster 0. QEMU refuses the
+// image; a read-write open here does, and a read-only one reads it.
+TEST_F(HostileImageTest, NoRefcountTableIsRefusedForWriting) {
+  Make();
+  PutBE32(bytes_, 56, 0);  // refcount_table_clusters
+  ASSERT_OK(WriteBytes(path_, bytes_));
+  absl::StatusOr<std::unique_ptr<Image>> image = SyncWait(Image::Open(path_, Writable()));
+  ASSERT_FALSE(image.ok());
+  EXPECT_TRUE(absl::IsDataLoss(image.status())) << image.status();
+  EXPECT_TRUE(absl::StrContains(image.status().message(), "has no refcount table")) << image.status();
+  EXPECT_EQ(Now(0, bytes_.size()), bytes_) << "the refused open wrote to the image";
+  ImageOptions ro;
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> reader, SyncWait(Image::Open(path_, ro)));
+  Bytes first(65536);
+  ASSERT_OK(SyncWait(reader->Read(0, first)));
+  EXPECT_EQ(first, Bytes(65536, 1));
+}
+
 TEST_F(HostileImageTest, SnapshotL1TableOnAnL2TableIsRefusedAtOpen) {
   Make({}, {{"snapshot", "-c", "snap", path_}});
   // The snapshot shares the active L2 tables; its own L1 table moved onto
