@@ -41,10 +41,11 @@ fuzz() {
   local t=$1 dir=$out/$1
   rm -rf "$dir/artifacts"
   mkdir -p "$dir/corpus" "$dir/artifacts"
-  local status=0
+  local status=0 corpora=("$dir/corpus" "$seeds/$t")
+  # Inputs that once crashed it are seeds too: near them may lie the next bug.
+  if [[ -d "$root/tests/fuzz/regressions/$t" ]]; then corpora+=("$root/tests/fuzz/regressions/$t"); fi
   "$bin/$t" -max_total_time="$seconds" -rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=30 \
-    -print_final_stats=1 -artifact_prefix="$dir/artifacts/" \
-    "$dir/corpus" "$seeds/$t" "$root/tests/fuzz/regressions/$t" >"$dir/log" 2>&1 || status=$?
+    -print_final_stats=1 -artifact_prefix="$dir/artifacts/" "${corpora[@]}" >"$dir/log" 2>&1 || status=$?
   echo "$status" >"$dir/status"
 }
 
@@ -58,8 +59,9 @@ done
 failed=0
 for t in "${targets[@]}"; do
   dir=$out/$t
-  stats=$(grep -E '^stat::(number_of_executed_units|peak_rss_mb)' "$dir/log" | sed 's/^stat:://' | tr '\n' ' ')
-  cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$dir/log" | tail -1)
+  # A target that crashed prints no final stats.
+  stats=$(grep -E '^stat::(number_of_executed_units|peak_rss_mb)' "$dir/log" | sed 's/^stat:://' | tr -s ' \n' '  ' || true)
+  cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$dir/log" | tail -1 || true)
   reproducers=$(find "$dir/artifacts" -type f)
   if [[ "$(cat "$dir/status")" != 0 || -n "$reproducers" ]]; then
     failed=1

@@ -124,14 +124,15 @@ absl::StatusOr<Bytes> SnapshotDisk(const TempDir& dir, const std::string& path, 
   return ReadBytes(raw);
 }
 
-absl::StatusOr<std::unique_ptr<CrashRun>> StartRun(const Made& m) {
+absl::StatusOr<std::unique_ptr<CrashRun>> StartRun(const Made& m,
+                                                  const ImageOptions& options = CrashRun::Options()) {
   std::unique_ptr<Layer> backing;
   if (!m.backing.empty()) {
     absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(m.backing, false);
     if (!file.ok()) return file.status();
     backing = NewRawLayer(std::move(*file));
   }
-  return CrashRun::Start(m.image, std::move(backing));
+  return CrashRun::Start(m.image, std::move(backing), options);
 }
 
 // --- Decoding the image bytes -----------------------------------------------------------------
@@ -589,14 +590,14 @@ TEST(CrashStatesTest, RefcountTableGrowthDuringADiscard) {
 
 // What opening `state` writable again makes of it: a dirty image is
 // repaired at open (its refcounts rebuilt); a clean one is left alone.
-absl::StatusOr<Bytes> Reopened(const Bytes& state) {
+absl::StatusOr<Bytes> Reopened(const Bytes& state, const ImageOptions& options) {
   if (!Dirty(state)) return state;
   absl::StatusOr<Header> header = DecodeHeader(state, state.size());
   if (!header.ok()) return header.status();
   std::unique_ptr<BlockFile> file = NewMemFile("reopened.qcow2", state);
   const BlockFile* raw = file.get();
   absl::StatusOr<std::unique_ptr<Qcow2Layer>> layer =
-      SyncWait(Qcow2Layer::Open(std::move(file), std::move(*header), nullptr, nullptr, CrashRun::Options()));
+      SyncWait(Qcow2Layer::Open(std::move(file), std::move(*header), nullptr, nullptr, options));
   if (!layer.ok()) return layer.status();
   absl::StatusOr<Bytes> after = MemFileContents(*raw);
   if (after.ok() && Dirty(*after)) return absl::InternalError("opening the image again left it dirty");
@@ -611,6 +612,8 @@ struct DirtyRecipe {
   std::vector<std::string> before;
   bool snapshot = false;
   std::vector<std::string> killed;
+  // The layer's max_metadata_memory; 0 for the default.
+  uint64_t max_metadata_memory = 0;
 };
 
 // The killed writer leaves the image dirty, its refcounts missing what it
@@ -625,9 +628,9 @@ void RunDirtyRepair(const DirtyRecipe& recipe, uint64_t seed, size_t prefixes, s
                     const std::string& label) {
   ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("cs-repair"));
   Made m{dir.Join("disk.qcow2"), "", {}, {}};
-  std::vector<std::string> options = recipe.create;
-  options.push_back("lazy_refcounts=on");
-  ASSERT_OK(CreateImage(m.path, "qcow2", 4 * kMiB, options));
+  std::vector<std::string> create = recipe.create;
+  create.push_back("lazy_refcounts=on");
+  ASSERT_OK(CreateImage(m.path, "qcow2", 4 * kMiB, create));
   if (!recipe.before.empty()) {
     ASSERT_OK(QemuIoUnsafe(m.path, "qcow2", recipe.before));
   }
@@ -660,7 +663,9 @@ void RunDirtyRepair(const DirtyRecipe& recipe, uint64_t seed, size_t prefixes, s
   ASSERT_GT(before.corruptions, 0u) << "the dirty image's refcounts are right already: nothing to rebuild\n"
                                     << before.output;
 
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<CrashRun> run, StartRun(m));
+  ImageOptions options = CrashRun::Options();
+  if (recipe.max_metadata_memory != 0) options.max_metadata_memory = recipe.max_metadata_memory;
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<CrashRun> run, StartRun(m, options));
   ASSERT_GT(run->Barriers(), 0u) << "the open did not rebuild anything";
   ASSERT_OK(run->Write(3 * kMiB + 100, Pattern(1500, 16)));
   ASSERT_OK(run->Write(8 * kKiB, Pattern(512, 17)));
@@ -683,7 +688,7 @@ void RunDirtyRepair(const DirtyRecipe& recipe, uint64_t seed, size_t prefixes, s
                     .max_states = 0},
                    [&](const Bytes& state) {
                      dirty += Dirty(state);
-                     return Reopened(state);
+                     return Reopened(state, options);
                    });
   std::cout << label << ": " << dirty << " states still dirty, repaired by opening them again\n";
   EXPECT_GT(dirty, 0u) << "no crash state during the rebuild";
@@ -701,13 +706,26 @@ TEST(CrashStatesTest, RepairOfADirtyImage) {
 }
 
 // 512-byte clusters, 64-bit refcounts and 2.2 MiB of data: the rebuilt
-// table needs two clusters and 70 blocks.
+// table needs two clusters and about 75 blocks.
 TEST(CrashStatesTest, RepairOfADirtyImageWithALargerTable) {
   RunDirtyRepair({.create = {"cluster_size=512", "refcount_bits=64"},
                   .before = {},
                   .snapshot = false,
                   .killed = {"write -P 0x11 0 2200k", "write -P 0x22 3M 64k"}},
                  TestSeed(), 4, 4, "repair of a dirty image, two-cluster table");
+}
+
+// The same with a metadata memory budget of 32 KiB, too little to count
+// the file's 4740 clusters at once: the rebuild counts the references in
+// windows of refcount blocks (two of 3840 clusters, as the budget is
+// accounted now).
+TEST(CrashStatesTest, RepairOfADirtyImageInWindows) {
+  RunDirtyRepair({.create = {"cluster_size=512", "refcount_bits=64"},
+                  .before = {},
+                  .snapshot = false,
+                  .killed = {"write -P 0x11 0 2200k", "write -P 0x22 3M 64k"},
+                  .max_metadata_memory = 32 * kKiB},
+                 TestSeed(), 4, 4, "repair of a dirty image in windows");
 }
 
 // A snapshot shares clusters (refcount 2) and compressed clusters share
