@@ -191,14 +191,10 @@ Task<absl::Status> Qcow2Layer::RegisterMetadata() {
   if (h.bitmaps) {
     const BitmapsExtension& b = *h.bitmaps;
     BudgetCharge charge;
-    CO_RETURN_IF_ERROR(charge.Take(budget_.get(), b.bitmap_directory_size,
-                                   absl::StrFormat("the bitmap directory of %s", file_->name())));
-    std::vector<uint8_t> dir(b.bitmap_directory_size);
-    CO_RETURN_IF_ERROR(co_await file_->Read(b.bitmap_directory_offset, dir));
-    absl::StatusOr<std::vector<BitmapDirectoryEntry>> entries = DecodeBitmapDirectory(dir, b.nb_bitmaps);
-    if (!entries.ok()) co_return placed(entries.status(), "");
-    CO_RETURN_IF_ERROR(placed(map.Add(MetadataKind::kBitmapDirectory, b.bitmap_directory_offset, dir.size()), ""));
-    for (const BitmapDirectoryEntry& e : *entries) {
+    absl::StatusOr<BitmapDirectory> dir = co_await ReadBitmapDirectory(charge);
+    if (!dir.ok()) co_return placed(dir.status(), "");
+    CO_RETURN_IF_ERROR(placed(map.Add(MetadataKind::kBitmapDirectory, b.bitmap_directory_offset, dir->bytes.size()), ""));
+    for (const BitmapDirectoryEntry& e : dir->entries) {
       const uint64_t bytes = uint64_t{e.bitmap_table_size} * spec::kBitmapTableEntrySize;
       if (e.bitmap_table_offset == 0 || bytes == 0) continue;
       const std::string what = absl::StrFormat("the bitmap table of bitmap '%s'", absl::CHexEscape(e.name));

@@ -62,6 +62,7 @@
 #include "base/budget.h"
 #include "data/codec.h"
 #include "data/layer.h"
+#include "format/bitmap.h"
 #include "format/header.h"
 #include "format/l2_entry.h"
 #include "io/block_file.h"
@@ -222,6 +223,13 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> WriteHeaderField(uint32_t field_offset, std::span<const uint8_t> now,
                                       std::span<const uint8_t> before);
   Task<absl::Status> MarkBitmapsInUse();
+  // The bitmap directory (the header has the extension), its bytes and
+  // decoded entries; their memory is charged to `charge`.
+  struct BitmapDirectory {
+    std::vector<uint8_t> bytes;
+    std::vector<BitmapDirectoryEntry> entries;
+  };
+  Task<absl::StatusOr<BitmapDirectory>> ReadBitmapDirectory(BudgetCharge& charge);
   Task<absl::Status> ZeroNewSpace(uint64_t old_size, uint64_t new_size);
   Task<absl::Status> FlushIfCachesFull();
   // The one check before every write to a host cluster that is not a

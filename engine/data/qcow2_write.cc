@@ -42,20 +42,28 @@ Task<absl::Status> Qcow2Layer::WriteHeaderField(uint32_t field_offset, std::span
 // each one in use, as QEMU does while it has the image open. QEMU then
 // reports them as inconsistent instead of trusting them.
 Task<absl::Status> Qcow2Layer::MarkBitmapsInUse() {
+  BudgetCharge charge;
+  absl::StatusOr<BitmapDirectory> dir = co_await ReadBitmapDirectory(charge);
+  if (!dir.ok()) co_return Annotate(dir.status(), file_->name());
+  for (const BitmapDirectoryEntry& e : dir->entries) {
+    StoreBE32(dir->bytes.data() + e.position + spec::kBitmapDirOffFlags, e.flags | spec::kBitmapFlagInUse);
+  }
+  CO_RETURN_IF_ERROR(co_await file_->Write(header_.bitmaps->bitmap_directory_offset, dir->bytes));
+  co_return co_await file_->Flush();
+}
+
+Task<absl::StatusOr<Qcow2Layer::BitmapDirectory>> Qcow2Layer::ReadBitmapDirectory(BudgetCharge& charge) {
   const BitmapsExtension& b = *header_.bitmaps;
   // The header check bounded the directory to QEMU's 64 MiB limit.
-  BudgetCharge charge;
   CO_RETURN_IF_ERROR(charge.Take(budget_.get(), b.bitmap_directory_size,
                                  absl::StrFormat("the bitmap directory of %s", file_->name())));
-  std::vector<uint8_t> dir(b.bitmap_directory_size);
-  CO_RETURN_IF_ERROR(co_await file_->Read(b.bitmap_directory_offset, dir));
-  absl::StatusOr<std::vector<BitmapDirectoryEntry>> entries = DecodeBitmapDirectory(dir, b.nb_bitmaps);
-  if (!entries.ok()) co_return Annotate(entries.status(), file_->name());
-  for (const BitmapDirectoryEntry& e : *entries) {
-    StoreBE32(dir.data() + e.position + spec::kBitmapDirOffFlags, e.flags | spec::kBitmapFlagInUse);
-  }
-  CO_RETURN_IF_ERROR(co_await file_->Write(b.bitmap_directory_offset, dir));
-  co_return co_await file_->Flush();
+  BitmapDirectory dir;
+  dir.bytes.resize(b.bitmap_directory_size);
+  CO_RETURN_IF_ERROR(co_await file_->Read(b.bitmap_directory_offset, dir.bytes));
+  absl::StatusOr<std::vector<BitmapDirectoryEntry>> entries = DecodeBitmapDirectory(dir.bytes, b.nb_bitmaps);
+  if (!entries.ok()) co_return entries.status();
+  dir.entries = *std::move(entries);
+  co_return dir;
 }
 
 // Before the first change: refuse images whose refcounts cannot be trusted,

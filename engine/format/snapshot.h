@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
 namespace qcow2fuse {
@@ -26,12 +27,19 @@ struct SnapshotTable {
   // Bytes from the table's start to the end of its last entry (QEMU's
   // size of the table: no padding after the last entry).
   uint64_t bytes = 0;
+  // DecodeSnapshotEntries: the first entry that could not be decoded
+  // (DataLossError naming it and what is wrong); `entries` holds those
+  // before it.
+  absl::Status error;
 };
 
 // Decodes `count` entries from `table`, the bytes at the table's offset
-// (fewer than the table needs if the file ends first). DataLossError names
-// the entry and what is wrong: runs past `table`, extra data beyond QEMU's
-// limit.
+// (fewer than the table needs if the file ends first), up to the first
+// that runs past `table` or has extra data beyond QEMU's limit. For the
+// checker, which reports that entry and goes on with the others.
+SnapshotTable DecodeSnapshotEntries(std::span<const uint8_t> table, uint32_t count);
+
+// The same, but any entry that cannot be decoded fails the whole table.
 absl::StatusOr<SnapshotTable> DecodeSnapshotTable(std::span<const uint8_t> table, uint32_t count);
 
 }  // namespace qcow2fuse

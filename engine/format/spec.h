@@ -115,12 +115,22 @@ inline constexpr uint32_t kBitmapDirOffNameSize = 18;
 inline constexpr uint32_t kBitmapDirOffExtraDataSize = 20;
 inline constexpr uint32_t kBitmapDirEntryAlignment = 8;
 inline constexpr uint32_t kBitmapFlagInUse = 1u << 0;
+inline constexpr uint32_t kBitmapReservedFlags = ~uint32_t{0x7};  // bits 3-31
+inline constexpr uint8_t kBitmapTypeDirtyTracking = 1;
 // "Bitmap table": 8-byte entries.
 inline constexpr uint32_t kBitmapTableEntrySize = 8;
-// QEMU's limits: QCOW2_MAX_BITMAP_DIRECTORY_SIZE (1 KiB per bitmap) and
-// BME_MAX_TABLE_SIZE (entries of one bitmap table).
+inline constexpr uint64_t kBitmapTableOffsetMask = 0x00fffffffffffe00ull;    // bits 9-55
+inline constexpr uint64_t kBitmapTableReservedMask = 0xff000000000001feull;  // bits 1-8, 56-63
+inline constexpr uint64_t kBitmapTableAllOnes = 1ull << 0;                   // only with offset 0
+// QEMU's limits: QCOW2_MAX_BITMAP_DIRECTORY_SIZE (1 KiB per bitmap),
+// BME_MAX_TABLE_SIZE (entries of one bitmap table), BME_MAX_PHYS_SIZE
+// (bytes of one bitmap), BME_MIN/MAX_GRANULARITY_BITS, BME_MAX_NAME_SIZE.
 inline constexpr uint64_t kMaxBitmapDirectoryBytes = uint64_t{1024} * kMaxBitmaps;
 inline constexpr uint64_t kMaxBitmapTableEntries = 0x8000000;
+inline constexpr uint64_t kMaxBitmapPhysBytes = 0x20000000;
+inline constexpr uint32_t kMinBitmapGranularityBits = 9;
+inline constexpr uint32_t kMaxBitmapGranularityBits = 31;
+inline constexpr uint32_t kMaxBitmapNameSize = 1023;
 
 // "Full disk encryption header pointer": offset (8), length (8).
 inline constexpr uint32_t kFdeExtSize = 16;
@@ -160,6 +170,7 @@ inline constexpr uint32_t CompressedOffsetBits(uint32_t cluster_bits) {
 
 // --- "Host cluster management" --------------------------------------------
 inline constexpr uint64_t kRefcountTableOffsetMask = 0xfffffffffffffe00ull;  // bits 9-63
+inline constexpr uint64_t kRefcountTableReservedMask = 0x00000000000001ffull;  // bits 0-8
 inline constexpr uint32_t kRefcountTableEntrySize = 8;
 // QEMU's limit on the refcount table, 8 MiB.
 inline constexpr uint64_t kMaxRefcountTableBytes = 8ull << 20;

@@ -17,60 +17,15 @@
 #include "base/endian.h"
 #include "format/l2_entry.h"
 #include "format/refcount.h"
+#include "format/snapshot.h"
 #include "format/spec.h"
 #include "qcow2fuse/status.h"
 
 namespace qcow2fuse {
 namespace {
 
-// Numbers of the spec, and QEMU limits, that format/spec.h does not name
-// (yet). Named as the spec and QEMU name them.
-namespace ck {
-// "Host cluster management": refcount table entry bits 0-8 are reserved.
-inline constexpr uint64_t kRefcountTableReservedMask = 0x00000000000001ffull;
-
-// "Snapshots": the fixed part of a snapshot table entry, then extra data,
-// the ID string and the name; each entry is padded to 8 bytes.
-inline constexpr uint32_t kSnapshotHeaderSize = 40;
-inline constexpr uint32_t kSnapOffL1TableOffset = 0;
-inline constexpr uint32_t kSnapOffL1Size = 8;
-inline constexpr uint32_t kSnapOffIdStrSize = 12;
-inline constexpr uint32_t kSnapOffNameSize = 14;
-inline constexpr uint32_t kSnapOffExtraDataSize = 36;
-inline constexpr uint32_t kSnapshotEntryAlignment = 8;
-// QEMU: QCOW_MAX_SNAPSHOT_EXTRA_DATA and QCOW_MAX_SNAPSHOTS_SIZE.
-inline constexpr uint32_t kMaxSnapshotExtraData = 1024;
-inline constexpr uint64_t kMaxSnapshotTableBytes = 1024ull * spec::kMaxSnapshots;
-
-// "Bitmaps": a bitmap directory entry.
-inline constexpr uint32_t kBitmapDirEntryHeaderSize = 24;
-inline constexpr uint32_t kBmOffTableOffset = 0;
-inline constexpr uint32_t kBmOffTableSize = 8;
-inline constexpr uint32_t kBmOffFlags = 12;
-inline constexpr uint32_t kBmOffType = 16;
-inline constexpr uint32_t kBmOffGranularityBits = 17;
-inline constexpr uint32_t kBmOffNameSize = 18;
-inline constexpr uint32_t kBmOffExtraDataSize = 20;
-inline constexpr uint32_t kBitmapDirEntryAlignment = 8;
-inline constexpr uint32_t kBitmapFlagInUse = 1u << 0;
-inline constexpr uint32_t kBitmapReservedFlags = ~uint32_t{0x7};  // bits 3-31
-inline constexpr uint8_t kBitmapTypeDirtyTracking = 1;
-inline constexpr uint32_t kMinBitmapGranularityBits = 9;  // QEMU's limits
-inline constexpr uint32_t kMaxBitmapGranularityBits = 31;
-inline constexpr uint32_t kMaxBitmapNameSize = 1023;
-// "Bitmaps": a bitmap table entry.
-inline constexpr uint32_t kBitmapTableEntrySize = 8;
-inline constexpr uint64_t kBitmapTableOffsetMask = 0x00fffffffffffe00ull;    // bits 9-55
-inline constexpr uint64_t kBitmapTableReservedMask = 0xff000000000001feull;  // bits 1-8, 56-63
-inline constexpr uint64_t kBitmapTableAllOnes = 1ull << 0;                   // only with offset 0
-// QEMU: BME_MAX_TABLE_SIZE, BME_MAX_PHYS_SIZE, QCOW2_MAX_BITMAP_DIRECTORY_SIZE.
-inline constexpr uint64_t kMaxBitmapTableEntries = 0x8000000;
-inline constexpr uint64_t kMaxBitmapPhysBytes = 0x20000000;
-inline constexpr uint64_t kMaxBitmapDirectoryBytes = 1024ull * spec::kMaxBitmaps;
-
 // QEMU refuses to check files of more than INT_MAX clusters.
-inline constexpr uint64_t kMaxFileClusters = (uint64_t{1} << 31) - 1;
-}  // namespace ck
+constexpr uint64_t kMaxFileClusters = (uint64_t{1} << 31) - 1;
 
 // Ranges of more clusters than this are counted in one sweep at the end
 // rather than cluster by cluster, so that thousands of snapshots naming one
@@ -114,13 +69,6 @@ struct L2Use {
   uint64_t times = 0;
   size_t table = 0;  // index into the L1 tables
   uint64_t index = 0;
-};
-
-struct SnapshotInfo {
-  uint64_t l1_table_offset = 0;
-  uint32_t l1_size = 0;
-  std::string id;
-  std::string name;
 };
 
 enum class ClusterType { kUnallocated, kZeroPlain, kZeroAlloc, kNormal, kCompressed };
@@ -260,7 +208,7 @@ class Checker {
   uint64_t win_end_ = 0;
   uint64_t end_referenced_ = 0;
 
-  std::vector<SnapshotInfo> snapshots_;
+  std::vector<SnapshotEntry> snapshots_;
   uint64_t snapshot_table_bytes_ = 0;
   std::vector<TableRef> l1_tables_;  // the active one first, if it has entries
   bool has_active_l1_ = false;
@@ -441,58 +389,25 @@ Task<absl::Status> Checker::ReadSnapshotTable() {
     }
     co_return absl::OkStatus();
   }
-  const uint64_t available = std::min(file_size_ - offset, ck::kMaxSnapshotTableBytes);
+  const uint64_t available = std::min(file_size_ - offset, spec::kMaxSnapshotTableBytes);
   BudgetCharge buf_charge;
   CO_RETURN_IF_ERROR(buf_charge.Take(options_.budget, available, OfImage("the snapshot table")));
   std::vector<uint8_t> buf(available);
   CO_RETURN_IF_ERROR(co_await ReadAt(offset, buf));
 
-  uint64_t pos = 0;
-  for (uint64_t i = 0; i < count; ++i) {
-    pos = AlignUp(pos, ck::kSnapshotEntryAlignment);
-    if (pos > available || available - pos < ck::kSnapshotHeaderSize) {
-      if (Corruption()) {
-        Message(
-            absl::StrFormat("snapshot table entry %u at %#x runs past the end of the file or "
-                            "QEMU's limit of %u bytes for the table",
-                            i, offset + pos, ck::kMaxSnapshotTableBytes));
-      }
-      break;
-    }
-    const uint8_t* p = buf.data() + pos;
-    SnapshotInfo sn;
-    sn.l1_table_offset = LoadBE64(p + ck::kSnapOffL1TableOffset);
-    sn.l1_size = LoadBE32(p + ck::kSnapOffL1Size);
-    const uint32_t id_size = LoadBE16(p + ck::kSnapOffIdStrSize);
-    const uint32_t name_size = LoadBE16(p + ck::kSnapOffNameSize);
-    const uint32_t extra_size = LoadBE32(p + ck::kSnapOffExtraDataSize);
-    if (extra_size > ck::kMaxSnapshotExtraData) {
-      if (Corruption()) {
-        Message(
-            absl::StrFormat("snapshot table entry %u at %#x has %u bytes of extra data, more "
-                            "than QEMU's limit of %u",
-                            i, offset + pos, extra_size, ck::kMaxSnapshotExtraData));
-      }
-      break;
-    }
-    const uint64_t length = uint64_t{ck::kSnapshotHeaderSize} + extra_size + id_size + name_size;
-    if (length > available - pos) {
-      if (Corruption()) {
-        Message(
-            absl::StrFormat("snapshot table entry %u at %#x (%u bytes) runs past the end of "
-                            "the file",
-                            i, offset + pos, length));
-      }
-      break;
-    }
-    const uint8_t* id = p + ck::kSnapshotHeaderSize + extra_size;
-    CO_RETURN_IF_ERROR(Charge(2 * sizeof(SnapshotInfo) + id_size + name_size + 2,
-                              OfImage("the list of snapshots")));
-    sn.id.assign(id, id + id_size);
-    sn.name.assign(id + id_size, id + id_size + name_size);
-    snapshots_.push_back(std::move(sn));
-    pos += length;
+  // The entries before the first bad one are checked; that one is
+  // reported, as QEMU stops reading the table there.
+  SnapshotTable table = DecodeSnapshotEntries(buf, static_cast<uint32_t>(count));
+  if (!table.error.ok() && Corruption()) {
+    Message(absl::StrFormat("the snapshot table at %#x (%u bytes readable, QEMU's limit %u): %s", offset,
+                            available, spec::kMaxSnapshotTableBytes, table.error.message()));
   }
+  for (SnapshotEntry& sn : table.entries) {
+    CO_RETURN_IF_ERROR(Charge(2 * sizeof(SnapshotEntry) + sn.id.size() + sn.name.size() + 2,
+                              OfImage("the list of snapshots")));
+    snapshots_.push_back(std::move(sn));
+  }
+  const uint64_t pos = table.bytes;
   // As QEMU: the table's size ends with the last entry, without padding.
   snapshot_table_bytes_ = pos;
   co_return absl::OkStatus();
@@ -518,7 +433,7 @@ Task<absl::Status> Checker::CountL1Tables() {
     l1_tables_.push_back(std::move(t));
     has_active_l1_ = true;  // l1_tables_[0]
   }
-  for (const SnapshotInfo& sn : snapshots_) {
+  for (const SnapshotEntry& sn : snapshots_) {
     // Names come from the image: escaped, so a hostile one cannot forge lines.
     const std::string name =
         absl::StrFormat("snapshot %s (%s)", absl::CHexEscape(sn.id), absl::CHexEscape(sn.name));
@@ -743,7 +658,7 @@ Task<absl::Status> Checker::CountBitmaps() {
   const uint64_t dir_offset = ext.bitmap_directory_offset;
   const uint64_t dir_size = ext.bitmap_directory_size;
   AddRef(dir_offset, dir_size, 1, [] { return std::string("bitmap directory"); });
-  if (dir_size == 0 || dir_size > ck::kMaxBitmapDirectoryBytes || dir_offset >= file_size_ ||
+  if (dir_size == 0 || dir_size > spec::kMaxBitmapDirectoryBytes || dir_offset >= file_size_ ||
       dir_size > file_size_ - dir_offset || ext.nb_bitmaps > spec::kMaxBitmaps) {
     if (Corruption()) {
       Message(
@@ -765,7 +680,7 @@ Task<absl::Status> Checker::CountBitmaps() {
   uint64_t pos = 0;
   uint64_t n = 0;
   while (pos < dir_size && broken.empty()) {
-    if (dir_size - pos < ck::kBitmapDirEntryHeaderSize) {
+    if (dir_size - pos < spec::kBitmapDirEntryFixedSize) {
       broken = absl::StrFormat("entry %u at %#x is truncated", n, dir_offset + pos);
       break;
     }
@@ -775,22 +690,22 @@ Task<absl::Status> Checker::CountBitmaps() {
       break;
     }
     const uint8_t* p = dir.data() + pos;
-    const uint64_t table_offset = LoadBE64(p + ck::kBmOffTableOffset);
-    const uint32_t table_size = LoadBE32(p + ck::kBmOffTableSize);
-    const uint32_t flags = LoadBE32(p + ck::kBmOffFlags);
-    const uint8_t type = p[ck::kBmOffType];
-    const uint8_t granularity_bits = p[ck::kBmOffGranularityBits];
-    const uint32_t name_size = LoadBE16(p + ck::kBmOffNameSize);
-    const uint32_t extra_size = LoadBE32(p + ck::kBmOffExtraDataSize);
+    const uint64_t table_offset = LoadBE64(p + spec::kBitmapDirOffTableOffset);
+    const uint32_t table_size = LoadBE32(p + spec::kBitmapDirOffTableSize);
+    const uint32_t flags = LoadBE32(p + spec::kBitmapDirOffFlags);
+    const uint8_t type = p[spec::kBitmapDirOffType];
+    const uint8_t granularity_bits = p[spec::kBitmapDirOffGranularityBits];
+    const uint32_t name_size = LoadBE16(p + spec::kBitmapDirOffNameSize);
+    const uint32_t extra_size = LoadBE32(p + spec::kBitmapDirOffExtraDataSize);
     const uint64_t entry_size =
-        AlignUp(uint64_t{ck::kBitmapDirEntryHeaderSize} + extra_size + name_size,
-                ck::kBitmapDirEntryAlignment);
+        AlignUp(uint64_t{spec::kBitmapDirEntryFixedSize} + extra_size + name_size,
+                spec::kBitmapDirEntryAlignment);
     if (entry_size > dir_size - pos) {
       broken = absl::StrFormat("entry %u at %#x (%u bytes) runs past the directory's end", n - 1,
                                dir_offset + pos, entry_size);
       break;
     }
-    const uint8_t* name_p = p + ck::kBitmapDirEntryHeaderSize + extra_size;
+    const uint8_t* name_p = p + spec::kBitmapDirEntryFixedSize + extra_size;
     const std::string name = absl::CHexEscape(std::string(name_p, name_p + name_size));
     // QEMU's check_dir_entry().
     const uint64_t phys_bytes = uint64_t{table_size} * cluster_size_;
@@ -798,19 +713,19 @@ Task<absl::Status> Checker::CountBitmaps() {
     if (table_size == 0 || table_offset == 0 || table_offset % cluster_size_ != 0) {
       why = absl::StrFormat("bitmap table at %#x (%u entries) is empty or not cluster aligned",
                             table_offset, table_size);
-    } else if (table_size > ck::kMaxBitmapTableEntries || phys_bytes > ck::kMaxBitmapPhysBytes) {
+    } else if (table_size > spec::kMaxBitmapTableEntries || phys_bytes > spec::kMaxBitmapPhysBytes) {
       why = absl::StrFormat("bitmap table of %u entries is too large", table_size);
-    } else if (granularity_bits < ck::kMinBitmapGranularityBits ||
-               granularity_bits > ck::kMaxBitmapGranularityBits) {
+    } else if (granularity_bits < spec::kMinBitmapGranularityBits ||
+               granularity_bits > spec::kMaxBitmapGranularityBits) {
       why = absl::StrFormat("granularity_bits %u is outside %u..%u", granularity_bits,
-                            ck::kMinBitmapGranularityBits, ck::kMaxBitmapGranularityBits);
-    } else if (flags & ck::kBitmapReservedFlags) {
-      why = absl::StrFormat("reserved flags %#x are set", flags & ck::kBitmapReservedFlags);
-    } else if (name_size > ck::kMaxBitmapNameSize) {
+                            spec::kMinBitmapGranularityBits, spec::kMaxBitmapGranularityBits);
+    } else if (flags & spec::kBitmapReservedFlags) {
+      why = absl::StrFormat("reserved flags %#x are set", flags & spec::kBitmapReservedFlags);
+    } else if (name_size > spec::kMaxBitmapNameSize) {
       why = absl::StrFormat("name of %u bytes is too long", name_size);
-    } else if (type != ck::kBitmapTypeDirtyTracking) {
+    } else if (type != spec::kBitmapTypeDirtyTracking) {
       why = absl::StrFormat("unknown bitmap type %u", type);
-    } else if (!(flags & ck::kBitmapFlagInUse) &&
+    } else if (!(flags & spec::kBitmapFlagInUse) &&
                h_.size > ((phys_bytes * 8) << granularity_bits)) {
       why = absl::StrFormat("bitmap table of %u entries is too small for the disk", table_size);
     }
@@ -832,7 +747,7 @@ Task<absl::Status> Checker::CountBitmaps() {
     co_return absl::OkStatus();
   }
   for (const TableRef& t : tables) {
-    AddRef(t.offset, t.entries * ck::kBitmapTableEntrySize, 1, [&] { return t.name; });
+    AddRef(t.offset, t.entries * spec::kBitmapTableEntrySize, 1, [&] { return t.name; });
   }
   co_return co_await Sweep(
       tables, [this](uint64_t entry, uint64_t times, const TableRef& table, uint64_t index) {
@@ -842,11 +757,11 @@ Task<absl::Status> Checker::CountBitmaps() {
 
 void Checker::VisitBitmapTableEntry(uint64_t entry, uint64_t times, const TableRef& table,
                                     uint64_t index) {
-  const uint64_t offset = entry & ck::kBitmapTableOffsetMask;
+  const uint64_t offset = entry & spec::kBitmapTableOffsetMask;
   std::string why;
-  if (entry & ck::kBitmapTableReservedMask) {
-    why = absl::StrFormat("reserved bits %#x are set", entry & ck::kBitmapTableReservedMask);
-  } else if (offset != 0 && (entry & ck::kBitmapTableAllOnes)) {
+  if (entry & spec::kBitmapTableReservedMask) {
+    why = absl::StrFormat("reserved bits %#x are set", entry & spec::kBitmapTableReservedMask);
+  } else if (offset != 0 && (entry & spec::kBitmapTableAllOnes)) {
     why = "the all-ones flag is set together with an offset";
   } else if (offset % cluster_size_ != 0) {
     why = "the offset is not cluster aligned";
@@ -903,10 +818,10 @@ void Checker::CountRefcountBlocks() {
   for (uint64_t i = 0; i < refcount_table_.size(); ++i) {
     const uint64_t entry = refcount_table_[i];
     const uint64_t offset = entry & spec::kRefcountTableOffsetMask;
-    if (entry & ck::kRefcountTableReservedMask) {
+    if (entry & spec::kRefcountTableReservedMask) {
       if (Corruption()) {
         Message(absl::StrFormat("refcount table entry %u (%#x): reserved bits %#x are set", i,
-                                entry, entry & ck::kRefcountTableReservedMask));
+                                entry, entry & spec::kRefcountTableReservedMask));
       }
       continue;
     }
@@ -1171,10 +1086,10 @@ Task<absl::StatusOr<CheckResult>> Checker::Run() {
   cluster_size_ = uint64_t{1} << cluster_bits_;
   file_size_ = image_.size();
   nb_clusters_ = (file_size_ >> cluster_bits_) + ((file_size_ & (cluster_size_ - 1)) != 0);
-  if (nb_clusters_ > ck::kMaxFileClusters) {
+  if (nb_clusters_ > kMaxFileClusters) {
     co_return absl::ResourceExhaustedError(
         absl::StrFormat("check: %s has %u clusters, more than %u", image_.name(), nb_clusters_,
-                        ck::kMaxFileClusters));
+                        kMaxFileClusters));
   }
   has_data_file_ = h_.has_data_file();
   l2_format_.extended_l2 = h_.has_extended_l2();

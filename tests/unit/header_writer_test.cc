@@ -37,34 +37,31 @@ TEST(HeaderWriterTest, SwitchWritesTheNewBytesAndABarrier) {
   EXPECT_FALSE(writer.unsettled());
 }
 
-// Half the bytes land, then ENOSPC: the old bytes are written back at once.
-TEST(HeaderWriterTest, AShortWriteIsUndone) {
+// A switch that meets `fault` fails with `error` and leaves the old bytes,
+// with nothing left to settle.
+void ExpectUndone(Fault fault, int error) {
   const Bytes image = Pattern(512, 1);
   std::unique_ptr<BlockFile> mem = NewMemFile("header.qcow2", image);
-  auto state = std::make_shared<FaultState>(
-      Fault{.mode = Fault::kShort, .op = HostOp::kWrite, .nth = 1, .error = ENOSPC});
+  auto state = std::make_shared<FaultState>(fault);
   FaultFile file(*mem, state);
   HeaderWriter writer(&file);
   const absl::Status s = SyncWait(writer.Switch(kAt, Pattern(12, 2), Slice(image, kAt, 12)));
-  EXPECT_EQ(StatusErrno(s), ENOSPC) << s;
+  EXPECT_EQ(StatusErrno(s), error) << s;
   EXPECT_TRUE(state->fired());
   ASSERT_OK_AND_ASSIGN(Bytes after, MemFileContents(*mem));
-  EXPECT_EQ(after, image) << "the header keeps half of the new bytes";
+  EXPECT_EQ(after, image) << "the header keeps some of the new bytes";
   EXPECT_FALSE(writer.unsettled());
+}
+
+// Half the bytes land, then ENOSPC: the old bytes are written back at once.
+TEST(HeaderWriterTest, AShortWriteIsUndone) {
+  ExpectUndone(Fault{.mode = Fault::kShort, .op = HostOp::kWrite, .nth = 1, .error = ENOSPC}, ENOSPC);
 }
 
 // A failed barrier: the new bytes may or may not be on the disk, and the
 // caller keeps its old state, so the old bytes go back.
 TEST(HeaderWriterTest, AFailedBarrierIsUndone) {
-  const Bytes image = Pattern(512, 1);
-  std::unique_ptr<BlockFile> mem = NewMemFile("header.qcow2", image);
-  auto state = std::make_shared<FaultState>(Fault{.mode = Fault::kOnce, .op = HostOp::kFlush, .nth = 1, .error = EIO});
-  FaultFile file(*mem, state);
-  HeaderWriter writer(&file);
-  const absl::Status s = SyncWait(writer.Switch(kAt, Pattern(12, 2), Slice(image, kAt, 12)));
-  EXPECT_EQ(StatusErrno(s), EIO) << s;
-  ASSERT_OK_AND_ASSIGN(Bytes after, MemFileContents(*mem));
-  EXPECT_EQ(after, image);
+  ExpectUndone(Fault{.mode = Fault::kOnce, .op = HostOp::kFlush, .nth = 1, .error = EIO}, EIO);
 }
 
 // The short write fills the disk, so the undo fails too: the old bytes
