@@ -152,7 +152,19 @@ absl::Status Qcow2Layer::CheckHostWrite(uint64_t offset, uint64_t length, std::s
 }
 
 absl::Status Qcow2Layer::CheckFreeable(uint64_t guest_cluster, const L2Entry& entry) const {
-  if (external_data_file_) return absl::OkStatus();  // data clusters there have no refcounts
+  if (external_data_file_) {
+    // Data clusters there have no refcounts. A compressed descriptor
+    // cannot be there at all (the spec allows none with a data file), and
+    // its clusters would be counted in the image file: freeing them could
+    // free the header's own cluster.
+    if (entry.descriptor & spec::kOflagCompressed) {
+      return absl::DataLossError(absl::StrFormat(
+          "%s: the L2 entry of guest offset %#x (%#016x) is a compressed cluster in an image with an "
+          "external data file: refusing to free it",
+          file_->name(), guest_cluster, entry.descriptor));
+    }
+    return absl::OkStatus();
+  }
   const uint32_t cluster_bits = header_.cluster_bits;
   uint64_t offset = 0, length = 0;
   if (entry.descriptor & spec::kOflagCompressed) {
@@ -333,6 +345,7 @@ Task<absl::StatusOr<uint64_t>> Qcow2Layer::AllocateDataCluster(uint64_t guest_cl
 }
 
 void Qcow2Layer::FreeLater(const L2Entry& old_entry) {
+  if (external_data_file_) return;  // nothing of the image file (CheckFreeable)
   const uint32_t cluster_bits = header_.cluster_bits;
   if (old_entry.descriptor & spec::kOflagCompressed) {
     // Every host cluster the compressed bytes touch holds a reference.
@@ -343,7 +356,7 @@ void Qcow2Layer::FreeLater(const L2Entry& old_entry) {
     return;
   }
   const uint64_t host = L2EntryHostOffset(old_entry);
-  if (host != 0 && !external_data_file_) FreeLater(host, 1);
+  if (host != 0) FreeLater(host, 1);
 }
 
 void Qcow2Layer::FreeLater(uint64_t offset, uint64_t clusters) {
