@@ -120,8 +120,8 @@ Task<absl::Status> Qcow2Layer::MarkCorrupt(absl::Status status) {
   uint8_t old_field[8];
   StoreBE64(old_field, header_.incompatible_features);
   absl::Status marked = co_await WriteHeaderField(spec::kOffIncompatibleFeatures, field, old_field);
-  if (marked.ok()) header_.incompatible_features |= spec::kIncompatCorrupt;
   if (!marked.ok()) co_return Annotate(latched, absl::StrCat("(setting the corrupt bit failed too: ", marked.message(), ")"));
+  header_.incompatible_features |= spec::kIncompatCorrupt;
   co_return latched;
 }
 

@@ -8,7 +8,6 @@ namespace qcow2fuse {
 Task<absl::Status> HeaderWriter::Switch(uint64_t offset, std::span<const uint8_t> now,
                                         std::span<const uint8_t> before) {
   CO_RETURN_IF_ERROR(co_await Settle());
-  ++writes_;
   absl::Status status = co_await file_->Write(offset, now);
   // After a failed barrier the new bytes may or may not be on the disk;
   // the old ones are what the caller's state matches.
@@ -18,7 +17,6 @@ Task<absl::Status> HeaderWriter::Switch(uint64_t offset, std::span<const uint8_t
 }
 
 Task<absl::Status> HeaderWriter::Undo(uint64_t offset, std::span<const uint8_t> before, absl::Status failure) {
-  ++writes_;
   absl::Status restored = co_await file_->Write(offset, before);
   if (restored.ok()) co_return failure;
   pending_ = Restore{offset, std::vector<uint8_t>(before.begin(), before.end())};
@@ -29,7 +27,6 @@ Task<absl::Status> HeaderWriter::Undo(uint64_t offset, std::span<const uint8_t> 
 
 Task<absl::Status> HeaderWriter::Settle() {
   if (!pending_) co_return absl::OkStatus();
-  ++writes_;
   absl::Status restored = co_await file_->Write(pending_->offset, pending_->bytes);
   if (!restored.ok()) {
     co_return Annotate(restored, absl::StrFormat("the header of %s is half-written at %u..%u and cannot be "

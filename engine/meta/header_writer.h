@@ -49,9 +49,6 @@ class HeaderWriter {
   // Whether old bytes wait to be written back.
   bool unsettled() const { return pending_.has_value(); }
 
-  // How many header writes were issued (statistics).
-  uint64_t writes() const { return writes_; }
-
  private:
   struct Restore {
     uint64_t offset;
@@ -63,7 +60,6 @@ class HeaderWriter {
 
   BlockFile* const file_;
   std::optional<Restore> pending_;
-  uint64_t writes_ = 0;
 };
 
 }  // namespace qcow2fuse
