@@ -185,6 +185,14 @@ class Checker {
     return s;
   }
   Task<absl::StatusOr<std::optional<uint64_t>>> StoredPastEof(uint64_t cluster);
+  // Each stored refcount is checked in the pass whose window holds it;
+  // those past the end of the file in the global pass. `here`: this pass
+  // checks `cluster`; `refcount`: then its stored refcount, if known.
+  struct StoredHere {
+    bool here = false;
+    std::optional<uint64_t> refcount;
+  };
+  Task<absl::StatusOr<StoredHere>> StoredInThisPass(uint64_t cluster);
   void CheckDataFileSize();
 
   BlockFile& image_;
@@ -913,6 +921,16 @@ Task<absl::Status> Checker::CompareRefcounts() {
   co_return absl::OkStatus();
 }
 
+Task<absl::StatusOr<Checker::StoredHere>> Checker::StoredInThisPass(uint64_t cluster) {
+  if (cluster < nb_clusters_) {
+    if (!InWindow(cluster)) co_return StoredHere{};
+    co_return StoredHere{true, StoredInFile(cluster)};
+  }
+  if (!pass_.global) co_return StoredHere{};
+  CO_ASSIGN_OR_RETURN(const std::optional<uint64_t> refcount, co_await StoredPastEof(cluster));
+  co_return StoredHere{true, refcount};
+}
+
 Task<absl::StatusOr<std::optional<uint64_t>>> Checker::StoredPastEof(uint64_t cluster) {
   const uint64_t table_index = cluster / refcount_block_entries_;
   if (table_index >= refcount_table_.size()) co_return std::optional<uint64_t>(0);
@@ -961,20 +979,9 @@ Task<absl::Status> Checker::CheckCopiedFlags() {
       const uint64_t entry = LoadBE64(l1_bytes.data() + i * spec::kL2EntrySize);
       const uint64_t l2_offset = L1EntryL2Offset(entry);
       if (l2_offset == 0) continue;
-      // Each stored refcount is checked in the pass whose window holds it;
-      // those past the end of the file in the global pass.
-      const uint64_t cluster = l2_offset >> cluster_bits_;
-      std::optional<uint64_t> refcount;
-      bool here = true;
-      if (cluster < nb_clusters_) {
-        here = InWindow(cluster);
-        if (here) refcount = StoredInFile(cluster);
-      } else {
-        here = pass_.global;
-        if (here) {
-          CO_ASSIGN_OR_RETURN(refcount, co_await StoredPastEof(cluster));
-        }
-      }
+      CO_ASSIGN_OR_RETURN(const StoredHere stored, co_await StoredInThisPass(l2_offset >> cluster_bits_));
+      const bool here = stored.here;
+      const std::optional<uint64_t> refcount = stored.refcount;
       const bool copied = (entry & spec::kOflagCopied) != 0;
       if (here && refcount && (*refcount == 1) != copied && WindowCorruption()) {
         Message(absl::StrFormat(
@@ -1006,16 +1013,10 @@ Task<absl::Status> Checker::CheckCopiedFlags() {
         here = pass_.global;
         refcount = 1;  // data file clusters are not refcounted and count as 1
       } else {
-        const uint64_t cluster = L2EntryHostOffset(entry) >> cluster_bits_;
-        if (cluster < nb_clusters_) {
-          here = InWindow(cluster);
-          if (here) refcount = StoredInFile(cluster);
-        } else {
-          here = pass_.global;
-          if (here) {
-            CO_ASSIGN_OR_RETURN(refcount, co_await StoredPastEof(cluster));
-          }
-        }
+        CO_ASSIGN_OR_RETURN(const StoredHere stored,
+                            co_await StoredInThisPass(L2EntryHostOffset(entry) >> cluster_bits_));
+        here = stored.here;
+        refcount = stored.refcount;
       }
       const bool copied = (entry.descriptor & spec::kOflagCopied) != 0;
       if (here && refcount && (*refcount == 1) != copied && WindowCorruption(times)) {
