@@ -19,6 +19,7 @@
 #include <limits.h>
 #include <malloc.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -34,10 +35,15 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "log.h"
 #include "mount_table.h"
 #include "ops.h"
@@ -171,6 +177,91 @@ absl::StatusOr<bool> PrepareMountpoint(const std::string& path, struct stat& st)
   return true;
 }
 
+// Whether /etc/fuse.conf lets users other than root mount with
+// allow_other or allow_root (fusermount3 refuses them otherwise).
+bool UserAllowOther() {
+  FILE* f = std::fopen("/etc/fuse.conf", "re");
+  if (f == nullptr) return false;
+  bool allowed = false;
+  char line[512];
+  while (std::fgets(line, sizeof line, f) != nullptr) {
+    absl::string_view text = line;
+    text = text.substr(0, text.find('#'));
+    if (absl::StripAsciiWhitespace(text) == "user_allow_other") allowed = true;
+  }
+  std::fclose(f);
+  return allowed;
+}
+
+// What makes a mount fail for certain, found before trying it: each gets
+// one line saying what to do, where libfuse and fusermount3 would print
+// several lines or none.
+absl::Status CheckCanMount(const std::string& mountpoint, const MountOptions& options) {
+  if (access("/dev/fuse", F_OK) != 0) {
+    return absl::FailedPreconditionError(
+        "cannot mount: there is no /dev/fuse; load the fuse kernel module (modprobe fuse)");
+  }
+  if (geteuid() == 0) return absl::OkStatus();
+  if (const int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC); fd >= 0) {
+    close(fd);
+  } else if (errno == EACCES || errno == EPERM) {
+    return absl::FailedPreconditionError(
+        "cannot mount: /dev/fuse is not open to this user; it needs mode 0666, as Debian's udev rules set it "
+        "(chmod 0666 /dev/fuse as root)");
+  }
+  const bool allow_root = std::find(options.fuse_options.begin(), options.fuse_options.end(), "allow_root") !=
+                          options.fuse_options.end();
+  if ((options.allow_other || allow_root) && !UserAllowOther()) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s needs the line user_allow_other in /etc/fuse.conf when qcow2fuse does not run as root; "
+        "add it as root, or mount without %s",
+        options.allow_other ? "allow_other" : "allow_root", options.allow_other ? "allow_other" : "allow_root"));
+  }
+  if (access(mountpoint.c_str(), W_OK) != 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "cannot mount on %s: you may not write to it, and fusermount3 lets a user other than root mount only "
+        "on a file they may write",
+        mountpoint));
+  }
+  return absl::OkStatus();
+}
+
+// Mounts `session` on `mountpoint`. libfuse logs why a mount failed, and
+// fusermount3 (which mounts for a user other than root) prints why on our
+// stderr; both are caught and told as one line.
+absl::Status Mount(fuse_session* session, const std::string& mountpoint, const MountOptions& options) {
+  if (absl::Status can = CheckCanMount(mountpoint, options); !can.ok()) return can;
+  // No other thread runs yet, so borrowing stderr is safe. A memfd, not a
+  // pipe: with auto_unmount fusermount3 lives on and keeps it open.
+  const int catcher = memfd_create("qcow2fuse-mount-errors", MFD_CLOEXEC);
+  const int saved_stderr = catcher >= 0 ? fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3) : -1;
+  if (saved_stderr >= 0) dup2(catcher, STDERR_FILENO);
+  int result;
+  std::string said;
+  {
+    LibfuseLogCapture capture;
+    result = fuse_session_mount(session, mountpoint.c_str());
+    said = capture.text();
+  }
+  if (saved_stderr >= 0) {
+    dup2(saved_stderr, STDERR_FILENO);
+    close(saved_stderr);
+    char buffer[4096];
+    const ssize_t n = pread(catcher, buffer, sizeof buffer, 0);
+    if (n > 0) said.append(buffer, n);
+  }
+  if (catcher >= 0) close(catcher);
+  if (result == 0) return absl::OkStatus();
+  std::vector<std::string> reasons;
+  for (absl::string_view line : absl::StrSplit(said, '\n', absl::SkipWhitespace())) {
+    for (absl::string_view prefix : {"fuse: ", "fusermount3: ", "fusermount: "}) absl::ConsumePrefix(&line, prefix);
+    std::string reason(absl::StripAsciiWhitespace(line));
+    if (std::find(reasons.begin(), reasons.end(), reason) == reasons.end()) reasons.push_back(reason);
+  }
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "cannot mount on %s: %s", mountpoint, reasons.empty() ? "the kernel refused" : absl::StrJoin(reasons, "; ")));
+}
+
 void DetachFromTerminal() {
   setsid();
   if (chdir("/") != 0) {
@@ -204,11 +295,19 @@ int Serve(const MountOptions& options, StartupReport& report) {
   // of a loop device on the view waits for this process, so the memory
   // reclaim of its own allocations must not start I/O (which could be that
   // very writeback). Without CAP_SYS_RESOURCE the view still works.
-  if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0) {
+  // Only root sets up loop devices: a view closed to root needs no warning.
+  const bool root_may_open = geteuid() == 0 || options.allow_other ||
+                             std::find(options.fuse_options.begin(), options.fuse_options.end(), "allow_root") !=
+                                 options.fuse_options.end();
+  if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0 && root_may_open) {
     warnings.push_back(absl::StrFormat(
         "cannot set PR_SET_IO_FLUSHER (%s; it needs CAP_SYS_RESOURCE): a loop device on this view may "
         "deadlock under memory pressure",
         std::strerror(errno)));
+  }
+
+  if (!options.log_file.empty()) {
+    if (absl::Status opened = LogAlsoToFile(options.log_file); !opened.ok()) return fail(std::string(opened.message()));
   }
 
   absl::StatusOr<std::string> mountpoint = CanonicalMountPath(options.mountpoint);
@@ -217,7 +316,14 @@ int Serve(const MountOptions& options, StartupReport& report) {
 
   absl::StatusOr<std::unique_ptr<Image>> image =
       SyncWait(Image::Open(options.image, options.image_options));
-  if (!image.ok()) return fail(std::string(image.status().message()));
+  if (!image.ok()) {
+    std::string message(image.status().message());
+    const std::optional<int> error = StatusErrno(image.status());
+    if (error && (*error == EACCES || *error == EPERM || *error == EROFS) && !options.image_options.read_only) {
+      message += " (to only read it, mount with -o ro)";
+    }
+    return fail(message);
+  }
   const std::vector<int> image_fds = (*image)->FileDescriptors();
 
   MountState state;
@@ -233,27 +339,35 @@ int Serve(const MountOptions& options, StartupReport& report) {
     return fail(std::string(apart.message()));
   }
 
-  std::vector<std::string> arg_strings = {"qcow2fuse", "-o"};
-  std::string mount_opts = "fsname=" + options.image + ",subtype=qcow2fuse,default_permissions";
-  if (options.image_options.read_only) mount_opts += ",ro";
-  if (options.allow_other) mount_opts += ",allow_other";
-  arg_strings.push_back(mount_opts);
-  if (options.debug) arg_strings.push_back("-d");
-  std::vector<char*> argv;
-  for (std::string& s : arg_strings) argv.push_back(s.data());
-  struct fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+  // Ours first, then the user's: libfuse wants them as one escaped list
+  // (an image path may hold a comma).
+  struct fuse_args args = FUSE_ARGS_INIT(0, nullptr);
+  char* mount_opts = nullptr;
+  std::vector<std::string> words = {"fsname=" + options.image, "subtype=qcow2fuse", "default_permissions"};
+  if (options.image_options.read_only) words.push_back("ro");
+  if (options.allow_other) words.push_back("allow_other");
+  words.insert(words.end(), options.fuse_options.begin(), options.fuse_options.end());
+  bool args_ok = true;
+  for (const std::string& word : words) args_ok = args_ok && fuse_opt_add_opt_escaped(&mount_opts, word.c_str()) == 0;
+  args_ok = args_ok && fuse_opt_add_arg(&args, "qcow2fuse") == 0 && fuse_opt_add_arg(&args, "-o") == 0 && fuse_opt_add_arg(&args, mount_opts) == 0;
+  if (options.debug) args_ok = args_ok && fuse_opt_add_arg(&args, "-d") == 0;
+  free(mount_opts);
 
-  fuse_session* session = fuse_session_new(&args, &Operations(), sizeof(fuse_lowlevel_ops), &state);
+  // The options were checked by ParseCommandLine; what fails here is rare
+  // enough for libfuse's own words.
+  fuse_session* session =
+      args_ok ? fuse_session_new(&args, &Operations(), sizeof(fuse_lowlevel_ops), &state) : nullptr;
   fuse_opt_free_args(&args);  // the session keeps copies of what it needs
   if (session == nullptr) {
     remove_created();
     return fail("cannot create the FUSE session");
   }
-  if (fuse_session_mount(session, mountpoint->c_str()) != 0) {
+  if (absl::Status mounted = Mount(session, *mountpoint, options); !mounted.ok()) {
     fuse_session_destroy(session);
     remove_created();
-    return fail(absl::StrFormat("cannot mount on %s (is /dev/fuse available?)", *mountpoint));
+    return fail(std::string(mounted.message()));
   }
+  RouteLibfuseLog();
   if (fuse_set_signal_handlers(session) != 0) {
     fuse_session_unmount(session);
     fuse_session_destroy(session);
@@ -343,6 +457,9 @@ int Serve(const MountOptions& options, StartupReport& report) {
               options.image);
         }
         loop_result = fuse_session_loop_mt(session, loop_config);
+        // Ended by an unmount: the kernel has freed the device number, and
+        // the next mount that gets it needs the socket name.
+        if ((loop_result == 0 || loop_result == -ECONNABORTED) && unmount_listener) unmount_listener->ReleaseName();
       }
       // Requests still running hold `req` pointers of this session.
       scheduler.Drain();
@@ -352,10 +469,11 @@ int Serve(const MountOptions& options, StartupReport& report) {
   // What was written reaches the disk before we go.
   absl::Status flushed = SyncWait((*image)->Flush());
   if (!flushed.ok()) {
-    Log(LogLevel::kError, absl::StrFormat("flushing the image at unmount: %s", flushed.ToString()));
+    Log(LogLevel::kError, absl::StrFormat("flushing the image at unmount: %s", flushed.message()));
   }
 
   fuse_remove_signal_handlers(session);
+  if (unmount_listener) unmount_listener->ReleaseName();
   fuse_session_unmount(session);
   fuse_session_destroy(session);
   remove_created();
@@ -423,8 +541,7 @@ int Daemonize(const MountOptions& options) {
 int Main(int argc, char** argv) {
   absl::StatusOr<MountOptions> options = ParseCommandLine(argc, argv);
   if (!options.ok()) {
-    std::fprintf(stderr, "qcow2fuse: %s\n%s", std::string(options.status().message()).c_str(),
-                 UsageText());
+    std::fprintf(stderr, "qcow2fuse: %s; see qcow2fuse --help\n", std::string(options.status().message()).c_str());
     return 2;
   }
   if (options->help) {

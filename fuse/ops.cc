@@ -33,7 +33,7 @@ MountState& State(fuse_req_t req) { return *static_cast<MountState*>(fuse_req_us
 
 void ReplyError(fuse_req_t req, const absl::Status& status, std::string_view what) {
   const int err = StatusToErrno(status);
-  Log(LogLevel::kError, absl::StrFormat("%s: %s", what, status.ToString()));
+  Log(LogLevel::kError, absl::StrFormat("%s: %s", what, status.message()));
   fuse_reply_err(req, err);
 }
 

@@ -4,11 +4,18 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <string_view>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "log.h"
+#include "ops.h"  // fuse_lowlevel.h at our FUSE_USE_VERSION
 
 namespace qcow2fuse {
 namespace {
@@ -23,6 +30,33 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
   return std::string(cwd) + "/" + path;
 }
 
+// The keys of qcow2fuse's own -o options.
+const absl::flat_hash_set<std::string_view> kOwnKeys = {
+    "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
+    "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log",
+};
+
+// Standard mount options that mean nothing to a FUSE file system, or that
+// libfuse 3.14 would refuse although mount(8), fstab or systemd pass them:
+// accepted and dropped, as mount.fuse3 drops some of them. The *atime
+// family is the daemon's business since libfuse 3.15; the view keeps no
+// access times. A template ending in '=' matches any value.
+constexpr const char* kIgnoredOptions[] = {
+    "defaults", "auto", "noauto", "nofail", "_netdev", "user", "user=", "users", "nouser", "owner",
+    "noowner", "group", "nogroup", "comment=", "relatime", "norelatime", "strictatime", "nostrictatime",
+    "lazytime", "nolazytime", "diratime", "nodiratime", "iversion", "noiversion", "mand", "nomand", "silent",
+    "loud", "nosymfollow", "nonempty",
+};
+
+// Mount options libfuse applies (lib/mount.c, fuse_lowlevel.c): the kernel's
+// mount flags and FUSE's own. Only for suggesting the option a typo meant;
+// libfuse itself decides what it accepts.
+constexpr const char* kLibfuseOptions[] = {
+    "dev", "nodev", "suid", "nosuid", "exec", "noexec", "sync", "async", "dirsync", "atime", "noatime",
+    "allow_root", "default_permissions", "auto_unmount", "context=", "fscontext=", "defcontext=",
+    "rootcontext=",
+};
+
 constexpr int kMaxThreads = 64;
 constexpr int kMaxDrainTimeoutSeconds = 24 * 3600;
 constexpr int kMaxFlushIntervalSeconds = 24 * 3600;
@@ -30,7 +64,13 @@ constexpr int kMaxFlushIntervalSeconds = 24 * 3600;
 // a smaller value is a typo, not a choice.
 constexpr uint64_t kMinMetadataMemory = uint64_t{1} << 20;
 
-absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
+absl::Status NotASize(const std::string& key, const std::string& value) {
+  return absl::InvalidArgumentError(
+      absl::StrFormat("%s must be a size such as 512K, 64M or 1G, not '%s'", key, value));
+}
+
+// Applies one of qcow2fuse's own -o options. NotFound: not one of ours.
+absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
   std::vector<std::string> kv = absl::StrSplit(option, absl::MaxSplits('=', 1));
   const std::string& key = kv[0];
   const bool has_value = kv.size() == 2;
@@ -44,11 +84,11 @@ absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
     out.allow_other = true;
   } else if (key == "l2_cache_size" && has_value) {
     absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
-    if (!bytes.ok()) return bytes.status();
+    if (!bytes.ok()) return NotASize(key, kv[1]);
     out.image_options.l2_cache_size = *bytes;
   } else if (key == "max_metadata_memory" && has_value) {
     absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
-    if (!bytes.ok()) return bytes.status();
+    if (!bytes.ok()) return NotASize(key, kv[1]);
     if (*bytes < kMinMetadataMemory) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "max_metadata_memory must be at least %uM, not '%s'", kMinMetadataMemory >> 20, kv[1]));
@@ -91,10 +131,166 @@ absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
     absl::StatusOr<std::string> path = AbsolutePath(kv[1]);
     if (!path.ok()) return path.status();
     out.image_options.data_file = *path;
+  } else if (key == "log" && has_value && !kv[1].empty()) {
+    absl::StatusOr<std::string> path = AbsolutePath(kv[1]);
+    if (!path.ok()) return path.status();
+    out.log_file = *path;
+  } else if (kOwnKeys.contains(key)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "mount option '%s' %s", option, has_value ? "takes no value" : "needs a value"));
   } else {
-    return absl::InvalidArgumentError(absl::StrFormat("unknown mount option '%s'", option));
+    return absl::NotFoundError(option);
   }
   return absl::OkStatus();
+}
+
+// Levenshtein distance, for suggesting the option a typo meant.
+size_t EditDistance(std::string_view a, std::string_view b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t above = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+// " (did you mean 'threads'?)" when a known option is close to `word`.
+std::string Suggestion(const std::string& word) {
+  const std::string_view key = std::string_view(word).substr(0, word.find('='));
+  std::vector<std::string_view> known(kOwnKeys.begin(), kOwnKeys.end());
+  for (std::string_view o : kIgnoredOptions) known.push_back(o);
+  for (std::string_view o : kLibfuseOptions) known.push_back(o);
+  std::string_view best;
+  size_t best_distance = std::max<size_t>(1, std::min<size_t>(2, key.size() / 3)) + 1;
+  for (std::string_view candidate : known) {
+    if (!candidate.empty() && candidate.back() == '=') candidate.remove_suffix(1);
+    const size_t d = EditDistance(key, candidate);
+    if (d < best_distance || (d == best_distance && candidate < best)) {
+      best = candidate;
+      best_distance = d;
+    }
+  }
+  if (best.empty()) return "";
+  return absl::StrFormat(" (did you mean '%s'?)", best);
+}
+
+// Asks libfuse whether it takes `option` by making a session with it alone:
+// the list of options libfuse knows changes between its versions.
+absl::Status CheckWithLibfuse(const std::string& option) {
+  // Options libfuse takes that cannot work for a view.
+  const std::string_view key = std::string_view(option).substr(0, option.find('='));
+  if (key == "fsname" || key == "subtype" || key == "max_read") {
+    // mount_table finds our views by the type fuse.qcow2fuse and the image
+    // named as the source; the request size is the daemon's choice, and
+    // libfuse refuses a max_read its INIT handler did not ask for.
+    return absl::InvalidArgumentError(
+        absl::StrFormat("mount option '%s' is set by qcow2fuse and cannot be changed", option));
+  }
+  if (key == "blkdev" || key == "blksize") {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "mount option '%s' is for block-device FUSE mounts; a qcow2fuse view is a file", option));
+  }
+  struct fuse_args args = FUSE_ARGS_INIT(0, nullptr);
+  if (fuse_opt_add_arg(&args, "qcow2fuse") != 0 || fuse_opt_add_arg(&args, "-o") != 0 || fuse_opt_add_arg(&args, option.c_str()) != 0) {
+    fuse_opt_free_args(&args);
+    return absl::ResourceExhaustedError("out of memory parsing the mount options");
+  }
+  LibfuseLogCapture capture;  // libfuse's own wording is not for the user
+  const struct fuse_lowlevel_ops no_operations = {};
+  fuse_session* session = fuse_session_new(&args, &no_operations, sizeof no_operations, nullptr);
+  fuse_opt_free_args(&args);
+  if (session != nullptr) {
+    fuse_session_destroy(session);
+    return absl::OkStatus();
+  }
+  if (absl::StrContains(capture.text(), "invalid parameter")) {
+    return absl::InvalidArgumentError(absl::StrFormat("mount option '%s' has a bad value", option));
+  }
+  return absl::InvalidArgumentError(
+      absl::StrFormat("unknown mount option '%s'%s", option, Suggestion(option)));
+}
+
+// Keys of fuse_opt templates; the rest of the command line reaches
+// ParseArgument as FUSE_OPT_KEY_OPT (an option word) or FUSE_OPT_KEY_NONOPT.
+enum ArgumentKey { kHelp, kVersion, kUnmount, kForeground, kDebug, kPidfile };
+
+struct ParseState {
+  MountOptions* out = nullptr;
+  std::vector<std::string> positional;
+  bool mount_options_given = false;  // anything that only a mount uses
+  absl::Status error;                // the first refusal
+};
+
+// fuse_opt_parse's callback: 0 consumes the argument, -1 stops the parse.
+int ParseArgument(void* data, const char* arg_text, int key, struct fuse_args* /*outargs*/) {
+  ParseState& state = *static_cast<ParseState*>(data);
+  MountOptions& out = *state.out;
+  const std::string arg = arg_text;
+  auto refuse = [&](absl::Status status) {
+    if (state.error.ok()) state.error = std::move(status);
+    return -1;
+  };
+  switch (key) {
+    case kHelp: out.help = true; return 0;
+    case kVersion: out.version = true; return 0;
+    case kUnmount: out.unmount = true; return 0;
+    case kForeground: out.foreground = state.mount_options_given = true; return 0;
+    case kDebug: out.debug = out.foreground = state.mount_options_given = true; return 0;
+    case kPidfile: {
+      // "--pidfile PATH" arrives as "--pidfilePATH", "--pidfile=PATH" as is.
+      std::string value = arg.substr(std::string_view("--pidfile").size());
+      if (!value.empty() && value[0] == '=') value.erase(0, 1);
+      absl::StatusOr<std::string> path = AbsolutePath(value);
+      if (!path.ok()) return refuse(absl::InvalidArgumentError("--pidfile needs a path"));
+      out.pidfile = *path;
+      state.mount_options_given = true;
+      return 0;
+    }
+    case FUSE_OPT_KEY_NONOPT:
+      state.positional.push_back(arg);
+      return 0;
+    case FUSE_OPT_KEY_OPT:
+      break;
+    default:
+      return refuse(absl::InternalError(absl::StrFormat("unexpected argument key %d", key)));
+  }
+  if (arg.empty()) return 0;
+  if (arg[0] == '-') {
+    return refuse(absl::InvalidArgumentError(absl::StrFormat("unknown option '%s'%s", arg,
+                                                             arg.size() > 2 && arg[1] != '-' && arg[1] != 'o'
+                                                                 ? " (mount options go after -o)"
+                                                                 : "")));
+  }
+  state.mount_options_given = true;
+  // systemd's and the administrator's own fstab options, never meant for
+  // the file system (mount(8) drops them before calling a helper).
+  if (absl::StartsWith(arg, "x-") || absl::StartsWith(arg, "X-")) return 0;
+  absl::Status own = ApplyOwnOption(arg, out);
+  if (own.ok()) return 0;
+  if (!absl::IsNotFound(own)) return refuse(std::move(own));
+  absl::Status libfuse = CheckWithLibfuse(arg);
+  if (!libfuse.ok()) return refuse(std::move(libfuse));
+  out.fuse_options.push_back(arg);
+  return 0;
+}
+
+std::vector<struct fuse_opt> ArgumentTemplates() {
+  std::vector<struct fuse_opt> templates = {
+      FUSE_OPT_KEY("-h", kHelp),       FUSE_OPT_KEY("--help", kHelp),
+      FUSE_OPT_KEY("-V", kVersion),    FUSE_OPT_KEY("--version", kVersion),
+      FUSE_OPT_KEY("-u", kUnmount),    FUSE_OPT_KEY("-f", kForeground),
+      FUSE_OPT_KEY("-d", kDebug),      FUSE_OPT_KEY("debug", kDebug),
+      FUSE_OPT_KEY("--pidfile ", kPidfile),
+  };
+  for (const char* ignored : kIgnoredOptions) templates.push_back(FUSE_OPT_KEY(ignored, FUSE_OPT_KEY_DISCARD));
+  templates.push_back(FUSE_OPT_END);
+  return templates;
 }
 
 }  // namespace
@@ -102,6 +298,7 @@ absl::Status ApplyMountOption(const std::string& option, MountOptions& out) {
 const char* UsageText() {
   return "usage: qcow2fuse [options] IMAGE MOUNTPOINT\n"
          "       qcow2fuse -u MOUNTPOINT\n"
+         "       mount -t fuse.qcow2fuse [-o OPT,...] IMAGE MOUNTPOINT\n"
          "\n"
          "Shows the qcow2 disk image IMAGE as the raw file MOUNTPOINT (a regular\n"
          "file, created if missing and removed again at unmount).\n"
@@ -112,8 +309,10 @@ const char* UsageText() {
          "\n"
          "options:\n"
          "  -o ro                  read-only view\n"
+         "  -o rw                  read-write view (the default)\n"
          "  -o force_share         with ro: take no image locks, like qemu-img -U\n"
-         "  -o allow_other         let other users access the view\n"
+         "  -o allow_other         let other users access the view (a user other\n"
+         "                         than root needs user_allow_other in /etc/fuse.conf)\n"
          "  -o l2_cache_size=SIZE  L2 table cache per image (default 4M)\n"
          "  -o max_metadata_memory=SIZE\n"
          "                         memory the image and its backing chain may use\n"
@@ -128,12 +327,25 @@ const char* UsageText() {
          "                         (default 5; 0: only at fsync, close and unmount)\n"
          "  -o detect_zeroes=MODE  off (default), on: all-zero writes become zero\n"
          "                         clusters; unmap: and free their space\n"
+         "  -o log=FILE            also append the daemon's messages to FILE\n"
          "  -f                     stay in the foreground, log to stderr\n"
          "  -d                     foreground, with libfuse's request trace\n"
          "  --pidfile PATH         write the daemon's process id to PATH\n"
          "  -u                     unmount MOUNTPOINT and wait for its daemon to exit\n"
          "  -h, --help             this text\n"
-         "  -V, --version          the version\n";
+         "  -V, --version          the version\n"
+         "\n"
+         "Standard mount options (fstab, mount(8)) are accepted: nodev, nosuid,\n"
+         "noexec, noatime, sync, dirsync and libfuse's allow_root and auto_unmount\n"
+         "apply; defaults, user, users, auto, noauto, nofail, _netdev, relatime and\n"
+         "the other atime options, comment= and x-* are accepted and ignored.\n"
+         "\n"
+         "Messages: until the view answers, on stderr; then, without -f or -d, in\n"
+         "syslog (journalctl -t qcow2fuse) and in the -o log=FILE. A request that\n"
+         "fails (a refused shrink, a damaged table) is logged there with the reason.\n"
+         "\n"
+         "Exit status: 0 done; 1 the mount, the unmount or the final flush failed;\n"
+         "2 a usage error. See qcow2fuse(1).\n";
 }
 
 absl::StatusOr<uint64_t> ParseByteSize(const std::string& text) {
@@ -159,44 +371,30 @@ absl::StatusOr<uint64_t> ParseByteSize(const std::string& text) {
 absl::StatusOr<MountOptions> ParseCommandLine(int argc, char** argv) {
   MountOptions out;
   out.image_options.read_only = false;  // a plain mount asks for writing
-  std::vector<std::string> positional;
-  bool mount_options_given = false;  // anything that only a mount uses
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto next = [&]() -> absl::StatusOr<std::string> {
-      if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrFormat("%s needs a value", arg));
-      return std::string(argv[++i]);
-    };
-    if (arg == "-h" || arg == "--help") {
-      out.help = true;
-    } else if (arg == "-V" || arg == "--version") {
-      out.version = true;
-    } else if (arg == "-u") {
-      out.unmount = true;
-    } else if (arg == "-f") {
-      out.foreground = mount_options_given = true;
-    } else if (arg == "-d") {
-      out.debug = out.foreground = mount_options_given = true;
-    } else if (arg == "-o") {
-      mount_options_given = true;
-      absl::StatusOr<std::string> value = next();
-      if (!value.ok()) return value.status();
-      for (const std::string& option : std::vector<std::string>(absl::StrSplit(*value, ',', absl::SkipEmpty()))) {
-        if (absl::Status s = ApplyMountOption(option, out); !s.ok()) return s;
-      }
-    } else if (arg == "--pidfile") {
-      mount_options_given = true;
-      absl::StatusOr<std::string> value = next();
-      if (!value.ok()) return value.status();
-      absl::StatusOr<std::string> path = AbsolutePath(*value);
-      if (!path.ok()) return path.status();
-      out.pidfile = *path;
-    } else if (arg.size() > 1 && arg[0] == '-') {
-      return absl::InvalidArgumentError(absl::StrFormat("unknown option '%s'", arg));
-    } else {
-      positional.push_back(arg);
-    }
+  ParseState state;
+  state.out = &out;
+  struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
+  const std::vector<struct fuse_opt> templates = ArgumentTemplates();
+  int parsed;
+  std::string libfuse_says;
+  {
+    LibfuseLogCapture capture;
+    parsed = fuse_opt_parse(&args, &state, templates.data(), ParseArgument);
+    libfuse_says = capture.text();
   }
+  fuse_opt_free_args(&args);
+  if (parsed != 0) {
+    if (!state.error.ok()) return state.error;
+    // fuse_opt's own refusal: "missing argument after `-o'".
+    const size_t quote = libfuse_says.find('`');
+    if (absl::StrContains(libfuse_says, "missing argument") && quote != std::string::npos) {
+      const std::string option = libfuse_says.substr(quote + 1, libfuse_says.find('\'', quote) - quote - 1);
+      return absl::InvalidArgumentError(absl::StrFormat("%s needs a value", option));
+    }
+    return absl::InvalidArgumentError("cannot parse the command line");
+  }
+  std::vector<std::string>& positional = state.positional;
+  const bool mount_options_given = state.mount_options_given;
   if (out.help || out.version) return out;
   if (out.unmount) {
     if (mount_options_given || positional.size() != 1) {
@@ -209,7 +407,17 @@ absl::StatusOr<MountOptions> ParseCommandLine(int argc, char** argv) {
     return absl::InvalidArgumentError("force_share needs ro: a writer must hold the image's locks");
   }
   if (positional.size() != 2) {
-    return absl::InvalidArgumentError("expected an IMAGE and a MOUNTPOINT");
+    return absl::InvalidArgumentError(positional.size() < 2 ? "expected an IMAGE and a MOUNTPOINT"
+                                                            : absl::StrFormat("unexpected argument '%s' after "
+                                                                              "IMAGE and MOUNTPOINT",
+                                                                              positional[2]));
+  }
+  if (absl::StartsWith(positional[1], "/dev/fd/")) {
+    // mount.fuse3's drop_privileges hands over an open /dev/fuse instead of
+    // a path; the view must be a named file for `qcow2fuse -u` and for the
+    // checks against the mount table.
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "MOUNTPOINT %s is a descriptor, not a file: drop the drop_privileges option", positional[1]));
   }
   absl::StatusOr<std::string> image = AbsolutePath(positional[0]);
   if (!image.ok()) return image.status();

@@ -2,12 +2,21 @@
 //
 //   qcow2fuse [-f] [-d] [-o OPT[,OPT...]] [--pidfile PATH] IMAGE MOUNTPOINT
 //   qcow2fuse -u MOUNTPOINT
+//
+// mount(8) runs us as mount.fuse3 does: `qcow2fuse IMAGE MOUNTPOINT -o
+// rw,nodev,...`, with the standard mount options of the fstab line mixed
+// into ours. libfuse parses the command line (fuse_opt_parse) and judges
+// the mount options that are not ours: those it applies (nodev, noexec,
+// allow_root, ...) are handed to the session, those only mount(8), the
+// kernel's atime handling or systemd read (relatime, nofail, x-*, ...) are
+// accepted and dropped, and anything else is refused by name.
 
 #ifndef QCOW2FUSE_FUSE_OPTIONS_H_
 #define QCOW2FUSE_FUSE_OPTIONS_H_
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "qcow2fuse/image.h"
@@ -21,6 +30,11 @@ struct MountOptions {
   bool debug = false;  // libfuse's request trace; implies foreground
   bool allow_other = false;
   std::string pidfile;
+  // -o log=FILE: messages of the running daemon are appended here too.
+  std::string log_file;
+  // Mount options that are not ours, for libfuse and the kernel ("nodev",
+  // "noexec", "allow_root", ...), each checked by libfuse already.
+  std::vector<std::string> fuse_options;
   // Threads receiving and running requests; each blocks in file I/O, so
   // this is also how many requests reach the disk at once.
   int threads = 16;
@@ -38,7 +52,8 @@ struct MountOptions {
   ImageOptions image_options;
 };
 
-// Parses argv. Errors are usage errors, to print with the usage text.
+// Parses argv. An error is a usage error, one line naming the argument
+// (and, for a misspelt option, the one meant).
 absl::StatusOr<MountOptions> ParseCommandLine(int argc, char** argv);
 
 // The --help text.

@@ -39,7 +39,7 @@ void PeriodicFlusher::Report(const absl::Status& status) {
     last_error_.clear();
     return;
   }
-  const std::string error = status.ToString();
+  const std::string error(status.message());
   if (error == last_error_) return;
   last_error_ = error;
   Log(LogLevel::kError,

@@ -41,6 +41,9 @@ constexpr auto kPidPoll = std::chrono::milliseconds(20);
 // How long a busy view is retried before -u gives up on it.
 constexpr auto kBusyGrace = std::chrono::seconds(2);
 constexpr auto kBusyRetry = std::chrono::milliseconds(50);
+// How long a new daemon waits for the daemon of an earlier mount with the
+// same device number to release the socket name.
+constexpr auto kNameReuseWait = std::chrono::seconds(3);
 
 // "\0qcow2fuse/MAJOR:MINOR": abstract, so nothing is left in the file
 // system, and the name goes away with the daemon's last descriptor.
@@ -200,9 +203,17 @@ absl::StatusOr<std::unique_ptr<UnmountListener>> UnmountListener::Listen(const s
   if (fd < 0) return ErrnoStatus(errno, "socket");
   sockaddr_un addr;
   const socklen_t length = SocketAddress(**mount, addr);
+  // The device number of a mount that was just unmounted is reused at
+  // once, and its daemon lets go of the name only when it sees the unmount
+  // (ReleaseName): wait a little for it.
+  int bound = bind(fd, reinterpret_cast<sockaddr*>(&addr), length);
+  for (auto give_up = std::chrono::steady_clock::now() + kNameReuseWait;
+       bound != 0 && errno == EADDRINUSE && std::chrono::steady_clock::now() < give_up;) {
+    std::this_thread::sleep_for(kPidPoll);
+    bound = bind(fd, reinterpret_cast<sockaddr*>(&addr), length);
+  }
   int stop[2];
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), length) != 0 || listen(fd, kListenBacklog) != 0 ||
-      pipe2(stop, O_CLOEXEC) != 0) {
+  if (bound != 0 || listen(fd, kListenBacklog) != 0 || pipe2(stop, O_CLOEXEC) != 0) {
     const int err = errno;
     close(fd);
     return ErrnoStatus(err, absl::StrFormat("cannot listen on @%s", addr.sun_path + 1));
@@ -215,11 +226,18 @@ UnmountListener::UnmountListener(int listen_fd, int stop_read, int stop_write)
 
 UnmountListener::~UnmountListener() {
   std::lock_guard lock(mu_);
-  if (!done_) Stop();
+  if (!thread_stopped_) StopThread();
   for (int client : clients_) close(client);
-  close(listen_fd_);
+  if (listen_fd_ >= 0) close(listen_fd_);
   close(stop_read_);
   close(stop_write_);
+}
+
+bool UnmountListener::MayWait(int client) {
+  ucred peer;
+  socklen_t peer_length = sizeof peer;
+  return getsockopt(client, SOL_SOCKET, SO_PEERCRED, &peer, &peer_length) == 0 &&
+         (peer.uid == 0 || peer.uid == geteuid());
 }
 
 void UnmountListener::Run() {
@@ -241,12 +259,7 @@ void UnmountListener::Run() {
     if (fds[1].revents & POLLIN) {
       const int client = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
       if (client < 0) continue;
-      // Only the view's owner (this process's user) and root may wait, so
-      // nobody else can use up our descriptors.
-      ucred peer;
-      socklen_t peer_length = sizeof peer;
-      if (getsockopt(client, SOL_SOCKET, SO_PEERCRED, &peer, &peer_length) != 0 ||
-          (peer.uid != 0 && peer.uid != geteuid())) {
+      if (!MayWait(client)) {
         close(client);
         continue;
       }
@@ -255,18 +268,37 @@ void UnmountListener::Run() {
   }
 }
 
-void UnmountListener::Stop() {
-  done_ = true;
+void UnmountListener::StopThread() {
+  thread_stopped_ = true;
   (void)!write(stop_write_, "x", 1);
   thread_.join();
 }
 
+void UnmountListener::AcceptRestAndClose() {
+  if (listen_fd_ < 0) return;
+  for (int client; (client = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC)) >= 0;) {
+    if (MayWait(client) && clients_.size() < kMaxWaiters) {
+      clients_.push_back(client);
+    } else {
+      close(client);
+    }
+  }
+  close(listen_fd_);
+  listen_fd_ = -1;
+}
+
+void UnmountListener::ReleaseName() {
+  std::lock_guard lock(mu_);
+  if (!thread_stopped_) StopThread();
+  AcceptRestAndClose();
+}
+
 void UnmountListener::Announce(const absl::Status& outcome) {
   std::lock_guard lock(mu_);
-  if (done_) return;
-  Stop();
-  // Clients the thread had no time to accept are waiting too.
-  for (int client; (client = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC)) >= 0;) clients_.push_back(client);
+  if (announced_) return;
+  announced_ = true;
+  if (!thread_stopped_) StopThread();
+  AcceptRestAndClose();
   std::string line = outcome.ok() ? kOkLine
                                   : kErrorPrefix + absl::StrReplaceAll(outcome.message(), {{"\n", " "}});
   line += '\n';

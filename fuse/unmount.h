@@ -49,6 +49,13 @@ class UnmountListener {
   UnmountListener(const UnmountListener&) = delete;
   UnmountListener& operator=(const UnmountListener&) = delete;
 
+  // Stops listening, keeping the clients that connected; they still learn
+  // the outcome from Announce. Call it once the mount is gone or about to
+  // go: the kernel reuses the device number at once, and the next mount's
+  // daemon needs the name (the final flush may take a while). Later calls
+  // do nothing. Safe from any thread.
+  void ReleaseName();
+
   // Tells every waiting `qcow2fuse -u` how the daemon ends (OK: the image
   // is flushed; otherwise the message says what failed), then stops
   // listening. Call it last before exiting; later calls do nothing. Safe
@@ -57,18 +64,27 @@ class UnmountListener {
 
  private:
   UnmountListener(int listen_fd, int stop_read, int stop_write);
-  // The thread: accepts clients, drops those that hang up, until Stop().
+  // The thread: accepts clients, drops those that hang up, until
+  // StopThread().
   void Run();
   // Ends Run() and joins its thread; then clients_ is the caller's.
-  void Stop();
+  void StopThread();
+  // Accepts the clients whose connect() completed but that the thread has
+  // not taken yet, then closes the listening socket. Under mu_, with the
+  // thread stopped.
+  void AcceptRestAndClose();
+  // Whether the peer of `client` may wait: the view's owner (this
+  // process's user) or root, so that nobody else can use up descriptors.
+  static bool MayWait(int client);
 
-  const int listen_fd_;  // non-blocking
+  int listen_fd_;        // non-blocking; -1 once closed
   const int stop_read_;  // a pipe: a byte written to stop_write_ ends Run()
   const int stop_write_;
-  std::vector<int> clients_;  // the thread's until Stop() returns
-  std::mutex mu_;             // serializes Announce() and the destructor
-  bool done_ = false;         // under mu_: announced or being destroyed
-  std::thread thread_;        // last: starts once the rest is set
+  std::vector<int> clients_;  // the thread's until StopThread() returns
+  std::mutex mu_;             // serializes the public calls and the destructor
+  bool thread_stopped_ = false;  // under mu_
+  bool announced_ = false;       // under mu_
+  std::thread thread_;           // last: starts once the rest is set
 };
 
 // The `-u` command: unmounts the view at `path` and waits for its daemon

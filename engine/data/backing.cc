@@ -44,7 +44,7 @@ const char* FileTypeName(mode_t mode) {
 
 absl::Status CheckFileType(const std::string& path) {
   struct stat st;
-  if (stat(path.c_str(), &st) != 0) return ErrnoStatus(errno, absl::StrFormat("stat %s", path));
+  if (stat(path.c_str(), &st) != 0) return ErrnoStatus(errno, absl::StrFormat("cannot open %s", path));
   if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "%s is %s; only a regular file or a block device can be used", path, FileTypeName(st.st_mode)));
@@ -135,9 +135,11 @@ class ChainOpener {
       return absl::FailedPreconditionError(absl::StrFormat(
           "%s: the backing chain is deeper than %d images", where, kMaxBackingDepth));
     }
-    if (absl::Status type = CheckFileType(path); !type.ok()) return Annotate(type, where);
+    // These errors name the path; the top image needs no more than that.
+    auto at = [&](const absl::Status& s) { return where == path ? s : Annotate(s, where); };
+    if (absl::Status type = CheckFileType(path); !type.ok()) return at(type);
     absl::StatusOr<std::unique_ptr<BlockFile>> file = OpenPosixFile(path, writable);
-    if (!file.ok()) return Annotate(file.status(), where);
+    if (!file.ok()) return at(file.status());
     absl::StatusOr<FileId> id = IdentifyFile(**file);
     if (!id.ok()) return Annotate(id.status(), where);
     if (const Opened* seen = Find(*id)) {

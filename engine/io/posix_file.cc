@@ -199,7 +199,11 @@ absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path
                                                          bool writable) {
   int fd = open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
   if (fd < 0) {
-    return ErrnoStatus(errno, absl::StrFormat("open %s%s", path, writable ? " for writing" : ""));
+    // "for writing" only where the mode is the reason: a missing file is
+    // missing whatever the mode.
+    const int error = errno;
+    const bool mode_matters = writable && (error == EACCES || error == EPERM || error == EROFS || error == ETXTBSY);
+    return ErrnoStatus(error, absl::StrFormat("cannot open %s%s", path, mode_matters ? " for writing" : ""));
   }
   struct stat st;
   if (fstat(fd, &st) != 0) {

@@ -1,0 +1,278 @@
+// Mount options as fstab, mount(8), mount.fuse3 and systemd hand them to
+// qcow2fuse, and the one-line messages of a command line it refuses:
+//
+//  * every standard mount option is accepted, and the kernel's flags
+//    (nodev, noexec, noatime, sync, ...) reach the mount;
+//  * mount.fuse3, the helper behind `mount -t fuse.qcow2fuse`, starts a
+//    working view, and `umount` ends its daemon;
+//  * a typo is one line naming it and the option meant, exit code 2;
+//  * -o log=FILE receives a failed request's reason in plain words.
+//
+// The installed package's mount(8), fstab and systemd paths are tested in
+// tests/package; a user other than root in unprivileged_test.cc.
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "cli_util.h"
+#include "gtest/gtest.h"
+#include "support/command.h"
+#include "support/file_util.h"
+#include "support/qemu.h"
+#include "support/status_testing.h"
+
+namespace qcow2fuse::test::cli {
+namespace {
+
+constexpr uint64_t kDiskSize = 16 * kMiB;
+
+// The options of the mount at `path` in /proc/self/mountinfo: the per-mount
+// flags (field 6) and the super block's options (after " - TYPE SOURCE"),
+// joined by a comma; empty if `path` is not mounted.
+std::vector<std::string> MountFlags(const std::string& path) {
+  std::ifstream in("/proc/self/mountinfo");
+  std::string line;
+  std::vector<std::string> flags;
+  while (std::getline(in, line)) {
+    std::vector<std::string> fields = absl::StrSplit(line, ' ');
+    if (fields.size() < 10 || fields[4] != path) continue;
+    flags = absl::StrSplit(fields[5], ',');
+    for (size_t i = 6; i + 3 < fields.size(); ++i) {
+      if (fields[i] != "-") continue;
+      for (absl::string_view o : absl::StrSplit(fields[i + 3], ',')) flags.emplace_back(o);
+      break;
+    }
+  }
+  return flags;
+}
+
+bool Has(const std::vector<std::string>& flags, const std::string& flag) {
+  return std::find(flags.begin(), flags.end(), flag) != flags.end();
+}
+
+// Waits until the daemon that created `view` has removed it again, which it
+// does last, after its final flush; the image's locks go with its exit.
+bool WaitForViewRemoved(const std::string& view) {
+  for (int i = 0; i < 300; ++i) {
+    if (access(view.c_str(), F_OK) != 0 && !IsMounted(view)) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return false;
+}
+
+class MountOptionsTest : public TempDirTest {
+ protected:
+  // An image with data at a few places, and its raw twin.
+  void MakeImage(const std::string& image, const std::string& twin) {
+    ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
+    ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x5a 0 64k", "write -P 0xa5 5M 12k"}));
+    ASSERT_OK(ConvertToRaw(image, twin));
+  }
+};
+
+TEST_F(MountOptionsTest, UsageErrorsAreOneLineNamingTheArgument) {
+  const std::string image = Path("disk.qcow2");
+  const std::string view = Path("view.raw");
+  ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
+  struct Case {
+    std::vector<std::string> args;
+    std::vector<std::string> words;
+  };
+  const std::vector<Case> cases = {
+      {{"-o", "relatme"}, {"unknown mount option 'relatme'", "did you mean 'relatime'"}},
+      {{"-o", "ro,thread=4"}, {"'thread=4'", "did you mean 'threads'"}},
+      {{"-o", "auto_unmont"}, {"'auto_unmont'", "'auto_unmount'"}},
+      {{"-o", "ro,no_such_option"}, {"'no_such_option'"}},
+      {{"-o", "threads"}, {"'threads'", "needs a value"}},
+      {{"-o", "ro=1"}, {"'ro=1'", "takes no value"}},
+      {{"-o", "l2_cache_size=lots"}, {"l2_cache_size must be a size", "not 'lots'"}},
+      {{"-o", "fsname=other"}, {"fsname", "set by qcow2fuse"}},
+      {{"-o", "max_read=4096"}, {"max_read", "set by qcow2fuse"}},
+      {{"-o", "blksize=4096"}, {"blksize", "block-device"}},
+      {{"--bogus"}, {"unknown option '--bogus'"}},
+      {{"-x"}, {"unknown option '-x'"}},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> argv = {Binary(), "-f"};
+    argv.insert(argv.end(), c.args.begin(), c.args.end());
+    argv.insert(argv.end(), {image, view});
+    RunOptions options;
+    options.watch_mountpoint = view;
+    ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded(argv, options));
+    std::vector<std::string> words = c.words;
+    words.push_back("qcow2fuse --help");
+    EXPECT_TRUE(FailsWithOneLine(run, words));
+    EXPECT_TRUE(run.status.exited() && run.status.code() == 2) << run.Describe();
+    EXPECT_FALSE(run.mounted_during_run || IsMounted(view)) << run.Describe();
+    EXPECT_NE(access(view.c_str(), F_OK), 0) << "a usage error created the mountpoint";
+  }
+  // Values missing at the end of the command line.
+  for (const std::vector<std::string>& argv : std::vector<std::vector<std::string>>{
+           {Binary(), image, view, "-o"}, {Binary(), image, view, "--pidfile"}}) {
+    ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded(argv));
+    EXPECT_TRUE(FailsWithOneLine(run, {absl::StrCat(argv.back(), " needs a value")}));
+    EXPECT_TRUE(run.status.exited() && run.status.code() == 2) << run.Describe();
+  }
+}
+
+// What mount.fuse3 would pass through, fstab's own words and systemd's are
+// all accepted; the kernel's flags are applied.
+TEST_F(MountOptionsTest, StandardMountOptionsAreAcceptedAndTheKernelsApplied) {
+  const std::string image = Path("disk.qcow2");
+  const std::string twin = Path("twin.raw");
+  const std::string view = Path("view.raw");
+  const std::string pidfile = Path("pid");
+  MakeImage(image, twin);
+  DaemonGuard guard(view, pidfile);
+  ASSERT_OK_AND_ASSIGN(
+      RunResult run,
+      StartDaemon(image, view, pidfile,
+                  {"ro", "defaults", "nofail", "x-systemd.automount", "X-mount.mkdir", "_netdev", "auto", "noauto",
+                   "user", "users", "nouser", "owner", "group", "comment=systemd.automount", "relatime",
+                   "norelatime", "strictatime", "lazytime", "nodiratime", "iversion", "nosymfollow", "silent",
+                   "nonempty", "nodev", "nosuid", "noexec", "noatime", "sync", "dirsync", "threads=4"}));
+  ASSERT_TRUE(run.status.success()) << run.Describe();
+  const std::vector<std::string> flags = MountFlags(view);
+  for (const char* flag : {"ro", "nodev", "nosuid", "noexec", "noatime", "sync", "dirsync"}) {
+    EXPECT_TRUE(Has(flags, flag)) << flag << " not in " << absl::StrJoin(flags, ",");
+  }
+  EXPECT_OK(CompareFiles(view, twin));
+  ASSERT_OK_AND_ASSIGN(RunResult unmount, RunUnmount(view));
+  EXPECT_TRUE(unmount.status.success()) << unmount.Describe();
+  guard.Forget();
+}
+
+// The command line mount.fuse3 builds for `mount -t fuse.qcow2fuse` and for
+// fstab lines: `sh -c 'qcow2fuse' IMAGE VIEW -o rw,...,dev,suid`, the program
+// found on PATH. Then `umount`, as systemd stops a .mount unit.
+TEST_F(MountOptionsTest, MountFuse3StartsAViewAndUmountEndsIt) {
+  if (access("/sbin/mount.fuse3", X_OK) != 0) GTEST_SKIP() << "no /sbin/mount.fuse3 (package fuse3)";
+  const std::string image = Path("disk.qcow2");
+  const std::string twin = Path("twin.raw");
+  const std::string view = Path("view.raw");
+  MakeImage(image, twin);
+  const std::string bin_dir = Binary().substr(0, Binary().rfind('/'));
+  ASSERT_TRUE(absl::EndsWith(Binary(), "/qcow2fuse")) << "mount.fuse3 runs the program by its name";
+  const std::string path = absl::StrCat("PATH=", bin_dir, ":/usr/sbin:/usr/bin:/sbin:/bin");
+  struct Case {
+    std::vector<std::string> argv;
+    bool writable;
+  };
+  const std::vector<Case> cases = {
+      {{"env", path, "/sbin/mount.fuse3", image, view, "-t", "fuse.qcow2fuse", "-o", "ro,nofail,noatime"}, false},
+      {{"env", path, "/sbin/mount.fuse3", absl::StrCat("qcow2fuse#", image), view, "-o",
+        "defaults,_netdev,nodev,nosuid,relatime,flush_interval=1"},
+       true},
+  };
+  for (const Case& c : cases) {
+    DaemonGuard guard(view, "");
+    RunOptions options;
+    options.timeout = std::chrono::seconds(60);
+    ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded(c.argv, options));
+    ASSERT_TRUE(run.status.success()) << run.Describe();
+    ASSERT_TRUE(IsMounted(view)) << run.Describe();
+    EXPECT_EQ(Has(MountFlags(view), "ro"), !c.writable);
+    EXPECT_OK(CompareFiles(view, twin));
+    if (c.writable) {
+      const std::string block(8192, '\x3c');
+      ASSERT_OK(WriteFileAt(view, 3 * kMiB + 512, block));
+      ASSERT_OK(WriteFileAt(twin, 3 * kMiB + 512, block));
+    }
+    ASSERT_OK_AND_ASSIGN(RunResult umount, RunBounded({"umount", view}));
+    EXPECT_TRUE(umount.status.success()) << umount.Describe();
+    ASSERT_TRUE(WaitForViewRemoved(view)) << "the daemon did not end after umount";
+    guard.Forget();
+    // The lock is free only once the daemon has exited.
+    for (int i = 0; i < 100 && !CheckImage(image).ok(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    EXPECT_OK(CheckImage(image));
+    ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
+    EXPECT_OK(CompareFiles(Path("after.raw"), twin));
+  }
+}
+
+// A request the engine refuses is logged with its reason, in words: in
+// -o log=FILE (and syslog) for a daemon, without internal status codes.
+TEST_F(MountOptionsTest, LogFileGetsTheReasonOfAFailedRequest) {
+  const std::string image = Path("disk.qcow2");
+  const std::string twin = Path("twin.raw");
+  const std::string view = Path("view.raw");
+  const std::string pidfile = Path("pid");
+  const std::string log = Path("qcow2fuse.log");
+  MakeImage(image, twin);
+  DaemonGuard guard(view, pidfile);
+  ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, {"log=" + log}));
+  ASSERT_TRUE(run.status.success()) << run.Describe();
+  // Data lies at 5M: a shrink to 1M is refused with EINVAL.
+  EXPECT_NE(truncate(view.c_str(), kMiB), 0);
+  EXPECT_EQ(errno, EINVAL);
+  ASSERT_OK_AND_ASSIGN(RunResult unmount, RunUnmount(view));
+  EXPECT_TRUE(unmount.status.success()) << unmount.Describe();
+  guard.Forget();
+  ASSERT_OK_AND_ASSIGN(std::string text, ReadFile(log));
+  EXPECT_TRUE(absl::StrContains(text, "cannot shrink")) << text;
+  EXPECT_TRUE(absl::StrContains(text, "serving " + image)) << text;
+  for (const char* internal : {"FAILED_PRECONDITION", "INVALID_ARGUMENT", "qcow2fuse/errno", "errno='"}) {
+    EXPECT_FALSE(absl::StrContains(text, internal)) << internal << " in\n" << text;
+  }
+  // Without CAP_SYS_RESOURCE a root daemon warns about PR_SET_IO_FLUSHER;
+  // the log keeps that line too, so a user of a loop device learns it.
+  if (!HasEffectiveCapability(24 /* CAP_SYS_RESOURCE */) && geteuid() == 0) {
+    EXPECT_TRUE(absl::StrContains(text, "PR_SET_IO_FLUSHER")) << text;
+  }
+}
+
+TEST_F(MountOptionsTest, RefusalsNameTheFileAndWhatToDo) {
+  const std::string image = Path("disk.qcow2");
+  ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
+  {
+    ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded({Binary(), Path("nosuch.qcow2"), Path("a.raw")}));
+    EXPECT_TRUE(FailsWithOneLine(run, {"cannot open " + Path("nosuch.qcow2"), "no such file"}));
+    EXPECT_FALSE(absl::StrContains(run.stderr_text, "for writing")) << run.Describe();
+    EXPECT_FALSE(absl::StrContains(run.stderr_text, "stat ")) << run.Describe();
+  }
+  {
+    // mount.fuse3's drop_privileges passes /dev/fd/N for the mountpoint.
+    ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded({Binary(), image, "/dev/fd/3"}));
+    EXPECT_TRUE(FailsWithOneLine(run, {"/dev/fd/3", "drop_privileges"}));
+    EXPECT_TRUE(run.status.exited() && run.status.code() == 2) << run.Describe();
+  }
+  {
+    const std::string log = Path("no-dir/x.log");
+    ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded({Binary(), "-o", "log=" + log, image, Path("b.raw")}));
+    EXPECT_TRUE(FailsWithOneLine(run, {"log file", log}));
+    EXPECT_FALSE(IsMounted(Path("b.raw")));
+  }
+}
+
+// libfuse takes its options as one comma-separated list: an image path with
+// a comma or a backslash must reach it escaped.
+TEST_F(MountOptionsTest, ImagePathWithACommaMounts) {
+  const std::string image = Path("a,b\\c.qcow2");
+  const std::string twin = Path("twin.raw");
+  const std::string view = Path("view.raw");
+  const std::string pidfile = Path("pid");
+  MakeImage(image, twin);
+  DaemonGuard guard(view, pidfile);
+  ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, {"ro"}));
+  ASSERT_TRUE(run.status.success()) << run.Describe();
+  EXPECT_OK(CompareFiles(view, twin));
+  ASSERT_OK_AND_ASSIGN(RunResult unmount, RunUnmount(view));
+  EXPECT_TRUE(unmount.status.success()) << unmount.Describe();
+  guard.Forget();
+}
+
+}  // namespace
+}  // namespace qcow2fuse::test::cli
