@@ -594,6 +594,9 @@ TEST_F(UnprivilegedTest, UserMountsReadOnlyReadsAndUnmountsWithQcow2fuseU) {
   // No waiting: -u has promised that the daemon is gone.
   ASSERT_NO_FATAL_FAILURE(ExpectEnded(guard, image, view, pidfile, pid, std::chrono::milliseconds(0)));
   EXPECT_OK(QemuImg({"info", image}));  // without -U: takes QEMU's locks
+  // No loop device can be attached to a view closed to root: no warning
+  // about PR_SET_IO_FLUSHER, which a user's daemon never gets.
+  EXPECT_FALSE(absl::StrContains(LogOf(view), "PR_SET_IO_FLUSHER")) << LogOf(view);
 }
 
 // Read-write: the user writes with dd at a few offsets (a raw twin gets the
@@ -710,6 +713,8 @@ TEST_F(UnprivilegedTest, AllowOtherNeedsUserAllowOtherInFuseConf) {
     ASSERT_OK_AND_ASSIGN(RunResult unmounted, AsUser({Binary(), "-u", view}));
     EXPECT_TRUE(unmounted.status.success()) << unmounted.Describe();
     ASSERT_NO_FATAL_FAILURE(ExpectEnded(guard, image, view, pidfile, pid, std::chrono::milliseconds(0)));
+    // Root may open this view, and so attach a loop device to it.
+    EXPECT_TRUE(absl::StrContains(LogOf(view), "PR_SET_IO_FLUSHER")) << LogOf(view);
   }
 }
 
