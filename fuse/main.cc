@@ -57,7 +57,7 @@
 namespace qcow2fuse {
 namespace {
 
-constexpr char kVersion[] = "0.1.0";
+constexpr char kVersion[] = QCOW2FUSE_VERSION;  // project(VERSION) in CMakeLists.txt
 constexpr int kMallocArenas = 2;
 
 // Reports the outcome of start-up to the waiting parent, once: an empty

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Installs what qcow2fuse needs to build and test on Debian 12 (as root).
+# Installs what qcow2fuse needs to build, test and package on Debian 12 (as
+# root). The package and its test need dpkg-dev (dpkg-shlibdeps), lintian,
+# man-db (man's own checks) and systemd (systemd-analyze and the fstab
+# generator; no running systemd is needed).
 set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config git
   libfuse3-dev fuse3 zlib1g-dev libzstd-dev libabsl-dev libgtest-dev
   qemu-utils e2fsprogs util-linux mount coreutils fio libaio-dev
   clang libclang-rt-14-dev
+  dpkg-dev lintian man-db systemd
 )
 missing=()
 for p in "${packages[@]}"; do
