@@ -321,6 +321,10 @@ int Serve(const MountOptions& options, StartupReport& report) {
     const std::optional<int> error = StatusErrno(image.status());
     if (error && (*error == EACCES || *error == EPERM || *error == EROFS) && !options.image_options.read_only) {
       message += " (to only read it, mount with -o ro)";
+    } else if (error && *error == EAGAIN && !options.image_options.force_share) {
+      // QEMU's image locks (engine/io/image_lock.h).
+      message += "; stop what uses it (a VM, qemu-img, another mount) first, or read it as it changes with "
+                 "-o ro,force_share";
     }
     return fail(message);
   }

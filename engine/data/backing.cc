@@ -157,7 +157,7 @@ class ChainOpener {
     if (!options_.force_share) {
       absl::Status locked =
           LockImage((*file)->fd(), writable ? LockMode::kReadWrite : LockMode::kReadOnly, path);
-      if (!locked.ok()) return Annotate(locked, where);
+      if (!locked.ok()) return at(locked);
     }
     opened_.push_back({path, "", *id});
     images_.push_back(path);

@@ -250,6 +250,22 @@ TEST_F(MountOptionsTest, RefusalsNameTheFileAndWhatToDo) {
     EXPECT_TRUE(run.status.exited() && run.status.code() == 2) << run.Describe();
   }
   {
+    // An image another mount writes: say so once, and what to do.
+    const std::string view = Path("first.raw");
+    const std::string pidfile = Path("first.pid");
+    DaemonGuard guard(view, pidfile);
+    ASSERT_OK_AND_ASSIGN(RunResult first, StartDaemon(image, view, pidfile));
+    ASSERT_TRUE(first.status.success()) << first.Describe();
+    for (const char* options : {"rw", "ro"}) {
+      ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded({Binary(), "-o", options, image, Path("second.raw")}));
+      EXPECT_TRUE(FailsWithOneLine(run, {image + " is in use", "-o ro,force_share"}));
+      EXPECT_EQ(run.stderr_text.find(image), run.stderr_text.rfind(image)) << "the path twice: " << run.stderr_text;
+    }
+    ASSERT_OK_AND_ASSIGN(RunResult unmount, RunUnmount(view));
+    EXPECT_TRUE(unmount.status.success()) << unmount.Describe();
+    guard.Forget();
+  }
+  {
     const std::string log = Path("no-dir/x.log");
     ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded({Binary(), "-o", "log=" + log, image, Path("b.raw")}));
     EXPECT_TRUE(FailsWithOneLine(run, {"log file", log}));
