@@ -1,5 +1,6 @@
 #include "data/codec.h"
 
+#include <libdeflate.h>
 #include <zlib.h>
 #include <zstd.h>
 
@@ -51,7 +52,21 @@ z_stream* ThreadInflater() {
   return &state.stream;
 }
 
-absl::Status InflateCluster(std::span<const uint8_t> in, std::span<uint8_t> out) {
+struct LibdeflateDeleter {
+  void operator()(libdeflate_decompressor* d) const { libdeflate_free_decompressor(d); }
+};
+
+// This thread's libdeflate decompressor (about 32 KiB, allocated once), or
+// nullptr if it could not be allocated.
+libdeflate_decompressor* ThreadLibdeflate() {
+  thread_local std::unique_ptr<libdeflate_decompressor, LibdeflateDeleter> decompressor(
+      libdeflate_alloc_decompressor());
+  return decompressor.get();
+}
+
+// zlib's streaming inflate: slower than libdeflate, but it decodes a stream
+// only as far as the cluster reaches, and names what is wrong with a bad one.
+absl::Status ZlibInflateCluster(std::span<const uint8_t> in, std::span<uint8_t> out) {
   if (out.size() > UINT_MAX) return absl::InvalidArgumentError("cluster too large for zlib");
   z_stream* s = ThreadInflater();
   if (s == nullptr) return absl::ResourceExhaustedError("cannot initialise zlib inflate");
@@ -81,6 +96,24 @@ absl::Status InflateCluster(std::span<const uint8_t> in, std::span<uint8_t> out)
       return absl::DataLossError(
           absl::StrFormat("corrupt deflate stream: %s", s->msg != nullptr ? s->msg : zError(ret)));
   }
+}
+
+// libdeflate inflates about twice as fast as zlib, but only a whole stream
+// that fits the output. That is every cluster QEMU writes (one stream of
+// exactly one cluster, then padding); anything else (a stream cut short by
+// the end of the file after the cluster's last byte, one that goes on past
+// the cluster, a damaged one) is left to zlib, which decides as before.
+absl::Status InflateCluster(std::span<const uint8_t> in, std::span<uint8_t> out) {
+  if (libdeflate_decompressor* d = ThreadLibdeflate()) {
+    size_t in_used = 0;
+    size_t produced = 0;
+    if (libdeflate_deflate_decompress_ex(d, in.data(), in.size(), out.data(), out.size(), &in_used, &produced) ==
+            LIBDEFLATE_SUCCESS &&
+        produced == out.size()) {
+      return absl::OkStatus();
+    }
+  }
+  return ZlibInflateCluster(in, out);
 }
 
 struct ZstdDCtxDeleter {
