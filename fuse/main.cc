@@ -333,6 +333,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   MountState state;
   state.image = image->get();
   state.image_fd = image_fds.at(0);
+  state.parallel_direct_writes = options.parallel_direct_writes;
   absl::StatusOr<bool> created = PrepareMountpoint(*mountpoint, state.mountpoint_stat);
   if (!created.ok()) return fail(std::string(created.status().message()));
   auto remove_created = [&] {

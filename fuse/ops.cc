@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/fuse.h>  // fuse_open_out, FOPEN_*: the kernel's side of the OPEN reply
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -132,7 +133,19 @@ Task<void> Open(fuse_req_t req, fuse_file_info fi) {
   const bool changes = writable || (fi.flags & O_TRUNC);
   fi.noflush = !changes;
   fi.fh = changes ? kWritableHandle : kReadOnlyHandle;
-  fuse_reply_open(req, &fi);
+  if (!writable || !(fi.flags & O_DIRECT) || !m.parallel_direct_writes) {
+    co_return (void)fuse_reply_open(req, &fi);
+  }
+  // The kernel serialises the writes of a file, O_DIRECT ones too, unless
+  // the open is in direct-I/O mode and says FOPEN_PARALLEL_DIRECT_WRITES
+  // (Linux 6.2+; older kernels ignore the bit). libfuse 3.14's
+  // fuse_file_info has no field for it, but the reply to an OPEN is only a
+  // fuse_open_out: send it whole.
+  struct fuse_open_out out = {};
+  out.fh = fi.fh;
+  out.open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES | (fi.keep_cache ? FOPEN_KEEP_CACHE : 0) |
+                   (fi.noflush ? FOPEN_NOFLUSH : 0);
+  fuse_reply_buf(req, reinterpret_cast<const char*>(&out), sizeof out);
 }
 
 Task<void> SetAttr(fuse_req_t req, struct stat attr, int to_set) {

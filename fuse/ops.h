@@ -35,6 +35,9 @@ struct MountState {
   // the image may lie under a mount this very process serves.
   int image_fd = -1;
   struct stat mountpoint_stat {};  // owner and permissions of the view
+  // O_DIRECT writes of one file run in parallel (the kernel serialises
+  // them otherwise); the scheduler orders those that overlap.
+  bool parallel_direct_writes = true;
   // Called once, when the kernel's INIT has been answered: the mount is live.
   std::function<void()> on_ready;
 };

@@ -33,7 +33,7 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 // The keys of qcow2fuse's own -o options.
 const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
-    "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log",
+    "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes",
 };
 
 // Standard mount options that mean nothing to a FUSE file system, or that
@@ -131,6 +131,12 @@ absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
     absl::StatusOr<std::string> path = AbsolutePath(kv[1]);
     if (!path.ok()) return path.status();
     out.image_options.data_file = *path;
+  } else if (key == "parallel_direct_writes" && has_value) {
+    if (kv[1] != "on" && kv[1] != "off") {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("parallel_direct_writes must be on or off, not '%s'", kv[1]));
+    }
+    out.parallel_direct_writes = kv[1] == "on";
   } else if (key == "log" && has_value && !kv[1].empty()) {
     absl::StatusOr<std::string> path = AbsolutePath(kv[1]);
     if (!path.ok()) return path.status();
@@ -328,6 +334,9 @@ const char* UsageText() {
          "  -o detect_zeroes=MODE  off (default), on: all-zero writes become zero\n"
          "                         clusters; unmap: and free their space\n"
          "  -o log=FILE            also append the daemon's messages to FILE\n"
+         "  -o parallel_direct_writes=on|off\n"
+         "                         let O_DIRECT writes of the view run in parallel\n"
+         "                         (default on; the kernel serialises them if off)\n"
          "  -f                     stay in the foreground, log to stderr\n"
          "  -d                     foreground, with libfuse's request trace\n"
          "  --pidfile PATH         write the daemon's process id to PATH\n"

@@ -45,6 +45,8 @@ struct MountOptions {
   // acknowledged, also while the view stays open; 0: only at fsync, close
   // and unmount.
   int flush_interval_seconds = 5;
+  // O_DIRECT writes of one file reach the daemon in parallel.
+  bool parallel_direct_writes = true;
   // -u: unmount `mountpoint` and wait for its daemon, instead of mounting.
   bool unmount = false;
   bool help = false;

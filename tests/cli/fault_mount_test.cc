@@ -40,6 +40,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -143,10 +144,12 @@ class ScopedEnv {
 
 // Starts the view of `image` with the shim preloaded, reporting to `control`.
 absl::StatusOr<std::unique_ptr<MountedView>> StartWithShim(const std::string& image, const std::string& mountpoint,
-                                                           const Control& control) {
+                                                           const Control& control,
+                                                           const std::vector<std::string>& extra = {}) {
   MountOptions options = WritableView(image, mountpoint);
   // No periodic flush: the test alone decides when the daemon syncs.
   options.extra_options = {"flush_interval=0"};
+  options.extra_options.insert(options.extra_options.end(), extra.begin(), extra.end());
   const char* asan = getenv("ASAN_OPTIONS");
   // The shim comes before the sanitizer's runtime in the library list,
   // which AddressSanitizer refuses unless told otherwise.
@@ -558,6 +561,69 @@ TEST_F(FaultMountTest, EveryFallocateFailingWithEio) { Walk(kFaultOnce, kFaultFa
 TEST_F(FaultMountTest, EveryFallocateFailingWithEnospc) { Walk(kFaultOnce, kFaultFallocate, ENOSPC); }
 TEST_F(FaultMountTest, EveryFdatasyncFailingWithEio) { Walk(kFaultOnce, kFaultSync, EIO); }
 TEST_F(FaultMountTest, DiskFullAtEveryPwriteUntilCleared) { Walk(kFaultFull, kFaultPwrite, ENOSPC); }
+
+// O_DIRECT writes of one file reach the daemon in parallel: one write is
+// parked in the middle of its pwrite on the image, and a second write, to
+// another cluster, must still reach the image. With
+// parallel_direct_writes=off the kernel holds the second back until the
+// first is done (the control: the test can tell the two apart).
+TEST_F(FaultMountTest, DirectWritesReachTheImageInParallel) {
+  MakeImage();  // clusters 0 and 1 hold data: both writes go in place
+  ASSERT_FALSE(HasFatalFailure());
+  for (const bool parallel : {true, false}) {
+    SCOPED_TRACE(parallel ? "parallel_direct_writes=on" : "parallel_direct_writes=off");
+    const std::string image = Path(parallel ? "on.qcow2" : "off.qcow2");
+    const std::string view = Path(parallel ? "on.raw" : "off.raw");
+    ASSERT_OK(WriteFileAt(image, 0, image_));
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
+                         StartWithShim(image, view, *control,
+                                       {absl::StrCat("parallel_direct_writes=", parallel ? "on" : "off")}));
+    const int fd = open(view.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    void* block = nullptr;
+    ASSERT_EQ(posix_memalign(&block, 4096, 4096), 0);
+    std::memset(block, 0x77, 4096);
+    // The first write of a mount marks the image in use; what is counted
+    // from here on is data only.
+    ASSERT_EQ(pwrite(fd, block, 4096, 8192), 4096) << strerror(errno);
+    ASSERT_EQ(fsync(fd), 0) << strerror(errno);
+    const uint64_t before = control->calls(kFaultPwrite);
+    control->Arm(kFaultPause, kFaultPwrite, before + 1, 0);
+    ssize_t first = -1;
+    ssize_t second = -1;
+    std::thread first_writer([&] { first = pwrite(fd, block, 4096, 0); });
+    for (int i = 0; i < 1000 && !control->fired(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    EXPECT_TRUE(control->fired()) << "the first write never reached the image";
+    std::thread second_writer([&] { second = pwrite(fd, block, 4096, 64 * kKiB); });
+    // In parallel: the second write's pwrite arrives while the first is
+    // parked. Serialised: it never does, however long we wait.
+    const auto wait = parallel ? std::chrono::seconds(10) : std::chrono::seconds(2);
+    const auto give_up = std::chrono::steady_clock::now() + wait;
+    while (control->calls(kFaultPwrite) < before + 2 && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    const bool reached = control->calls(kFaultPwrite) >= before + 2;
+    control->Arm(kFaultNone, kFaultPwrite, 0, 0);  // lets the first go on
+    first_writer.join();
+    second_writer.join();
+    EXPECT_EQ(first, 4096);
+    EXPECT_EQ(second, 4096);
+    EXPECT_EQ(reached, parallel) << (parallel ? "the second write waited for the first"
+                                              : "the kernel let the second write overtake: the control proves "
+                                                "nothing");
+    EXPECT_EQ(fsync(fd), 0) << strerror(errno);
+    close(fd);
+    free(block);
+    ASSERT_OK(mounted->Unmount());
+    EXPECT_OK(CheckImage(image));
+    ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
+    ASSERT_OK_AND_ASSIGN(std::string after, ReadFile(Path("after.raw")));
+    EXPECT_EQ(after.substr(0, 4096), std::string(4096, '\x77'));
+    EXPECT_EQ(after.substr(64 * kKiB, 4096), std::string(4096, '\x77'));
+    EXPECT_EQ(after.substr(4096, 4096), std::string(4096, '\x11'));
+  }
+}
 
 }  // namespace
 }  // namespace qcow2fuse::test::cli

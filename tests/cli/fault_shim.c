@@ -27,6 +27,7 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fault_shim.h"
@@ -90,7 +91,10 @@ static enum Verdict Decide(enum FaultCall kind, int needs_space, int* error) {
   enum Verdict verdict = kPass;
   if (mode != kFaultNone && Load32(&control->call) == (uint32_t)kind && n == Load64(&control->nth)) {
     __atomic_store_n(&control->fired, 1, __ATOMIC_SEQ_CST);
-    if (mode == kFaultFull) {
+    if (mode == kFaultPause) {
+      const struct timespec tick = {0, 1000000};
+      while (Load32(&control->mode) == kFaultPause) nanosleep(&tick, NULL);
+    } else if (mode == kFaultFull) {
       __atomic_store_n(&control->full, 1, __ATOMIC_SEQ_CST);
     } else {
       verdict = mode == kFaultShort && kind == kFaultPwrite ? kShort : kFail;

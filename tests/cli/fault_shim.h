@@ -37,7 +37,10 @@ enum FaultMode {
   kFaultShort = 2, /* pwrite `nth` writes half and returns that count; the
                       same thread's next pwrite of the image (the retry of
                       the rest) fails with `error` */
-  kFaultFull = 3   /* from call `nth` of kind `call` on, `full` is set */
+  kFaultFull = 3,  /* from call `nth` of kind `call` on, `full` is set */
+  kFaultPause = 4  /* call `nth` of kind `call` waits until the test sets
+                      another mode, then goes on: a request parked in the
+                      middle of its host I/O */
 };
 
 struct FaultControl {

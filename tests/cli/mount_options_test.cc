@@ -12,6 +12,7 @@
 // tests/package; a user other than root in unprivileged_test.cc.
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -100,6 +101,7 @@ TEST_F(MountOptionsTest, UsageErrorsAreOneLineNamingTheArgument) {
       {{"-o", "fsname=other"}, {"fsname", "set by qcow2fuse"}},
       {{"-o", "max_read=4096"}, {"max_read", "set by qcow2fuse"}},
       {{"-o", "blksize=4096"}, {"blksize", "block-device"}},
+      {{"-o", "parallel_direct_writes=yes"}, {"parallel_direct_writes must be on or off", "'yes'"}},
       {{"--bogus"}, {"unknown option '--bogus'"}},
       {{"-x"}, {"unknown option '-x'"}},
   };
@@ -270,6 +272,47 @@ TEST_F(MountOptionsTest, RefusalsNameTheFileAndWhatToDo) {
     ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded({Binary(), "-o", "log=" + log, image, Path("b.raw")}));
     EXPECT_TRUE(FailsWithOneLine(run, {"log file", log}));
     EXPECT_FALSE(IsMounted(Path("b.raw")));
+  }
+}
+
+// parallel_direct_writes puts an O_DIRECT descriptor opened for writing in
+// FUSE's direct-I/O mode (fault_mount_test.cc shows its writes run in
+// parallel), which the kernel will not map shared; the option's "off", and
+// every other descriptor, keep mmap.
+TEST_F(MountOptionsTest, ParallelDirectWritesCostOnlySharedMappingsOfODirectDescriptors) {
+  const std::string image = Path("disk.qcow2");
+  const std::string twin = Path("twin.raw");
+  MakeImage(image, twin);
+  for (const bool parallel : {true, false}) {
+    SCOPED_TRACE(parallel ? "parallel_direct_writes=on" : "parallel_direct_writes=off");
+    const std::string view = Path("view.raw");
+    const std::string pidfile = Path("pid");
+    DaemonGuard guard(view, pidfile);
+    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile,
+                                                    {parallel ? "parallel_direct_writes=on" : "parallel_direct_writes=off"}));
+    ASSERT_TRUE(run.status.success()) << run.Describe();
+    for (const bool direct : {true, false}) {
+      const int fd = open(view.c_str(), O_RDWR | O_CLOEXEC | (direct ? O_DIRECT : 0));
+      ASSERT_GE(fd, 0) << strerror(errno);
+      void* shared = mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      const int error = errno;
+      if (parallel && direct) {
+        EXPECT_EQ(shared, MAP_FAILED);
+        EXPECT_EQ(error, ENODEV) << strerror(error);
+      } else {
+        ASSERT_NE(shared, MAP_FAILED) << (direct ? "O_DIRECT: " : "") << strerror(error);
+        EXPECT_EQ(static_cast<const char*>(shared)[0], '\x5a');
+        munmap(shared, 4096);
+      }
+      void* copy = mmap(nullptr, 4096, PROT_READ, MAP_PRIVATE, fd, 0);
+      ASSERT_NE(copy, MAP_FAILED) << strerror(errno);
+      EXPECT_EQ(static_cast<const char*>(copy)[0], '\x5a');
+      munmap(copy, 4096);
+      close(fd);
+    }
+    ASSERT_OK_AND_ASSIGN(RunResult unmount, RunUnmount(view));
+    EXPECT_TRUE(unmount.status.success()) << unmount.Describe();
+    guard.Forget();
   }
 }
 
