@@ -261,17 +261,6 @@ TEST_F(UnmountTest, DaemonExitsPromptlyAfterFusermountU) {
   }
 }
 
-// "MAJOR:MINOR" of the mount at `path` (field 3 of mountinfo), or "".
-std::string DeviceOf(const std::string& path) {
-  std::ifstream in("/proc/self/mountinfo");
-  std::string line, device;
-  while (std::getline(in, line)) {
-    std::vector<std::string> fields = absl::StrSplit(line, ' ');
-    if (fields.size() > 4 && fields[4] == path) device = fields[2];
-  }
-  return device;
-}
-
 // The kernel gives a new mount the device number of one just unmounted,
 // while that mount's daemon may still be on its way out (here: stopped with
 // SIGSTOP, resumed a second later). The new daemon must get the socket
@@ -291,7 +280,7 @@ TEST_F(UnmountTest, ANewMountGetsTheDeviceNumberOfALingeringDaemon) {
   ASSERT_OK_AND_ASSIGN(RunResult started_a, StartDaemon(image_a, view_a, pidfile_a, {"ro"}));
   ASSERT_TRUE(started_a.status.success()) << started_a.Describe();
   ASSERT_OK_AND_ASSIGN(pid_t pid_a, guard_a.ReadPid());
-  const std::string device_a = DeviceOf(view_a);
+  const std::string device_a = MountDevice(view_a);
 
   ASSERT_EQ(kill(pid_a, SIGSTOP), 0);
   // Resumed in every path out of the test, before guard_a cleans up.
@@ -310,7 +299,7 @@ TEST_F(UnmountTest, ANewMountGetsTheDeviceNumberOfALingeringDaemon) {
   ASSERT_OK_AND_ASSIGN(RunResult started_b, StartDaemon(image_b, view_b, pidfile_b, {"ro", "log=" + log_b}));
   ASSERT_TRUE(started_b.status.success()) << started_b.Describe();
   ASSERT_OK_AND_ASSIGN(pid_t pid_b, guard_b.ReadPid());
-  const std::string device_b = DeviceOf(view_b);
+  const std::string device_b = MountDevice(view_b);
   std::cout << "device of the first view " << device_a << ", of the second " << device_b
             << (device_a == device_b ? " (reused, as this test wants)" : " (another mount took the number)") << "\n";
 
