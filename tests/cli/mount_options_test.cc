@@ -12,6 +12,7 @@
 // tests/package; a user other than root in unprivileged_test.cc.
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -273,6 +274,31 @@ TEST_F(MountOptionsTest, RefusalsNameTheFileAndWhatToDo) {
     EXPECT_TRUE(FailsWithOneLine(run, {"log file", log}));
     EXPECT_FALSE(IsMounted(Path("b.raw")));
   }
+}
+
+// libfuse's own options reach libfuse: with auto_unmount, fusermount3 takes
+// the view down when the daemon dies (here: SIGKILL), where otherwise a
+// dead mount would stay; allow_root opens the view to root as allow_other.
+TEST_F(MountOptionsTest, LibfuseOptionsAutoUnmountAndAllowRootApply) {
+  const std::string image = Path("disk.qcow2");
+  const std::string twin = Path("twin.raw");
+  const std::string view = Path("view.raw");
+  const std::string pidfile = Path("pid");
+  MakeImage(image, twin);
+  DaemonGuard guard(view, pidfile);
+  ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, {"ro", "auto_unmount", "allow_root"}));
+  ASSERT_TRUE(run.status.success()) << run.Describe();
+  EXPECT_TRUE(Has(MountFlags(view), "allow_other")) << absl::StrJoin(MountFlags(view), ",");
+  EXPECT_OK(CompareFiles(view, twin));
+  ASSERT_OK_AND_ASSIGN(pid_t pid, guard.ReadPid());
+  ASSERT_EQ(kill(pid, SIGKILL), 0);
+  EXPECT_TRUE(WaitForPidGone(pid, std::chrono::seconds(10)).gone);
+  guard.Forget();
+  bool unmounted = false;
+  for (int i = 0; i < 100 && !(unmounted = !IsMounted(view)); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(unmounted) << "auto_unmount left the dead daemon's mount at " << view;
 }
 
 // parallel_direct_writes puts an O_DIRECT descriptor opened for writing in
