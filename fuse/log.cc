@@ -46,7 +46,7 @@ void CaptureLibfuse(enum fuse_log_level /*level*/, const char* format, va_list a
 }
 
 void ForwardLibfuse(enum fuse_log_level level, const char* format, va_list ap) {
-  if (level > FUSE_LOG_NOTICE) return;  // libfuse's debug chatter
+  // Debug messages (the request trace) come only with -d, which asked for them.
   std::string text = Format(format, ap);
   // libfuse prefixes its messages with "fuse: "; ours name the program.
   if (text.rfind("fuse: ", 0) == 0) text.erase(0, 6);

@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -319,7 +320,8 @@ int Serve(const MountOptions& options, StartupReport& report) {
   if (!image.ok()) {
     std::string message(image.status().message());
     const std::optional<int> error = StatusErrno(image.status());
-    if (error && (*error == EACCES || *error == EPERM || *error == EROFS) && !options.image_options.read_only) {
+    if (error && (*error == EACCES || *error == EPERM || *error == EROFS) && !options.image_options.read_only &&
+        absl::StrContains(message, options.image + " for writing")) {
       message += " (to only read it, mount with -o ro)";
     } else if (error && *error == EAGAIN && !options.image_options.force_share) {
       // QEMU's image locks (engine/io/image_lock.h).

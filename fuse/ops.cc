@@ -24,6 +24,9 @@ constexpr double kAttrTimeoutSeconds = 1.0;
 constexpr off_t kStatBlockSize = 512;  // st_blocks unit
 constexpr unsigned kMaxRequestBytes = 1u << 20;
 constexpr unsigned kMaxBackground = 64;
+// The FUSE protocol minor of Linux 6.9, whose inode io modes keep direct
+// and buffered opens of one file coherent.
+constexpr unsigned kIoModesProtoMinor = 40;
 // How much of a data run found by SEEK_DATA is read ahead on the host.
 constexpr uint64_t kSeekDataPrefetchBytes = 4u << 20;
 // fuse_file_info::fh of an open: whether it may write.
@@ -133,7 +136,7 @@ Task<void> Open(fuse_req_t req, fuse_file_info fi) {
   const bool changes = writable || (fi.flags & O_TRUNC);
   fi.noflush = !changes;
   fi.fh = changes ? kWritableHandle : kReadOnlyHandle;
-  if (!writable || !(fi.flags & O_DIRECT) || !m.parallel_direct_writes) {
+  if (!writable || !(fi.flags & O_DIRECT) || !m.direct_writes_in_parallel) {
     co_return (void)fuse_reply_open(req, &fi);
   }
   // The kernel serialises the writes of a file, O_DIRECT ones too, unless
@@ -244,6 +247,11 @@ void OnInit(void* userdata, struct fuse_conn_info* conn) {
   conn->max_background = kMaxBackground;
   conn->congestion_threshold = kMaxBackground * 3 / 4;
   MountState& m = *static_cast<MountState*>(userdata);
+  // Parallel direct writes need FUSE's direct-I/O mode (see Open). Before
+  // Linux 6.9 (protocol 7.40, the "io modes") a direct-I/O write did not
+  // drop the pages that buffered opens of the view had cached, so a reader
+  // could see old data: there the kernel keeps serialising instead.
+  m.direct_writes_in_parallel = m.parallel_direct_writes && conn->proto_minor >= kIoModesProtoMinor;
   if (m.on_ready) m.on_ready();
 }
 

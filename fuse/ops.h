@@ -20,6 +20,7 @@
 #include <fuse_lowlevel.h>
 #include <sys/stat.h>
 
+#include <atomic>
 #include <functional>
 #include <string>
 
@@ -35,9 +36,13 @@ struct MountState {
   // the image may lie under a mount this very process serves.
   int image_fd = -1;
   struct stat mountpoint_stat {};  // owner and permissions of the view
-  // O_DIRECT writes of one file run in parallel (the kernel serialises
-  // them otherwise); the scheduler orders those that overlap.
+  // -o parallel_direct_writes: O_DIRECT writes of one file run in
+  // parallel (the kernel serialises them otherwise); the scheduler orders
+  // those that overlap.
   bool parallel_direct_writes = true;
+  // Set at INIT: the option, and a kernel whose direct-I/O mode stays
+  // coherent with buffered opens of the same file.
+  std::atomic<bool> direct_writes_in_parallel{false};
   // Called once, when the kernel's INIT has been answered: the mount is live.
   std::function<void()> on_ready;
 };

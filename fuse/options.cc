@@ -142,8 +142,9 @@ absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
     if (!path.ok()) return path.status();
     out.log_file = *path;
   } else if (kOwnKeys.contains(key)) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "mount option '%s' %s", option, has_value ? "takes no value" : "needs a value"));
+    const bool takes_value = key != "ro" && key != "rw" && key != "force_share" && key != "allow_other";
+    return absl::InvalidArgumentError(
+        absl::StrFormat("mount option '%s' %s", option, takes_value ? "needs a value" : "takes no value"));
   } else {
     return absl::NotFoundError(option);
   }
@@ -202,8 +203,15 @@ absl::Status CheckWithLibfuse(const std::string& option) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "mount option '%s' is for block-device FUSE mounts; a qcow2fuse view is a file", option));
   }
+  // fuse_opt_parse has unescaped the word ("a\\,b" is now "a,b"): escape it
+  // again, as Serve does for the real session.
   struct fuse_args args = FUSE_ARGS_INIT(0, nullptr);
-  if (fuse_opt_add_arg(&args, "qcow2fuse") != 0 || fuse_opt_add_arg(&args, "-o") != 0 || fuse_opt_add_arg(&args, option.c_str()) != 0) {
+  char* escaped = nullptr;
+  const bool built = fuse_opt_add_opt_escaped(&escaped, option.c_str()) == 0 &&
+                     fuse_opt_add_arg(&args, "qcow2fuse") == 0 && fuse_opt_add_arg(&args, "-o") == 0 &&
+                     fuse_opt_add_arg(&args, escaped) == 0;
+  free(escaped);
+  if (!built) {
     fuse_opt_free_args(&args);
     return absl::ResourceExhaustedError("out of memory parsing the mount options");
   }

@@ -277,7 +277,8 @@ void UnmountListener::StopThread() {
 void UnmountListener::AcceptRestAndClose() {
   if (listen_fd_ < 0) return;
   for (int client; (client = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC)) >= 0;) {
-    if (MayWait(client) && clients_.size() < kMaxWaiters) {
+    // No cap here: the listen backlog bounds these, and each one waits.
+    if (MayWait(client)) {
       clients_.push_back(client);
     } else {
       close(client);

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <thread>
@@ -574,6 +576,14 @@ absl::Status DescriptorHolder::Close() {
   if (!result.ok()) return result.status();
   if (*result != 0) return absl::InternalError(absl::StrCat("close: ", strerror(*result)));
   return absl::OkStatus();
+}
+
+bool KernelAtLeast(int major, int minor) {
+  struct utsname u;
+  int have_major = 0;
+  int have_minor = 0;
+  if (uname(&u) != 0 || std::sscanf(u.release, "%d.%d", &have_major, &have_minor) != 2) return false;
+  return have_major > major || (have_major == major && have_minor >= minor);
 }
 
 }  // namespace qcow2fuse::test::cli

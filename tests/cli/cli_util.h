@@ -227,6 +227,9 @@ absl::StatusOr<std::vector<std::pair<pid_t, unsigned long>>> ThreadFlags(pid_t p
 // Whether this process has capability number `cap` in its effective set.
 bool HasEffectiveCapability(int cap);
 
+// Whether the running kernel is at least MAJOR.MINOR (uname's release).
+bool KernelAtLeast(int major, int minor);
+
 // A writable descriptor of a file, held by a child process. A test that
 // checks when writes become durable must not hold the descriptor itself:
 // every program it starts (qemu-io, fusermount3) gets a copy of its
