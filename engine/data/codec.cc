@@ -103,6 +103,11 @@ absl::Status ZlibInflateCluster(std::span<const uint8_t> in, std::span<uint8_t> 
 // exactly one cluster, then padding); anything else (a stream cut short by
 // the end of the file after the cluster's last byte, one that goes on past
 // the cluster, a damaged one) is left to zlib, which decides as before.
+// libdeflate is a little more lenient than zlib about malformed Huffman
+// codes (an incomplete code, a distance code with no codes at all), so a
+// damaged stream of exactly that kind decodes where zlib would fail; raw
+// deflate has no checksum, so most damage decodes to wrong bytes with
+// either decoder anyway.
 absl::Status InflateCluster(std::span<const uint8_t> in, std::span<uint8_t> out) {
   if (libdeflate_decompressor* d = ThreadLibdeflate()) {
     size_t in_used = 0;
