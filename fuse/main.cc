@@ -210,9 +210,7 @@ absl::Status CheckCanMount(const std::string& mountpoint, const MountOptions& op
         "cannot mount: /dev/fuse is not open to this user; it needs mode 0666, as Debian's udev rules set it "
         "(chmod 0666 /dev/fuse as root)");
   }
-  const bool allow_root = std::find(options.fuse_options.begin(), options.fuse_options.end(), "allow_root") !=
-                          options.fuse_options.end();
-  if ((options.allow_other || allow_root) && !UserAllowOther()) {
+  if ((options.allow_other || options.allow_root) && !UserAllowOther()) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "%s needs the line user_allow_other in /etc/fuse.conf when qcow2fuse does not run as root; "
         "add it as root, or mount without %s",
@@ -297,9 +295,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   // reclaim of its own allocations must not start I/O (which could be that
   // very writeback). Without CAP_SYS_RESOURCE the view still works.
   // Only root sets up loop devices: a view closed to root needs no warning.
-  const bool root_may_open = geteuid() == 0 || options.allow_other ||
-                             std::find(options.fuse_options.begin(), options.fuse_options.end(), "allow_root") !=
-                                 options.fuse_options.end();
+  const bool root_may_open = geteuid() == 0 || options.allow_other || options.allow_root;
   if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0 && root_may_open) {
     warnings.push_back(absl::StrFormat(
         "cannot set PR_SET_IO_FLUSHER (%s; it needs CAP_SYS_RESOURCE): a loop device on this view may "

@@ -291,6 +291,7 @@ int ParseArgument(void* data, const char* arg_text, int key, struct fuse_args* /
   absl::Status libfuse = CheckWithLibfuse(arg);
   if (!libfuse.ok()) return refuse(std::move(libfuse));
   out.fuse_options.push_back(arg);
+  if (arg == "allow_root") out.allow_root = true;
   return 0;
 }
 

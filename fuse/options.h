@@ -35,6 +35,8 @@ struct MountOptions {
   // Mount options that are not ours, for libfuse and the kernel ("nodev",
   // "noexec", "allow_root", ...), each checked by libfuse already.
   std::vector<std::string> fuse_options;
+  // allow_root is among them: root may open the view.
+  bool allow_root = false;
   // Threads receiving and running requests; each blocks in file I/O, so
   // this is also how many requests reach the disk at once.
   int threads = 16;

@@ -83,6 +83,14 @@ class MountOptionsTest : public TempDirTest {
     ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x5a 0 64k", "write -P 0xa5 5M 12k"}));
     ASSERT_OK(ConvertToRaw(image, twin));
   }
+
+  // `qcow2fuse -u VIEW`, which must succeed; then the daemon is gone and
+  // `guard` has nothing left to wait for.
+  void UnmountWithU(const std::string& view, DaemonGuard& guard) {
+    ASSERT_OK_AND_ASSIGN(RunResult unmount, RunUnmount(view));
+    EXPECT_TRUE(unmount.status.success()) << unmount.Describe();
+    if (unmount.status.success()) guard.Forget();
+  }
 };
 
 TEST_F(MountOptionsTest, UsageErrorsAreOneLineNamingTheArgument) {
@@ -154,9 +162,7 @@ TEST_F(MountOptionsTest, StandardMountOptionsAreAcceptedAndTheKernelsApplied) {
     EXPECT_TRUE(Has(flags, flag)) << flag << " not in " << absl::StrJoin(flags, ",");
   }
   EXPECT_OK(CompareFiles(view, twin));
-  ASSERT_OK_AND_ASSIGN(RunResult unmount, RunUnmount(view));
-  EXPECT_TRUE(unmount.status.success()) << unmount.Describe();
-  guard.Forget();
+  UnmountWithU(view, guard);
 }
 
 // The command line mount.fuse3 builds for `mount -t fuse.qcow2fuse` and for
@@ -224,9 +230,7 @@ TEST_F(MountOptionsTest, LogFileGetsTheReasonOfAFailedRequest) {
   // Data lies at 5M: a shrink to 1M is refused with EINVAL.
   EXPECT_NE(truncate(view.c_str(), kMiB), 0);
   EXPECT_EQ(errno, EINVAL);
-  ASSERT_OK_AND_ASSIGN(RunResult unmount, RunUnmount(view));
-  EXPECT_TRUE(unmount.status.success()) << unmount.Describe();
-  guard.Forget();
+  UnmountWithU(view, guard);
   ASSERT_OK_AND_ASSIGN(std::string text, ReadFile(log));
   EXPECT_TRUE(absl::StrContains(text, "cannot shrink")) << text;
   EXPECT_TRUE(absl::StrContains(text, "serving " + image)) << text;
@@ -267,9 +271,7 @@ TEST_F(MountOptionsTest, RefusalsNameTheFileAndWhatToDo) {
       EXPECT_TRUE(FailsWithOneLine(run, {image + " is in use", "-o ro,force_share"}));
       EXPECT_EQ(run.stderr_text.find(image), run.stderr_text.rfind(image)) << "the path twice: " << run.stderr_text;
     }
-    ASSERT_OK_AND_ASSIGN(RunResult unmount, RunUnmount(view));
-    EXPECT_TRUE(unmount.status.success()) << unmount.Describe();
-    guard.Forget();
+    UnmountWithU(view, guard);
   }
   {
     const std::string log = Path("no-dir/x.log");
@@ -375,9 +377,7 @@ TEST_F(MountOptionsTest, ParallelDirectWritesCostOnlySharedMappingsOfODirectDesc
       munmap(copy, 4096);
       close(fd);
     }
-    ASSERT_OK_AND_ASSIGN(RunResult unmount, RunUnmount(view));
-    EXPECT_TRUE(unmount.status.success()) << unmount.Describe();
-    guard.Forget();
+    UnmountWithU(view, guard);
   }
 }
 
@@ -393,9 +393,7 @@ TEST_F(MountOptionsTest, ImagePathWithACommaMounts) {
   ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, {"ro"}));
   ASSERT_TRUE(run.status.success()) << run.Describe();
   EXPECT_OK(CompareFiles(view, twin));
-  ASSERT_OK_AND_ASSIGN(RunResult unmount, RunUnmount(view));
-  EXPECT_TRUE(unmount.status.success()) << unmount.Describe();
-  guard.Forget();
+  UnmountWithU(view, guard);
 }
 
 }  // namespace
