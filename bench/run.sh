@@ -53,21 +53,25 @@ while (($#)); do
   esac
 done
 
-# Sizes. The defaults keep three rounds of everything under 20 minutes on
+# Sizes. The defaults keep three rounds of everything under 25 minutes on
 # two cores, setup and clean-up included; --quick shrinks every image and
-# run to finish in about 3 minutes.
+# run to finish in 3 to 4 minutes.
 if ((quick)); then
   rounds=${rounds:-1}
   runtime=${runtime:-2}
   DATA_SIZE=$((128 << 20))     # the data image: sequential/random reads, overwrites, compression
   ALLOC_IOS=1024               # 4 KiB allocating writes per run (fresh image)
   META_SIZE=64G                # the image with every L2 table present
+  ARCHIVE_MIB=100              # the tar archive unpacked onto a fresh ext4
+  TREE_MIB=200                 # the files on the ext4 disk that is read
 else
   rounds=${rounds:-3}
   runtime=${runtime:-6}
   DATA_SIZE=$((1 << 30))
   ALLOC_IOS=2048
   META_SIZE=1T
+  ARCHIVE_MIB=400
+  TREE_MIB=1024
 fi
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --rounds wants a positive number" >&2; exit 2; }
 [[ $runtime =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --runtime wants whole seconds" >&2; exit 2; }
@@ -84,6 +88,15 @@ SPARSE_WRITE_SIZE=$((256 << 10))
 # is the point.
 WR_PAIRS=200
 WR_SIZES=(1G 128G)
+# ext4 on a loop device over the view. Unpacking: a fresh, empty 4 GiB disk
+# (64 KiB clusters; a sparse raw file for raw). Reading: a disk twice the
+# size of its tree, made once. Both file systems are made with
+# EXT4_MKFS_OPTS: no discard of the whole device, and the inode tables and
+# the journal written out by mkfs.ext4 itself, so that no ext4lazyinit
+# thread writes them while the measurement runs.
+UNPACK_VSIZE=4G
+TREE_VSIZE=$((TREE_MIB * 2 << 20))
+EXT4_MKFS_OPTS=(-q -E "nodiscard,lazy_itable_init=0,lazy_journal_init=0")
 
 # ---------------------------------------------------------------- workloads
 #
@@ -130,6 +143,10 @@ add_workload "meta-$META_SIZE"         wl_meta                   "mount-first-re
   "$META_SIZE image with every L2 table (preallocation=metadata), cold: start to first 4 KiB read, peak RSS (VmHWM) after random reads, and their IOPS (libaio QD32, O_DIRECT)"
 add_workload write-read-4k           wl_write_read             "write-read-4k-${WR_SIZES[0]}:ms write-read-4k-${WR_SIZES[1]}:ms write-read-4k-${WR_SIZES[1]}-vs-${WR_SIZES[0]}:ratio" \
   "$WR_PAIRS pairs of a 4 KiB pwrite and a 4 KiB pread of the same block at random offsets, buffered, read-write, on a ${WR_SIZES[0]} and a ${WR_SIZES[1]} image with every L2 table (preallocation=metadata): median ms per pair, and the ratio ${WR_SIZES[1]}/${WR_SIZES[0]} (1 is ideal)"
+add_workload ext4-unpack             wl_ext4_unpack            "ext4-unpack-${ARCHIVE_MIB}M:s" \
+  "tar -xf of a ${ARCHIVE_MIB} MiB archive of system files (in the host page cache) onto a fresh ext4 on a loop device over an empty $UNPACK_VSIZE view, then sync -f, umount, losetup -d, view unmounted and its daemon gone, fsync of the image file: all timed"
+add_workload ext4-read-tree          wl_ext4_read_tree         "ext4-read-tree-${TREE_MIB}M:s" \
+  "tar -cf - | cat >/dev/null of every file of a ${TREE_MIB} MiB tree of system files on ext4 (mount -o ro,noload) on a read-only loop device over a read-only view, page cache dropped after mounting"
 
 if ((list_only)); then
   for w in "${WORKLOADS[@]}"; do printf '%-28s %s\n' "$w" "${WL_DESC[$w]}"; done
@@ -152,6 +169,8 @@ die() { echo "run.sh: $*" >&2; exit 1; }
 declare -A TOOL_PACKAGE=(
   [fio]=fio [qemu-storage-daemon]=qemu-system-common [qemu-img]=qemu-utils [qemu-io]=qemu-utils
   [fusermount3]=fuse3 [python3]=python3 [timeout]=coreutils
+  [losetup]=mount [mount]=mount [umount]=mount [mkfs.ext4]=e2fsprogs [tar]=tar
+  [findmnt]=util-linux [pgrep]=procps
 )
 missing_packages=()
 for tool in "${!TOOL_PACKAGE[@]}"; do
@@ -189,14 +208,23 @@ has_discard() {
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 now_ns() { date +%s%N; }
 is_mounted() { [[ -e $1 && $(stat -c %d "$1" 2>/dev/null) != "$work_dev" ]]; }
+# Also true for a FUSE mount whose daemon is gone (killed after a hang, see
+# unstick): stat fails there (ENOTCONN), so is_mounted says no.
+is_mount_point() { is_mounted "$1" || findmnt -n --mountpoint "$1" >/dev/null 2>&1; }
 
-# Polls until PID has exited, at most $2 seconds. (Our qcow2fuse daemons are
-# not our children, so `wait` cannot be used for them.)
+# Polls (every 10 ms) until PID has exited, at most $2 seconds. (Our
+# qcow2fuse daemons are not our children, so `wait` cannot be used for
+# them.) A zombie has exited: an orphan stays one until init reaps it,
+# which some inits (in containers, VMs) do only about once a second, and
+# that must not count towards a timed unmount.
 wait_pid_gone() {
-  local pid=$1 limit=$2 i
-  for ((i = 0; i < limit * 20; i++)); do
+  local pid=$1 limit=$2 i stat
+  for ((i = 0; i < limit * 100; i++)); do
     kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.05
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 0
+    stat=${stat##*) }  # the fields after the command name
+    [[ ${stat%% *} == Z ]] && return 0
+    sleep 0.01
   done
   return 1
 }
@@ -265,7 +293,7 @@ close_target() {
   local pid=$ACTIVE_PID view=$ACTIVE_VIEW
   case $ACTIVE_SYSTEM in
     qcow2fuse)
-      if is_mounted "$view"; then
+      if is_mount_point "$view"; then
         fusermount3 -u "$view" 2>>"$daemon_log" ||
           { sleep 1; fusermount3 -u "$view" 2>>"$daemon_log"; } ||
           fusermount3 -u -z "$view" 2>>"$daemon_log"
@@ -282,7 +310,7 @@ close_target() {
         wait_pid_gone "$pid" 300 || { kill -KILL "$pid" 2>/dev/null; }
         wait "$pid" 2>/dev/null
       fi
-      is_mounted "$view" && { fusermount3 -u "$view" 2>/dev/null || fusermount3 -u -z "$view"; }
+      is_mount_point "$view" && { fusermount3 -u "$view" 2>/dev/null || fusermount3 -u -z "$view"; }
       rm -f "$view"
       ;;
   esac
@@ -397,6 +425,158 @@ measure_fio() {
   return 1
 }
 
+# ---------------------------------------------------------------- ext4 on a loop device over the view
+
+# The loop device the script attached last (losetup --find --show), and
+# the command bounded() runs; empty when there is none.
+LOOP_DEV=""
+JOB_PID=""
+
+# Runs COMMAND... with a time limit, under timeout(1): that puts it in a
+# process group of its own (so Ctrl-C does not reach it; cleanup ends it),
+# sends SIGTERM to the group after LIMIT seconds and SIGKILL 10 s later.
+# In the background, so that an interrupt does not wait for it. On failure
+# sets FAIL_REASON from WHAT and the command's last line of error output.
+#   bounded LIMIT WHAT COMMAND...
+bounded() {
+  local limit=$1 what=$2 rc pgid
+  shift 2
+  timeout -k 10 "$limit" "$@" </dev/null >"$work/job.err" 2>&1 &
+  JOB_PID=$!
+  pgid=$JOB_PID
+  wait "$JOB_PID"
+  rc=$?
+  JOB_PID=""
+  case $rc in
+    0) return 0 ;;
+    124|137) FAIL_REASON="$what timed out after $limit s"; unstick "$pgid" ;;
+    *) FAIL_REASON="$what failed (exit $rc)$(tail -n 1 "$work/job.err" | sed 's/^/: /')" ;;
+  esac
+  return 1
+}
+
+# Ends the command bounded() runs, if any (Ctrl-C): SIGTERM to timeout(1),
+# which passes it on to its group (and SIGKILL 10 s later).
+stop_job() {
+  local pgid=$JOB_PID
+  [[ -n $pgid ]] || return 0
+  kill -TERM "$pgid" 2>/dev/null
+  wait "$pgid" 2>/dev/null
+  JOB_PID=""
+  unstick "$pgid"
+}
+
+# After a command of bounded() was killed: a process of its group that is
+# still there 5 s later is stuck in the kernel on a view whose daemon no
+# longer answers (sync, umount, I/O through the loop device), where even
+# SIGKILL does not reach it. Then the daemon (a PID we started) is killed:
+# that aborts its FUSE connection and fails the waiting requests.
+unstick() {
+  local pgid=$1 i
+  for ((i = 0; i < 50; i++)); do
+    pgrep -g "$pgid" >/dev/null || return 0
+    sleep 0.1
+  done
+  if [[ -n $ACTIVE_PID ]]; then
+    log "  $(pgrep -l -g "$pgid" | head -n 1) hangs on the view; killing its daemon (pid $ACTIVE_PID)"
+    kill -KILL "$ACTIVE_PID" 2>/dev/null
+    for ((i = 0; i < 300; i++)); do
+      pgrep -g "$pgid" >/dev/null || return 0
+      sleep 0.1
+    done
+  fi
+  log "  $(pgrep -l -g "$pgid" | head -n 1) is stuck in the kernel"
+}
+
+# The file a loop device reads and writes (empty once it is detached).
+loop_backing() { cat "/sys/block/${1#/dev/}/loop/backing_file" 2>/dev/null; }
+
+# Whether loop device DEV is one of ours: its file is in the work directory
+# (only this script makes loop devices over those).
+is_our_loop() { [[ $(loop_backing "$1") == "$work_real"/* ]]; }
+
+# Attaches FILE to a free loop device, read-only (ro) or read-write (rw);
+# sets LOOP_DEV.
+loop_attach() {
+  local file=$1 access=$2 opts=() dev
+  [[ $access == ro ]] && opts=(-r)
+  if ! dev=$(timeout -k 10 120 losetup "${opts[@]}" --find --show "$file" 2>&1) || [[ $dev != /dev/* ]]; then
+    FAIL_REASON="losetup failed: ${dev##*$'\n'}"
+    return 1
+  fi
+  LOOP_DEV=$dev
+}
+
+# Detaches loop device DEV if it is ours, and waits (at most 60 s) until it
+# has let go of its file: the kernel defers a detach while anyone (udev,
+# blkid) still has the device open.
+loop_detach() {
+  local dev=$1 file i
+  is_our_loop "$dev" || return 0
+  file=$(loop_backing "$dev")
+  losetup -d "$dev" 2>>"$daemon_log"
+  for ((i = 0; i < 1200; i++)); do
+    [[ $(loop_backing "$dev") == "$file" ]] || return 0
+    sleep 0.05
+  done
+  FAIL_REASON="loop device $dev still attached 60 s after losetup -d"
+  return 1
+}
+
+# Mounts the ext4 on LOOP_DEV on a fresh directory, read-write (rw) or
+# read-only without journal replay (ro: -o ro,noload).
+ext4_mount() {
+  local access=$1 opts=()
+  [[ $access == ro ]] && opts=(-o "ro,noload")
+  rmdir "$ext4_mnt" 2>/dev/null
+  mkdir "$ext4_mnt" || { FAIL_REASON="cannot make $ext4_mnt"; return 1; }
+  bounded 300 "mount of the ext4" mount -t ext4 "${opts[@]}" "$LOOP_DEV" "$ext4_mnt"
+}
+
+# Unmounts the ext4 and detaches LOOP_DEV; fails (FAIL_REASON) if either
+# does not work out.
+ext4_unmount() {
+  local try
+  # Up to three tries: something passing by (du, a file manager) may keep
+  # the file system busy for a moment.
+  for ((try = 1; try <= 3; try++)); do
+    is_mounted "$ext4_mnt" || break
+    bounded 600 "umount of the ext4" umount "$ext4_mnt" && break
+    if ((try == 3)) || ! grep -q busy "$work/job.err"; then return 1; fi
+    log "  $FAIL_REASON; trying again"
+    sleep 1
+  done
+  rmdir "$ext4_mnt" 2>/dev/null
+  if [[ -n $LOOP_DEV ]]; then
+    loop_detach "$LOOP_DEV" || return 1
+    LOOP_DEV=""
+  fi
+}
+
+# Clean-up after a failed or interrupted ext4 workload, whatever state it
+# got to: ends the running command, unmounts the ext4 (lazily if it stays
+# busy), and detaches every loop device over a file of the work directory:
+# LOOP_DEV, or one attached just as Ctrl-C came, before LOOP_DEV was set.
+# The view itself is left to close_target, which must come after this.
+# Keeps FAIL_REASON (the workload's); logs its own trouble.
+ext4_teardown() {
+  local reason=$FAIL_REASON f dev
+  stop_job
+  if is_mount_point "$ext4_mnt"; then
+    bounded 120 "umount of the ext4" umount "$ext4_mnt" ||
+      { log "  $FAIL_REASON; unmounting it lazily"; umount -l "$ext4_mnt" 2>>"$daemon_log"; }
+  fi
+  rmdir "$ext4_mnt" 2>/dev/null
+  for f in /sys/block/loop*/loop/backing_file; do  # the attached loop devices
+    [[ -e $f ]] || continue
+    dev=${f#/sys/block/}
+    dev=/dev/${dev%%/*}
+    is_our_loop "$dev" && { loop_detach "$dev" || log "  $FAIL_REASON"; }
+  done
+  LOOP_DEV=""
+  FAIL_REASON=$reason
+}
+
 # ---------------------------------------------------------------- images (made once, when first needed)
 
 # The data disk: DATA_SIZE of system files mixed with random bytes, as raw
@@ -474,6 +654,72 @@ need_wr() {
   log "making the $size preallocation=metadata image for write-read pairs"
   qemu-img create -q -f qcow2 -o preallocation=metadata,cluster_size=64k "$work/wr-$size.qcow2.tmp" "$size" &&
     mv "$work/wr-$size.qcow2.tmp" "$work/wr-$size.qcow2" && truncate -s "$size" "$work/wr-$size.raw"
+}
+
+# A NUL-separated list of system files (paths relative to /) of at most
+# LIMIT bytes in all: the regular files of /usr/share, then /usr/lib, in
+# sorted order, cut before the first file that would go past LIMIT. So the
+# choice is the same on every run on one machine, and the tree is a real
+# one: whole directories of small text and data files (/usr/share first)
+# with some binaries. Prints the count and size to stderr.
+FILE_LIST_PY=$(cat <<'PYEOF'
+import os, sys
+limit, total, count = int(sys.argv[1]), 0, 0
+def files():
+    for root in ("/usr/share", "/usr/lib"):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    yield path
+for path in files():
+    size = os.path.getsize(path)
+    if total + size > limit:
+        break
+    sys.stdout.buffer.write(os.fsencode(path[1:]) + b"\0")
+    total, count = total + size, count + 1
+print("%d files, %.1f MiB" % (count, total / 2**20), file=sys.stderr)
+PYEOF
+)
+
+# The archive that ext4-unpack unpacks: an uncompressed tar of
+# ARCHIVE_MIB MiB of system files.
+need_archive() {
+  [[ -f $work/unpack.tar ]] && return 0
+  log "making the ${ARCHIVE_MIB} MiB archive of system files"
+  local summary
+  summary=$(python3 -c "$FILE_LIST_PY" $((ARCHIVE_MIB << 20)) 2>&1 >"$work/unpack.list") ||
+    { FAIL_REASON="listing the files failed: $summary"; return 1; }
+  log "  $summary"
+  bounded 1800 "tar -c" tar -C / --null -T "$work/unpack.list" -cf "$work/unpack.tar.tmp" &&
+    mv "$work/unpack.tar.tmp" "$work/unpack.tar"
+}
+
+# The disk that ext4-read-tree reads: an ext4 (EXT4_MKFS_OPTS) of
+# TREE_VSIZE holding TREE_MIB MiB of system files, made on a raw file over
+# a loop device and filled with tar, then converted to a qcow2 image with
+# 64 KiB clusters (its free space stays unallocated).
+# shellcheck disable=SC2016  # $1 and $2 are bash -c's arguments
+need_tree() {
+  [[ -f $work/tree.qcow2 ]] && return 0
+  log "making the ext4 disk with a ${TREE_MIB} MiB tree of system files"
+  local raw=$work/tree.raw summary
+  rm -f "$raw"
+  summary=$(python3 -c "$FILE_LIST_PY" $((TREE_MIB << 20)) 2>&1 >"$work/tree.list") ||
+    { FAIL_REASON="listing the files failed: $summary"; return 1; }
+  log "  $summary"
+  if ! { truncate -s "$TREE_VSIZE" "$raw" && loop_attach "$raw" rw &&
+      bounded 600 mkfs.ext4 mkfs.ext4 "${EXT4_MKFS_OPTS[@]}" "$LOOP_DEV" && ext4_mount rw &&
+      bounded 1800 "copying the tree" bash -c 'set -o pipefail; tar -C / --null -T "$1" -cf - | tar -xf - -C "$2"' \
+        copy "$work/tree.list" "$ext4_mnt" &&
+      ext4_unmount; }; then
+    ext4_teardown
+    rm -f "$raw"
+    return 1
+  fi
+  qemu-img convert -O qcow2 -o cluster_size=65536 "$raw" "$work/tree.qcow2.tmp" &&
+    mv "$work/tree.qcow2.tmp" "$work/tree.qcow2"
 }
 
 # ---------------------------------------------------------------- the workloads
@@ -664,6 +910,80 @@ wl_write_read() {
     "$(awk -v a="${per_size[${WR_SIZES[1]}]}" -v b="${per_size[${WR_SIZES[0]}]}" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}')" ""
 }
 
+# Unpacking onto a fresh ext4, up to the data being on the host's disk.
+# Untimed: a new empty disk, the view mounted read-write, a loop device over
+# it, mkfs.ext4, the ext4 mounted, caches dropped, then the archive read
+# into the host page cache (so every system reads it from memory). Timed:
+# tar -xf; sync -f (syncfs of the ext4: its data and journal, and a flush
+# of the loop device, which fsyncs the view or raw file); umount; losetup
+# -d; the view unmounted and its daemon gone (close_target waits for it);
+# then fsync of the image (or raw) file, so that on every system the time
+# ends with everything on the host's disk. The images are fragmented (ext4
+# spreads its files over the disk), so they are deleted only at the end.
+wl_ext4_unpack() {
+  local system=$1 image=$work/unpack.qcow2 raw=$work/unpack.raw file t0 t1 ok=0 steps=()
+  need_archive || { FAIL_REASON="archive setup: ${FAIL_REASON:-failed}"; return 1; }
+  retire later "$image" "$raw"
+  if [[ $system == raw ]]; then
+    file=$raw
+    truncate -s "$UNPACK_VSIZE" "$raw" || { FAIL_REASON="truncate failed"; return 1; }
+  else
+    file=$image
+    qemu-img create -q -f qcow2 -o cluster_size=65536 "$image" "$UNPACK_VSIZE" ||
+      { FAIL_REASON="qemu-img create failed"; return 1; }
+  fi
+  if open_target "$system" "$image" "$raw" rw && loop_attach "$TARGET" rw &&
+      bounded 600 mkfs.ext4 mkfs.ext4 "${EXT4_MKFS_OPTS[@]}" "$LOOP_DEV" && ext4_mount rw; then
+    drop_caches
+    cat "$work/unpack.tar" >/dev/null
+    t0=$(now_ns)
+    if bounded 1800 "tar -x" tar -xf "$work/unpack.tar" -C "$ext4_mnt" && steps+=("$(now_ns)") &&
+        bounded 1800 "sync -f" sync -f "$ext4_mnt" && steps+=("$(now_ns)") &&
+        ext4_unmount && steps+=("$(now_ns)"); then
+      close_target
+      steps+=("$(now_ns)")
+      if bounded 600 "fsync of the image file" sync "$file"; then
+        t1=$(now_ns)
+        ok=1
+      fi
+    fi
+  fi
+  ext4_teardown
+  close_target
+  retire later "$image" "$raw"
+  ((ok)) || return 1
+  # Where the time went, for the progress log.
+  log "  (tar $(awk -v a="$t0" -v b="${steps[0]}" -v c="${steps[1]}" -v d="${steps[2]}" -v e="${steps[3]}" -v f="$t1" \
+    'BEGIN {printf "%.2f s, sync -f %.2f s, umount and losetup -d %.2f s, view closed %.2f s, fsync %.2f s", (b - a) / 1e9, (c - b) / 1e9, (d - c) / 1e9, (e - d) / 1e9, (f - e) / 1e9}'))"
+  put "ext4-unpack-${ARCHIVE_MIB}M" "$(awk -v ns=$((t1 - t0)) 'BEGIN {printf "%.2f", ns / 1e9}')" ""
+}
+
+# Reading every file of the tree: a read-only view (qcow2fuse -o ro, qsd
+# writable=off; raw: the raw file), a read-only loop device over it, the
+# ext4 mounted ro,noload (no journal replay), caches dropped after
+# mounting. Timed: tar -cf - | cat >/dev/null (GNU tar does not read the
+# files when its archive is /dev/null itself).
+wl_ext4_read_tree() {
+  local system=$1 t0 t1 ok=0
+  need_tree || { FAIL_REASON="tree setup: ${FAIL_REASON:-failed}"; return 1; }
+  open_target "$system" "$work/tree.qcow2" "$work/tree.raw" ro || return 1
+  if loop_attach "$TARGET" ro && ext4_mount ro; then
+    drop_caches
+    t0=$(now_ns)
+    # shellcheck disable=SC2016  # $1 is bash -c's argument
+    if bounded 1800 "reading the tree" bash -c 'set -o pipefail; tar -cf - -C "$1" . | cat >/dev/null' \
+        read "$ext4_mnt"; then
+      t1=$(now_ns)
+      ok=1
+    fi
+  fi
+  ((ok)) && { ext4_unmount || ok=0; }
+  ext4_teardown
+  close_target
+  ((ok)) || return 1
+  put "ext4-read-tree-${TREE_MIB}M" "$(awk -v ns=$((t1 - t0)) 'BEGIN {printf "%.2f", ns / 1e9}')" ""
+}
+
 # ---------------------------------------------------------------- work directory and cleanup
 
 parent=${BENCH_DIR:-/var/tmp}
@@ -671,6 +991,8 @@ mkdir -p "$parent" || die "cannot create $parent"
 start_ns=$(date +%s%N)
 work=$(mktemp -d "$parent/qcow2fuse-bench.XXXXXX") || die "cannot make a directory in $parent"
 work_dev=$(stat -c %d "$work")
+work_real=$(realpath "$work")  # as the kernel names the files of loop devices
+ext4_mnt=$work/ext4            # where the ext4 workloads mount the guest file system
 results=$work/results.tsv
 : >"$results"
 daemon_log=$work/daemons.log
@@ -684,9 +1006,10 @@ ACTIVE_PID=""
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  ext4_teardown  # the ext4 and the loop device first: they keep the view busy
   close_target
   if [[ -d $work/trash ]]; then
-    log "deleting the images of the allocating writes$(has_discard && echo " (slow: the file system is mounted with -o discard)")"
+    log "deleting the images of the allocating writes and ext4 unpacking$(has_discard && echo " (slow: the file system is mounted with -o discard)")"
   fi
   rm -rf -- "$work"
   log "done after $(( ($(now_ns) - start_ns) / 1000000000 )) s"
@@ -698,8 +1021,14 @@ trap 'log "terminated"; exit 143' TERM
 
 # Refuse to start when the images would not fit (the biggest runs need
 # about 8 GiB at once in the default sizes: data images, copies and a
-# 64 GiB disk with up to 2 GiB of freshly allocated clusters).
+# 64 GiB disk with up to 2 GiB of freshly allocated clusters). The ext4
+# workloads add their archive, the tree disk (raw and qcow2) and the disks
+# of every unpacking run, which are kept until the end (about 600 MiB each
+# for a 400 MiB archive: over 5 GiB in all with 3 rounds).
 need_kib=$((quick ? 3 << 20 : 9 << 20))
+if printf '%s\n' "${selected[@]}" | grep -q '^ext4-'; then
+  need_kib=$((need_kib + ((ARCHIVE_MIB + TREE_MIB * 3 + rounds * 3 * (ARCHIVE_MIB * 3 / 2 + 160)) << 10)))
+fi
 avail_kib=$(df -Pk "$work" | awk 'NR == 2 {print $4}')
 ((avail_kib >= need_kib)) || die "$work has $((avail_kib >> 20)) GiB free, needs $((need_kib >> 20)) GiB"
 
@@ -732,7 +1061,8 @@ for ((ROUND = 1; ROUND <= rounds; ROUND++)); do
       FAIL_REASON=""
       # shellcheck disable=SC2086  # WL_FUNC holds a function and its arguments
       ${WL_FUNC[$w]} "$SYSTEM"
-      close_target  # in case the workload failed with a view mounted
+      ext4_teardown  # in case the workload failed with an ext4 or a loop device left
+      close_target   # or a view mounted
       for spec in ${WL_ROWS[$w]}; do
         row=${spec%%:*}
         [[ -n ${PUT_DONE[$row]:-} ]] || put "$row" failed "${FAIL_REASON:-unknown error}"
