@@ -9,9 +9,11 @@
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <span>
 
 #include "absl/strings/str_format.h"
+#include "buffer_pool.h"
 #include "errno_map.h"
 #include "log.h"
 
@@ -32,6 +34,20 @@ constexpr uint64_t kSeekDataPrefetchBytes = 4u << 20;
 // fuse_file_info::fh of an open: whether it may write.
 constexpr uint64_t kReadOnlyHandle = 0;
 constexpr uint64_t kWritableHandle = 1;
+
+// Reads of at least this many bytes take their buffer from a pool (see
+// buffer_pool.h); this is where malloc starts to hand out fresh mappings.
+constexpr size_t kPooledReadBytes = 128u << 10;
+// Free read buffers kept: enough for the kernel's readahead and a few
+// readers at once, 16 MiB at most.
+constexpr size_t kKeptReadBuffers = 16;
+
+BufferPool& ReadBuffers() {
+  // Never destroyed: a request's coroutine may still hold a buffer while
+  // the process exits.
+  static BufferPool* pool = new BufferPool(kMaxRequestBytes, kKeptReadBuffers);
+  return *pool;
+}
 
 MountState& State(fuse_req_t req) { return *static_cast<MountState*>(fuse_req_userdata(req)); }
 
@@ -75,8 +91,16 @@ Task<void> Read(fuse_req_t req, size_t size, off_t offset) {
   const uint64_t start = std::min<uint64_t>(offset, disk);
   // Not zero-filled first: Read fills every byte.
   const size_t n = std::min<uint64_t>(size, disk - start);
-  std::unique_ptr<uint8_t[]> storage(new uint8_t[n]);
-  std::span<uint8_t> buf(storage.get(), n);
+  std::optional<BufferPool::Buffer> pooled;
+  std::unique_ptr<uint8_t[]> small;
+  std::span<uint8_t> buf;
+  if (n >= kPooledReadBytes && n <= kMaxRequestBytes) {
+    pooled.emplace(ReadBuffers().Take());
+    buf = pooled->first(n);
+  } else {
+    small.reset(new uint8_t[n]);
+    buf = std::span(small.get(), n);
+  }
   absl::Status status = co_await image.Read(start, buf);
   if (!status.ok()) {
     co_return ReplyError(req, status, absl::StrFormat("read of %u bytes at offset %u", buf.size(), start));

@@ -539,12 +539,20 @@ Task<absl::Status> Qcow2Layer::ReadBacking(uint64_t offset, std::span<uint8_t> o
 
 Task<absl::Status> Qcow2Layer::ReadCompressed(uint64_t offset, const CompressedDescriptor& descriptor,
                                               std::span<uint8_t> out) {
-  absl::StatusOr<std::shared_ptr<const std::vector<uint8_t>>> cluster = co_await Decompress(descriptor);
-  if (!cluster.ok()) {
-    co_return Annotate(cluster.status(),
-                       absl::StrFormat("%s: compressed cluster at host offset %#x (guest offset %#x)",
-                                       file_->name(), descriptor.host_offset, offset));
+  const auto where = [&] {
+    return absl::StrFormat("%s: compressed cluster at host offset %#x (guest offset %#x)", file_->name(),
+                           descriptor.host_offset, offset);
+  };
+  // A read of the whole cluster (sequential readers, the kernel's
+  // readahead) inflates straight into the caller's buffer: the page cache
+  // above keeps those bytes, so the cache here would only add a copy.
+  if (out.size() == header_.cluster_size()) {
+    absl::Status status = co_await Inflate(descriptor, out);
+    if (!status.ok()) co_return Annotate(status, where());
+    co_return absl::OkStatus();
   }
+  absl::StatusOr<std::shared_ptr<const std::vector<uint8_t>>> cluster = co_await Decompress(descriptor);
+  if (!cluster.ok()) co_return Annotate(cluster.status(), where());
   const uint64_t in_cluster = offset & (header_.cluster_size() - 1);
   std::memcpy(out.data(), (*cluster)->data() + in_cluster, out.size());
   co_return absl::OkStatus();
@@ -585,18 +593,24 @@ Task<absl::StatusOr<std::shared_ptr<const std::vector<uint8_t>>>> Qcow2Layer::De
       }
     }
   }
-  // The stream may be cut short by the end of the file; the decoder says
-  // whether what is there is enough.
-  const uint64_t available = file_->size() - descriptor.host_offset;
-  std::vector<uint8_t> compressed(std::min(descriptor.max_size, available));
-  CO_RETURN_IF_ERROR(co_await file_->Read(descriptor.host_offset, compressed));
   auto cluster = std::make_shared<std::vector<uint8_t>>(header_.cluster_size());
-  CO_RETURN_IF_ERROR(DecompressCluster(compression_, compressed, *cluster));
+  CO_RETURN_IF_ERROR(co_await Inflate(descriptor, *cluster));
 
   std::lock_guard lock(inflated_mu_);
   inflated_.push_front({descriptor.host_offset, cluster});
   if (inflated_.size() > kInflatedCacheEntries) inflated_.pop_back();
   co_return std::shared_ptr<const std::vector<uint8_t>>(std::move(cluster));
+}
+
+Task<absl::Status> Qcow2Layer::Inflate(const CompressedDescriptor& descriptor, std::span<uint8_t> out) {
+  // The stream may be cut short by the end of the file; the decoder says
+  // whether what is there is enough. Not zero-filled: Read fills it all.
+  const uint64_t available = file_->size() - descriptor.host_offset;
+  const size_t length = std::min(descriptor.max_size, available);
+  std::unique_ptr<uint8_t[]> compressed(new uint8_t[length]);
+  CO_RETURN_IF_ERROR(co_await file_->Read(descriptor.host_offset, std::span(compressed.get(), length)));
+  // The decoder fills all of `out` or fails.
+  co_return DecompressCluster(compression_, std::span<const uint8_t>(compressed.get(), length), out);
 }
 
 Task<absl::StatusOr<Extent>> Qcow2Layer::BlockStatus(uint64_t offset, uint64_t max_length) {

@@ -173,8 +173,13 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> ReadCompressedClusters(std::span<const CompressedRead> reads);
   static Task<void> ReadCompressedJob(Qcow2Layer* self, CompressedRead read, absl::Status* result, Latch* latch);
   Scheduler& InflatePool();
+  // The cluster of `descriptor`, inflated, from the cache of recently
+  // inflated clusters or else inflated and cached.
   Task<absl::StatusOr<std::shared_ptr<const std::vector<uint8_t>>>> Decompress(
       const CompressedDescriptor& descriptor);
+  // Reads the compressed stream of `descriptor` and inflates it into `out`
+  // (one whole cluster), bypassing the cache.
+  Task<absl::Status> Inflate(const CompressedDescriptor& descriptor, std::span<uint8_t> out);
 
   // The offset of the L2 table for L1 entry `l1_index` after checking it,
   // or 0 when the entry is unallocated.
