@@ -49,6 +49,7 @@
 #include "mount_table.h"
 #include "ops.h"
 #include "options.h"
+#include "overlay.h"
 #include "periodic_flush.h"
 #include "unmount.h"
 #include "qcow2fuse/image.h"
@@ -311,8 +312,20 @@ int Serve(const MountOptions& options, StartupReport& report) {
   if (!mountpoint.ok()) return fail(absl::StrFormat("mountpoint: %s", mountpoint.status().message()));
   if (absl::Status free = CheckNotMounted(*mountpoint); !free.ok()) return fail(std::string(free.message()));
 
-  absl::StatusOr<std::unique_ptr<Image>> image =
-      SyncWait(Image::Open(options.image, options.image_options));
+  // -o overlay= and -o volatile serve a new image over IMAGE. Declared
+  // before the image, so that it outlives it.
+  std::optional<Overlay> overlay;
+  std::string served = options.image;  // what the messages call the image
+  std::string open_path = options.image;
+  if (!options.overlay.empty() || options.volatile_overlay) {
+    absl::StatusOr<Overlay> made = Overlay::Make(options);
+    if (!made.ok()) return fail(std::string(made.status().message()));
+    overlay.emplace(*std::move(made));
+    open_path = overlay->path();
+    served = options.volatile_overlay ? absl::StrFormat("a volatile overlay over %s", options.image)
+                                      : absl::StrFormat("%s (an overlay over %s)", options.overlay, options.image);
+  }
+  absl::StatusOr<std::unique_ptr<Image>> image = SyncWait(Image::Open(open_path, options.image_options));
   if (!image.ok()) {
     std::string message(image.status().message());
     const std::optional<int> error = StatusErrno(image.status());
@@ -346,7 +359,9 @@ int Serve(const MountOptions& options, StartupReport& report) {
   // (an image path may hold a comma).
   struct fuse_args args = FUSE_ARGS_INIT(0, nullptr);
   char* mount_opts = nullptr;
-  std::vector<std::string> words = {"fsname=" + options.image, "subtype=qcow2fuse", "default_permissions"};
+  // The source column of mountinfo and df: the image written to.
+  const std::string fsname = options.overlay.empty() ? options.image : options.overlay;
+  std::vector<std::string> words = {"fsname=" + fsname, "subtype=qcow2fuse", "default_permissions"};
   if (options.image_options.read_only) words.push_back("ro");
   if (options.allow_other) words.push_back("allow_other");
   words.insert(words.end(), options.fuse_options.begin(), options.fuse_options.end());
@@ -370,6 +385,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
     remove_created();
     return fail(std::string(mounted.message()));
   }
+  if (overlay) overlay->Keep();
   RouteLibfuseLog();
   if (fuse_set_signal_handlers(session) != 0) {
     fuse_session_unmount(session);
@@ -415,7 +431,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
         LogToSyslog();
         DetachFromTerminal();
       }
-      Log(LogLevel::kInfo, absl::StrFormat("serving %s on %s: %s", options.image,
+      Log(LogLevel::kInfo, absl::StrFormat("serving %s on %s: %s", served,
                                            options.mountpoint, (*image)->DescribeChain()));
       Log(LogLevel::kInfo, absl::StrFormat("requests run on up to %d threads, each doing its "
                                            "file I/O synchronously (pread/pwrite)",
@@ -457,7 +473,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
                 scheduler.Run(FlushInto(**image, status));
                 return status;
               },
-              options.image);
+              served);
         }
         loop_result = fuse_session_loop_mt(session, loop_config);
         // Ended by an unmount: the kernel has freed the device number, and
@@ -485,7 +501,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   // process has exited, which closes the image and so releases its locks.
   announce(flushed.ok() ? flushed
                         : absl::Status(flushed.code(), absl::StrFormat("the final flush of %s failed: %s",
-                                                                       options.image, flushed.message())));
+                                                                       served, flushed.message())));
   // libfuse ends the loop with the number of the signal that stopped it: a
   // clean stop, as is an unmount.
   const int signal = loop_result < 0 ? -loop_result : loop_result;

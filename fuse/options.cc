@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_set.h"
@@ -34,6 +35,7 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
     "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes",
+    "backing", "backing_format", "overlay", "volatile",
 };
 
 // Standard mount options that mean nothing to a FUSE file system, or that
@@ -131,6 +133,22 @@ absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
     absl::StatusOr<std::string> path = AbsolutePath(kv[1]);
     if (!path.ok()) return path.status();
     out.image_options.data_file = *path;
+  } else if (key == "backing" && has_value && !kv[1].empty()) {
+    absl::StatusOr<std::string> path = AbsolutePath(kv[1]);
+    if (!path.ok()) return path.status();
+    out.image_options.backing_file = *path;
+  } else if (key == "backing_format" && has_value) {
+    if (kv[1] != "qcow2" && kv[1] != "raw") {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("backing_format must be qcow2 or raw, not '%s'", kv[1]));
+    }
+    out.image_options.backing_format = kv[1];
+  } else if (key == "overlay" && has_value && !kv[1].empty()) {
+    absl::StatusOr<std::string> path = AbsolutePath(kv[1]);
+    if (!path.ok()) return path.status();
+    out.overlay = *path;
+  } else if (key == "volatile" && !has_value) {
+    out.volatile_overlay = true;
   } else if (key == "parallel_direct_writes" && has_value) {
     if (kv[1] != "on" && kv[1] != "off") {
       return absl::InvalidArgumentError(
@@ -142,7 +160,8 @@ absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
     if (!path.ok()) return path.status();
     out.log_file = *path;
   } else if (kOwnKeys.contains(key)) {
-    const bool takes_value = key != "ro" && key != "rw" && key != "force_share" && key != "allow_other";
+    const bool takes_value =
+        key != "ro" && key != "rw" && key != "force_share" && key != "allow_other" && key != "volatile";
     return absl::InvalidArgumentError(
         absl::StrFormat("mount option '%s' %s", option, takes_value ? "needs a value" : "takes no value"));
   } else {
@@ -334,6 +353,13 @@ const char* UsageText() {
          "                         for tables and caches whose size the images\n"
          "                         decide; a larger image is refused (default 256M)\n"
          "  -o data_file=PATH      the image's external data file\n"
+         "  -o backing=PATH        read the image's backing file from PATH, for this\n"
+         "                         mount only (the image's header is not changed)\n"
+         "  -o backing_format=FMT  qcow2 or raw: the backing file's format\n"
+         "  -o overlay=NEW         create the qcow2 image NEW over IMAGE and mount it:\n"
+         "                         writes go to NEW, IMAGE is only read\n"
+         "  -o volatile            the same with a temporary overlay in $TMPDIR (else\n"
+         "                         /var/tmp) that vanishes at unmount\n"
          "  -o threads=N           requests run on N threads (default 16)\n"
          "  -o drain_timeout=S     at unmount, wait S seconds for running requests,\n"
          "                         then exit without them (default 30)\n"
@@ -423,6 +449,23 @@ absl::StatusOr<MountOptions> ParseCommandLine(int argc, char** argv) {
   }
   if (out.image_options.force_share && !out.image_options.read_only) {
     return absl::InvalidArgumentError("force_share needs ro: a writer must hold the image's locks");
+  }
+  if (!out.overlay.empty() || out.volatile_overlay) {
+    // The new overlay is the image mounted; these options would be about
+    // IMAGE, which the overlay opens as its read-only backing file.
+    const char* mode = out.volatile_overlay ? "volatile" : "overlay";
+    if (!out.overlay.empty() && out.volatile_overlay) {
+      return absl::InvalidArgumentError("overlay= and volatile exclude each other: volatile is an overlay that vanishes");
+    }
+    if (out.image_options.read_only) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s makes a writable view over a read-only IMAGE; without writes, mount with -o ro alone", mode));
+    }
+    for (const auto& [given, name] : {std::pair{!out.image_options.data_file.empty(), "data_file"},
+                                      std::pair{!out.image_options.backing_file.empty(), "backing"},
+                                      std::pair{!out.image_options.backing_format.empty(), "backing_format"}}) {
+      if (given) return absl::InvalidArgumentError(absl::StrFormat("%s cannot be combined with %s", name, mode));
+    }
   }
   if (positional.size() != 2) {
     return absl::InvalidArgumentError(positional.size() < 2 ? "expected an IMAGE and a MOUNTPOINT"

@@ -47,6 +47,12 @@ struct MountOptions {
   // acknowledged, also while the view stays open; 0: only at fsync, close
   // and unmount.
   int flush_interval_seconds = 5;
+  // -o overlay=NEW: a new qcow2 image NEW over IMAGE is created and
+  // mounted; IMAGE is only read. Absolute path.
+  std::string overlay;
+  // -o volatile: the same with an unlinked temporary overlay, gone at
+  // unmount.
+  bool volatile_overlay = false;
   // O_DIRECT writes of one file reach the daemon in parallel.
   bool parallel_direct_writes = true;
   // -u: unmount `mountpoint` and wait for its daemon, instead of mounting.

@@ -262,18 +262,29 @@ class ChainOpener {
       data_file = std::move(*opened);
     }
 
-    std::unique_ptr<Layer> backing;
-    if (!header->backing_file.empty()) {
+    // The options may name the top image's backing file and format for
+    // this open (-o backing=, -o backing_format=) in place of the header's.
+    const bool is_top = images_.size() == 1;
+    std::string backing_path;
+    if (is_top && !options_.backing_file.empty()) {
+      backing_path = options_.backing_file;
+    } else if (!header->backing_file.empty()) {
       if (absl::StrContains(header->backing_file, ":") &&
           !absl::StrContains(header->backing_file, "/")) {
         co_return absl::UnimplementedError(absl::StrFormat(
-            "%s: backing file '%s' names a protocol; only local files are supported", where,
-            header->backing_file));
+            "%s: backing file '%s' names a protocol; only local files are supported (name a "
+            "file with -o backing=PATH)",
+            where, header->backing_file));
       }
-      absl::StatusOr<Format> format = ParseFormat(header->backing_format);
+      backing_path = ResolveRelativeTo(path, header->backing_file);
+    }
+    std::unique_ptr<Layer> backing;
+    if (!backing_path.empty()) {
+      const std::string& format_name =
+          is_top && !options_.backing_format.empty() ? options_.backing_format : header->backing_format;
+      absl::StatusOr<Format> format = ParseFormat(format_name);
       if (!format.ok()) co_return Annotate(format.status(), where);
-      absl::StatusOr<std::unique_ptr<Layer>> opened =
-          co_await OpenBacking(ResolveRelativeTo(path, header->backing_file), *format);
+      absl::StatusOr<std::unique_ptr<Layer>> opened = co_await OpenBacking(backing_path, *format);
       if (!opened.ok()) co_return opened.status();
       backing = std::move(*opened);
     }

@@ -41,6 +41,13 @@ struct ImageOptions {
   uint64_t l2_cache_size = uint64_t{4} << 20;
   // Path of the external data file, overriding the name the image records.
   std::string data_file;
+  // Path of the top image's backing file, overriding the name its header
+  // records (or giving one to an image without); the header is not
+  // changed. Opened read-only, as any backing file.
+  std::string backing_file;
+  // Format of the top image's backing file ("qcow2" or "raw"), overriding
+  // the header's backing format; empty: the header's, else probed.
+  std::string backing_format;
   // Take none of QEMU's image locks (read-only opens only), as qemu-img -U:
   // the image may then change underneath us.
   bool force_share = false;
@@ -80,6 +87,14 @@ struct Extent {
   uint64_t length;
 };
 
+// A new, empty qcow2 image, as `qemu-img create -f qcow2` makes one.
+struct NewImageOptions {
+  uint64_t size = 0;            // virtual disk size, a positive multiple of 512
+  uint64_t cluster_size = 65536;
+  std::string backing_file;     // recorded as given; empty: none
+  std::string backing_format;   // "qcow2" or "raw"; empty: not recorded
+};
+
 class Qcow2Layer;
 
 class Image {
@@ -87,6 +102,11 @@ class Image {
   // Opens the qcow2 image at `path` and its whole backing chain. Errors say
   // which file and which field are wrong.
   static Task<absl::StatusOr<std::unique_ptr<Image>>> Open(std::string path, ImageOptions options);
+
+  // Writes a new, empty qcow2 image (version 3) into `fd`, an empty regular
+  // file open for writing, and makes it durable (fdatasync) before
+  // returning OK. `name` is for messages.
+  static absl::Status Create(int fd, const std::string& name, const NewImageOptions& options);
 
   ~Image();
   Image(const Image&) = delete;
