@@ -282,11 +282,7 @@ TEST_F(BadInputTest, CorruptBitImageStillMountsReadOnly) {
   ASSERT_OK(WriteBE64At(image, hdr::kIncompatibleFeatures,
                         h.incompatible_features | (uint64_t{1} << 1)));  // corrupt
 
-  MountOptions options;
-  options.binary = Binary();
-  options.image = image;
-  options.mountpoint = Path("view.raw");
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(ReadOnlyView(image, Path("view.raw"))));
   EXPECT_OK(CompareFiles(view->path(), reference));
   ASSERT_OK(view->Unmount());
   EXPECT_TRUE(view->exit_status() && view->exit_status()->success()) << view->ReadLog();

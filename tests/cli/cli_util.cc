@@ -37,6 +37,12 @@ MountOptions WritableView(const std::string& image, const std::string& mountpoin
   return options;
 }
 
+MountOptions ReadOnlyView(const std::string& image, const std::string& mountpoint) {
+  MountOptions options = WritableView(image, mountpoint);
+  options.read_only = true;
+  return options;
+}
+
 namespace {
 
 constexpr std::chrono::milliseconds kPoll(10);

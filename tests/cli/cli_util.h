@@ -51,6 +51,8 @@ inline const std::string& Binary() {
 // Options for a read-write view of `image` at `mountpoint`, served by the
 // binary under test (MountedView mounts it, and always unmounts it).
 MountOptions WritableView(const std::string& image, const std::string& mountpoint);
+// The same for a read-only view (-o ro).
+MountOptions ReadOnlyView(const std::string& image, const std::string& mountpoint);
 
 // Makes this process a child subreaper (prctl), so a daemon that qcow2fuse
 // forks is re-parented to the test when its parent exits: the test can then

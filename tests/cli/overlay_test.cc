@@ -71,6 +71,14 @@ class OverlayTest : public TempDirTest {
     EXPECT_EQ(sha, base_sha_) << "IMAGE was written";
   }
 
+  // Mounts `image` read-only at `name` in the test's directory; the view
+  // must equal the file `expected`.
+  void ExpectReadOnlyViewEquals(const std::string& image, const std::string& name, const std::string& expected) {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(ReadOnlyView(image, Path(name))));
+    EXPECT_OK(CompareFiles(view->path(), expected));
+    ASSERT_OK(view->Unmount());
+  }
+
   std::string base_, base_sha_, base_raw_;
 };
 
@@ -83,15 +91,7 @@ TEST_F(OverlayTest, WritesGoToTheNewImageAndTheBaseStaysAsItWas) {
   ASSERT_OK(WriteThrough(view->path()));
 
   // Meanwhile IMAGE mounts read-only elsewhere, as it was.
-  MountOptions other;
-  other.binary = Binary();
-  other.image = base_;
-  other.mountpoint = Path("base-view.raw");
-  {
-    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> reader, MountedView::Start(other));
-    EXPECT_OK(CompareFiles(reader->path(), base_raw_));
-    ASSERT_OK(reader->Unmount());
-  }
+  ExpectReadOnlyViewEquals(base_, "base-view.raw", base_raw_);
   ASSERT_OK(view->Unmount());
   EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
   ExpectBaseUnchanged();
@@ -109,13 +109,7 @@ TEST_F(OverlayTest, WritesGoToTheNewImageAndTheBaseStaysAsItWas) {
   // The kept overlay mounts like any image, its writes still there.
   const std::string expected = Path("expected.raw");
   ASSERT_OK(ConvertToRaw(twin, expected));
-  MountOptions again;
-  again.binary = Binary();
-  again.image = overlay;
-  again.mountpoint = Path("again.raw");
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> reread, MountedView::Start(again));
-  EXPECT_OK(CompareFiles(reread->path(), expected));
-  ASSERT_OK(reread->Unmount());
+  ExpectReadOnlyViewEquals(overlay, "again.raw", expected);
 }
 
 TEST_F(OverlayTest, AnExistingFileIsNeverOverwritten) {

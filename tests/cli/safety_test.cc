@@ -161,11 +161,7 @@ TEST_F(SafetyTest, MountingOntoAMountPointIsRefused) {
   const std::string second = MakeImage("second.qcow2");
   const std::string reference = Path("first.ref");
   ASSERT_OK(ConvertToRaw(first, reference));
-  MountOptions options;
-  options.binary = Binary();
-  options.image = first;
-  options.mountpoint = Path("view.raw");
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(ReadOnlyView(first, Path("view.raw"))));
   ExpectRefused(second, view->path(), {"already a mount point", "qcow2fuse view of " + first}, {second});
   // Still exactly one mount there, still serving the first image.
   ASSERT_OK_AND_ASSIGN(std::vector<MountEntry> table, ReadMountInfo());
