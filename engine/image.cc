@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 
 #include "absl/strings/str_format.h"
@@ -12,6 +13,7 @@
 #include "data/backing.h"
 #include "data/qcow2_layer.h"
 #include "format/create.h"
+#include "io/block_file.h"
 #include "qcow2fuse/status.h"
 
 namespace qcow2fuse {
@@ -44,29 +46,24 @@ Task<absl::StatusOr<std::unique_ptr<Image>>> Image::Open(std::string path, Image
 absl::Status Image::Create(int fd, const std::string& name, const NewImageOptions& options) {
   NewImageSpec spec;
   spec.size = options.size;
-  spec.cluster_bits = 0;
-  while (spec.cluster_bits < 64 && (uint64_t{1} << spec.cluster_bits) < options.cluster_size) ++spec.cluster_bits;
-  if ((uint64_t{1} << spec.cluster_bits) != options.cluster_size) {
+  if (!std::has_single_bit(options.cluster_size)) {
     return absl::InvalidArgumentError(
         absl::StrFormat("cannot create %s: cluster size %u is not a power of two", name, options.cluster_size));
   }
+  spec.cluster_bits = std::countr_zero(options.cluster_size);
   spec.backing_file = options.backing_file;
   spec.backing_format = options.backing_format;
   absl::StatusOr<NewImageLayout> layout = LayOutNewImage(spec);
   if (!layout.ok()) return Annotate(layout.status(), "cannot create " + name);
+  const int own_fd = dup(fd);
+  if (own_fd < 0) return ErrnoStatus(errno, "cannot create " + name);
+  absl::StatusOr<std::unique_ptr<BlockFile>> file = AdoptWritablePosixFile(own_fd, name);
+  if (!file.ok()) return Annotate(file.status(), "cannot create " + name);
   // The L1 table is zeros: the file's extent past the head reads so.
-  if (ftruncate(fd, static_cast<off_t>(layout->file_size)) != 0) {
-    return ErrnoStatus(errno, absl::StrFormat("cannot create %s: ftruncate to %u bytes", name, layout->file_size));
-  }
-  for (size_t done = 0; done < layout->head.size();) {
-    const ssize_t n = pwrite(fd, layout->head.data() + done, layout->head.size() - done, static_cast<off_t>(done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      return ErrnoStatus(n < 0 ? errno : EIO, absl::StrFormat("cannot create %s: write at offset %u", name, done));
-    }
-    done += static_cast<size_t>(n);
-  }
-  if (fdatasync(fd) != 0) return ErrnoStatus(errno, absl::StrFormat("cannot create %s: fdatasync", name));
+  absl::Status status = SyncWait((*file)->Truncate(layout->file_size));
+  if (status.ok()) status = SyncWait((*file)->Write(0, layout->head));
+  if (status.ok()) status = SyncWait((*file)->Flush());
+  if (!status.ok()) return Annotate(status, "cannot create " + name);
   return absl::OkStatus();
 }
 

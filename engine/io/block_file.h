@@ -129,6 +129,10 @@ class BlockFile {
 absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path,
                                                          bool writable = false);
 
+// A writable BlockFile on `fd`, an open regular file, which it takes over
+// (and closes); `name` is for messages.
+absl::StatusOr<std::unique_ptr<BlockFile>> AdoptWritablePosixFile(int fd, std::string name);
+
 // A writable file held in memory, for tests. It behaves like a PosixFile on
 // a filesystem that punches holes (Discard zeroes the range) and is safe to
 // use from several threads.

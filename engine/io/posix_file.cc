@@ -195,6 +195,21 @@ class PosixFile final : public BlockFile {
 
 }  // namespace
 
+absl::StatusOr<std::unique_ptr<BlockFile>> AdoptWritablePosixFile(int fd, std::string name) {
+  struct stat st;
+  absl::Status status;
+  if (fstat(fd, &st) != 0) {
+    status = ErrnoStatus(errno, absl::StrFormat("stat %s", name));
+  } else if (!S_ISREG(st.st_mode)) {
+    status = absl::InvalidArgumentError(name + " is not a regular file");
+  }
+  if (!status.ok()) {
+    close(fd);
+    return status;
+  }
+  return std::unique_ptr<BlockFile>(new PosixFile(std::move(name), fd, st.st_size, /*writable=*/true));
+}
+
 absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path,
                                                          bool writable) {
   int fd = open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
