@@ -656,32 +656,9 @@ need_wr() {
     mv "$work/wr-$size.qcow2.tmp" "$work/wr-$size.qcow2" && truncate -s "$size" "$work/wr-$size.raw"
 }
 
-# A NUL-separated list of system files (paths relative to /) of at most
-# LIMIT bytes in all: the regular files of /usr/share, then /usr/lib, in
-# sorted order, cut before the first file that would go past LIMIT. So the
-# choice is the same on every run on one machine, and the tree is a real
-# one: whole directories of small text and data files (/usr/share first)
-# with some binaries. Prints the count and size to stderr.
-FILE_LIST_PY=$(cat <<'PYEOF'
-import os, sys
-limit, total, count = int(sys.argv[1]), 0, 0
-def files():
-    for root in ("/usr/share", "/usr/lib"):
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = os.path.join(dirpath, name)
-                if os.path.isfile(path) and not os.path.islink(path):
-                    yield path
-for path in files():
-    size = os.path.getsize(path)
-    if total + size > limit:
-        break
-    sys.stdout.buffer.write(os.fsencode(path[1:]) + b"\0")
-    total, count = total + size, count + 1
-print("%d files, %.1f MiB" % (count, total / 2**20), file=sys.stderr)
-PYEOF
-)
+# A NUL-separated list of system files of at most LIMIT bytes, the same on
+# every run on one machine: see `make_data.py --list`.
+list_system_files() { python3 "$root/bench/make_data.py" --list "$1"; }
 
 # The archive that ext4-unpack unpacks: an uncompressed tar of
 # ARCHIVE_MIB MiB of system files.
@@ -689,7 +666,7 @@ need_archive() {
   [[ -f $work/unpack.tar ]] && return 0
   log "making the ${ARCHIVE_MIB} MiB archive of system files"
   local summary
-  summary=$(python3 -c "$FILE_LIST_PY" $((ARCHIVE_MIB << 20)) 2>&1 >"$work/unpack.list") ||
+  summary=$(list_system_files $((ARCHIVE_MIB << 20)) 2>&1 >"$work/unpack.list") ||
     { FAIL_REASON="listing the files failed: $summary"; return 1; }
   log "  $summary"
   bounded 1800 "tar -c" tar -C / --null -T "$work/unpack.list" -cf "$work/unpack.tar.tmp" &&
@@ -706,7 +683,7 @@ need_tree() {
   log "making the ext4 disk with a ${TREE_MIB} MiB tree of system files"
   local raw=$work/tree.raw summary
   rm -f "$raw"
-  summary=$(python3 -c "$FILE_LIST_PY" $((TREE_MIB << 20)) 2>&1 >"$work/tree.list") ||
+  summary=$(list_system_files $((TREE_MIB << 20)) 2>&1 >"$work/tree.list") ||
     { FAIL_REASON="listing the files failed: $summary"; return 1; }
   log "  $summary"
   if ! { truncate -s "$TREE_VSIZE" "$raw" && loop_attach "$raw" rw &&
