@@ -13,6 +13,7 @@
 #include "data/backing.h"
 #include "data/qcow2_layer.h"
 #include "format/create.h"
+#include "format/snapshot.h"
 #include "io/block_file.h"
 #include "qcow2fuse/status.h"
 
@@ -116,6 +117,32 @@ Task<absl::Status> Image::Preallocate(uint64_t offset, uint64_t length) {
 }
 
 ImageCounters Image::counters() const { return top_->counters(); }
+
+Task<absl::StatusOr<std::vector<SnapshotInfo>>> Image::Snapshots() {
+  absl::StatusOr<SnapshotTable> table = co_await top_->ReadSnapshotTable();
+  if (!table.ok()) co_return table.status();
+  std::vector<SnapshotInfo> list;
+  for (uint32_t i = 0; i < table->entries.size(); ++i) {
+    const SnapshotEntry& e = table->entries[i];
+    list.push_back({i, e.id, e.name, e.disk_size.value_or(top_->size()) / kSectorSize * kSectorSize});
+  }
+  co_return list;
+}
+
+Task<absl::StatusOr<std::unique_ptr<Image>>> Image::OpenSnapshot(uint32_t index) {
+  absl::StatusOr<SnapshotTable> table = co_await top_->ReadSnapshotTable();
+  if (!table.ok()) co_return table.status();
+  if (index >= table->entries.size()) {
+    co_return absl::NotFoundError(absl::StrFormat("there is no snapshot %u (the image has %u)", index,
+                                                  table->entries.size()));
+  }
+  absl::StatusOr<std::unique_ptr<Qcow2Layer>> layer = co_await top_->OpenSnapshot(table->entries[index]);
+  if (!layer.ok()) co_return layer.status();
+  co_await (*layer)->StartDataCount(/*in_background=*/(*layer)->L2TableBytes() > options_.sync_count_limit);
+  ImageOptions options = options_;
+  options.read_only = true;
+  co_return std::unique_ptr<Image>(new Image(std::move(*layer), std::move(options)));
+}
 
 Task<absl::Status> Image::Flush() { co_return co_await top_->Flush(); }
 

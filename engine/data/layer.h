@@ -51,6 +51,29 @@ class Layer {
   virtual void AppendFileDescriptors(std::vector<int>& fds) const = 0;
 };
 
+// A layer that answers through `layer`, which stays owned elsewhere and
+// must outlive it: the backing chain of an image, shared with a view of
+// one of its snapshots.
+class BorrowedLayer final : public Layer {
+ public:
+  explicit BorrowedLayer(Layer* layer) : layer_(layer) {}
+  uint64_t size() const override { return layer_->size(); }
+  uint64_t cluster_size() const override { return layer_->cluster_size(); }
+  Task<absl::Status> Read(uint64_t offset, std::span<uint8_t> out) override { return layer_->Read(offset, out); }
+  Task<absl::StatusOr<Extent>> BlockStatus(uint64_t offset, uint64_t max_length) override {
+    return layer_->BlockStatus(offset, max_length);
+  }
+  Task<void> WillNeed(uint64_t offset, uint64_t length, uint64_t max_data) override {
+    return layer_->WillNeed(offset, length, max_data);
+  }
+  uint64_t L2TableBytes() const override { return layer_->L2TableBytes(); }
+  std::string Describe() const override { return layer_->Describe(); }
+  void AppendFileDescriptors(std::vector<int>& fds) const override { layer_->AppendFileDescriptors(fds); }
+
+ private:
+  Layer* const layer_;
+};
+
 }  // namespace qcow2fuse
 
 #endif  // QCOW2FUSE_DATA_LAYER_H_

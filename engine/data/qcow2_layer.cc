@@ -58,7 +58,7 @@ std::string SizeString(uint64_t bytes) {
 
 Qcow2Layer::Qcow2Layer(std::unique_ptr<BlockFile> file, Header header,
                        std::unique_ptr<BlockFile> data_file, std::unique_ptr<Layer> backing,
-                       const ImageOptions& options)
+                       const ImageOptions& options, std::shared_ptr<TableCache> l2_cache)
     : file_(LatchFlushErrors(std::move(file))),
       header_(std::move(header)),
       external_data_file_(data_file ? LatchFlushErrors(std::move(data_file)) : nullptr),
@@ -67,15 +67,20 @@ Qcow2Layer::Qcow2Layer(std::unique_ptr<BlockFile> file, Header header,
       format_(MakeL2Format(header_)),
       compression_(MakeCompressionType(header_)),
       budget_(options.budget ? options.budget : std::make_shared<MemoryBudget>(options.max_metadata_memory)),
-      l2_cache_(file_.get(), L2SliceSize(header_.cluster_size()), options.l2_cache_size, budget_.get(),
-                absl::StrCat("the L2 cache of ", file_->name())) {}
+      l2_cache_owner_(l2_cache ? std::move(l2_cache)
+                               : std::make_shared<TableCache>(file_.get(), L2SliceSize(header_.cluster_size()),
+                                                              options.l2_cache_size, budget_.get(),
+                                                              absl::StrCat("the L2 cache of ", file_->name()))),
+      l2_cache_(*l2_cache_owner_) {}
 
 Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Open(
     std::unique_ptr<BlockFile> file, Header header, std::unique_ptr<BlockFile> data_file,
     std::unique_ptr<Layer> backing, const ImageOptions& options) {
-  std::unique_ptr<Qcow2Layer> layer(new Qcow2Layer(std::move(file), std::move(header),
-                                                   std::move(data_file), std::move(backing),
-                                                   options));
+  co_return co_await Load(std::unique_ptr<Qcow2Layer>(new Qcow2Layer(
+      std::move(file), std::move(header), std::move(data_file), std::move(backing), options)));
+}
+
+Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Load(std::unique_ptr<Qcow2Layer> layer) {
   // The header check has bounded the L1 table to 32 MiB and to the file;
   // the budget bounds what a chain of them costs. Open holds the raw table
   // and the decoded one at once.
@@ -165,13 +170,7 @@ Task<absl::Status> Qcow2Layer::RegisterMetadata() {
 
   // Snapshot table and the snapshots' L1 tables.
   if (h.nb_snapshots > 0) {
-    const uint64_t available = std::min(file_->size() - std::min(file_->size(), h.snapshots_offset),
-                                        spec::kMaxSnapshotTableBytes);
-    BudgetCharge charge;
-    CO_RETURN_IF_ERROR(charge.Take(budget_.get(), available, absl::StrFormat("the snapshot table of %s", file_->name())));
-    std::vector<uint8_t> bytes(available);
-    CO_RETURN_IF_ERROR(co_await file_->Read(h.snapshots_offset, bytes));
-    absl::StatusOr<SnapshotTable> table = DecodeSnapshotTable(bytes, h.nb_snapshots);
+    absl::StatusOr<SnapshotTable> table = co_await ReadSnapshotTable();
     if (!table.ok()) co_return placed(table.status(), "");
     CO_RETURN_IF_ERROR(placed(map.Add(MetadataKind::kSnapshotTable, h.snapshots_offset, table->bytes), ""));
     for (size_t i = 0; i < table->entries.size(); ++i) {
@@ -223,6 +222,61 @@ Task<absl::Status> Qcow2Layer::RegisterMetadata() {
   }
   CO_RETURN_IF_ERROR(co_await refcounts_->Load());
   co_return absl::OkStatus();
+}
+
+Task<absl::StatusOr<SnapshotTable>> Qcow2Layer::ReadSnapshotTable() {
+  const Header& h = header_;
+  if (h.nb_snapshots == 0) co_return SnapshotTable{};
+  // Entries vary in size: read what the table may hold at most, within the
+  // file (the header check put its offset inside the file).
+  const uint64_t available = std::min(file_->size() - std::min(file_->size(), h.snapshots_offset),
+                                      spec::kMaxSnapshotTableBytes);
+  BudgetCharge charge;
+  CO_RETURN_IF_ERROR(charge.Take(budget_.get(), available, absl::StrFormat("the snapshot table of %s", file_->name())));
+  std::vector<uint8_t> bytes(available);
+  CO_RETURN_IF_ERROR(co_await file_->Read(h.snapshots_offset, bytes));
+  co_return DecodeSnapshotTable(bytes, h.nb_snapshots);
+}
+
+Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::OpenSnapshot(const SnapshotEntry& snapshot) {
+  const uint64_t cluster_size = header_.cluster_size();
+  const uint64_t l1_bytes = uint64_t{snapshot.l1_size} * spec::kL2EntrySize;
+  const std::string what = absl::StrFormat("snapshot '%s' (ID %s) of %s", absl::CHexEscape(snapshot.name),
+                                           absl::CHexEscape(snapshot.id), file_->name());
+  // The same bounds the header check puts on the active L1 table.
+  if (l1_bytes > spec::kMaxL1Bytes) {
+    co_return absl::DataLossError(absl::StrFormat("the L1 table of %s has %u entries, more than the limit", what,
+                                                  snapshot.l1_size));
+  }
+  if (l1_bytes > 0 && (snapshot.l1_table_offset == 0 || (snapshot.l1_table_offset & (cluster_size - 1)) != 0 ||
+                       snapshot.l1_table_offset > file_->size() || l1_bytes > file_->size() - snapshot.l1_table_offset)) {
+    co_return absl::DataLossError(absl::StrFormat(
+        "the L1 table of %s at %#x (%u entries) is not cluster aligned or not inside the file", what,
+        snapshot.l1_table_offset, snapshot.l1_size));
+  }
+  // A disk no L1 table of the maximum size could map is not a disk QEMU
+  // makes; the part the snapshot's own table does not reach reads as
+  // unallocated (QEMU does the same).
+  const uint64_t disk_size = snapshot.disk_size.value_or(header_.size);
+  const uint64_t max_disk = spec::kMaxL1Bytes / spec::kL2EntrySize * cluster_size * header_.l2_entries();
+  if (disk_size > max_disk) {
+    co_return absl::DataLossError(absl::StrFormat("%s claims a disk of %u bytes, more than an L1 table can map",
+                                                  what, disk_size));
+  }
+  Header header = header_;
+  header.size = disk_size;
+  header.l1_table_offset = snapshot.l1_table_offset;
+  header.l1_size = snapshot.l1_size;
+  ImageOptions options;
+  options.read_only = true;
+  options.budget = budget_;
+  std::unique_ptr<Layer> backing = backing_ ? std::make_unique<BorrowedLayer>(backing_.get()) : nullptr;
+  std::unique_ptr<BlockFile> data_file = external_data_file_ ? BorrowReadOnly(external_data_file_.get()) : nullptr;
+  absl::StatusOr<std::unique_ptr<Qcow2Layer>> layer = co_await Load(std::unique_ptr<Qcow2Layer>(
+      new Qcow2Layer(BorrowReadOnly(file_.get()), std::move(header), std::move(data_file), std::move(backing),
+                     options, l2_cache_owner_)));
+  if (!layer.ok()) co_return Annotate(layer.status(), what);
+  co_return layer;
 }
 
 Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint64_t max_length) {

@@ -65,6 +65,7 @@
 #include "format/bitmap.h"
 #include "format/header.h"
 #include "format/l2_entry.h"
+#include "format/snapshot.h"
 #include "io/block_file.h"
 #include "meta/header_writer.h"
 #include "meta/metadata_map.h"
@@ -114,6 +115,19 @@ class Qcow2Layer final : public Layer {
   std::optional<uint64_t> DataBytes() const;
   ~Qcow2Layer() override;
 
+  // The image's snapshot table, read from the file now; a table that cannot
+  // be decoded is a DataLossError naming the entry.
+  Task<absl::StatusOr<SnapshotTable>> ReadSnapshotTable();
+  // A read-only layer that reads the disk as `snapshot` (an entry of
+  // ReadSnapshotTable) recorded it: through the snapshot's L1 table, at the
+  // snapshot's disk size, borrowing this layer's files, L2 cache and backing
+  // layer; destroy it before this layer. Sharing the L2 cache is safe while
+  // this layer writes: an L2 table or data cluster that a snapshot also
+  // references has a refcount above 1 and is copied, never changed in
+  // place, and a cache slot is only reused (Forget) for a cluster that no
+  // snapshot references.
+  Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> OpenSnapshot(const SnapshotEntry& snapshot);
+
   const Header& header() const { return header_; }
   bool writable() const { return refcounts_ != nullptr; }
 
@@ -155,8 +169,12 @@ class Qcow2Layer final : public Layer {
   Task<absl::StatusOr<Mapping>> Map(uint64_t offset, uint64_t max_length);
 
  private:
+  // `l2_cache`: the cache to share (OpenSnapshot), or null for one of its own.
   Qcow2Layer(std::unique_ptr<BlockFile> file, Header header, std::unique_ptr<BlockFile> data_file,
-             std::unique_ptr<Layer> backing, const ImageOptions& options);
+             std::unique_ptr<Layer> backing, const ImageOptions& options,
+             std::shared_ptr<TableCache> l2_cache = nullptr);
+  // Open's work once the layer is made.
+  static Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Load(std::unique_ptr<Qcow2Layer> layer);
 
   Task<absl::Status> ReadBacking(uint64_t offset, std::span<uint8_t> out);
   Task<absl::Status> ReadCompressed(uint64_t offset, const CompressedDescriptor& descriptor,
@@ -309,7 +327,9 @@ class Qcow2Layer final : public Layer {
   const std::shared_ptr<MemoryBudget> budget_;
   mutable std::shared_mutex l1_mu_;
   std::vector<uint64_t> l1_;
-  TableCache l2_cache_;
+  // Shared with the layers of the image's snapshots (OpenSnapshot).
+  const std::shared_ptr<TableCache> l2_cache_owner_;
+  TableCache& l2_cache_;
 
   // Writing (null refcounts_ for a read-only layer). Under meta_mu_.
   AsyncMutex meta_mu_;

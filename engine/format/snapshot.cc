@@ -37,6 +37,9 @@ SnapshotTable DecodeSnapshotEntries(std::span<const uint8_t> table, uint32_t cou
           i, length, pos));
       break;
     }
+    if (extra_size >= spec::kSnapExtraDiskSizeEnd) {
+      entry.disk_size = LoadBE64(p + spec::kSnapshotFixedSize + spec::kSnapExtraOffDiskSize);
+    }
     const uint8_t* id = p + spec::kSnapshotFixedSize + extra_size;
     entry.id.assign(id, id + id_size);
     entry.name.assign(id + id_size, id + id_size + name_size);

@@ -6,6 +6,7 @@
 #define QCOW2FUSE_FORMAT_SNAPSHOT_H_
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -20,6 +21,10 @@ struct SnapshotEntry {
   uint32_t l1_size = 0;  // entries
   std::string id;
   std::string name;
+  // The disk's size when the snapshot was taken (extra data), if recorded:
+  // entries older than version 3 may lack it, and then QEMU takes the
+  // image's current size.
+  std::optional<uint64_t> disk_size;
 };
 
 struct SnapshotTable {

@@ -187,6 +187,10 @@ inline constexpr uint32_t kSnapOffIdStrSize = 12;
 inline constexpr uint32_t kSnapOffNameSize = 14;
 inline constexpr uint32_t kSnapOffExtraDataSize = 36;
 inline constexpr uint32_t kSnapshotEntryAlignment = 8;
+// In the extra data: the snapshot's virtual disk size (bytes 8-15), which
+// version 3 requires and older entries may lack.
+inline constexpr uint32_t kSnapExtraOffDiskSize = 8;
+inline constexpr uint32_t kSnapExtraDiskSizeEnd = 16;
 // QEMU's limits: QCOW_MAX_SNAPSHOT_EXTRA_DATA and QCOW_MAX_SNAPSHOTS_SIZE.
 inline constexpr uint32_t kMaxSnapshotExtraData = 1024;
 inline constexpr uint64_t kMaxSnapshotTableBytes = uint64_t{1024} * kMaxSnapshots;

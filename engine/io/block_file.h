@@ -133,6 +133,10 @@ absl::StatusOr<std::unique_ptr<BlockFile>> OpenPosixFile(const std::string& path
 // (and closes); `name` is for messages.
 absl::StatusOr<std::unique_ptr<BlockFile>> AdoptWritablePosixFile(int fd, std::string name);
 
+// A read-only file that reads through `file`, which stays owned elsewhere
+// and must outlive it; it never writes, whatever `file` allows.
+std::unique_ptr<BlockFile> BorrowReadOnly(BlockFile* file);
+
 // A writable file held in memory, for tests. It behaves like a PosixFile on
 // a filesystem that punches holes (Discard zeroes the range) and is safe to
 // use from several threads.

@@ -95,6 +95,14 @@ struct NewImageOptions {
   std::string backing_format;   // "qcow2" or "raw"; empty: not recorded
 };
 
+// An internal snapshot, as the image's snapshot table lists it.
+struct SnapshotInfo {
+  uint32_t index = 0;      // position in the snapshot table
+  std::string id;          // QEMU's snapshot ID ("1", "2", ...)
+  std::string name;        // may be empty; QEMU does not force names to be unique
+  uint64_t disk_size = 0;  // the disk's size when the snapshot was taken
+};
+
 class Qcow2Layer;
 
 class Image {
@@ -153,6 +161,17 @@ class Image {
   Task<absl::Status> Preallocate(uint64_t offset, uint64_t length);
 
   ImageCounters counters() const;
+
+  // The internal snapshots of the top image, read from its snapshot table
+  // now. A table that cannot be decoded is a DataLossError.
+  Task<absl::StatusOr<std::vector<SnapshotInfo>>> Snapshots();
+
+  // A read-only Image of the disk as snapshot `index` (SnapshotInfo::index)
+  // recorded it, as `qemu-img convert -l` reads it: through the snapshot's
+  // own L1 table, at its own disk size. It shares this image's files, L2
+  // cache and backing chain, and may be read while this image is written;
+  // destroy it before this image.
+  Task<absl::StatusOr<std::unique_ptr<Image>>> OpenSnapshot(uint32_t index);
 
   // Grows the disk (the new space reads as zeros) or shrinks it where that
   // loses no data (FailedPreconditionError otherwise). The size must be a
