@@ -2,12 +2,14 @@
 # Installs what qcow2fuse needs to build, test and package on Debian 12 (as
 # root). The package and its test need dpkg-dev (dpkg-shlibdeps), lintian,
 # man-db (man's own checks) and systemd (systemd-analyze and the fstab
-# generator; no running systemd is needed).
+# generator; no running systemd is needed). fdisk (sfdisk, fdisk) and
+# util-linux (partx) make and read the partition tables of the partition
+# table tests and fuzz seeds.
 set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config git
   libfuse3-dev fuse3 zlib1g-dev libzstd-dev libdeflate-dev libabsl-dev libgtest-dev
-  qemu-utils e2fsprogs util-linux mount coreutils fio libaio-dev
+  qemu-utils e2fsprogs util-linux fdisk mount coreutils fio libaio-dev
   clang libclang-rt-14-dev
   dpkg-dev lintian man-db systemd
 )

@@ -4,8 +4,11 @@
 # every refcount width, deflate and zstd compressed clusters, snapshots,
 # persistent bitmaps, dirty images (a writer killed with lazy refcounts,
 # and a dirty bit set by hand), an external data file, a backing file
-# name, preallocated metadata and a grown L1 table. Nothing binary is kept
-# in the repository: the corpus is made again for each run.
+# name, preallocated metadata and a grown L1 table; and for the partition
+# table decoder, raw disks that sfdisk and fdisk partitioned (GPT, GPT of
+# 4096-byte sectors, MBR with logical partitions, hybrid MBR), some of
+# them damaged. Nothing binary is kept in the repository: the corpus is
+# made again for each run.
 #
 #   tests/fuzz/make_corpus.sh OUT_DIR FUZZ_PACK
 #
@@ -19,7 +22,7 @@ if (($# != 2)); then
 fi
 out=$1
 pack=$2
-targets=(header_fuzzer l2_entry_fuzzer read_fuzzer write_fuzzer)
+targets=(header_fuzzer l2_entry_fuzzer read_fuzzer write_fuzzer partition_table_fuzzer)
 for t in "${targets[@]}"; do mkdir -p "$out/$t"; done
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -146,6 +149,90 @@ grown=$(image grown "cluster_size=512" 1M "write -P 1 0 4k")
 qemu-img resize -q "$grown" 64M
 qemu-io -f qcow2 -c "write -P 2 60M 4k" "$grown" >/dev/null
 seed grown "$grown"
+
+# Partition tables. partitioned NAME SIZE < SFDISK_SCRIPT: a raw disk.
+partitioned() {
+  local path=$work/$1.raw
+  truncate -s "$2" "$path"
+  sfdisk -q "$path" >/dev/null
+  echo "$path"
+}
+# poke FILE OFFSET BYTES: writes the printf-escaped BYTES at OFFSET.
+poke() { printf "$3" | dd of="$1" bs=1 seek="$2" conv=notrunc status=none; }
+# disk_seed NAME DISK [TAIL_HEX]: a partition_table_fuzzer seed.
+disk_seed() { "$pack" -o "$out/partition_table_fuzzer/$1" ${3:+-x "$3"} "$2"; }
+
+truncate -s 1M "$work/none.raw"
+disk_seed none "$work/none.raw"
+gpt=$(partitioned gpt 64M <<'EOF'
+label: gpt
+size=8M, type=L, name="root fs"
+size=4M, type=S
+size=10M, type=L, name="data"
+size=3M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="efi"
+type=L
+EOF
+)
+disk_seed gpt "$gpt"
+disk_seed gpt-third-read-fails "$gpt" 03
+# Tail 0001: the fuzz target fixes the GPT CRCs after each mutation.
+disk_seed gpt-crcs-fixed "$gpt" 0001
+cp "$gpt" "$work/gpt-deleted.raw"
+sfdisk -q --delete "$work/gpt-deleted.raw" 2
+disk_seed gpt-deleted "$work/gpt-deleted.raw"
+# A byte of the primary header's DiskGUID (HeaderCRC32 fails), of the
+# primary entry array (PartitionEntryArrayCRC32 fails), then of both headers.
+cp "$gpt" "$work/gpt-header.raw"
+poke "$work/gpt-header.raw" $((512 + 56)) '\x5a'
+disk_seed gpt-primary-header-damaged "$work/gpt-header.raw"
+cp "$gpt" "$work/gpt-entries.raw"
+poke "$work/gpt-entries.raw" $((1024 + 32)) '\x5a'
+disk_seed gpt-primary-entries-damaged "$work/gpt-entries.raw"
+poke "$work/gpt-header.raw" $((64 * 1024 * 1024 - 512 + 56)) '\x5a'
+disk_seed gpt-both-damaged "$work/gpt-header.raw"
+# A hybrid MBR: partition 1 also in MBR entry 2, active.
+cp "$gpt" "$work/hybrid.raw"
+poke "$work/hybrid.raw" $((446 + 16)) '\x80\x00\x00\x00\x83\x00\x00\x00\x00\x08\x00\x00\x00\x40\x00\x00'
+disk_seed hybrid "$work/hybrid.raw"
+# Many partitions; a disk shrunk under its table.
+many=$(for i in $(seq 40); do echo "size=1M, type=L, name=\"p$i\""; done | { echo 'label: gpt'; cat; } |
+  partitioned gpt-many 64M)
+disk_seed gpt-many "$many"
+disk_seed gpt-many-crcs-fixed "$many" 0001
+cp "$gpt" "$work/gpt-shrunk.raw"
+truncate -s 20M "$work/gpt-shrunk.raw"
+disk_seed gpt-shrunk "$work/gpt-shrunk.raw"
+# 4096-byte sectors: the header at byte 4096.
+truncate -s 16M "$work/gpt-4k.raw"
+printf 'g\nn\n\n\n+2M\nn\n\n\n+3M\nw\n' | fdisk -b 4096 "$work/gpt-4k.raw" >/dev/null
+disk_seed gpt-4k "$work/gpt-4k.raw"
+disk_seed gpt-4k-crcs-fixed "$work/gpt-4k.raw" 0001
+# MBR: primaries, an extended partition of each type, logical partitions.
+for ext in 5 f 85; do
+  mbr=$(partitioned "mbr-$ext" 64M <<EOF
+label: dos
+start=2048, size=8M, type=83, bootable
+size=40M, type=$ext
+size=4M, type=82
+size=2M, type=83
+size=6M, type=83
+size=5M, type=8e
+size=7M, type=c
+EOF
+)
+  disk_seed "mbr-logical-$ext" "$mbr"
+done
+only=$(partitioned mbr-only-logical 32M <<'EOF'
+label: dos
+mbr-only-logical.raw2 : start=2048, size=40960, type=5
+mbr-only-logical.raw5 : start=4096, size=8192, type=83
+mbr-only-logical.raw6 : start=14336, size=8192, type=83
+EOF
+)
+disk_seed mbr-only-logical "$only"
+cp "$work/mbr-5.raw" "$work/mbr-shrunk.raw"
+truncate -s 20M "$work/mbr-shrunk.raw"
+disk_seed mbr-shrunk "$work/mbr-shrunk.raw"
 
 for t in "${targets[@]}"; do
   echo "$t: $(ls "$out/$t" | wc -l) seeds, $(du -sh "$out/$t" | cut -f1)"

@@ -18,7 +18,7 @@ set -euo pipefail
 seconds=${1:-60}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 build=${BUILD_DIR:-$root/build-fuzz}
-targets=(header_fuzzer l2_entry_fuzzer read_fuzzer write_fuzzer)
+targets=(header_fuzzer l2_entry_fuzzer read_fuzzer write_fuzzer partition_table_fuzzer)
 
 "$root/packaging/install-deps.sh"
 echo "== fuzz: building with clang in $build"
