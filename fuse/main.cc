@@ -161,13 +161,16 @@ absl::Status CheckNotInChain(const std::string& path, const struct stat& mountpo
   return absl::OkStatus();
 }
 
-// Makes sure MOUNTPOINT is a regular file, creating it if missing. Returns
+// Makes sure MOUNTPOINT is a regular file (single-file mode) or a
+// directory (directory mode), creating a file if it is missing. Returns
 // whether it was created (and so is ours to remove afterwards).
 absl::StatusOr<bool> PrepareMountpoint(const std::string& path, struct stat& st) {
   if (stat(path.c_str(), &st) == 0) {
-    if (!S_ISREG(st.st_mode)) {
+    if (!S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "mountpoint %s is not a regular file (the view is one file, not a directory)", path));
+          "mountpoint %s is neither a regular file (for the disk as one file) nor a directory (for the disk, "
+          "its partitions and snapshots as files)",
+          path));
     }
     return false;
   }
@@ -342,7 +345,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   const std::vector<int> image_fds = (*image)->FileDescriptors();
 
   MountState state;
-  state.image = image->get();
+  state.disk = image->get();
   state.image_fd = image_fds.at(0);
   state.parallel_direct_writes = options.parallel_direct_writes;
   absl::StatusOr<bool> created = PrepareMountpoint(*mountpoint, state.mountpoint_stat);
@@ -354,6 +357,15 @@ int Serve(const MountOptions& options, StartupReport& report) {
     remove_created();
     return fail(std::string(apart.message()));
   }
+  // After the image, so that its snapshot views go first.
+  const bool directory_mode = S_ISDIR(state.mountpoint_stat.st_mode);
+  std::optional<ViewTable> views;
+  if (directory_mode) {
+    views.emplace(ViewTable::Directory(image->get(), warnings));
+  } else {
+    views.emplace(ViewTable::SingleFile(image->get()));
+  }
+  state.views = &*views;
 
   // Ours first, then the user's: libfuse wants them as one escaped list
   // (an image path may hold a comma).
@@ -380,6 +392,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
     remove_created();
     return fail("cannot create the FUSE session");
   }
+  state.session = session;
   if (absl::Status mounted = Mount(session, *mountpoint, options); !mounted.ok()) {
     fuse_session_destroy(session);
     remove_created();
@@ -431,8 +444,9 @@ int Serve(const MountOptions& options, StartupReport& report) {
         LogToSyslog();
         DetachFromTerminal();
       }
-      Log(LogLevel::kInfo, absl::StrFormat("serving %s on %s: %s", served,
-                                           options.mountpoint, (*image)->DescribeChain()));
+      Log(LogLevel::kInfo, absl::StrFormat("serving %s on %s%s: %s", served, options.mountpoint,
+                                           directory_mode ? " (a directory of disk, partition and snapshot files)" : "",
+                                           (*image)->DescribeChain()));
       Log(LogLevel::kInfo, absl::StrFormat("requests run on up to %d threads, each doing its "
                                            "file I/O synchronously (pread/pwrite)",
                                            options.threads));

@@ -16,6 +16,7 @@
 #include "buffer_pool.h"
 #include "errno_map.h"
 #include "log.h"
+#include "qcow2fuse/status.h"
 
 namespace qcow2fuse {
 namespace {
@@ -51,25 +52,46 @@ BufferPool& ReadBuffers() {
 
 MountState& State(fuse_req_t req) { return *static_cast<MountState*>(fuse_req_userdata(req)); }
 
+// The file `ino` names. Inode numbers come from our own replies, so an
+// unknown one (or a directory where a file belongs) is the kernel's
+// confusion, answered with an error rather than trusted.
+View* FileView(fuse_req_t req, fuse_ino_t ino) {
+  Node* node = State(req).views->Find(ino);
+  return node == nullptr ? nullptr : node->view.get();
+}
+
 void ReplyError(fuse_req_t req, const absl::Status& status, std::string_view what) {
   const int err = StatusToErrno(status);
   Log(LogLevel::kError, absl::StrFormat("%s: %s", what, status.message()));
   fuse_reply_err(req, err);
 }
 
-Task<absl::StatusOr<struct stat>> Attributes(MountState& m) {
+// The attributes of `node`. Owner and permissions come from the
+// mountpoint; a file of a directory mount drops the execute bits its
+// directory has, and a file that cannot be written drops the write bits.
+Task<absl::StatusOr<struct stat>> Attributes(MountState& m, Node& node) {
   struct stat st = {};
-  st.st_ino = FUSE_ROOT_ID;
-  st.st_mode = S_IFREG | (m.mountpoint_stat.st_mode & 07777);
-  if (m.image->read_only()) st.st_mode &= ~(S_IWUSR | S_IWGRP | S_IWOTH);
-  st.st_nlink = 1;
+  st.st_ino = node.ino;
   st.st_uid = m.mountpoint_stat.st_uid;
   st.st_gid = m.mountpoint_stat.st_gid;
-  st.st_size = m.image->virtual_size();
-  st.st_blksize = std::min<uint64_t>(m.image->cluster_size(), uint64_t{1} << 20);
-  absl::StatusOr<uint64_t> allocated = co_await m.image->AllocatedBytes();
-  if (!allocated.ok()) co_return allocated.status();
-  st.st_blocks = (*allocated + kStatBlockSize - 1) / kStatBlockSize;
+  const mode_t permissions = m.mountpoint_stat.st_mode & 07777;
+  if (node.is_directory()) {
+    st.st_mode = S_IFDIR | permissions;
+    st.st_nlink = 2 + m.views->SubdirectoryCount(node);
+    st.st_blksize = 4096;
+  } else {
+    View& view = *node.view;
+    absl::StatusOr<Image*> image = view.image();
+    if (!image.ok()) co_return image.status();
+    st.st_mode = S_IFREG | (permissions & (S_ISDIR(m.mountpoint_stat.st_mode) ? 06666 : 07777));
+    if (!view.writable()) st.st_mode &= ~(S_IWUSR | S_IWGRP | S_IWOTH);
+    st.st_nlink = 1;
+    st.st_size = view.size();
+    st.st_blksize = std::min<uint64_t>((*image)->cluster_size(), uint64_t{1} << 20);
+    absl::StatusOr<uint64_t> allocated = co_await view.AllocatedBytes();
+    if (!allocated.ok()) co_return allocated.status();
+    st.st_blocks = (*allocated + kStatBlockSize - 1) / kStatBlockSize;
+  }
   struct stat image_st;
   if (fstat(m.image_fd, &image_st) == 0) {
     st.st_atim = image_st.st_atim;
@@ -79,15 +101,17 @@ Task<absl::StatusOr<struct stat>> Attributes(MountState& m) {
   co_return st;
 }
 
-Task<void> GetAttr(fuse_req_t req) {
-  absl::StatusOr<struct stat> st = co_await Attributes(State(req));
+Task<void> GetAttr(fuse_req_t req, Node& node) {
+  absl::StatusOr<struct stat> st = co_await Attributes(State(req), node);
   if (!st.ok()) co_return ReplyError(req, st.status(), "getattr");
   fuse_reply_attr(req, &*st, kAttrTimeoutSeconds);
 }
 
-Task<void> Read(fuse_req_t req, size_t size, off_t offset) {
-  Image& image = *State(req).image;
-  const uint64_t disk = image.virtual_size();
+Task<void> Read(fuse_req_t req, View& view, size_t size, off_t offset) {
+  absl::StatusOr<Image*> opened = view.image();
+  if (!opened.ok()) co_return ReplyError(req, opened.status(), "read");
+  Image& image = **opened;
+  const uint64_t disk = view.size();
   const uint64_t start = std::min<uint64_t>(offset, disk);
   // Not zero-filled first: Read fills every byte.
   const size_t n = std::min<uint64_t>(size, disk - start);
@@ -101,28 +125,43 @@ Task<void> Read(fuse_req_t req, size_t size, off_t offset) {
     small.reset(new uint8_t[n]);
     buf = std::span(small.get(), n);
   }
-  absl::Status status = co_await image.Read(start, buf);
+  absl::Status status = co_await image.Read(view.start() + start, buf);
   if (!status.ok()) {
     co_return ReplyError(req, status, absl::StrFormat("read of %u bytes at offset %u", buf.size(), start));
   }
   fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), buf.size());
 }
 
-Task<void> Write(fuse_req_t req, std::span<const uint8_t> data, off_t offset) {
-  Image& image = *State(req).image;
-  const uint64_t disk = image.virtual_size();
-  // The view is a file of fixed size, like a disk: no room past its end.
+// After a change to [start, start + length) of the disk through file
+// `ino`: the other files that show those bytes (disk.raw and a partition)
+// drop what the kernel cached of them, so a read through either sees the
+// change.
+void InvalidateOthers(MountState& m, fuse_ino_t ino, uint64_t start, uint64_t length) {
+  if (!m.views->has_overlaps() || m.session == nullptr) return;
+  m.views->ForEachOverlap(start, start + length, ino, [&](fuse_ino_t other, uint64_t offset, uint64_t n) {
+    fuse_lowlevel_notify_inval_inode(m.session, other, static_cast<off_t>(offset), static_cast<off_t>(n));
+  });
+}
+
+Task<void> Write(fuse_req_t req, fuse_ino_t ino, View& view, std::span<const uint8_t> data, off_t offset) {
+  if (!view.writable()) co_return (void)fuse_reply_err(req, EROFS);
+  Image& image = *view.image().value();  // a writable view is never a snapshot
+  const uint64_t disk = view.size();
+  // The view is a file of fixed size, like a disk or a partition: no room
+  // past its end.
   if (offset < 0 || static_cast<uint64_t>(offset) >= disk) co_return (void)fuse_reply_err(req, ENOSPC);
   const size_t n = std::min<uint64_t>(data.size(), disk - offset);
-  absl::Status status = co_await image.Write(offset, data.first(n));
+  absl::Status status = co_await image.Write(view.start() + offset, data.first(n));
   if (!status.ok()) {
     co_return ReplyError(req, status, absl::StrFormat("write of %u bytes at offset %u", n, offset));
   }
+  InvalidateOthers(State(req), ino, view.start() + offset, n);
   fuse_reply_write(req, n);
 }
 
 Task<void> Fsync(fuse_req_t req) {
-  absl::Status status = co_await State(req).image->Flush();
+  // Every writable view is a window onto the one disk.
+  absl::Status status = co_await State(req).disk->Flush();
   if (!status.ok()) co_return ReplyError(req, status, "fsync");
   fuse_reply_err(req, 0);
 }
@@ -131,7 +170,7 @@ Task<void> Fsync(fuse_req_t req) {
 // made durable before close() returns (the kernel waits for FLUSH, not for
 // RELEASE). A flush that finds nothing changed costs no I/O.
 Task<void> FlushOnClose(fuse_req_t req) {
-  absl::Status status = co_await State(req).image->Flush();
+  absl::Status status = co_await State(req).disk->Flush();
   if (!status.ok()) co_return ReplyError(req, status, "flush at close");
   fuse_reply_err(req, 0);
 }
@@ -141,19 +180,41 @@ Task<void> FlushOnClose(fuse_req_t req) {
 // fails, the disk untouched) while the disk holds data, as `truncate -s 0`
 // is. A disk that holds none keeps its size, as a block device does: `dd
 // of=VIEW` onto a fresh image must not leave a disk of 0 bytes.
-Task<void> Open(fuse_req_t req, fuse_file_info fi) {
+// Whether [start, end) of `image` holds no data.
+Task<absl::StatusOr<bool>> HoldsNoData(Image& image, uint64_t start, uint64_t end) {
+  for (uint64_t pos = start; pos < end;) {
+    absl::StatusOr<Extent> e = co_await image.BlockStatus(pos, end - pos);
+    if (!e.ok()) co_return e.status();
+    if (e->kind == ExtentKind::kData) co_return false;
+    pos += e->length;
+  }
+  co_return true;
+}
+
+Task<void> Open(fuse_req_t req, View& view, fuse_file_info fi) {
   MountState& m = State(req);
   const bool writable = (fi.flags & O_ACCMODE) != O_RDONLY;
-  if ((writable || (fi.flags & O_TRUNC)) && m.image->read_only()) co_return (void)fuse_reply_err(req, EROFS);
+  if ((writable || (fi.flags & O_TRUNC)) && !view.writable()) co_return (void)fuse_reply_err(req, EROFS);
+  absl::StatusOr<Image*> image = view.image();
+  if (!image.ok()) co_return ReplyError(req, image.status(), "open");
   if (fi.flags & O_TRUNC) {
-    absl::Status status = co_await m.image->CheckShrink(0);
-    if (!status.ok()) {
-      co_return ReplyError(req, status, "open with O_TRUNC (use conv=notrunc with dd, or 1<> in a shell)");
+    constexpr char kWhat[] = "open with O_TRUNC (use conv=notrunc with dd, or 1<> in a shell)";
+    if (view.resizable()) {
+      absl::Status status = co_await (*image)->CheckShrink(0);
+      if (!status.ok()) co_return ReplyError(req, status, kWhat);
+    } else {
+      // A partition cannot shrink at all; as for the disk, truncating one
+      // that holds nothing keeps it as it is.
+      absl::StatusOr<bool> empty = co_await HoldsNoData(**image, view.start(), view.start() + view.size());
+      if (!empty.ok()) co_return ReplyError(req, empty.status(), kWhat);
+      if (!*empty) {
+        co_return ReplyError(req, ErrnoStatus(EPERM, "the partition holds data and its size is fixed"), kWhat);
+      }
     }
   }
-  // Nothing else changes the view of a read-only mount, so the kernel may
-  // keep what it cached across opens.
-  fi.keep_cache = m.image->read_only();
+  // Nothing else changes a read-only view, so the kernel may keep what it
+  // cached across opens.
+  fi.keep_cache = !view.writable();
   // Only a descriptor that changed or may change the disk has something
   // for its close to make durable; a read-only one closes without a round
   // trip.
@@ -175,18 +236,28 @@ Task<void> Open(fuse_req_t req, fuse_file_info fi) {
   fuse_reply_buf(req, reinterpret_cast<const char*>(&out), sizeof out);
 }
 
-Task<void> SetAttr(fuse_req_t req, struct stat attr, int to_set) {
+Task<void> SetAttr(fuse_req_t req, Node& node, struct stat attr, int to_set) {
   MountState& m = State(req);
   if (to_set & FUSE_SET_ATTR_SIZE) {
-    if (m.image->read_only()) co_return (void)fuse_reply_err(req, EROFS);
-    absl::Status status = co_await m.image->Truncate(attr.st_size);
-    if (!status.ok()) {
-      co_return ReplyError(req, status, absl::StrFormat("truncate to %u bytes", attr.st_size));
+    if (node.is_directory()) co_return (void)fuse_reply_err(req, EISDIR);
+    View& view = *node.view;
+    if (!view.writable()) co_return (void)fuse_reply_err(req, EROFS);
+    if (!view.resizable()) {
+      // A partition's size is the partition table's: only "no change" is
+      // accepted.
+      if (attr.st_size < 0 || static_cast<uint64_t>(attr.st_size) != view.size()) {
+        co_return (void)fuse_reply_err(req, EPERM);
+      }
+    } else {
+      absl::Status status = co_await m.disk->Truncate(attr.st_size);
+      if (!status.ok()) {
+        co_return ReplyError(req, status, absl::StrFormat("truncate to %u bytes", attr.st_size));
+      }
     }
   }
   // Owner, mode and times belong to the image file, not the view: accept
   // and ignore them, so that tools like touch and cp -p work.
-  absl::StatusOr<struct stat> st = co_await Attributes(m);
+  absl::StatusOr<struct stat> st = co_await Attributes(m, node);
   if (!st.ok()) co_return ReplyError(req, st.status(), "setattr");
   fuse_reply_attr(req, &*st, kAttrTimeoutSeconds);
 }
@@ -194,9 +265,7 @@ Task<void> SetAttr(fuse_req_t req, struct stat attr, int to_set) {
 // fallocate(2) on the view. KEEP_SIZE keeps the disk's size; without it a
 // range past the end grows the disk first, as it grows a file (to a whole
 // 512-byte sector, the unit of a disk's size).
-Task<void> Fallocate(fuse_req_t req, int mode, off_t offset, off_t length) {
-  MountState& m = State(req);
-  Image& image = *m.image;
+Task<void> Fallocate(fuse_req_t req, fuse_ino_t ino, View& view, int mode, off_t offset, off_t length) {
   constexpr int kKnownModes = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
   if ((mode & ~kKnownModes) != 0 || ((mode & FALLOC_FL_PUNCH_HOLE) && (mode & FALLOC_FL_ZERO_RANGE))) {
     co_return (void)fuse_reply_err(req, EOPNOTSUPP);
@@ -204,57 +273,76 @@ Task<void> Fallocate(fuse_req_t req, int mode, off_t offset, off_t length) {
   // As for a file, PUNCH_HOLE must come with KEEP_SIZE.
   if ((mode & FALLOC_FL_PUNCH_HOLE) && !(mode & FALLOC_FL_KEEP_SIZE)) co_return (void)fuse_reply_err(req, EOPNOTSUPP);
   if (offset < 0 || length <= 0) co_return (void)fuse_reply_err(req, EINVAL);
-  if (image.read_only()) co_return (void)fuse_reply_err(req, EROFS);
+  if (!view.writable()) co_return (void)fuse_reply_err(req, EROFS);
+  Image& image = *view.image().value();  // a writable view is never a snapshot
   uint64_t end = static_cast<uint64_t>(offset) + static_cast<uint64_t>(length);
-  if (!(mode & FALLOC_FL_KEEP_SIZE) && end > image.virtual_size()) {
+  if (!(mode & FALLOC_FL_KEEP_SIZE) && end > view.size()) {
+    // A partition cannot grow: no room past its end, as for a write.
+    if (!view.resizable()) co_return (void)fuse_reply_err(req, ENOSPC);
     const uint64_t new_size = (end + 511) / 512 * 512;
     absl::Status grown = co_await image.Truncate(new_size);
     if (!grown.ok()) co_return ReplyError(req, grown, absl::StrFormat("fallocate: grow to %u bytes", new_size));
   }
-  // What lies past the end of the disk is not there to change.
-  const uint64_t disk = image.virtual_size();
-  if (static_cast<uint64_t>(offset) >= disk) co_return (void)fuse_reply_err(req, 0);
-  end = std::min(end, disk);
+  // What lies past the end of the view is not there to change.
+  const uint64_t size = view.size();
+  if (static_cast<uint64_t>(offset) >= size) co_return (void)fuse_reply_err(req, 0);
+  end = std::min(end, size);
   const uint64_t n = end - offset;
+  const uint64_t at = view.start() + offset;
   absl::Status status;
   const char* what;
   if (mode & FALLOC_FL_PUNCH_HOLE) {
     what = "punch hole";
-    status = co_await image.Discard(offset, n);
+    status = co_await image.Discard(at, n);
   } else if (mode & FALLOC_FL_ZERO_RANGE) {
     what = "zero range";
-    status = co_await image.WriteZeroes(offset, n, /*may_unmap=*/false);
+    status = co_await image.WriteZeroes(at, n, /*may_unmap=*/false);
   } else {
     what = "preallocation";
-    status = co_await image.Preallocate(offset, n);
+    status = co_await image.Preallocate(at, n);
   }
   if (!status.ok()) co_return ReplyError(req, status, absl::StrFormat("%s of %u bytes at offset %u", what, n, offset));
+  InvalidateOthers(State(req), ino, at, n);
   fuse_reply_err(req, 0);
 }
 
 // SEEK_DATA and SEEK_HOLE, with a regular file's semantics: ENXIO at or past
 // the end, and for SEEK_DATA when no data follows; the end of the file is
 // the last hole.
-Task<void> Lseek(fuse_req_t req, off_t offset, int whence) {
-  Image& image = *State(req).image;
-  const uint64_t disk = image.virtual_size();
+Task<void> Lseek(fuse_req_t req, View& view, off_t offset, int whence) {
+  absl::StatusOr<Image*> opened = view.image();
+  if (!opened.ok()) co_return ReplyError(req, opened.status(), "lseek");
+  Image& image = **opened;
+  const uint64_t size = view.size();
   if (whence != SEEK_DATA && whence != SEEK_HOLE) co_return (void)fuse_reply_err(req, EINVAL);
-  if (offset < 0 || static_cast<uint64_t>(offset) >= disk) co_return (void)fuse_reply_err(req, ENXIO);
+  if (offset < 0 || static_cast<uint64_t>(offset) >= size) co_return (void)fuse_reply_err(req, ENXIO);
+  // Positions in the view; the disk's are start() further on.
   uint64_t pos = offset;
-  while (pos < disk) {
-    absl::StatusOr<Extent> e = co_await image.BlockStatus(pos, disk - pos);
+  while (pos < size) {
+    absl::StatusOr<Extent> e = co_await image.BlockStatus(view.start() + pos, size - pos);
     if (!e.ok()) co_return ReplyError(req, e.status(), absl::StrFormat("lseek at offset %u", pos));
     const bool data = e->kind == ExtentKind::kData;
     if (data == (whence == SEEK_DATA)) {
       // Whoever looks for data reads it next (cp --sparse, qemu-img
       // convert): the host starts reading it now, in the background.
-      if (data) co_await image.WillNeed(pos, e->length, kSeekDataPrefetchBytes);
+      if (data) co_await image.WillNeed(view.start() + pos, e->length, kSeekDataPrefetchBytes);
       co_return (void)fuse_reply_lseek(req, pos);
     }
     pos += e->length;
   }
   if (whence == SEEK_DATA) co_return (void)fuse_reply_err(req, ENXIO);
-  fuse_reply_lseek(req, disk);
+  fuse_reply_lseek(req, size);
+}
+
+Task<void> Lookup(fuse_req_t req, Node& node) {
+  absl::StatusOr<struct stat> st = co_await Attributes(State(req), node);
+  if (!st.ok()) co_return ReplyError(req, st.status(), absl::StrFormat("lookup of %s", node.name));
+  fuse_entry_param entry = {};
+  entry.ino = node.ino;
+  entry.attr = *st;
+  entry.attr_timeout = kAttrTimeoutSeconds;
+  entry.entry_timeout = kAttrTimeoutSeconds;
+  fuse_reply_entry(req, &entry);
 }
 
 void OnInit(void* userdata, struct fuse_conn_info* conn) {
@@ -279,20 +367,32 @@ void OnInit(void* userdata, struct fuse_conn_info* conn) {
   if (m.on_ready) m.on_ready();
 }
 
-void OnGetAttr(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) {
-  State(req).scheduler->Start(GetAttr(req));
+void OnLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  Node* node = State(req).views->Lookup(parent, name);
+  if (node == nullptr) return (void)fuse_reply_err(req, ENOENT);
+  State(req).scheduler->Start(Lookup(req, *node));
 }
 
-void OnSetAttr(fuse_req_t req, fuse_ino_t, struct stat* attr, int to_set, struct fuse_file_info*) {
-  State(req).scheduler->Start(SetAttr(req, *attr, to_set));
+void OnGetAttr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info*) {
+  Node* node = State(req).views->Find(ino);
+  if (node == nullptr) return (void)fuse_reply_err(req, ENOENT);
+  State(req).scheduler->Start(GetAttr(req, *node));
 }
 
-void OnWrite(fuse_req_t req, fuse_ino_t, const char* buf, size_t size, off_t offset,
+void OnSetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, struct fuse_file_info*) {
+  Node* node = State(req).views->Find(ino);
+  if (node == nullptr) return (void)fuse_reply_err(req, ENOENT);
+  State(req).scheduler->Start(SetAttr(req, *node, *attr, to_set));
+}
+
+void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t offset,
              struct fuse_file_info*) {
+  View* view = FileView(req, ino);
+  if (view == nullptr) return (void)fuse_reply_err(req, EISDIR);
   // `buf` is libfuse's and dies when this callback returns. Rather than
   // copy it, the callback waits for the write: if the write must wait for
   // a lock, this thread sleeps and the other workers take other requests.
-  State(req).scheduler->Run(Write(req, std::span(reinterpret_cast<const uint8_t*>(buf), size), offset));
+  State(req).scheduler->Run(Write(req, ino, *view, std::span(reinterpret_cast<const uint8_t*>(buf), size), offset));
 }
 
 void OnFsync(fuse_req_t req, fuse_ino_t, int /*datasync*/, struct fuse_file_info*) {
@@ -301,20 +401,51 @@ void OnFsync(fuse_req_t req, fuse_ino_t, int /*datasync*/, struct fuse_file_info
   State(req).scheduler->Start(Fsync(req));
 }
 
-void OnOpen(fuse_req_t req, fuse_ino_t, struct fuse_file_info* fi) {
-  State(req).scheduler->Start(Open(req, *fi));
+void OnOpen(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
+  View* view = FileView(req, ino);
+  if (view == nullptr) return (void)fuse_reply_err(req, EISDIR);
+  State(req).scheduler->Start(Open(req, *view, *fi));
 }
 
-void OnRead(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, struct fuse_file_info*) {
-  State(req).scheduler->Start(Read(req, size, offset));
+void OnRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, struct fuse_file_info*) {
+  View* view = FileView(req, ino);
+  if (view == nullptr) return (void)fuse_reply_err(req, EISDIR);
+  State(req).scheduler->Start(Read(req, *view, size, offset));
 }
 
-void OnLseek(fuse_req_t req, fuse_ino_t, off_t offset, int whence, struct fuse_file_info*) {
-  State(req).scheduler->Start(Lseek(req, offset, whence));
+void OnLseek(fuse_req_t req, fuse_ino_t ino, off_t offset, int whence, struct fuse_file_info*) {
+  View* view = FileView(req, ino);
+  if (view == nullptr) return (void)fuse_reply_err(req, EISDIR);
+  State(req).scheduler->Start(Lseek(req, *view, offset, whence));
 }
 
-void OnFallocate(fuse_req_t req, fuse_ino_t, int mode, off_t offset, off_t length, struct fuse_file_info*) {
-  State(req).scheduler->Start(Fallocate(req, mode, offset, length));
+void OnFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length, struct fuse_file_info*) {
+  View* view = FileView(req, ino);
+  if (view == nullptr) return (void)fuse_reply_err(req, EISDIR);
+  State(req).scheduler->Start(Fallocate(req, ino, *view, mode, offset, length));
+}
+
+// A directory listing: ".", "..", then the children, each entry once; the
+// offset of an entry is its position plus one, where the next call goes on.
+void OnReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, struct fuse_file_info*) {
+  ViewTable& views = *State(req).views;
+  Node* dir = views.Find(ino);
+  if (dir == nullptr) return (void)fuse_reply_err(req, ENOENT);
+  if (!dir->is_directory()) return (void)fuse_reply_err(req, ENOTDIR);
+  std::vector<char> buf(size);
+  size_t used = 0;
+  const size_t count = dir->children.size() + 2;
+  for (size_t i = offset < 0 ? 0 : offset; i < count; ++i) {
+    const Node& entry = i == 0 ? *dir : i == 1 ? *views.Find(dir->parent) : *views.Find(dir->children[i - 2]);
+    const char* name = i == 0 ? "." : i == 1 ? ".." : entry.name.c_str();
+    struct stat st = {};
+    st.st_ino = entry.ino;
+    st.st_mode = entry.is_directory() ? S_IFDIR : S_IFREG;
+    const size_t n = fuse_add_direntry(req, buf.data() + used, size - used, name, &st, i + 1);
+    if (n > size - used) break;
+    used += n;
+  }
+  fuse_reply_buf(req, buf.data(), used);
 }
 
 void OnFlush(fuse_req_t req, fuse_ino_t, struct fuse_file_info* fi) {
@@ -327,6 +458,19 @@ void OnFlush(fuse_req_t req, fuse_ino_t, struct fuse_file_info* fi) {
 }
 
 void OnRelease(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_err(req, 0); }
+
+// The files of a mount are the disk's: none can be made, removed or
+// renamed (without these, the kernel would answer ENOSYS, "Function not
+// implemented").
+void OnMknod(fuse_req_t req, fuse_ino_t, const char*, mode_t, dev_t) { fuse_reply_err(req, EPERM); }
+void OnMkdir(fuse_req_t req, fuse_ino_t, const char*, mode_t) { fuse_reply_err(req, EPERM); }
+void OnRemove(fuse_req_t req, fuse_ino_t, const char*) { fuse_reply_err(req, EPERM); }
+void OnSymlink(fuse_req_t req, const char*, fuse_ino_t, const char*) { fuse_reply_err(req, EPERM); }
+void OnRename(fuse_req_t req, fuse_ino_t, const char*, fuse_ino_t, const char*, unsigned int) {
+  fuse_reply_err(req, EPERM);
+}
+void OnLink(fuse_req_t req, fuse_ino_t, fuse_ino_t, const char*) { fuse_reply_err(req, EPERM); }
+void OnCreate(fuse_req_t req, fuse_ino_t, const char*, mode_t, struct fuse_file_info*) { fuse_reply_err(req, EPERM); }
 
 void OnStatfs(fuse_req_t req, fuse_ino_t) {
   // The space that matters is that of the filesystem holding the image.
@@ -344,6 +488,7 @@ const fuse_lowlevel_ops& Operations() {
   static const fuse_lowlevel_ops ops = [] {
     fuse_lowlevel_ops o = {};
     o.init = OnInit;
+    o.lookup = OnLookup;
     o.getattr = OnGetAttr;
     o.setattr = OnSetAttr;
     o.open = OnOpen;
@@ -352,6 +497,15 @@ const fuse_lowlevel_ops& Operations() {
     o.fsync = OnFsync;
     o.flush = OnFlush;
     o.release = OnRelease;
+    o.readdir = OnReadDir;
+    o.mknod = OnMknod;
+    o.mkdir = OnMkdir;
+    o.unlink = OnRemove;
+    o.rmdir = OnRemove;
+    o.symlink = OnSymlink;
+    o.rename = OnRename;
+    o.link = OnLink;
+    o.create = OnCreate;
     o.statfs = OnStatfs;
     o.lseek = OnLseek;
     o.fallocate = OnFallocate;

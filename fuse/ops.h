@@ -1,5 +1,7 @@
-// The FUSE low-level operations of a mount. The file system has a single
-// inode, the root, which is the raw view of the image.
+// The FUSE low-level operations of a mount. Its files and directories are
+// a ViewTable (view_table.h): the root alone, the raw view of the image, or
+// a directory of disk, partition and snapshot files. Every callback finds
+// its View by inode and works on the view's byte window of an Image.
 //
 // Each callback copies what it needs from its arguments (libfuse frees
 // them when the callback returns) and starts a coroutine on the calling
@@ -26,11 +28,16 @@
 
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/scheduler.h"
+#include "view_table.h"
 
 namespace qcow2fuse {
 
 struct MountState {
-  Image* image = nullptr;
+  // The disk served; every writable view is a window onto it.
+  Image* disk = nullptr;
+  ViewTable* views = nullptr;
+  // For notifications to the kernel (set before the loop starts).
+  fuse_session* session = nullptr;
   Scheduler* scheduler = nullptr;
   // The image file's descriptor, for statfs and timestamps. Never a path:
   // the image may lie under a mount this very process serves.

@@ -9,7 +9,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config git
   libfuse3-dev fuse3 zlib1g-dev libzstd-dev libdeflate-dev libabsl-dev libgtest-dev
-  qemu-utils e2fsprogs util-linux fdisk mount coreutils fio libaio-dev
+  qemu-utils e2fsprogs fuse2fs util-linux fdisk mount coreutils fio libaio-dev
   clang libclang-rt-14-dev
   dpkg-dev lintian man-db systemd
 )

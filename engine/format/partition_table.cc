@@ -3,7 +3,7 @@
 // described by no specification: its layout is the one DOS fdisk wrote and
 // every partitioner since writes (see the top of partition_table.h).
 
-#include "format/partition_table.h"
+#include "qcow2fuse/partition_table.h"
 
 #include <zlib.h>
 

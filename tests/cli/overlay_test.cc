@@ -130,9 +130,9 @@ TEST_F(OverlayTest, AnExistingFileIsNeverOverwritten) {
 // must not find it "exists".
 TEST_F(OverlayTest, AFailedMountLeavesNoOverlay) {
   const std::string overlay = Path("new.qcow2");
-  // The mountpoint is a directory: refused after the overlay is made.
-  ASSERT_EQ(mkdir(Path("dir").c_str(), 0755), 0);
-  ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded({Binary(), "-f", "-o", "overlay=" + overlay, base_, Path("dir")}, {}));
+  // The mountpoint is a FIFO: refused after the overlay is made.
+  ASSERT_EQ(mkfifo(Path("fifo").c_str(), 0644), 0);
+  ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded({Binary(), "-f", "-o", "overlay=" + overlay, base_, Path("fifo")}, {}));
   EXPECT_FALSE(run.ok()) << run.Describe();
   struct stat st;
   EXPECT_NE(lstat(overlay.c_str(), &st), 0) << "the failed mount left " << overlay;

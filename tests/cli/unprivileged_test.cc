@@ -599,6 +599,45 @@ TEST_F(UnprivilegedTest, UserMountsReadOnlyReadsAndUnmountsWithQcow2fuseU) {
   EXPECT_FALSE(absl::StrContains(LogOf(view), "PR_SET_IO_FLUSHER")) << LogOf(view);
 }
 
+// Directory mode: the user mounts their image on a directory of their own
+// and reads the ext4 file system of a partition with debugfs, straight
+// from its partN.raw: no loop device, no root.
+TEST_F(UnprivilegedTest, UserReadsAPartitionFileSystemWithoutALoopDevice) {
+  const std::string raw = Path("disk.raw");
+  const std::string image = Path("disk.qcow2");
+  const std::string dir = Path("vm");
+  const std::string pidfile = Path("vm.pid");
+  ASSERT_OK(RunChecked({"truncate", "-s", "32M", raw}).status());
+  ASSERT_OK_AND_ASSIGN(CommandResult table, RunCommand({"sh", "-c", "printf 'label: gpt\\n,16M\\n' | sfdisk -q " + raw}));
+  ASSERT_TRUE(table.status.success()) << table.stderr_text;
+  // The partition starts at sector 2048 (sfdisk's default alignment).
+  ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", "-E", "offset=1048576", raw, "16M"}).status());
+  ASSERT_OK(ConvertImage(raw, "raw", image, "qcow2"));
+  ASSERT_OK(GiveToUser(image));
+  ASSERT_EQ(mkdir(dir.c_str(), 0755), 0);
+  ASSERT_OK(GiveToUser(dir));
+
+  DaemonGuard guard(dir, pidfile);
+  ASSERT_OK_AND_ASSIGN(RunResult started, MountAsUser(image, dir, pidfile, "ro"));
+  ASSERT_TRUE(started.status.success()) << started.Describe();
+  ASSERT_OK_AND_ASSIGN(pid_t pid, guard.ReadPid());
+  ASSERT_NO_FATAL_FAILURE(ExpectUsersView(dir, pid));
+  // debugfs lives in /sbin, outside a user's PATH: named by its path.
+  ASSERT_OK_AND_ASSIGN(std::string debugfs, RunChecked({"sh", "-c", "command -v debugfs"}));
+  debugfs = std::string(absl::StripAsciiWhitespace(debugfs));
+  ASSERT_OK_AND_ASSIGN(RunResult listing, AsUser({debugfs, "-R", "ls -l /", dir + "/part1.raw"}));
+  EXPECT_TRUE(listing.status.success()) << listing.Describe();
+  EXPECT_TRUE(absl::StrContains(listing.stdout_text, "lost+found")) << listing.Describe();
+  ASSERT_OK_AND_ASSIGN(RunResult unmounted, AsUser({Binary(), "-u", dir}));
+  EXPECT_TRUE(unmounted.status.success()) << unmounted.Describe();
+  PidGone gone = WaitForPidGone(pid, std::chrono::milliseconds(0));
+  ASSERT_TRUE(gone.gone) << "daemon pid " << pid << " still running";
+  guard.Forget();
+  EXPECT_FALSE(IsMounted(dir));
+  struct stat st;
+  EXPECT_TRUE(stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) << "the directory must stay";
+}
+
 // Read-write: the user writes with dd at a few offsets (a raw twin gets the
 // same writes), unmounts with `fusermount3 -u`, which does not wait, and
 // the image is then clean and equal to the twin.

@@ -1,4 +1,4 @@
-// Fuzz target: the partition table decoder (format/partition_table.h).
+// Fuzz target: the partition table decoder (qcow2fuse/partition_table.h).
 //
 // Input: a packed image (fuzz_image.h) whose image file is the disk, so a
 // disk of up to 16 TiB, with a GPT backup header at its last LBA, is a
@@ -33,7 +33,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "base/endian.h"
-#include "format/partition_table.h"
+#include "qcow2fuse/partition_table.h"
 #include "fuzz_image.h"
 
 namespace qcow2fuse::fuzz {

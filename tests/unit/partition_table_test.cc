@@ -1,4 +1,4 @@
-// The partition table decoder (format/partition_table.h).
+// The partition table decoder (qcow2fuse/partition_table.h).
 //
 // Real tables come from sfdisk (and fdisk, for 4096-byte sectors) on raw
 // files, and the decoder must agree with two independent readers: `sfdisk
@@ -13,7 +13,7 @@
 // Every decode goes through a reader that fails the test if the decoder
 // reads outside the disk.
 
-#include "format/partition_table.h"
+#include "qcow2fuse/partition_table.h"
 
 #include <zlib.h>
 

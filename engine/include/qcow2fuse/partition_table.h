@@ -54,8 +54,8 @@
 //   told from a 512-byte one (nothing in the MBR records the sector size)
 //   and is read as 512.
 
-#ifndef QCOW2FUSE_FORMAT_PARTITION_TABLE_H_
-#define QCOW2FUSE_FORMAT_PARTITION_TABLE_H_
+#ifndef QCOW2FUSE_PARTITION_TABLE_H_
+#define QCOW2FUSE_PARTITION_TABLE_H_
 
 #include <cstdint>
 #include <functional>
@@ -170,4 +170,4 @@ absl::StatusOr<PartitionTable> DecodePartitionTable(uint64_t disk_size, const Di
 
 }  // namespace qcow2fuse
 
-#endif  // QCOW2FUSE_FORMAT_PARTITION_TABLE_H_
+#endif  // QCOW2FUSE_PARTITION_TABLE_H_
