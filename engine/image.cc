@@ -129,14 +129,16 @@ Task<absl::StatusOr<std::vector<SnapshotInfo>>> Image::Snapshots() {
   co_return list;
 }
 
-Task<absl::StatusOr<std::unique_ptr<Image>>> Image::OpenSnapshot(uint32_t index) {
+Task<absl::StatusOr<std::unique_ptr<Image>>> Image::OpenSnapshot(const SnapshotInfo& snapshot) {
   absl::StatusOr<SnapshotTable> table = co_await top_->ReadSnapshotTable();
   if (!table.ok()) co_return table.status();
-  if (index >= table->entries.size()) {
-    co_return absl::NotFoundError(absl::StrFormat("there is no snapshot %u (the image has %u)", index,
-                                                  table->entries.size()));
+  const uint32_t index = snapshot.index;
+  if (index >= table->entries.size() || table->entries[index].id != snapshot.id) {
+    co_return absl::NotFoundError(absl::StrFormat("there is no snapshot with ID %s at %u (the image has %u)",
+                                                  snapshot.id, index, table->entries.size()));
   }
-  absl::StatusOr<std::unique_ptr<Qcow2Layer>> layer = co_await top_->OpenSnapshot(table->entries[index]);
+  absl::StatusOr<std::unique_ptr<Qcow2Layer>> layer =
+      co_await top_->OpenSnapshot(table->entries[index], snapshot.disk_size);
   if (!layer.ok()) co_return layer.status();
   co_await (*layer)->StartDataCount(/*in_background=*/(*layer)->L2TableBytes() > options_.sync_count_limit);
   ImageOptions options = options_;

@@ -392,7 +392,6 @@ int Serve(const MountOptions& options, StartupReport& report) {
     remove_created();
     return fail("cannot create the FUSE session");
   }
-  state.session = session;
   if (absl::Status mounted = Mount(session, *mountpoint, options); !mounted.ok()) {
     fuse_session_destroy(session);
     remove_created();
@@ -438,6 +437,12 @@ int Serve(const MountOptions& options, StartupReport& report) {
     // threads (Scheduler::Start), so the scheduler needs none of its own.
     Scheduler scheduler(/*threads=*/0);
     state.scheduler = &scheduler;
+    // Only directory mode has files that overlap; gone before the session.
+    std::optional<Invalidator> invalidator;
+    if (directory_mode) {
+      invalidator.emplace(session);
+      state.invalidator = &*invalidator;
+    }
     state.on_ready = [&] {
       if (!options.foreground) {
         report.Send("");

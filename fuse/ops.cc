@@ -81,13 +81,12 @@ Task<absl::StatusOr<struct stat>> Attributes(MountState& m, Node& node) {
     st.st_blksize = 4096;
   } else {
     View& view = *node.view;
-    absl::StatusOr<Image*> image = view.image();
-    if (!image.ok()) co_return image.status();
     st.st_mode = S_IFREG | (permissions & (S_ISDIR(m.mountpoint_stat.st_mode) ? 06666 : 07777));
     if (!view.writable()) st.st_mode &= ~(S_IWUSR | S_IWGRP | S_IWOTH);
     st.st_nlink = 1;
     st.st_size = view.size();
-    st.st_blksize = std::min<uint64_t>((*image)->cluster_size(), uint64_t{1} << 20);
+    // Every view is of the one image file, and has its cluster size.
+    st.st_blksize = std::min<uint64_t>(m.disk->cluster_size(), uint64_t{1} << 20);
     absl::StatusOr<uint64_t> allocated = co_await view.AllocatedBytes();
     if (!allocated.ok()) co_return allocated.status();
     st.st_blocks = (*allocated + kStatBlockSize - 1) / kStatBlockSize;
@@ -133,13 +132,13 @@ Task<void> Read(fuse_req_t req, View& view, size_t size, off_t offset) {
 }
 
 // After a change to [start, start + length) of the disk through file
-// `ino`: the other files that show those bytes (disk.raw and a partition)
-// drop what the kernel cached of them, so a read through either sees the
-// change.
+// `ino`, answered already: the other files that show those bytes (disk.raw
+// and a partition) are to drop what the kernel cached of them, so that a
+// read through either sees the change (invalidator.h says why not here).
 void InvalidateOthers(MountState& m, fuse_ino_t ino, uint64_t start, uint64_t length) {
-  if (!m.views->has_overlaps() || m.session == nullptr) return;
+  if (m.invalidator == nullptr) return;
   m.views->ForEachOverlap(start, start + length, ino, [&](fuse_ino_t other, uint64_t offset, uint64_t n) {
-    fuse_lowlevel_notify_inval_inode(m.session, other, static_cast<off_t>(offset), static_cast<off_t>(n));
+    m.invalidator->Post(other, offset, n);
   });
 }
 
@@ -155,8 +154,9 @@ Task<void> Write(fuse_req_t req, fuse_ino_t ino, View& view, std::span<const uin
   if (!status.ok()) {
     co_return ReplyError(req, status, absl::StrFormat("write of %u bytes at offset %u", n, offset));
   }
-  InvalidateOthers(State(req), ino, view.start() + offset, n);
+  MountState& m = State(req);  // `req` is gone once answered
   fuse_reply_write(req, n);
+  InvalidateOthers(m, ino, view.start() + offset, n);
 }
 
 Task<void> Fsync(fuse_req_t req) {
@@ -302,8 +302,9 @@ Task<void> Fallocate(fuse_req_t req, fuse_ino_t ino, View& view, int mode, off_t
     status = co_await image.Preallocate(at, n);
   }
   if (!status.ok()) co_return ReplyError(req, status, absl::StrFormat("%s of %u bytes at offset %u", what, n, offset));
-  InvalidateOthers(State(req), ino, at, n);
+  MountState& m = State(req);  // `req` is gone once answered
   fuse_reply_err(req, 0);
+  InvalidateOthers(m, ino, at, n);
 }
 
 // SEEK_DATA and SEEK_HOLE, with a regular file's semantics: ENXIO at or past
@@ -337,6 +338,8 @@ Task<void> Lseek(fuse_req_t req, View& view, off_t offset, int whence) {
 Task<void> Lookup(fuse_req_t req, Node& node) {
   absl::StatusOr<struct stat> st = co_await Attributes(State(req), node);
   if (!st.ok()) co_return ReplyError(req, st.status(), absl::StrFormat("lookup of %s", node.name));
+  // From now on the kernel may cache the file's pages (ForEachOverlap).
+  node.looked_up = true;
   fuse_entry_param entry = {};
   entry.ino = node.ino;
   entry.attr = *st;

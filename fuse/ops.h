@@ -28,6 +28,7 @@
 
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/scheduler.h"
+#include "invalidator.h"
 #include "view_table.h"
 
 namespace qcow2fuse {
@@ -36,8 +37,9 @@ struct MountState {
   // The disk served; every writable view is a window onto it.
   Image* disk = nullptr;
   ViewTable* views = nullptr;
-  // For notifications to the kernel (set before the loop starts).
-  fuse_session* session = nullptr;
+  // Drops the kernel's cached pages of files that overlap a change (set
+  // before the loop starts, in directory mode).
+  Invalidator* invalidator = nullptr;
   Scheduler* scheduler = nullptr;
   // The image file's descriptor, for statfs and timestamps. Never a path:
   // the image may lie under a mount this very process serves.

@@ -4,6 +4,7 @@
 #include <set>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -28,14 +29,25 @@ std::unique_ptr<View> View::Snapshot(Image* disk, SnapshotInfo info) {
 absl::StatusOr<Image*> View::image() {
   if (kind_ != Kind::kSnapshot) return disk_;
   std::lock_guard lock(open_mu_);
-  if (!open_tried_) {
-    open_tried_ = true;
-    // Reads its L1 table and counts its data: a short wait at the first
-    // look, on this request's thread; others wait on open_mu_.
-    snapshot_image_ = SyncWait(disk_->OpenSnapshot(snapshot_->index));
+  if (snapshot_image_.ok() && *snapshot_image_ != nullptr) return snapshot_image_->get();
+  // A snapshot the image's tables rule out stays refused; anything else (an
+  // I/O error, the memory budget) is tried again at the next use.
+  const absl::StatusCode code = snapshot_image_.status().code();
+  if (code == absl::StatusCode::kDataLoss || code == absl::StatusCode::kFailedPrecondition ||
+      code == absl::StatusCode::kNotFound) {
+    return snapshot_image_.status();
   }
+  // Reads its L1 table and starts counting its data: a short wait at the
+  // first open, on this request's thread; others wait on open_mu_.
+  snapshot_image_ = SyncWait(disk_->OpenSnapshot(*snapshot_));
   if (!snapshot_image_.ok()) return snapshot_image_.status();
   return snapshot_image_->get();
+}
+
+Image* View::opened_image() {
+  if (kind_ != Kind::kSnapshot) return disk_;
+  std::lock_guard lock(open_mu_);
+  return snapshot_image_.ok() ? snapshot_image_->get() : nullptr;
 }
 
 uint64_t View::size() {
@@ -53,24 +65,42 @@ uint64_t View::size() {
 }
 
 Task<absl::StatusOr<uint64_t>> View::AllocatedBytes() {
-  absl::StatusOr<Image*> img = image();
-  if (!img.ok()) co_return img.status();
-  if (kind_ != Kind::kWindow) co_return co_await (*img)->AllocatedBytes();
+  if (kind_ == Kind::kSnapshot) {
+    Image* image = opened_image();
+    if (image == nullptr) co_return 0;  // counted once the file is opened
+    co_return co_await image->AllocatedBytes();
+  }
+  if (kind_ == Kind::kWholeDisk) co_return co_await disk_->AllocatedBytes();
+
+  // A window: its count changes only where data comes or goes on the disk,
+  // and each of those changes the disk's count or its bytes written. While
+  // neither moved, the last count holds; one walk runs at a time, and a
+  // stat meanwhile takes the last count.
+  absl::StatusOr<uint64_t> disk_data = co_await disk_->AllocatedBytes();
+  if (!disk_data.ok()) co_return disk_data.status();
+  const CountKey key{*disk_data, disk_->counters().data_bytes_written, size()};
   {
     std::lock_guard lock(count_mu_);
-    if (counted_ && std::chrono::steady_clock::now() - counted_at_ < kCountTtl) co_return *counted_;
+    if (counted_ && (counted_key_ == key || counting_)) co_return *counted_;
+    counting_ = true;
   }
-  const uint64_t end = start_ + size();
+  const uint64_t end = start_ + key.size;
   uint64_t data = 0;
+  absl::Status status;
   for (uint64_t pos = start_; pos < end;) {
     absl::StatusOr<Extent> e = co_await disk_->BlockStatus(pos, end - pos);
-    if (!e.ok()) co_return e.status();
+    if (!e.ok()) {
+      status = e.status();
+      break;
+    }
     if (e->kind == ExtentKind::kData) data += e->length;
     pos += e->length;
   }
   std::lock_guard lock(count_mu_);
+  counting_ = false;
+  if (!status.ok()) co_return status;
   counted_ = data;
-  counted_at_ = std::chrono::steady_clock::now();
+  counted_key_ = key;
   co_return data;
 }
 
@@ -93,7 +123,8 @@ bool UsableAsFileName(const std::string& name) {
 
 // The file names of the snapshots, in table order: NAME.raw, or ID.raw
 // where the name is empty, shared with another snapshot or no file name;
-// where even that is taken (a crafted table), snapshot-INDEX.raw.
+// where that is taken too, snapshot-INDEX.raw, then with ~N appended
+// until it is free. Every name is distinct.
 std::vector<std::string> SnapshotFileNames(const std::vector<SnapshotInfo>& snapshots) {
   absl::flat_hash_map<std::string, int> name_uses;
   for (const SnapshotInfo& s : snapshots) ++name_uses[s.name];
@@ -101,12 +132,14 @@ std::vector<std::string> SnapshotFileNames(const std::vector<SnapshotInfo>& snap
   std::set<std::string> taken;
   for (const SnapshotInfo& s : snapshots) {
     std::string name;
-    if (UsableAsFileName(s.name) && name_uses[s.name] == 1) {
+    if (UsableAsFileName(s.name) && name_uses[s.name] == 1 && !taken.contains(s.name + ".raw")) {
       name = s.name + ".raw";
-    } else if (UsableAsFileName(s.id)) {
+    } else if (UsableAsFileName(s.id) && !taken.contains(s.id + ".raw")) {
       name = s.id + ".raw";
+    } else {
+      name = absl::StrCat("snapshot-", s.index, ".raw");
+      for (int n = 1; taken.contains(name); ++n) name = absl::StrCat("snapshot-", s.index, "~", n, ".raw");
     }
-    if (name.empty() || taken.contains(name)) name = absl::StrCat("snapshot-", s.index, ".raw");
     taken.insert(name);
     names.push_back(std::move(name));
   }
@@ -156,7 +189,8 @@ Node& ViewTable::Add(fuse_ino_t parent, std::string name, std::unique_ptr<View> 
   node->parent = parent == 0 ? node->ino : parent;
   node->name = std::move(name);
   node->view = std::move(view);
-  if (node->view && node->view->on_disk()) ++disk_views_;
+  if (node->view && node->view->on_disk()) disk_files_.push_back(node.get());
+  if (parent == 0) node->looked_up = true;  // the root
   if (parent != 0) {
     Node* dir = Find(parent);
     dir->children.push_back(node->ino);
@@ -180,8 +214,8 @@ Node* ViewTable::Lookup(fuse_ino_t parent, std::string_view name) {
 
 void ViewTable::ForEachOverlap(uint64_t start, uint64_t end, fuse_ino_t except,
                                const std::function<void(fuse_ino_t, uint64_t, uint64_t)>& fn) {
-  for (const std::unique_ptr<Node>& node : nodes_) {
-    if (node->ino == except || !node->view || !node->view->on_disk()) continue;
+  for (Node* node : disk_files_) {
+    if (node->ino == except || !node->looked_up) continue;
     View& view = *node->view;
     const uint64_t from = std::max(start, view.start());
     const uint64_t to = std::min(end, view.start() + view.size());

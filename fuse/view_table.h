@@ -21,6 +21,7 @@
 #define FUSE_USE_VERSION 314
 #include <fuse_lowlevel.h>
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <cstdint>
@@ -50,9 +51,12 @@ class View {
   // An internal snapshot of `disk`, read-only, opened at its first use.
   static std::unique_ptr<View> Snapshot(Image* disk, SnapshotInfo info);
 
-  // The image the view reads: the disk, or the snapshot (opened now if this
-  // is its first use; an error if it cannot be, as each later call says).
+  // The image the view reads: the disk, or the snapshot, opened now if it
+  // is not yet (an error if it cannot be: one the image's tables cause is
+  // given again at every later call, any other is tried again).
   absl::StatusOr<Image*> image();
+  // The same without opening anything: null for a snapshot not opened yet.
+  Image* opened_image();
   // Where the view starts on image().
   uint64_t start() const { return start_; }
   // The view's size now. A window shrinks with a disk truncated under it.
@@ -64,13 +68,13 @@ class View {
   bool on_disk() const { return kind_ != Kind::kSnapshot; }
 
   // Bytes of the view that hold data, for st_blocks. The whole disk and a
-  // snapshot take the image's exact count; a window walks its extents,
-  // at most once per kCountTtl (the kernel caches attributes as long).
+  // snapshot take the image's exact count (0 for a snapshot until its file
+  // is first opened: a look at the directory opens nothing); a window walks
+  // its extents again only once data came or went on the disk.
   Task<absl::StatusOr<uint64_t>> AllocatedBytes();
 
  private:
   enum class Kind { kWholeDisk, kWindow, kSnapshot };
-  static constexpr std::chrono::seconds kCountTtl{1};
   View(Kind kind, Image* disk, uint64_t start, uint64_t length) : kind_(kind), disk_(disk), start_(start), length_(length) {}
 
   const Kind kind_;
@@ -81,13 +85,21 @@ class View {
   // kSnapshot.
   std::optional<SnapshotInfo> snapshot_;
   std::mutex open_mu_;
-  bool open_tried_ = false;  // under open_mu_
-  absl::StatusOr<std::unique_ptr<Image>> snapshot_image_;
+  // Under open_mu_: the snapshot's image, or why it could not be opened.
+  absl::StatusOr<std::unique_ptr<Image>> snapshot_image_ = absl::UnavailableError("not opened yet");
 
-  // kWindow: the last count of AllocatedBytes and when it was made.
+  // kWindow: the last count of AllocatedBytes and the disk's state it was
+  // made in, under count_mu_.
+  struct CountKey {
+    uint64_t disk_data;
+    uint64_t bytes_written;
+    uint64_t size;
+    bool operator==(const CountKey&) const = default;
+  };
   std::mutex count_mu_;
   std::optional<uint64_t> counted_;
-  std::chrono::steady_clock::time_point counted_at_;
+  CountKey counted_key_{};
+  bool counting_ = false;
 };
 
 struct Node {
@@ -97,6 +109,9 @@ struct Node {
   std::unique_ptr<View> view;       // null for a directory
   std::vector<fuse_ino_t> children;  // a directory's, in listing order
   absl::flat_hash_map<std::string, fuse_ino_t> by_name;  // the same, by name
+  // Whether the kernel has looked the file up, and so may cache its pages
+  // (the root always). Never cleared: inodes are never reused.
+  std::atomic<bool> looked_up{false};
   bool is_directory() const { return view == nullptr; }
 };
 
@@ -120,13 +135,12 @@ class ViewTable {
   int SubdirectoryCount(const Node& dir) const;
 
   // Calls `fn(ino, offset, length)` for every file other than `except`
-  // that shows bytes of [start, end) of the disk, with the range in that
-  // file's own offsets: the files whose cached pages a change there makes
-  // stale (the disk and a partition overlap; snapshots never change).
+  // that shows bytes of [start, end) of the disk and that the kernel has
+  // looked up, with the range in that file's own offsets: the files whose
+  // cached pages a change there makes stale (the disk and a partition
+  // overlap; snapshots never change).
   void ForEachOverlap(uint64_t start, uint64_t end, fuse_ino_t except,
                       const std::function<void(fuse_ino_t, uint64_t, uint64_t)>& fn);
-  // Whether more than one file shows the disk's bytes.
-  bool has_overlaps() const { return disk_views_ > 1; }
 
  private:
   ViewTable() = default;
@@ -134,7 +148,7 @@ class ViewTable {
 
   // By inode number; nodes_[0] is the root (FUSE_ROOT_ID).
   std::vector<std::unique_ptr<Node>> nodes_;
-  int disk_views_ = 0;  // files that are windows onto the disk
+  std::vector<Node*> disk_files_;  // the files that are windows onto the disk
 };
 
 }  // namespace qcow2fuse

@@ -227,22 +227,46 @@ Task<absl::Status> Qcow2Layer::RegisterMetadata() {
 Task<absl::StatusOr<SnapshotTable>> Qcow2Layer::ReadSnapshotTable() {
   const Header& h = header_;
   if (h.nb_snapshots == 0) co_return SnapshotTable{};
-  // Entries vary in size: read what the table may hold at most, within the
-  // file (the header check put its offset inside the file).
+  // Entries vary in size, so the table's length shows only as it is
+  // decoded. Read a little and double while the entries run past what was
+  // read, up to what the table may hold at most within the file (the
+  // header check put its offset inside the file): a typical table costs
+  // one small read, not QEMU's 64 MiB limit.
   const uint64_t available = std::min(file_->size() - std::min(file_->size(), h.snapshots_offset),
                                       spec::kMaxSnapshotTableBytes);
-  BudgetCharge charge;
-  CO_RETURN_IF_ERROR(charge.Take(budget_.get(), available, absl::StrFormat("the snapshot table of %s", file_->name())));
-  std::vector<uint8_t> bytes(available);
-  CO_RETURN_IF_ERROR(co_await file_->Read(h.snapshots_offset, bytes));
-  co_return DecodeSnapshotTable(bytes, h.nb_snapshots);
+  constexpr uint64_t kFirstRead = 64 << 10;
+  for (uint64_t length = std::min(kFirstRead, available);; length = std::min(2 * length, available)) {
+    BudgetCharge charge;
+    CO_RETURN_IF_ERROR(charge.Take(budget_.get(), length, absl::StrFormat("the snapshot table of %s", file_->name())));
+    std::vector<uint8_t> bytes(length);
+    CO_RETURN_IF_ERROR(co_await file_->Read(h.snapshots_offset, bytes));
+    absl::StatusOr<SnapshotTable> table = DecodeSnapshotTable(bytes, h.nb_snapshots);
+    if (table.ok() || length == available) co_return table;
+  }
 }
 
-Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::OpenSnapshot(const SnapshotEntry& snapshot) {
-  const uint64_t cluster_size = header_.cluster_size();
+Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::OpenSnapshot(const SnapshotEntry& snapshot,
+                                                                          uint64_t default_size) {
+  // The header as it is now: a writer changes it under meta_mu_ (resize,
+  // L1 growth); what the snapshot takes from it (geometry, features) never
+  // changes.
+  Header header;
+  if (writable()) {
+    RangeLock::Guard meta = co_await meta_mu_.Lock();
+    header = header_;
+  } else {
+    header = header_;
+  }
+  const uint64_t cluster_size = header.cluster_size();
   const uint64_t l1_bytes = uint64_t{snapshot.l1_size} * spec::kL2EntrySize;
   const std::string what = absl::StrFormat("snapshot '%s' (ID %s) of %s", absl::CHexEscape(snapshot.name),
                                            absl::CHexEscape(snapshot.id), file_->name());
+  // QEMU refuses snapshots of an image with an external data file: its data
+  // is written in place, so a snapshot could not keep its bytes.
+  if (external_data_file_) {
+    co_return absl::FailedPreconditionError(
+        absl::StrFormat("%s: an image with an external data file cannot have usable snapshots", what));
+  }
   // The same bounds the header check puts on the active L1 table.
   if (l1_bytes > spec::kMaxL1Bytes) {
     co_return absl::DataLossError(absl::StrFormat("the L1 table of %s has %u entries, more than the limit", what,
@@ -257,13 +281,12 @@ Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::OpenSnapshot(const
   // A disk no L1 table of the maximum size could map is not a disk QEMU
   // makes; the part the snapshot's own table does not reach reads as
   // unallocated (QEMU does the same).
-  const uint64_t disk_size = snapshot.disk_size.value_or(header_.size);
-  const uint64_t max_disk = spec::kMaxL1Bytes / spec::kL2EntrySize * cluster_size * header_.l2_entries();
+  const uint64_t disk_size = snapshot.disk_size.value_or(default_size);
+  const uint64_t max_disk = spec::kMaxL1Bytes / spec::kL2EntrySize * cluster_size * header.l2_entries();
   if (disk_size > max_disk) {
     co_return absl::DataLossError(absl::StrFormat("%s claims a disk of %u bytes, more than an L1 table can map",
                                                   what, disk_size));
   }
-  Header header = header_;
   header.size = disk_size;
   header.l1_table_offset = snapshot.l1_table_offset;
   header.l1_size = snapshot.l1_size;
@@ -286,11 +309,15 @@ Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint6
   const uint64_t bytes_per_l2 = cluster_size * l2_entries;
 
   const uint64_t l1_index = offset / bytes_per_l2;
+  uint64_t end = std::min(offset + max_length, (l1_index + 1) * bytes_per_l2);
   if (l1_index >= L1Size()) {
+    // The header check makes the active L1 table cover the disk; a
+    // snapshot's may be shorter than the disk it recorded, and what it does
+    // not reach is unallocated, as QEMU reads it.
+    if (!writable()) co_return Mapping{SubclusterType::kUnallocatedPlain, end - offset, 0, {}};
     co_return absl::OutOfRangeError(absl::StrFormat(
         "%s: guest offset %#x is beyond the L1 table (%u entries)", file_->name(), offset, L1Size()));
   }
-  uint64_t end = std::min(offset + max_length, (l1_index + 1) * bytes_per_l2);
 
   absl::StatusOr<uint64_t> l2_table = L2TableOffset(l1_index);
   if (!l2_table.ok()) co_return l2_table.status();

@@ -120,13 +120,18 @@ class Qcow2Layer final : public Layer {
   Task<absl::StatusOr<SnapshotTable>> ReadSnapshotTable();
   // A read-only layer that reads the disk as `snapshot` (an entry of
   // ReadSnapshotTable) recorded it: through the snapshot's L1 table, at the
-  // snapshot's disk size, borrowing this layer's files, L2 cache and backing
+  // snapshot's disk size (`default_size` for an entry that records none),
+  // borrowing this layer's files, L2 cache and backing
   // layer; destroy it before this layer. Sharing the L2 cache is safe while
-  // this layer writes: an L2 table or data cluster that a snapshot also
-  // references has a refcount above 1 and is copied, never changed in
-  // place, and a cache slot is only reused (Forget) for a cluster that no
-  // snapshot references.
-  Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> OpenSnapshot(const SnapshotEntry& snapshot);
+  // this layer writes, for an image whose COPIED flags and refcounts agree
+  // (QEMU's invariant, which a damaged image may break): an L2 table or
+  // data cluster that a snapshot also references has a refcount above 1
+  // and no COPIED flag, so it is copied, never changed in place, and a
+  // cache slot is only reused (Forget) for a cluster that no snapshot
+  // references. An image with an external data file is refused, as QEMU
+  // refuses snapshots there: its data is always written in place.
+  Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> OpenSnapshot(const SnapshotEntry& snapshot,
+                                                                 uint64_t default_size);
 
   const Header& header() const { return header_; }
   bool writable() const { return refcounts_ != nullptr; }

@@ -14,7 +14,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <sys/sysmacros.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <thread>
 #include <map>
 #include <memory>
 #include <regex>
@@ -239,20 +245,107 @@ TEST_F(DirectoryModeTest, DiskAndPartitionFilesStayCoherent) {
     EXPECT_EQ(pread(part.get(), buf.data(), buf.size(), offset), static_cast<ssize_t>(buf.size()));
     return buf;
   };
+  // The other file drops its cached pages a moment after the change
+  // returns (fuse/invalidator.h): wait for it, boundedly.
+  auto eventually = [](const std::function<std::string()>& read, const std::string& expected) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    std::string got = read();
+    while (got != expected && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      got = read();
+    }
+    return got == expected;
+  };
   EXPECT_EQ(read_disk(p1.offset), std::string(64 * kKiB, 0x11));  // now in the kernel's cache
   const std::string data(64 * kKiB, 'p');
   ASSERT_EQ(pwrite(part.get(), data.data(), data.size(), 0), static_cast<ssize_t>(data.size()));
-  EXPECT_EQ(read_disk(p1.offset), data);
+  EXPECT_TRUE(eventually([&] { return read_disk(p1.offset); }, data));
   const std::string other(64 * kKiB, 'd');
   ASSERT_EQ(pwrite(disk.get(), other.data(), other.size(), p1.offset), static_cast<ssize_t>(other.size()));
-  EXPECT_EQ(read_part(0), other);
+  EXPECT_TRUE(eventually([&] { return read_part(0); }, other));
   ASSERT_EQ(fallocate(part.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 64 * kKiB), 0);
-  EXPECT_EQ(read_disk(p1.offset), std::string(64 * kKiB, '\0'));
+  EXPECT_TRUE(eventually([&] { return read_disk(p1.offset); }, std::string(64 * kKiB, '\0')));
   disk.Reset();
   part.Reset();
   ASSERT_OK(view->Unmount());
   EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
   ASSERT_OK(CheckImage(image_));
+}
+
+// Two writers, one through disk.raw and one through part1.raw, each
+// writing 512 bytes at a time into the same pages (which the kernel keeps
+// locked until each write is answered): neither may wait for the other.
+// Should they ever hang, the FUSE connection is aborted, which fails their
+// writes and lets the test end with no mount left.
+TEST_F(DirectoryModeTest, ConcurrentPartialWritesThroughDiskAndPartitionNeverHang) {
+  ASSERT_NO_FATAL_FAILURE(MakeDisk("label: gpt\\n,16M\\n"));
+  const Range p1 = partitions_.at(1);
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(/*read_only=*/false)));
+  struct stat mounted;
+  ASSERT_EQ(stat(mountpoint_.c_str(), &mounted), 0);
+  constexpr int kWrites = 3000;
+  std::atomic<int> done{0};
+  auto writer = [&](const std::string& file, uint64_t base, char fill) {
+    ScopedFd fd(open(file.c_str(), O_WRONLY | O_CLOEXEC));
+    const std::string data(512, fill);
+    for (int i = 0; i < kWrites && fd.get() >= 0; ++i) {
+      if (pwrite(fd.get(), data.data(), data.size(), base + (i % 16) * 512) < 0) break;
+    }
+    ++done;
+  };
+  std::thread a(writer, In("disk.raw"), p1.offset + 512, 'a');
+  std::thread b(writer, In("part1.raw"), 512, 'b');
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (done < 2 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const bool hung = done < 2;
+  if (hung) {
+    // /sys/fs/fuse/connections/<device minor>/abort ends every request
+    // (fusectl, mounted here for the while if the system has not).
+    const std::string connections = "/sys/fs/fuse/connections";
+    absl::StatusOr<CommandResult> fusectl = RunCommand({"mount", "-t", "fusectl", "none", connections});
+    const bool mounted_fusectl = fusectl.ok() && fusectl->status.success();
+    (void)WriteFileAt(absl::StrCat(connections, "/", minor(mounted.st_dev), "/abort"), 0, "1");
+    a.join();
+    b.join();
+    if (mounted_fusectl) (void)RunCommand({"umount", connections});
+    FAIL() << "writers through disk.raw and part1.raw hung";
+  }
+  a.join();
+  b.join();
+  ASSERT_OK(view->Unmount());
+  EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
+  ASSERT_OK(CheckImage(image_));
+}
+
+// Snapshot file names stay distinct whatever the names: here a snapshot
+// named like another's fallback, and two sharing a name.
+TEST_F(DirectoryModeTest, SnapshotFileNamesNeverCollide) {
+  image_ = Path("disk.qcow2");
+  ASSERT_OK(CreateImage(image_, "qcow2", 4 * kMiB));
+  const std::vector<std::string> names = {"snapshot-2", "3", "dup", "dup"};
+  for (size_t i = 0; i < names.size(); ++i) {
+    ASSERT_OK(QemuIo(image_, "qcow2", {W(0x10 + i, i * kMiB, kMiB)}));
+    ASSERT_OK(QemuImg({"snapshot", "-c", names[i], image_}).status());
+  }
+  // ID 1 keeps its name; ID 2's name "3" is free; ID 3's "3.raw" is taken,
+  // and so is snapshot-2.raw; ID 4 is by its ID.
+  const std::map<std::string, std::string> files = {
+      {"snapshot-2.raw", "1"}, {"3.raw", "2"}, {"snapshot-2~1.raw", "3"}, {"4.raw", "4"}};
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(/*read_only=*/true)));
+  std::vector<std::string> expected_names;
+  for (const auto& [file, id] : files) expected_names.push_back(file);
+  std::sort(expected_names.begin(), expected_names.end());
+  EXPECT_EQ(Entries(In("snapshots")), expected_names);
+  for (const auto& [file, id] : files) {
+    SCOPED_TRACE(file);
+    const std::string raw = Path("snapshot-" + id + ".raw");
+    ASSERT_OK(ConvertImage(image_, "qcow2", raw, "raw", {"-U", "-l", "snapshot.id=" + id}));
+    ASSERT_OK(CompareFiles(In("snapshots/" + file), raw));
+  }
+  ASSERT_OK(view->Unmount());
+  EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
 }
 
 // Creating, removing or renaming a file of the mount is refused plainly.

@@ -62,7 +62,7 @@ class SnapshotTest : public ::testing::Test {
     ASSERT_OK_AND_ASSIGN(std::vector<SnapshotInfo> snapshots, SyncWait(image.Snapshots()));
     for (const SnapshotInfo& info : snapshots) {
       SCOPED_TRACE(absl::StrCat("snapshot ", info.id, " '", info.name, "'"));
-      ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> snapshot, SyncWait(image.OpenSnapshot(info.index)));
+      ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> snapshot, SyncWait(image.OpenSnapshot(info)));
       EXPECT_TRUE(snapshot->read_only());
       EXPECT_EQ(snapshot->virtual_size(), info.disk_size);
       ASSERT_OK_AND_ASSIGN(std::string ours, ReadAll(*snapshot));
@@ -125,7 +125,9 @@ TEST_F(SnapshotTest, SnapshotKeepsItsBytesWhileTheDiskIsWritten) {
   std::string expected_disk;
   {
     ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> image, SyncWait(Image::Open(img, writable)));
-    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> snapshot, SyncWait(image->OpenSnapshot(0)));
+    ASSERT_OK_AND_ASSIGN(std::vector<SnapshotInfo> snapshots, SyncWait(image->Snapshots()));
+    ASSERT_EQ(snapshots.size(), 1u);
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> snapshot, SyncWait(image->OpenSnapshot(snapshots[0])));
     // Read first, so the shared L2 cache holds the tables the writes copy.
     ASSERT_OK_AND_ASSIGN(std::string first_read, ReadAll(*snapshot));
     ASSERT_TRUE(first_read == before);
@@ -163,13 +165,44 @@ TEST_F(SnapshotTest, UnallocatedPartsReadTheBackingFile) {
   ExpectSnapshotsAsQemu(*image, img);
 }
 
+// A snapshot that records a larger disk than its L1 table reaches: the
+// rest reads as unallocated (zeros here), as QEMU reads it after
+// `qemu-img snapshot -a`, rather than failing.
+TEST_F(SnapshotTest, DiskBeyondTheSnapshotsL1TableReadsAsUnallocated) {
+  const std::string img = dir_->Join("short-l1.qcow2");
+  ASSERT_OK(CreateImage(img, "qcow2", kMiB));
+  ASSERT_OK(QemuIo(img, "qcow2", {W(0x11, 0, kMiB)}));
+  ASSERT_OK(QemuImg({"snapshot", "-c", "s", img}).status());
+  ASSERT_OK_AND_ASSIGN(std::string bytes, ReadFile(img));
+  uint64_t table = 0;
+  for (int i = 0; i < 8; ++i) table = table << 8 | static_cast<uint8_t>(bytes[64 + i]);
+  // The extra data's disk size (bytes 8-15 after the 40-byte fixed part): 1 GiB.
+  std::string size(8, '\0');
+  size[4] = 0x40;
+  ASSERT_OK(WriteFileAt(img, table + 40 + 8, size));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> image, SyncWait(Image::Open(img, ImageOptions{})));
+  ASSERT_OK_AND_ASSIGN(std::vector<SnapshotInfo> snapshots, SyncWait(image->Snapshots()));
+  ASSERT_EQ(snapshots.size(), 1u);
+  EXPECT_EQ(snapshots[0].disk_size, uint64_t{1} << 30);
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> snapshot, SyncWait(image->OpenSnapshot(snapshots[0])));
+  std::vector<uint8_t> head(kMiB), far(kMiB, 0xff);
+  ASSERT_OK(SyncWait(snapshot->Read(0, head)));
+  EXPECT_EQ(head, std::vector<uint8_t>(kMiB, 0x11));
+  ASSERT_OK(SyncWait(snapshot->Read(512 * kMiB, far)));
+  EXPECT_EQ(far, std::vector<uint8_t>(kMiB, 0));
+  ASSERT_OK_AND_ASSIGN(uint64_t data, SyncWait(snapshot->AllocatedBytes()));
+  EXPECT_EQ(data, kMiB);
+}
+
 TEST_F(SnapshotTest, ImageWithoutSnapshotsListsNone) {
   const std::string img = dir_->Join("none.qcow2");
   ASSERT_OK(CreateImage(img, "qcow2", kMiB));
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> image, SyncWait(Image::Open(img, ImageOptions{})));
   ASSERT_OK_AND_ASSIGN(std::vector<SnapshotInfo> snapshots, SyncWait(image->Snapshots()));
   EXPECT_TRUE(snapshots.empty());
-  EXPECT_EQ(SyncWait(image->OpenSnapshot(0)).status().code(), absl::StatusCode::kNotFound);
+  SnapshotInfo none;
+  none.id = "1";
+  EXPECT_EQ(SyncWait(image->OpenSnapshot(none)).status().code(), absl::StatusCode::kNotFound);
 }
 
 // A crafted snapshot entry: its L1 table unaligned, then past the end of
@@ -209,7 +242,9 @@ TEST_F(SnapshotTest, HostileSnapshotEntryIsRefused) {
     bytes.replace(c.at, 8, c.bytes);
     ASSERT_OK(WriteFileAt(copy, 0, bytes));
     ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> image, SyncWait(Image::Open(copy, ImageOptions{})));
-    absl::StatusOr<std::unique_ptr<Image>> snapshot = SyncWait(image->OpenSnapshot(0));
+    ASSERT_OK_AND_ASSIGN(std::vector<SnapshotInfo> snapshots, SyncWait(image->Snapshots()));
+    ASSERT_EQ(snapshots.size(), 1u);
+    absl::StatusOr<std::unique_ptr<Image>> snapshot = SyncWait(image->OpenSnapshot(snapshots[0]));
     ASSERT_FALSE(snapshot.ok());
     EXPECT_EQ(snapshot.status().code(), absl::StatusCode::kDataLoss);
     EXPECT_TRUE(absl::StrContains(snapshot.status().message(), "snapshot 'evil' (ID 1)")) << snapshot.status();

@@ -166,12 +166,13 @@ class Image {
   // now. A table that cannot be decoded is a DataLossError.
   Task<absl::StatusOr<std::vector<SnapshotInfo>>> Snapshots();
 
-  // A read-only Image of the disk as snapshot `index` (SnapshotInfo::index)
+  // A read-only Image of the disk as snapshot `snapshot` (from Snapshots())
   // recorded it, as `qemu-img convert -l` reads it: through the snapshot's
-  // own L1 table, at its own disk size. It shares this image's files, L2
+  // own L1 table, at snapshot.disk_size. It shares this image's files, L2
   // cache and backing chain, and may be read while this image is written;
-  // destroy it before this image.
-  Task<absl::StatusOr<std::unique_ptr<Image>>> OpenSnapshot(uint32_t index);
+  // destroy it before this image. An image with an external data file has
+  // no usable snapshots (FailedPreconditionError), as in QEMU.
+  Task<absl::StatusOr<std::unique_ptr<Image>>> OpenSnapshot(const SnapshotInfo& snapshot);
 
   // Grows the disk (the new space reads as zeros) or shrinks it where that
   // loses no data (FailedPreconditionError otherwise). The size must be a
