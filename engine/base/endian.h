@@ -1,4 +1,6 @@
-// The one place big-endian on-disk fields are read and written.
+// The one place on-disk fields are read and written: big-endian, as qcow2
+// stores its numbers, and little-endian, the order of the 64-bit words of
+// a persistent bitmap's data.
 
 #ifndef QCOW2FUSE_BASE_ENDIAN_H_
 #define QCOW2FUSE_BASE_ENDIAN_H_
@@ -38,6 +40,16 @@ inline void StoreBE32(uint8_t* p, uint32_t v) {
 }
 inline void StoreBE64(uint8_t* p, uint64_t v) {
   v = htobe64(v);
+  std::memcpy(p, &v, sizeof v);
+}
+
+inline uint64_t LoadLE64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, sizeof v);
+  return le64toh(v);
+}
+inline void StoreLE64(uint8_t* p, uint64_t v) {
+  v = htole64(v);
   std::memcpy(p, &v, sizeof v);
 }
 
