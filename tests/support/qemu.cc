@@ -228,9 +228,11 @@ absl::StatusOr<std::vector<MapExtent>> ParseMapJson(absl::string_view json) {
   return extents;
 }
 
-absl::StatusOr<std::vector<BitmapInfo>> ImageBitmaps(const std::string& path) {
-  absl::StatusOr<std::string> info =
-      QemuImg({"info", "-f", "qcow2", "--output=json", path});
+absl::StatusOr<std::vector<BitmapInfo>> ImageBitmaps(const std::string& path, bool force_share) {
+  std::vector<std::string> args = {"info", "-f", "qcow2", "--output=json"};
+  if (force_share) args.push_back("-U");
+  args.push_back(path);
+  absl::StatusOr<std::string> info = QemuImg(args);
   if (!info.ok()) return info.status();
   std::vector<BitmapInfo> bitmaps;
   const size_t key = info->find("\"bitmaps\"");

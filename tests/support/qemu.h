@@ -109,8 +109,9 @@ struct BitmapInfo {
   bool enabled = false;    // the "auto" flag
 };
 
-// The persistent bitmaps of a qcow2 image (none: an empty list).
-absl::StatusOr<std::vector<BitmapInfo>> ImageBitmaps(const std::string& path);
+// The persistent bitmaps of a qcow2 image (none: an empty list);
+// `force_share` (-U) reads an image that a writer holds open.
+absl::StatusOr<std::vector<BitmapInfo>> ImageBitmaps(const std::string& path, bool force_share = false);
 
 // The ranges of the disk that bitmap `name` of the qcow2 image at `path`
 // marks dirty, as QEMU reads them: qemu-nbd exports the image read-only

@@ -8,6 +8,8 @@
 // Where QEMU can do the same requests (qemu-io on a copy), its bitmaps
 // must come out the same as ours.
 
+#include <errno.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
@@ -385,6 +387,7 @@ TEST_F(DirtyBitmapsTest, BitmapInUseAtOpenStaysInUseAndRefusesResize) {
     absl::Status resized = SyncWait(image->Truncate(8 * kMiB));
     EXPECT_EQ(resized.code(), absl::StatusCode::kFailedPrecondition) << resized;
     EXPECT_TRUE(absl::StrContains(resized.message(), "'stale' is inconsistent")) << resized;
+    EXPECT_EQ(StatusErrno(resized), EOPNOTSUPP) << "as QEMU's -ENOTSUP";
     EXPECT_EQ(image->virtual_size(), 4 * kMiB);
     ASSERT_OK(SyncWait(image->Close()));
   }
@@ -403,6 +406,27 @@ struct Damage {
   std::function<void(Bytes&, const DecodedBitmap& victim, const DecodedBitmap& other)> apply;
   bool qemu_can_read = false;  // qemu-img still reads the directory
 };
+
+// Gives the last entry of the directory (`v`) 8 bytes of extra data before
+// its name: the entry and the directory (which has its cluster to itself)
+// grow by 8 bytes, and the header extension says so.
+void AddExtraData(Bytes& b, const DecodedBitmap& v, const DecodedBitmap&) {
+  const uint64_t name_at = v.entry_offset + 24;
+  const uint64_t name_size = GetBE(b, v.entry_offset + 18, 2);
+  Bytes name(b.begin() + name_at, b.begin() + name_at + name_size);
+  // The directory may end the file: the rest of its cluster reads as zeros.
+  b.resize(std::max<uint64_t>(b.size(), v.entry_offset + v.entry_bytes + 8), 0);
+  PutBE32(b, v.entry_offset + 20, 8);
+  std::fill(b.begin() + name_at, b.begin() + name_at + 8, 0);
+  PutBytes(b, name_at + 8, name);
+  std::fill(b.begin() + name_at + 8 + name_size, b.begin() + v.entry_offset + v.entry_bytes + 8, 0);
+  // The bitmaps extension: its directory size (bytes 8-15 of its data).
+  for (uint64_t pos = GetBE(b, 100, 4); GetBE(b, pos, 4) != 0; pos += 8 + (GetBE(b, pos + 4, 4) + 7) / 8 * 8) {
+    if (GetBE(b, pos, 4) == kExtBitmaps) PutBE64(b, pos + 16, GetBE(b, pos + 16, 8) + 8);
+  }
+}
+
+void PrintTo(const Damage& damage, std::ostream* out) { *out << damage.name; }
 
 class UnmaintainableBitmapTest : public DirtyBitmapsTest, public ::testing::WithParamInterface<Damage> {};
 
@@ -454,8 +478,27 @@ INSTANTIATE_TEST_SUITE_P(
         Damage{"ReservedBitsInTheTable", "reserved bits",
                [](Bytes& b, const DecodedBitmap& v, const DecodedBitmap&) { PutBE64(b, v.table_offset, v.table[0] | 2); }},
         Damage{"DataSharedWithAnotherBitmap", "overlaps",
-               [](Bytes& b, const DecodedBitmap& v, const DecodedBitmap& o) { PutBE64(b, v.table_offset, o.table[0]); }}),
+               [](Bytes& b, const DecodedBitmap& v, const DecodedBitmap& o) { PutBE64(b, v.table_offset, o.table[0]); }},
+        Damage{"ExtraData", "8 bytes of extra data", AddExtraData}),
     [](const ::testing::TestParamInfo<Damage>& info) { return info.param.name; });
+
+// A bitmap larger than QEMU allows (512 MiB of bits): here a 4 TiB disk
+// whose 64 KiB granularity was turned into 512 bytes, 1 GiB of bits.
+TEST_F(DirtyBitmapsTest, BitmapLargerThanQemuAllowsIsLeftInUse) {
+  Create(4 * 1024 * 1024 * kMiB);
+  AddBitmap("big", 65536);
+  Bytes bytes = ImageBytes();
+  PutBE8(bytes, Decoded("big").entry_offset + 17, 9);
+  ASSERT_OK(WriteBytes(path_, bytes));
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> image, OpenWritable(path_));
+    EXPECT_TRUE(absl::StrContains(image->DescribeChain(), "'big' left in use: ")) << image->DescribeChain();
+    EXPECT_TRUE(absl::StrContains(image->DescribeChain(), "more than QEMU's limit")) << image->DescribeChain();
+    ASSERT_OK(SyncWait(image->Write(0, Pattern(512, 1))));
+    ASSERT_OK(SyncWait(image->Close()));
+  }
+  EXPECT_TRUE(Decoded("big").in_use());
+}
 
 // A bitmap whose bits would not fit the memory budget is refused before
 // anything is allocated for it, and left in use.
@@ -700,6 +743,7 @@ TEST_F(DirtyBitmapsTest, ResizeRefusedWhenADisabledBitmapCannotFollow) {
     absl::Status resized = SyncWait(image->Truncate(16 * kMiB));
     EXPECT_EQ(resized.code(), absl::StatusCode::kFailedPrecondition) << resized;
     EXPECT_TRUE(absl::StrContains(resized.message(), "'off' (disabled) cannot follow")) << resized;
+    EXPECT_EQ(StatusErrno(resized), EOPNOTSUPP);
     EXPECT_EQ(image->virtual_size(), 4 * kMiB);
     ASSERT_OK(SyncWait(image->Close()));
   }
