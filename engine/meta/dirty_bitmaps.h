@@ -38,10 +38,11 @@
 //   3. for a moved table, the directory entry's table offset; barrier;
 //   4. the directory: table sizes, and in-use flags cleared; barrier;
 //   5. the clusters a shrink or a moved table left behind are given back.
-// So a bitmap is in use until the barrier after step 4, each 8-byte field
-// changes in one write of its own sector, every cluster the directory
-// reaches is counted and holds what it claims, and a crash leaks at most
-// what steps 1 and 2 allocated.
+// So a bitmap is in use until the barrier after step 4; every field that
+// changes (flags with table size, table offset, table entries) is 8 bytes
+// and 8-byte aligned, so no sector holds half of one; every cluster the
+// directory reaches is counted and holds what it claims; and a crash leaks
+// at most what steps 1 and 2 allocated.
 //
 // Concurrency. Mark() takes no lock: it ORs 64-bit words atomically and
 // runs in parallel with other Marks. Every other call requires the image's
