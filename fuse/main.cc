@@ -504,8 +504,9 @@ int Serve(const MountOptions& options, StartupReport& report) {
     }
     fuse_loop_cfg_destroy(loop_config);
   }
-  // What was written reaches the disk before we go.
-  absl::Status flushed = SyncWait((*image)->Flush());
+  // What was written reaches the disk before we go, and the persistent
+  // bitmaps are stored consistent.
+  absl::Status flushed = SyncWait((*image)->Close());
   if (!flushed.ok()) {
     Log(LogLevel::kError, absl::StrFormat("flushing the image at unmount: %s", flushed.message()));
   }

@@ -1,5 +1,6 @@
 // The one place on-disk integers are read and written: qcow2's fields are
-// big-endian, those of the MBR and GPT partition tables little-endian.
+// big-endian; those of the MBR and GPT partition tables, and the 64-bit
+// words of a persistent bitmap's data, little-endian.
 
 #ifndef QCOW2FUSE_BASE_ENDIAN_H_
 #define QCOW2FUSE_BASE_ENDIAN_H_

@@ -120,6 +120,14 @@ Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::Load(std::unique_p
         std::make_unique<Refcounts>(layer->file_.get(), h, kRefcountCacheBytes, layer->metadata_.get(),
                                     layer->budget_.get(), layer->header_writer_.get());
     CO_RETURN_IF_ERROR(co_await layer->RegisterMetadata());
+    if (h.bitmaps) {
+      // After the rest of the metadata: a bitmap's data clusters join it.
+      absl::StatusOr<std::unique_ptr<DirtyBitmaps>> bitmaps = co_await DirtyBitmaps::Load(
+          {layer->file_.get(), layer->refcounts_.get(), layer->metadata_.get(), layer->budget_.get(), h.cluster_bits},
+          *h.bitmaps, h.size);
+      if (!bitmaps.ok()) co_return bitmaps.status();
+      layer->bitmaps_ = *std::move(bitmaps);
+    }
   }
   co_return layer;
 }
@@ -741,6 +749,18 @@ std::string Qcow2Layer::Describe() const {
   if (header_.incompatible_features & spec::kIncompatCorrupt) traits.push_back("marked corrupt");
   std::string line = absl::StrFormat("qcow2 v%u image %s (%u bytes; %s)", header_.version, file_->name(),
                                      header_.size, absl::StrJoin(traits, ", "));
+  if (bitmaps_) {
+    std::vector<std::string> states;
+    for (const DirtyBitmaps::Description& d : bitmaps_->Describe()) {
+      const std::string name = absl::StrCat("'", absl::CHexEscape(d.name), "'");
+      switch (d.state) {
+        case DirtyBitmaps::State::kRecorded: states.push_back(name + " recorded"); break;
+        case DirtyBitmaps::State::kDisabled: states.push_back(name + " disabled"); break;
+        case DirtyBitmaps::State::kInconsistent: states.push_back(absl::StrCat(name, " left in use: ", d.why)); break;
+      }
+    }
+    line += "\n  persistent bitmaps: " + absl::StrJoin(states, "; ");
+  }
   if (backing_) line += "\n  backed by " + backing_->Describe();
   return line;
 }

@@ -13,6 +13,9 @@
 //   3. dirty L1 entries, barrier;
 //   4. only now drop the refcounts of clusters no longer referenced, and
 //      discard those that became free.
+// Persistent dirty bitmaps (meta/dirty_bitmaps.h) are marked in use before
+// the first change, record every write, write-zeroes and discard, and are
+// stored consistent again by Close().
 // Until a flush, changed metadata lives in the caches; a crash loses the
 // unflushed writes (as a disk loses its write cache) and leaks at most the
 // clusters allocated for them.
@@ -67,6 +70,7 @@
 #include "format/l2_entry.h"
 #include "format/snapshot.h"
 #include "io/block_file.h"
+#include "meta/dirty_bitmaps.h"
 #include "meta/header_writer.h"
 #include "meta/metadata_map.h"
 #include "meta/refcounts.h"
@@ -140,6 +144,12 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> Write(uint64_t offset, std::span<const uint8_t> data);
   // Puts everything written so far on stable storage (the protocol above).
   Task<absl::Status> Flush();
+  // Waits for every change in flight, flushes, and stores the persistent
+  // dirty bitmaps, which are consistent on disk once it returns OK. A
+  // change after it marks them in use again.
+  Task<absl::Status> Close();
+  // The persistent bitmaps of a writable image with a bitmaps extension.
+  const DirtyBitmaps* bitmaps() const { return bitmaps_.get(); }
   // Changes the virtual size. Growing makes the new space read as zeros;
   // shrinking is refused (FailedPreconditionError) if data would be lost.
   Task<absl::Status> Truncate(uint64_t new_size);
@@ -230,6 +240,12 @@ class Qcow2Layer final : public Layer {
   bool FreesReady() const;
   // Requires meta_mu_ held: the flush protocol itself.
   Task<absl::Status> FlushLocked();
+  // Requires meta_mu_ held: FlushLocked unless every change finished is
+  // covered already.
+  Task<absl::Status> FlushChangesLocked();
+  // Discards the host clusters whose refcount dropped to 0, once that is
+  // durable.
+  Task<absl::Status> DiscardFreed();
   // The walk behind StartDataCount: one L2 slice's worth of disk at a time,
   // each counted under meta_mu_ so that no entry changes between what it
   // sees and count_end_ moving past it.
@@ -250,7 +266,6 @@ class Qcow2Layer final : public Layer {
   // Writes `now` over header field bytes that are `before` (HeaderWriter).
   Task<absl::Status> WriteHeaderField(uint32_t field_offset, std::span<const uint8_t> now,
                                       std::span<const uint8_t> before);
-  Task<absl::Status> MarkBitmapsInUse();
   // The bitmap directory (the header has the extension), its bytes and
   // decoded entries; their memory is charged to `charge`.
   struct BitmapDirectory {
@@ -363,6 +378,8 @@ class Qcow2Layer final : public Layer {
   // Where the metadata of a writable image lies (null when read-only), for
   // CheckHostWrite; the refcounts keep their part of it up to date.
   std::unique_ptr<MetadataMap> metadata_;
+  // The persistent dirty bitmaps (null when read-only or without any).
+  std::unique_ptr<DirtyBitmaps> bitmaps_;
   BudgetCharge l1_charge_;    // l1_
   BudgetCharge map_charge_;   // metadata_'s clusters
   // Set once the image is found inconsistent while writing: it is marked

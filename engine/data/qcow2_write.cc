@@ -38,20 +38,6 @@ Task<absl::Status> Qcow2Layer::WriteHeaderField(uint32_t field_offset, std::span
   co_return co_await header_writer_->Switch(field_offset, now, before);
 }
 
-// Bitmaps we do not maintain must not keep claiming to be consistent: mark
-// each one in use, as QEMU does while it has the image open. QEMU then
-// reports them as inconsistent instead of trusting them.
-Task<absl::Status> Qcow2Layer::MarkBitmapsInUse() {
-  BudgetCharge charge;
-  absl::StatusOr<BitmapDirectory> dir = co_await ReadBitmapDirectory(charge);
-  if (!dir.ok()) co_return Annotate(dir.status(), file_->name());
-  for (const BitmapDirectoryEntry& e : dir->entries) {
-    StoreBE32(dir->bytes.data() + e.position + spec::kBitmapDirOffFlags, e.flags | spec::kBitmapFlagInUse);
-  }
-  CO_RETURN_IF_ERROR(co_await file_->Write(header_.bitmaps->bitmap_directory_offset, dir->bytes));
-  co_return co_await file_->Flush();
-}
-
 Task<absl::StatusOr<Qcow2Layer::BitmapDirectory>> Qcow2Layer::ReadBitmapDirectory(BudgetCharge& charge) {
   const BitmapsExtension& b = *header_.bitmaps;
   // The header check bounded the directory to QEMU's 64 MiB limit.
@@ -66,8 +52,10 @@ Task<absl::StatusOr<Qcow2Layer::BitmapDirectory>> Qcow2Layer::ReadBitmapDirector
   co_return dir;
 }
 
-// Before the first change: refuse images whose refcounts cannot be trusted,
-// and stop claiming what we do not maintain (spec: "Autoclear feature bits").
+// Before the first change (and the first after a Close): refuse images
+// whose refcounts cannot be trusted, mark the persistent bitmaps in use,
+// and stop claiming what we do not maintain (spec: "Autoclear feature
+// bits").
 Task<absl::Status> Qcow2Layer::PrepareFirstWrite() {
   if (prepared_for_write_) co_return absl::OkStatus();
   if (!writable()) {
@@ -79,9 +67,9 @@ Task<absl::Status> Qcow2Layer::PrepareFirstWrite() {
     // Open() rebuilds the refcounts of a dirty image it may write.
     co_return absl::InternalError(absl::StrFormat("%s is still dirty", file_->name()));
   }
-  if ((header_.autoclear_features & spec::kAutoclearBitmaps) && header_.bitmaps) {
-    CO_RETURN_IF_ERROR(co_await MarkBitmapsInUse());
-  }
+  // Durably in use before any change can reach the disk: a bitmap that
+  // claims to be consistent must hold every write.
+  if (bitmaps_) CO_RETURN_IF_ERROR(co_await bitmaps_->MarkInUse());
   // The bitmaps bit stays only where there are bitmaps to mark: without the
   // extension it would claim a bitmap directory that QEMU then looks for.
   const uint64_t kept = (header_.bitmaps ? spec::kAutoclearBitmaps : 0) | spec::kAutoclearDataFileRaw;
@@ -214,6 +202,9 @@ Task<absl::Status> Qcow2Layer::Write(uint64_t offset, std::span<const uint8_t> d
 
 Task<absl::Status> Qcow2Layer::WriteData(uint64_t offset, std::span<const uint8_t> data) {
   CO_RETURN_IF_ERROR(co_await PrepareFirstWrite());
+  // Before the data goes anywhere: a failed write may still have changed
+  // the disk, and a granule marked for nothing is only a larger backup.
+  if (bitmaps_) bitmaps_->Mark(offset, data.size());
   const uint64_t cluster_size = header_.cluster_size();
   while (!data.empty()) {
     const uint64_t n = std::min<uint64_t>(data.size(), cluster_size - (offset & (cluster_size - 1)));
@@ -454,6 +445,25 @@ Task<absl::Status> Qcow2Layer::FlushIfCachesFull() {
 Task<absl::Status> Qcow2Layer::Flush() {
   if (!writable()) co_return absl::OkStatus();
   RangeLock::Guard meta = co_await meta_mu_.Lock();
+  co_return co_await FlushChangesLocked();
+}
+
+Task<absl::Status> Qcow2Layer::Close() {
+  if (!writable()) co_return absl::OkStatus();
+  // No change runs while the bitmaps are stored: every granule a change
+  // marked is in what Store writes, and no change can reach the disk after
+  // the flags are cleared without marking them in use again first.
+  RangeLock::Guard guard = co_await cluster_locks_.Lock(0, UINT64_MAX);
+  RangeLock::Guard meta = co_await meta_mu_.Lock();
+  CO_RETURN_IF_ERROR(co_await FlushChangesLocked());
+  // A corrupt image takes no more writes; its bitmaps stay in use.
+  if (!bitmaps_ || !bitmaps_->marked() || is_corrupt_) co_return absl::OkStatus();
+  CO_RETURN_IF_ERROR(co_await bitmaps_->Store());
+  prepared_for_write_ = false;  // the next change marks them in use again
+  co_return co_await DiscardFreed();
+}
+
+Task<absl::Status> Qcow2Layer::FlushChangesLocked() {
   // Changes that finish from here on are not this flush's to cover.
   const uint64_t changes = changes_.load();
   if (changes == flushed_changes_ && !flush_failed_ && !FreesReady() && !header_writer_->unsettled()) {
@@ -507,6 +517,10 @@ Task<absl::Status> Qcow2Layer::FlushLocked() {
     CO_RETURN_IF_ERROR(co_await refcounts_->WriteBack());
     CO_RETURN_IF_ERROR(co_await file_->Flush());
   }
+  co_return co_await DiscardFreed();
+}
+
+Task<absl::Status> Qcow2Layer::DiscardFreed() {
   for (const auto& [offset, length] : refcounts_->TakeFreed()) {
     for (uint64_t s = 0; s < length; s += l2_cache_.table_size()) l2_cache_.Forget(offset + s);
     CO_RETURN_IF_ERROR(co_await file_->Discard(offset, length));
@@ -666,9 +680,13 @@ Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
   CO_RETURN_IF_ERROR(co_await PrepareFirstWrite());
   const uint64_t old_size = header_.size;
   if (new_size == old_size) co_return absl::OkStatus();
-  if (new_size < old_size) {
-    CO_RETURN_IF_ERROR(co_await CheckNoDataFrom(new_size));
-  } else {
+  if (new_size < old_size) CO_RETURN_IF_ERROR(co_await CheckNoDataFrom(new_size));
+  if (bitmaps_) {
+    // Every persistent bitmap follows the disk's size, or none does.
+    RangeLock::Guard meta = co_await meta_mu_.Lock();
+    CO_RETURN_IF_ERROR(co_await bitmaps_->PrepareResize(new_size));
+  }
+  if (new_size > old_size) {
     const uint64_t bytes_per_l2 = header_.cluster_size() * header_.l2_entries();
     const uint64_t l1_needed = new_size / bytes_per_l2 + (new_size % bytes_per_l2 != 0);
     if (l1_needed > L1Size()) CO_RETURN_IF_ERROR(co_await GrowL1(l1_needed));
@@ -710,6 +728,7 @@ Task<absl::Status> Qcow2Layer::Resize(uint64_t new_size) {
     co_return durable;
   }
   header_.size = new_size;
+  if (bitmaps_) bitmaps_->Resize(new_size);
   // The data count: the bytes that left the disk go, those that came in
   // are counted (if the walk is past the old end; otherwise it counts them).
   if (new_size < old_size) {

@@ -78,6 +78,9 @@ bool Qcow2Layer::OverBacking(uint64_t guest_cluster) const {
 
 Task<absl::Status> Qcow2Layer::ZeroRange(uint64_t offset, uint64_t length, ZeroMode mode) {
   CO_RETURN_IF_ERROR(co_await PrepareFirstWrite());
+  // The whole range, whatever it held: QEMU's bitmaps record a discard or
+  // write-zeroes as a write.
+  if (bitmaps_) bitmaps_->Mark(offset, std::min(length, header_.size - std::min(offset, header_.size)));
   const uint64_t cluster_size = header_.cluster_size();
   const uint64_t end = offset + length;
   // A request that reaches the end of the disk covers its last cluster

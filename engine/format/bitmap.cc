@@ -25,6 +25,7 @@ absl::StatusOr<std::vector<BitmapDirectoryEntry>> DecodeBitmapDirectory(std::spa
     entry.position = pos;
     const uint32_t name_size = LoadBE16(p + spec::kBitmapDirOffNameSize);
     const uint32_t extra_size = LoadBE32(p + spec::kBitmapDirOffExtraDataSize);
+    entry.extra_data_size = extra_size;
     const uint64_t length = uint64_t{spec::kBitmapDirEntryFixedSize} + extra_size + name_size;
     if (length > directory.size() - pos) {
       return absl::DataLossError(absl::StrFormat(

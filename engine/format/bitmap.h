@@ -20,6 +20,7 @@ struct BitmapDirectoryEntry {
   uint32_t flags = 0;
   uint8_t type = 0;
   uint8_t granularity_bits = 0;
+  uint32_t extra_data_size = 0;
   std::string name;
   // Where the entry starts in the directory, to rewrite its flags.
   uint64_t position = 0;

@@ -115,6 +115,8 @@ inline constexpr uint32_t kBitmapDirOffNameSize = 18;
 inline constexpr uint32_t kBitmapDirOffExtraDataSize = 20;
 inline constexpr uint32_t kBitmapDirEntryAlignment = 8;
 inline constexpr uint32_t kBitmapFlagInUse = 1u << 0;
+inline constexpr uint32_t kBitmapFlagAuto = 1u << 1;
+inline constexpr uint32_t kBitmapFlagExtraDataCompatible = 1u << 2;
 inline constexpr uint32_t kBitmapReservedFlags = ~uint32_t{0x7};  // bits 3-31
 inline constexpr uint8_t kBitmapTypeDirtyTracking = 1;
 // "Bitmap table": 8-byte entries.

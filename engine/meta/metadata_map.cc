@@ -17,6 +17,7 @@ const char* MetadataKindName(MetadataKind kind) {
     case MetadataKind::kSnapshotL1Table: return "a snapshot's L1 table";
     case MetadataKind::kBitmapDirectory: return "the bitmap directory";
     case MetadataKind::kBitmapTable: return "a bitmap table";
+    case MetadataKind::kBitmapData: return "a bitmap's data";
   }
   return "metadata";
 }

@@ -1,6 +1,7 @@
 // MetadataMap: where an image file keeps its metadata (header, L1 tables,
 // L2 tables in use, refcount table and blocks, snapshot table, bitmap
-// directory and tables), so that nothing else is ever written there.
+// directory and tables, the data clusters of the bitmaps it maintains), so
+// that nothing else is ever written there.
 //
 // An image is input. A crafted L2 entry can point a guest write at the
 // refcount table, a crafted refcount block can call the L1 table's cluster
@@ -13,9 +14,9 @@
 // or a new table (Qcow2Layer::CheckHostWrite), and before giving a cluster
 // back.
 //
-// Structures of several clusters are kept as ranges; L2 tables and
-// refcount blocks, one cluster each and possibly millions of them, as a set
-// of cluster offsets. Thread-safe: writes of guest data ask it without the
+// Structures of several clusters are kept as ranges; L2 tables, refcount
+// blocks and bitmap data clusters, one cluster each and possibly millions
+// of them, as a set of cluster offsets. Thread-safe: writes of guest data ask it without the
 // metadata lock.
 
 #ifndef QCOW2FUSE_META_METADATA_MAP_H_
@@ -41,6 +42,7 @@ enum class MetadataKind {
   kSnapshotL1Table,
   kBitmapDirectory,
   kBitmapTable,
+  kBitmapData,  // a cluster of a persistent bitmap's data (meta/dirty_bitmaps)
 };
 
 // "the refcount table", "an L2 table", ...
@@ -59,7 +61,7 @@ class MetadataMap {
   };
 
   // Registers a structure at [offset, offset + length): a range, or, for
-  // L2 tables and refcount blocks, one cluster. DataLossError naming both
+  // L2 tables, refcount blocks and bitmap data, one cluster. DataLossError naming both
   // when it overlaps a structure already registered.
   absl::Status Add(MetadataKind kind, uint64_t offset, uint64_t length);
   // Forgets the structure of `kind` registered at `offset` (nothing if
@@ -79,7 +81,8 @@ class MetadataMap {
  private:
   std::optional<Hit> FindLocked(uint64_t offset, uint64_t length) const;
   static bool IsCluster(MetadataKind kind) {
-    return kind == MetadataKind::kL2Table || kind == MetadataKind::kRefcountBlock;
+    return kind == MetadataKind::kL2Table || kind == MetadataKind::kRefcountBlock ||
+           kind == MetadataKind::kBitmapData;
   }
 
   const uint32_t cluster_bits_;

@@ -2,13 +2,22 @@
 
 #include "absl/strings/str_format.h"
 
+#include <signal.h>
+#include <sys/stat.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <regex>
 #include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_split.h"
 #include "support/command.h"
+#include "support/temp_dir.h"
 
 namespace qcow2fuse::test {
 namespace {
@@ -217,6 +226,126 @@ absl::StatusOr<std::vector<MapExtent>> ParseMapJson(absl::string_view json) {
         absl::StrCat("cannot parse qemu-img map output: ", text));
   }
   return extents;
+}
+
+absl::StatusOr<std::vector<BitmapInfo>> ImageBitmaps(const std::string& path, bool force_share) {
+  std::vector<std::string> args = {"info", "-f", "qcow2", "--output=json"};
+  if (force_share) args.push_back("-U");
+  args.push_back(path);
+  absl::StatusOr<std::string> info = QemuImg(args);
+  if (!info.ok()) return info.status();
+  std::vector<BitmapInfo> bitmaps;
+  const size_t key = info->find("\"bitmaps\"");
+  if (key == std::string::npos) return bitmaps;
+  const size_t open = info->find('[', key);
+  if (open == std::string::npos) {
+    return absl::InternalError(absl::StrCat("cannot parse the bitmaps of qemu-img info: ", *info));
+  }
+  // The array of objects, each with a "flags" array inside: find its end
+  // by depth.
+  size_t close = open;
+  for (int depth = 0; close < info->size(); ++close) {
+    if ((*info)[close] == '[') ++depth;
+    if ((*info)[close] == ']' && --depth == 0) break;
+  }
+  const std::string array = info->substr(open, close - open + 1);
+  for (size_t begin = array.find('{'); begin != std::string::npos;
+       begin = array.find('{', begin + 1)) {
+    const size_t end = array.find('}', begin);
+    if (end == std::string::npos) break;
+    const std::string object = array.substr(begin, end - begin + 1);
+    BitmapInfo b;
+    const size_t name_key = object.find("\"name\"");
+    const size_t quote = name_key == std::string::npos ? name_key : object.find('"', object.find(':', name_key));
+    const size_t quote_end = quote == std::string::npos ? quote : object.find('"', quote + 1);
+    absl::StatusOr<uint64_t> granularity = NumberField(object, "granularity");
+    const size_t flags_key = object.find("\"flags\"");
+    if (quote_end == std::string::npos || !granularity.ok() || flags_key == std::string::npos) {
+      return absl::InternalError(absl::StrCat("cannot parse a bitmap of qemu-img info: ", object));
+    }
+    b.name = object.substr(quote + 1, quote_end - quote - 1);
+    b.granularity = *granularity;
+    const std::string flags =
+        object.substr(flags_key, object.find(']', flags_key) - flags_key);
+    b.in_use = absl::StrContains(flags, "\"in-use\"");
+    b.enabled = absl::StrContains(flags, "\"auto\"");
+    bitmaps.push_back(std::move(b));
+  }
+  return bitmaps;
+}
+
+absl::StatusOr<std::vector<ByteRange>> DirtyExtents(const std::string& path,
+                                                    const std::string& name) {
+  absl::StatusOr<TempDir> dir = TempDir::Create("nbd");
+  if (!dir.ok()) return dir.status();
+  const std::string socket = dir->Join("nbd.sock");
+  const std::string log = dir->Join("qemu-nbd.log");
+  const int log_fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (log_fd < 0) return absl::InternalError(absl::StrCat("open ", log, ": ", strerror(errno)));
+  // Without --persistent, qemu-nbd exits once its one client has gone.
+  const std::vector<std::string> server = {"qemu-nbd", "-k", socket, "-f", "qcow2", "-r", "-B", name, path};
+  absl::StatusOr<pid_t> pid = Spawn(server, log_fd, log_fd);
+  close(log_fd);
+  if (!pid.ok()) return pid.status();
+  auto log_text = [&] {
+    std::string text;
+    if (FILE* f = fopen(log.c_str(), "r")) {
+      char buffer[4096];
+      size_t n;
+      while ((n = fread(buffer, 1, sizeof buffer, f)) > 0) text.append(buffer, n);
+      fclose(f);
+    }
+    return text;
+  };
+  // Reaps qemu-nbd: it has exited (the client went), or is stopped now.
+  auto reap = [&]() -> absl::Status {
+    absl::StatusOr<std::optional<ExitStatus>> exited = WaitForExitFor(*pid, std::chrono::seconds(10));
+    if (!exited.ok()) return exited.status();
+    if (exited->has_value()) return absl::OkStatus();
+    kill(*pid, SIGTERM);
+    return WaitForExit(*pid).status();
+  };
+  // Serving once the socket exists; a qemu-nbd that exits first failed.
+  struct stat st;
+  for (int waited_ms = 0; stat(socket.c_str(), &st) != 0; waited_ms += 10) {
+    absl::StatusOr<std::optional<ExitStatus>> exited = WaitForExitFor(*pid, std::chrono::milliseconds(10));
+    if (!exited.ok()) return exited.status();
+    if (exited->has_value()) {
+      return absl::InternalError(absl::StrCat(CommandLine(server), " exited (", (*exited)->ToString(),
+                                              "): ", log_text()));
+    }
+    if (waited_ms > 60000) {
+      absl::Status reaped = reap();
+      return absl::InternalError(absl::StrCat(CommandLine(server), " made no socket in 60 s: ", log_text(),
+                                              reaped.ok() ? "" : reaped.ToString()));
+    }
+  }
+  absl::StatusOr<CommandResult> map = RunCommand(
+      {"nbdinfo", "--map=qemu:dirty-bitmap:" + name, "nbd+unix:///?socket=" + socket});
+  const absl::Status reaped = reap();
+  if (!map.ok()) return map.status();
+  if (!map->ok()) {
+    return absl::InternalError(absl::StrCat("nbdinfo --map=qemu:dirty-bitmap:", name, " failed (",
+                                            map->status.ToString(), "): ", map->stderr_text, "\n", log_text()));
+  }
+  if (!reaped.ok()) return reaped;
+  // Lines of "offset length type description"; type 1 is dirty.
+  std::vector<ByteRange> dirty;
+  for (absl::string_view line : absl::StrSplit(map->stdout_text, '\n', absl::SkipWhitespace())) {
+    std::vector<absl::string_view> fields = absl::StrSplit(line, ' ', absl::SkipEmpty());
+    uint64_t offset = 0, length = 0, type = 0;
+    if (fields.size() < 3 || !absl::SimpleAtoi(fields[0], &offset) || !absl::SimpleAtoi(fields[1], &length) ||
+        !absl::SimpleAtoi(fields[2], &type)) {
+      return absl::InternalError(absl::StrCat("cannot parse nbdinfo's map: ", map->stdout_text));
+    }
+    if (type != 1) continue;
+    if (!dirty.empty() && dirty.back().end() == offset) {
+      dirty.back().length += length;
+    } else {
+      dirty.push_back({offset, length});
+    }
+  }
+  return dirty;
 }
 
 namespace qemu_io_cmd {

@@ -22,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "support/file_util.h"  // ByteRange
 
 namespace qcow2fuse::test {
 
@@ -99,6 +100,26 @@ absl::StatusOr<std::vector<MapExtent>> MapImage(const std::string& path);
 // Parses the JSON array qemu-img map prints. A small regex parser for this
 // one flat shape; anything it does not understand is an error, not a skip.
 absl::StatusOr<std::vector<MapExtent>> ParseMapJson(absl::string_view json);
+
+// One persistent dirty bitmap, as `qemu-img info --output=json` lists it.
+struct BitmapInfo {
+  std::string name;
+  uint64_t granularity = 0;
+  bool in_use = false;     // the "in-use" flag: not to be trusted
+  bool enabled = false;    // the "auto" flag
+};
+
+// The persistent bitmaps of a qcow2 image (none: an empty list);
+// `force_share` (-U) reads an image that a writer holds open.
+absl::StatusOr<std::vector<BitmapInfo>> ImageBitmaps(const std::string& path, bool force_share = false);
+
+// The ranges of the disk that bitmap `name` of the qcow2 image at `path`
+// marks dirty, as QEMU reads them: qemu-nbd exports the image read-only
+// with the bitmap (-B) on a unix socket in a temporary directory, and
+// `nbdinfo --map=qemu:dirty-bitmap:NAME` reads its extents. Adjacent
+// dirty runs are merged. qemu-nbd is always reaped, even on failure.
+absl::StatusOr<std::vector<ByteRange>> DirtyExtents(const std::string& path,
+                                                    const std::string& name);
 
 // qemu-io command lines, for QemuIo(): a pattern write, a zero write
 // (optionally unmapping), a discard, a compressed write.

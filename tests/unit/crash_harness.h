@@ -151,15 +151,9 @@ class CrashRun {
     if (s.ok()) resizes_.push_back({size, before, Barriers()});  // the header write is flushed
     return s;
   }
-  absl::Status Flush() {
-    absl::Status s = SyncWait(layer_->Flush());
-    if (s.ok()) {
-      const size_t barriers = Barriers();
-      for (CrashRequest& r : requests_) r.durable_at = std::min(r.durable_at, barriers);
-      for (CrashResize& r : resizes_) r.durable_at = std::min(r.durable_at, barriers);
-    }
-    return s;
-  }
+  absl::Status Flush() { return Durable(SyncWait(layer_->Flush())); }
+  // The final flush, which also stores the persistent dirty bitmaps.
+  absl::Status Close() { return Durable(SyncWait(layer_->Close())); }
 
   const Bytes& initial() const { return initial_; }
   uint64_t initial_size() const { return initial_size_; }
@@ -178,6 +172,15 @@ class CrashRun {
  private:
   CrashRun() = default;
   size_t LogSize() const { return rec_->log().size(); }
+  // After a flush or close: what it covered is durable.
+  absl::Status Durable(absl::Status s) {
+    if (s.ok()) {
+      const size_t barriers = Barriers();
+      for (CrashRequest& r : requests_) r.durable_at = std::min(r.durable_at, barriers);
+      for (CrashResize& r : resizes_) r.durable_at = std::min(r.durable_at, barriers);
+    }
+    return s;
+  }
 
   Bytes initial_;
   uint64_t initial_size_ = 0;

@@ -12,7 +12,10 @@
 // protocol promises: what a completed Flush covered is there, anything else
 // is old or new per request. Where a test claims a path (a zero flag, a new refcount table, a
 // rebuilt table), the final image is decoded to show the path was taken;
-// the final image must also check clean without leaks.
+// the final image must also check clean without leaks. With persistent
+// dirty bitmaps, every state must also leave each bitmap either marked in
+// use or consistent: holding every granule of every request that may have
+// reached the disk.
 //
 // Many states cost one `qemu-img check` and one `qemu-img convert` each, so
 // the enumeration is bounded per test (prefixes and random subsets per
@@ -29,6 +32,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "bitmap_reader.h"
 #include "crash_harness.h"
 #include "data/qcow2_layer.h"
 #include "data/raw_layer.h"
@@ -584,6 +588,188 @@ TEST(CrashStatesTest, RefcountTableGrowthDuringADiscard) {
   EXPECT_EQ(L2At(final_bytes, 2560 * kKiB).descriptor, kOflagZero) << "a discarded cluster over the backing file";
   ASSERT_NO_FATAL_FAILURE(ExpectFinalClean(dir, *run, m.guest));
   CheckStates(dir, *run, m.guest, seed, 3, 2, "refcount table growth during a discard");
+}
+
+// --- Persistent dirty bitmaps -------------------------------------------------------------
+
+// The bitmap rule at a crash state (decoded with bitmap_reader.h, not the
+// engine): each bitmap is in use, or consistent. A consistent recorded
+// bitmap has a table that fits the state's disk and holds what it held
+// before plus every granule that a request which may have reached the
+// disk touched, and nothing more; a consistent disabled one holds what it
+// held. A request may have reached the disk once anything logged from its
+// start on is in the state: its data, or the L2 entry a later flush wrote.
+class BitmapRule {
+ public:
+  BitmapRule(const CrashRun& run, const CrashChecker& checker, std::vector<DecodedBitmap> initial)
+      : run_(run), checker_(checker), initial_(std::move(initial)) {}
+
+  // `barrier`, `applied` (unflushed operations applied) and `what` as
+  // CrashStates gives them.
+  void Check(const Bytes& state, size_t barrier, const std::vector<size_t>& applied, const std::string& what) {
+    if (failed_ >= 5) return;
+    auto fail = [&](const std::string& why) {
+      ++failed_;
+      ADD_FAILURE() << "crash state " << what << ": " << why;
+    };
+    absl::StatusOr<std::vector<DecodedBitmap>> now = DecodeBitmaps(state);
+    if (!now.ok()) return fail(absl::StrCat("the bitmaps do not decode: ", now.status().message()));
+    if (now->size() != initial_.size()) return fail("the number of bitmaps changed");
+    // One past the last log operation the state holds.
+    size_t applied_end = barrier == 0 ? 0 : checker_.barrier_index()[barrier - 1] + 1;
+    for (size_t index : applied) applied_end = std::max(applied_end, index + 1);
+    const uint64_t disk = GetBE(state, 24, 8) / 512 * 512;
+    const uint64_t cluster = Geom(state).cluster_size();
+    for (size_t i = 0; i < now->size(); ++i) {
+      const DecodedBitmap& b = (*now)[i];
+      const DecodedBitmap& before = initial_[i];
+      if (b.name != before.name) return fail("a bitmap was renamed");
+      if (b.in_use()) {
+        ++in_use_;
+        continue;
+      }
+      const uint64_t granules = (disk + b.granularity() - 1) / b.granularity();
+      const uint64_t entries = ((granules + 7) / 8 + cluster - 1) / cluster;
+      if (b.table_size != entries || b.bits.size() != granules) {
+        return fail(absl::StrCat("bitmap ", b.name, " claims to be consistent with a table of ", b.table_size,
+                                 " entries for a disk of ", disk, " bytes"));
+      }
+      if (b.flags != (before.flags & ~1u)) return fail(absl::StrCat("bitmap ", b.name, "'s flags changed"));
+      std::vector<bool> least(granules, false), most(granules, false);
+      for (uint64_t g = 0; g < granules && g < before.bits.size(); ++g) least[g] = most[g] = before.bits[g];
+      bool recorded_some = false;
+      if (b.enabled()) {
+        for (const CrashRequest& r : run_.requests()) {
+          const bool may_be_there = r.log_before < applied_end;
+          recorded_some |= may_be_there;
+          for (uint64_t g = r.offset / b.granularity();
+               g <= (r.offset + r.data.size() - 1) / b.granularity() && g < granules; ++g) {
+            most[g] = true;
+            if (may_be_there) least[g] = true;
+          }
+        }
+      }
+      for (uint64_t g = 0; g < granules; ++g) {
+        if (least[g] && !b.bits[g]) {
+          return fail(absl::StrCat("bitmap ", b.name, " is not in use but misses granule ", g, " (bytes ",
+                                   g * b.granularity(), "+), which a request that may be on disk changed"));
+        }
+        if (b.bits[g] && !most[g]) {
+          return fail(absl::StrCat("bitmap ", b.name, " has granule ", g, " set, which no request changed"));
+        }
+      }
+      ++consistent_;
+      complete_after_requests_ += recorded_some;
+    }
+  }
+
+  void Report(const std::string& label) const {
+    std::cout << label << ": bitmaps in use " << in_use_ << " times, consistent " << consistent_
+              << " times (" << complete_after_requests_ << " of them holding requests)\n";
+    EXPECT_EQ(failed_, 0u) << label;
+    EXPECT_GT(in_use_, 0u) << label << ": no state with a bitmap in use";
+    EXPECT_GT(complete_after_requests_, 0u) << label << ": no state with a stored bitmap holding requests";
+  }
+
+ private:
+  const CrashRun& run_;
+  const CrashChecker& checker_;
+  const std::vector<DecodedBitmap> initial_;
+  size_t failed_ = 0;
+  size_t in_use_ = 0;
+  size_t consistent_ = 0;
+  size_t complete_after_requests_ = 0;
+};
+
+// Every state of `run`: the crash checker's rules and the bitmap rule.
+void CheckStatesWithBitmaps(const TempDir& dir, const CrashRun& run, const Made& m, uint64_t seed, size_t prefixes,
+                            size_t subsets, const std::string& label) {
+  ASSERT_OK_AND_ASSIGN(std::vector<DecodedBitmap> initial, DecodeBitmaps(m.image));
+  CrashChecker checker(dir, run, m.guest);
+  BitmapRule rule(run, checker, initial);
+  CrashStates states(run.initial(), checker.log(),
+                     {.seed = seed, .random_subsets = SampleStates(subsets), .max_prefixes = SampleStates(prefixes),
+                      .max_states = 0});
+  Bytes contents;
+  std::string what;
+  while (states.Next(&contents, &what)) {
+    checker.Check(contents, states.barrier(), what);
+    rule.Check(contents, states.barrier(), states.unflushed_applied(), what);
+  }
+  checker.Report(label);
+  rule.Report(label);
+}
+
+// Three bitmaps: "a" (4 KiB granules) with bits and a data cluster from
+// qemu-io, "fresh" (64 KiB) with no data yet, "off" disabled with bits.
+// Writes, a discard and write-zeroes, a flush, a close that stores the
+// bitmaps (in place for "a", a new data cluster for "fresh"), then more
+// changes that mark them in use again and a second close.
+TEST(CrashStatesTest, PersistentBitmapsAreInUseOrCompleteAtEveryState) {
+  const uint64_t seed = TestSeed();
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("cs-bitmaps"));
+  Made m{dir.Join("disk.qcow2"), "", {}, {}};
+  ASSERT_OK(CreateImage(m.path, "qcow2", 4 * kMiB, {"cluster_size=4096"}));
+  ASSERT_OK(QemuImg({"bitmap", "--add", "-g", "4096", m.path, "a"}).status());
+  ASSERT_OK(QemuImg({"bitmap", "--add", "-g", "16384", m.path, "off"}).status());
+  ASSERT_OK(QemuIoUnsafe(m.path, "qcow2", {"write -P 0x11 64k 8k", "write -P 0x12 1M 4k"}));
+  ASSERT_OK(QemuImg({"bitmap", "--disable", m.path, "off"}).status());
+  ASSERT_OK(QemuImg({"bitmap", "--add", "-g", "65536", m.path, "fresh"}).status());
+  ASSERT_OK_AND_ASSIGN(m, Load(dir, std::move(m)));
+  ASSERT_OK_AND_ASSIGN(std::vector<DecodedBitmap> initial, DecodeBitmaps(m.image));
+  ASSERT_OK_AND_ASSIGN(DecodedBitmap fresh, FindBitmap(initial, "fresh"));
+  ASSERT_EQ(fresh.table.at(0), 0u) << "a bitmap without data";
+
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<CrashRun> run, StartRun(m));
+  ASSERT_OK(run->Write(0, Pattern(4096, 1)));
+  ASSERT_OK(run->Write(kMiB + 100, Pattern(5000, 2)));
+  ASSERT_OK(run->Flush());
+  ASSERT_OK(run->Discard(2 * kMiB, 64 * kKiB));
+  ASSERT_OK(run->WriteZeroes(3 * kMiB, 8 * kKiB, false));
+  ASSERT_OK(run->Close());
+  ASSERT_OK(run->Write(512 * kKiB, Pattern(100, 3)));
+  ASSERT_OK(run->Flush());
+  ASSERT_OK(run->WriteZeroes(3 * kMiB + 3 * 4096 + 1, 10, true));
+  ASSERT_OK(run->Close());
+
+  const Bytes final_bytes = FinalContents(*run);
+  ASSERT_OK_AND_ASSIGN(std::vector<DecodedBitmap> final_bitmaps, DecodeBitmaps(final_bytes));
+  for (const DecodedBitmap& b : final_bitmaps) EXPECT_FALSE(b.in_use()) << b.name << " after the last close";
+  ASSERT_OK_AND_ASSIGN(DecodedBitmap stored, FindBitmap(final_bitmaps, "fresh"));
+  EXPECT_NE(stored.table.at(0), 0u) << "\"fresh\" got a data cluster";
+  EXPECT_TRUE(stored.Dirty(0) && stored.Dirty(512 * kKiB) && !stored.Dirty(kMiB - 1));
+  ASSERT_NO_FATAL_FAILURE(ExpectFinalClean(dir, *run, m.guest));
+  CheckStatesWithBitmaps(dir, *run, m, seed, 16, 16, "persistent bitmaps");
+}
+
+// 512-byte clusters and granules: a table cluster holds 64 entries, each
+// for 2 MiB of disk. Growing a 128 MiB disk by 2 MiB needs a second table
+// cluster, so the table moves (new table, barrier, its offset, barrier,
+// size and flags) at the close.
+TEST(CrashStatesTest, PersistentBitmapTableMovesWhenTheDiskGrows) {
+  const uint64_t seed = TestSeed();
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("cs-bitmap-grow"));
+  Made m{dir.Join("disk.qcow2"), "", {}, {}};
+  ASSERT_OK(CreateImage(m.path, "qcow2", 128 * kMiB, {"cluster_size=512"}));
+  ASSERT_OK(QemuImg({"bitmap", "--add", "-g", "512", m.path, "b"}).status());
+  ASSERT_OK(QemuIoUnsafe(m.path, "qcow2", {"write -P 0x11 0 4k", "write -P 0x12 127M 1k"}));
+  ASSERT_OK_AND_ASSIGN(m, Load(dir, std::move(m)));
+  ASSERT_OK_AND_ASSIGN(std::vector<DecodedBitmap> initial, DecodeBitmaps(m.image));
+  ASSERT_EQ(initial.at(0).table_size, 64u);
+
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<CrashRun> run, StartRun(m));
+  ASSERT_OK(run->Write(100, Pattern(1000, 1)));
+  ASSERT_OK(run->Truncate(130 * kMiB));
+  ASSERT_OK(run->Write(129 * kMiB, Pattern(512, 2)));
+  ASSERT_OK(run->Close());
+
+  const Bytes final_bytes = FinalContents(*run);
+  ASSERT_OK_AND_ASSIGN(std::vector<DecodedBitmap> final_bitmaps, DecodeBitmaps(final_bytes));
+  EXPECT_EQ(final_bitmaps.at(0).table_size, 65u);
+  EXPECT_NE(final_bitmaps.at(0).table_offset, initial.at(0).table_offset) << "the table did not move";
+  EXPECT_FALSE(final_bitmaps.at(0).in_use());
+  ASSERT_NO_FATAL_FAILURE(ExpectFinalClean(dir, *run, m.guest));
+  CheckStatesWithBitmaps(dir, *run, m, seed, 4, 2, "persistent bitmap table moved by a grow");
 }
 
 // --- Repair of a dirty image --------------------------------------------------------------------

@@ -6,8 +6,11 @@
 // the rest on a Scheduler. Operations on one Image may run concurrently.
 //
 // A read-write Image keeps metadata changes in its caches until Flush();
-// call Flush() before destroying it, or the unflushed writes are lost (the
-// image stays consistent: a lost write leaks at most a few clusters).
+// call Close() (or at least Flush()) before destroying it, or the
+// unflushed writes are lost (the image stays consistent: a lost write
+// leaks at most a few clusters). Its enabled persistent dirty bitmaps are
+// marked in use from the first change on and record every write,
+// write-zeroes and discard; Close() stores them consistent again.
 
 #ifndef QCOW2FUSE_IMAGE_H_
 #define QCOW2FUSE_IMAGE_H_
@@ -147,6 +150,12 @@ class Image {
 
   // Makes every write completed before it durable.
   Task<absl::Status> Flush();
+
+  // The final flush: waits for the changes in flight, makes every write
+  // durable, and stores the persistent dirty bitmaps with their in-use
+  // flags cleared, as QEMU does when it closes an image (bitmaps it could
+  // not maintain stay in use). A change after it marks them in use again.
+  Task<absl::Status> Close();
 
   // Makes [offset, offset + length) read as zeros and frees the clusters
   // wholly inside it, as fallocate(PUNCH_HOLE) does to a file.
