@@ -4,12 +4,14 @@
 # man-db (man's own checks) and systemd (systemd-analyze and the fstab
 # generator; no running systemd is needed). fdisk (sfdisk, fdisk) and
 # util-linux (partx) make and read the partition tables of the partition
-# table tests and fuzz seeds.
+# table tests and fuzz seeds; fuse2fs reads a partition file in the
+# directory-mode tests; libnbd-bin (nbdinfo) reads the dirty bitmaps QEMU
+# exports, the oracle of the bitmap tests.
 set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config git
   libfuse3-dev fuse3 zlib1g-dev libzstd-dev libdeflate-dev libabsl-dev libgtest-dev
-  qemu-utils e2fsprogs fuse2fs util-linux fdisk mount coreutils fio libaio-dev
+  qemu-utils libnbd-bin e2fsprogs fuse2fs util-linux fdisk mount coreutils fio libaio-dev
   clang libclang-rt-14-dev
   dpkg-dev lintian man-db systemd
 )
