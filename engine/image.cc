@@ -124,7 +124,7 @@ Task<absl::StatusOr<std::vector<SnapshotInfo>>> Image::Snapshots() {
   std::vector<SnapshotInfo> list;
   for (uint32_t i = 0; i < table->entries.size(); ++i) {
     const SnapshotEntry& e = table->entries[i];
-    list.push_back({i, e.id, e.name, e.disk_size.value_or(top_->size()) / kSectorSize * kSectorSize});
+    list.push_back({i, e.id, e.name, (e.has_disk_size ? e.disk_size : top_->size()) / kSectorSize * kSectorSize});
   }
   co_return list;
 }

@@ -289,7 +289,7 @@ Task<absl::StatusOr<std::unique_ptr<Qcow2Layer>>> Qcow2Layer::OpenSnapshot(const
   // A disk no L1 table of the maximum size could map is not a disk QEMU
   // makes; the part the snapshot's own table does not reach reads as
   // unallocated (QEMU does the same).
-  const uint64_t disk_size = snapshot.disk_size.value_or(default_size);
+  const uint64_t disk_size = snapshot.has_disk_size ? snapshot.disk_size : default_size;
   const uint64_t max_disk = spec::kMaxL1Bytes / spec::kL2EntrySize * cluster_size * header.l2_entries();
   if (disk_size > max_disk) {
     co_return absl::DataLossError(absl::StrFormat("%s claims a disk of %u bytes, more than an L1 table can map",

@@ -38,6 +38,7 @@ SnapshotTable DecodeSnapshotEntries(std::span<const uint8_t> table, uint32_t cou
       break;
     }
     if (extra_size >= spec::kSnapExtraDiskSizeEnd) {
+      entry.has_disk_size = true;
       entry.disk_size = LoadBE64(p + spec::kSnapshotFixedSize + spec::kSnapExtraOffDiskSize);
     }
     const uint8_t* id = p + spec::kSnapshotFixedSize + extra_size;

@@ -6,7 +6,6 @@
 #define QCOW2FUSE_FORMAT_SNAPSHOT_H_
 
 #include <cstdint>
-#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -21,10 +20,12 @@ struct SnapshotEntry {
   uint32_t l1_size = 0;  // entries
   std::string id;
   std::string name;
-  // The disk's size when the snapshot was taken (extra data), if recorded:
-  // entries older than version 3 may lack it, and then QEMU takes the
-  // image's current size.
-  std::optional<uint64_t> disk_size;
+  // The disk's size when the snapshot was taken (extra data), if
+  // has_disk_size: entries older than version 3 may lack it, and then QEMU
+  // takes the image's current size. (Not a std::optional: with one here,
+  // GCC 12 crashes compiling meta/check.cc under -fsanitize=thread.)
+  bool has_disk_size = false;
+  uint64_t disk_size = 0;
 };
 
 struct SnapshotTable {
