@@ -287,21 +287,31 @@ Task<absl::Status> DirtyBitmaps::WriteDirectory() {
   co_return co_await context_.file->Flush();
 }
 
-Task<absl::Status> DirtyBitmaps::MarkInUse() {
+Task<absl::StatusOr<std::vector<DirtyBitmaps::Bitmap*>>> DirtyBitmaps::SetInUse(
+    std::function<bool(const Bitmap&)> pick) {
   std::vector<std::pair<Bitmap*, uint32_t>> marking;  // and the flags before
   for (const std::unique_ptr<Bitmap>& b : bitmaps_) {
-    if (b->state == State::kDisabled || (b->entry.flags & spec::kBitmapFlagInUse)) continue;
+    if (!pick(*b) || (b->entry.flags & spec::kBitmapFlagInUse)) continue;
     marking.emplace_back(b.get(), b->entry.flags);
     SetFlags(*b, b->entry.flags | spec::kBitmapFlagInUse);
   }
-  if (marking.empty()) co_return absl::OkStatus();
+  std::vector<Bitmap*> marked;
+  if (marking.empty()) co_return marked;
   absl::Status written = co_await WriteDirectory();
   if (!written.ok()) {
     // Marked again by the next change.
     for (auto [b, flags] : marking) SetFlags(*b, flags);
     co_return Annotate(written, absl::StrFormat("marking the persistent bitmaps of %s in use", context_.file->name()));
   }
-  for (auto [b, flags] : marking) b->marked = b->loaded;
+  for (auto [b, flags] : marking) marked.push_back(b);
+  co_return marked;
+}
+
+Task<absl::Status> DirtyBitmaps::MarkInUse() {
+  absl::StatusOr<std::vector<Bitmap*>> marked =
+      co_await SetInUse([](const Bitmap& b) { return b.state != State::kDisabled; });
+  if (!marked.ok()) co_return marked.status();
+  for (Bitmap* b : *marked) b->marked = b->loaded;
   co_return absl::OkStatus();
 }
 
@@ -335,19 +345,9 @@ Task<absl::Status> DirtyBitmaps::PrepareResize(uint64_t new_size) {
     const uint64_t now = b->words.size() * 8 + b->table.size() * (sizeof(uint64_t) * 2 + 1);
     if (g->memory > now) CO_RETURN_IF_ERROR(b->charge.Take(context_.budget, g->memory - now, What(*b)));
   }
-  std::vector<std::pair<Bitmap*, uint32_t>> marking;
-  for (const std::unique_ptr<Bitmap>& b : bitmaps_) {
-    if (b->entry.flags & spec::kBitmapFlagInUse) continue;
-    marking.emplace_back(b.get(), b->entry.flags);
-    SetFlags(*b, b->entry.flags | spec::kBitmapFlagInUse);
-  }
-  if (marking.empty()) co_return absl::OkStatus();
-  absl::Status written = co_await WriteDirectory();
-  if (!written.ok()) {
-    for (auto [b, flags] : marking) SetFlags(*b, flags);
-    co_return Annotate(written, absl::StrFormat("marking the persistent bitmaps of %s in use", context_.file->name()));
-  }
-  for (auto [b, flags] : marking) b->marked = true;
+  absl::StatusOr<std::vector<Bitmap*>> marked = co_await SetInUse([](const Bitmap&) { return true; });
+  if (!marked.ok()) co_return marked.status();
+  for (Bitmap* b : *marked) b->marked = true;
   co_return absl::OkStatus();
 }
 

@@ -53,6 +53,7 @@
 #define QCOW2FUSE_META_DIRTY_BITMAPS_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -157,6 +158,10 @@ class DirtyBitmaps {
   // Sets the in-use flag of `b` in the directory bytes (not yet written).
   void SetFlags(Bitmap& b, uint32_t flags);
   Task<absl::Status> WriteDirectory();
+  // Sets the in-use flag of every bitmap `pick` chooses that lacks it and
+  // writes the directory, durably; on failure the flags are put back.
+  // Returns the bitmaps it marked.
+  Task<absl::StatusOr<std::vector<Bitmap*>>> SetInUse(std::function<bool(const Bitmap&)> pick);
 
   const Context context_;
   uint64_t directory_offset_ = 0;

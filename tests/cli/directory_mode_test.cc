@@ -45,20 +45,6 @@ using qemu_io_cmd::W;
 constexpr uint64_t kDisk = 64 * kMiB;
 constexpr uint64_t kSector = 512;
 
-// Names in `dir`, sorted, without . and ..
-std::vector<std::string> Entries(const std::string& dir) {
-  std::vector<std::string> names;
-  if (DIR* d = opendir(dir.c_str())) {
-    while (dirent* e = readdir(d)) {
-      const std::string name = e->d_name;
-      if (name != "." && name != "..") names.push_back(name);
-    }
-    closedir(d);
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
 struct Range {
   uint64_t offset;
   uint64_t length;
@@ -125,7 +111,7 @@ class DirectoryModeTest : public TempDirTest {
     std::vector<std::string> expected = {"disk.raw", "snapshots"};
     for (const auto& [number, range] : partitions_) expected.push_back(absl::StrCat("part", number, ".raw"));
     std::sort(expected.begin(), expected.end());
-    EXPECT_EQ(Entries(mountpoint_), expected);
+    EXPECT_EQ(DirectoryNames(mountpoint_), expected);
     for (const auto& [number, range] : partitions_) {
       SCOPED_TRACE(absl::StrCat("part", number, ".raw"));
       ASSERT_OK_AND_ASSIGN(std::string part, ReadFile(In(absl::StrCat("part", number, ".raw"))));
@@ -337,7 +323,7 @@ TEST_F(DirectoryModeTest, SnapshotFileNamesNeverCollide) {
   std::vector<std::string> expected_names;
   for (const auto& [file, id] : files) expected_names.push_back(file);
   std::sort(expected_names.begin(), expected_names.end());
-  EXPECT_EQ(Entries(In("snapshots")), expected_names);
+  EXPECT_EQ(DirectoryNames(In("snapshots")), expected_names);
   for (const auto& [file, id] : files) {
     SCOPED_TRACE(file);
     const std::string raw = Path("snapshot-" + id + ".raw");
@@ -393,7 +379,7 @@ TEST_F(DirectoryModeTest, SnapshotsAreReadOnlyFiles) {
     ASSERT_OK_AND_ASSIGN(qemu[e.file], ReadFile(raw));
   }
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(/*read_only=*/false)));
-  EXPECT_EQ(Entries(In("snapshots")), (std::vector<std::string>{"2.raw", "3.raw", "before upgrade.raw"}));
+  EXPECT_EQ(DirectoryNames(In("snapshots")), (std::vector<std::string>{"2.raw", "3.raw", "before upgrade.raw"}));
   {
     ScopedFd disk(open(In("disk.raw").c_str(), O_RDWR | O_CLOEXEC));
     ASSERT_GE(disk.get(), 0);
@@ -425,7 +411,7 @@ TEST_F(DirectoryModeTest, DamagedPartitionTableGivesNoPartitionFiles) {
   // (the last sector).
   ASSERT_OK(QemuIo(image_, "qcow2", {"write -P 0x77 528 4", absl::StrCat("write -P 0x77 ", kDisk - 512 + 16, " 4")}));
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(/*read_only=*/true)));
-  EXPECT_EQ(Entries(mountpoint_), (std::vector<std::string>{"disk.raw", "snapshots"}));
+  EXPECT_EQ(DirectoryNames(mountpoint_), (std::vector<std::string>{"disk.raw", "snapshots"}));
   const std::string reference = Path("reference.raw");
   ASSERT_OK(ConvertToRaw(image_, reference));
   ASSERT_OK(CompareFiles(In("disk.raw"), reference));

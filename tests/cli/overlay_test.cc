@@ -31,19 +31,6 @@ using qemu_io_cmd::W;
 
 constexpr uint64_t kDisk = 16 * kMiB;
 
-// Names in `dir`, without . and ..
-std::vector<std::string> Entries(const std::string& dir) {
-  std::vector<std::string> names;
-  if (DIR* d = opendir(dir.c_str())) {
-    while (dirent* e = readdir(d)) {
-      const std::string name = e->d_name;
-      if (name != "." && name != "..") names.push_back(name);
-    }
-    closedir(d);
-  }
-  return names;
-}
-
 class OverlayTest : public TempDirTest {
  protected:
   // base.qcow2 with 4 KiB clusters (the overlay must take them) and data.
@@ -158,10 +145,10 @@ TEST_F(OverlayTest, VolatileWritesVanishAtUnmount) {
   ASSERT_OK(ConvertToRaw(twin, expected));
   EXPECT_OK(CompareFiles((*view)->path(), expected));
   // ...with no name anywhere in TMPDIR.
-  EXPECT_TRUE(Entries(tmp).empty()) << Entries(tmp).front();
+  EXPECT_TRUE(DirectoryNames(tmp).empty()) << DirectoryNames(tmp).front();
   ASSERT_OK((*view)->Unmount());
   EXPECT_TRUE((*view)->exit_status()->success()) << (*view)->ReadLog();
-  EXPECT_TRUE(Entries(tmp).empty());
+  EXPECT_TRUE(DirectoryNames(tmp).empty());
   ExpectBaseUnchanged();
   EXPECT_OK(CheckImage(base_));
 }

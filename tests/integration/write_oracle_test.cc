@@ -1818,19 +1818,6 @@ void ExpectBitmapRecordedTheRun(const std::string& image, const std::string& nam
   }
 }
 
-// Names in `dir`, without . and ..
-std::vector<std::string> Entries(const std::string& dir) {
-  std::vector<std::string> names;
-  if (DIR* d = opendir(dir.c_str())) {
-    while (dirent* e = readdir(d)) {
-      const std::string name = e->d_name;
-      if (name != "." && name != "..") names.push_back(name);
-    }
-    closedir(d);
-  }
-  return names;
-}
-
 // TMPDIR set to `dir` (when not empty) for the length of a scope, so that
 // a daemon started meanwhile makes its volatile overlay there; then put
 // back as it was.
@@ -1999,7 +1986,7 @@ TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
     }
     if (recipe.overlay == Overlay::kVolatile) {
       ASSERT_OK_AND_ASSIGN(image, VolatileOverlayPath(view->pid(), tmpdir));
-      const std::vector<std::string> names = Entries(tmpdir);
+      const std::vector<std::string> names = DirectoryNames(tmpdir);
       EXPECT_TRUE(names.empty())
           << "the volatile overlay has a name: " << tmpdir << "/" << names[0];
     }
@@ -2110,7 +2097,7 @@ TEST_P(WriteOracleTest, ViewMatchesRawTwin) {
     ExpectOverlayOf(image, built.image, recipe.cluster);
   }
   if (recipe.overlay == Overlay::kVolatile) {
-    const std::vector<std::string> names = Entries(tmpdir);
+    const std::vector<std::string> names = DirectoryNames(tmpdir);
     EXPECT_TRUE(names.empty())
         << "the volatile overlay left " << tmpdir << "/" << names[0];
   }

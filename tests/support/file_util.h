@@ -79,6 +79,10 @@ absl::Status CompareFiles(const std::string& actual,
 // The hex digest printed by the sha256sum command.
 absl::StatusOr<std::string> Sha256File(const std::string& path);
 
+// The names in directory `dir`, sorted, without . and .. (none if it
+// cannot be read).
+std::vector<std::string> DirectoryNames(const std::string& dir);
+
 // Walks `fd` with lseek SEEK_DATA/SEEK_HOLE from offset 0 to its size and
 // returns the data regions, in order and non-overlapping. Answers that
 // break the lseek contract (going backwards, empty regions) are errors.
