@@ -11,9 +11,10 @@
 //
 // Every file is a View: a byte window onto an Image. A partition is a
 // window onto the disk; a snapshot is a whole disk read through another L1
-// table (Image::OpenSnapshot), opened at its first use. The table is built
-// once, at mount time: a partition table changed while mounted shows at
-// the next mount, as a loop device shows it only once re-read.
+// table (Image::OpenSnapshot), opened at the first open of its file. The
+// table is built once, at mount time: a partition table changed while
+// mounted shows at the next mount, as a loop device shows it only once
+// re-read.
 
 #ifndef QCOW2FUSE_FUSE_VIEW_TABLE_H_
 #define QCOW2FUSE_FUSE_VIEW_TABLE_H_
@@ -22,7 +23,6 @@
 #include <fuse_lowlevel.h>
 
 #include <atomic>
-#include <chrono>
 #include <functional>
 #include <cstdint>
 #include <memory>
@@ -48,7 +48,8 @@ class View {
   // `length` bytes of the disk from `start`: a file of fixed size; writes
   // past its end fail with ENOSPC and never touch the disk beyond it.
   static std::unique_ptr<View> Window(Image* disk, uint64_t start, uint64_t length);
-  // An internal snapshot of `disk`, read-only, opened at its first use.
+  // An internal snapshot of `disk`, read-only, opened at the first open of
+  // its file.
   static std::unique_ptr<View> Snapshot(Image* disk, SnapshotInfo info);
 
   // The image the view reads: the disk, or the snapshot, opened now if it
