@@ -51,6 +51,7 @@
 #include "options.h"
 #include "overlay.h"
 #include "periodic_flush.h"
+#include "readahead.h"
 #include "unmount.h"
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/scheduler.h"
@@ -348,6 +349,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   state.disk = image->get();
   state.image_fd = image_fds.at(0);
   state.parallel_direct_writes = options.parallel_direct_writes;
+  state.readahead = options.readahead;
   absl::StatusOr<bool> created = PrepareMountpoint(*mountpoint, state.mountpoint_stat);
   if (!created.ok()) return fail(std::string(created.status().message()));
   auto remove_created = [&] {
@@ -398,6 +400,11 @@ int Serve(const MountOptions& options, StartupReport& report) {
     return fail(std::string(mounted.message()));
   }
   if (overlay) overlay->Keep();
+  // Before INIT is answered (readahead.h). The kernel's 128 KiB is what a
+  // user other than root gets: worth a word only if they asked for more.
+  if (absl::Status set = SetMountReadahead(*mountpoint, options.readahead); !set.ok() && options.readahead_set) {
+    warnings.push_back(absl::StrFormat("readahead stays at the kernel's default: %s", set.message()));
+  }
   RouteLibfuseLog();
   if (fuse_set_signal_handlers(session) != 0) {
     fuse_session_unmount(session);

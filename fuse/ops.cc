@@ -358,10 +358,12 @@ void OnInit(void* userdata, struct fuse_conn_info* conn) {
   // derives the kernel's max_pages from max_write), and enough requests in
   // flight for the scheduler's threads to keep the disk busy.
   conn->max_write = kMaxRequestBytes;
-  conn->max_readahead = kMaxRequestBytes;
+  MountState& m = *static_cast<MountState*>(userdata);
+  // The kernel keeps the smaller of this and the mount's readahead, which
+  // the daemon has raised already (readahead.h).
+  conn->max_readahead = static_cast<unsigned>(std::max<uint64_t>(kMaxRequestBytes, m.readahead));
   conn->max_background = kMaxBackground;
   conn->congestion_threshold = kMaxBackground * 3 / 4;
-  MountState& m = *static_cast<MountState*>(userdata);
   // Parallel direct writes need FUSE's direct-I/O mode (see Open). Before
   // Linux 6.9 (protocol 7.40, the "io modes") a direct-I/O write did not
   // drop the pages that buffered opens of the view had cached, so a reader

@@ -52,6 +52,9 @@ struct MountState {
   // Set at INIT: the option, and a kernel whose direct-I/O mode stays
   // coherent with buffered opens of the same file.
   std::atomic<bool> direct_writes_in_parallel{false};
+  // The readahead set on the mount (-o readahead), which INIT's
+  // max_readahead must not lower.
+  uint64_t readahead = 0;
   // Called once, when the kernel's INIT has been answered: the mount is live.
   std::function<void()> on_ready;
 };

@@ -34,7 +34,7 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 // The keys of qcow2fuse's own -o options.
 const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
-    "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes",
+    "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes", "readahead",
     "backing", "backing_format", "overlay", "volatile",
 };
 
@@ -155,6 +155,16 @@ absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
           absl::StrFormat("parallel_direct_writes must be on or off, not '%s'", kv[1]));
     }
     out.parallel_direct_writes = kv[1] == "on";
+  } else if (key == "readahead" && has_value) {
+    absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
+    if (!bytes.ok()) return NotASize(key, kv[1]);
+    // The kernel counts readahead in pages.
+    if (*bytes > kMaxReadahead || *bytes % 4096 != 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "readahead must be a multiple of 4K from 0 to %uM, not '%s'", kMaxReadahead >> 20, kv[1]));
+    }
+    out.readahead = *bytes;
+    out.readahead_set = true;
   } else if (key == "log" && has_value && !kv[1].empty()) {
     absl::StatusOr<std::string> path = AbsolutePath(kv[1]);
     if (!path.ok()) return path.status();
@@ -374,6 +384,9 @@ const char* UsageText() {
          "  -o parallel_direct_writes=on|off\n"
          "                         let O_DIRECT writes of the view run in parallel\n"
          "                         (default on; the kernel serialises them if off)\n"
+         "  -o readahead=SIZE      how far the kernel reads ahead of a sequential\n"
+         "                         reader of the view (default 1M, at most 16M; only\n"
+         "                         root may raise it above the kernel's 128K)\n"
          "  -f                     stay in the foreground, log to stderr\n"
          "  -d                     foreground, with libfuse's request trace\n"
          "  --pidfile PATH         write the daemon's process id to PATH\n"

@@ -20,6 +20,7 @@
 
 #include "absl/status/statusor.h"
 #include "qcow2fuse/image.h"
+#include "readahead.h"
 
 namespace qcow2fuse {
 
@@ -55,6 +56,11 @@ struct MountOptions {
   bool volatile_overlay = false;
   // O_DIRECT writes of one file reach the daemon in parallel.
   bool parallel_direct_writes = true;
+  // -o readahead=SIZE: how far the kernel reads ahead of a sequential
+  // reader of the view (readahead.h). Only root may set it; `readahead_set`
+  // says the user asked, so that failing to is worth a warning.
+  uint64_t readahead = kDefaultReadahead;
+  bool readahead_set = false;
   // -u: unmount `mountpoint` and wait for its daemon, instead of mounting.
   bool unmount = false;
   bool help = false;

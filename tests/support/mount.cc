@@ -110,6 +110,23 @@ std::optional<std::string> MountedFsType(const std::string& path) {
   return fs_type;
 }
 
+absl::StatusOr<uint64_t> ReadaheadKb(const std::string& path) {
+  // "id parent major:minor root mount_point ..."; the topmost mount wins.
+  std::ifstream mountinfo("/proc/self/mountinfo");
+  std::string line;
+  std::string device;
+  while (std::getline(mountinfo, line)) {
+    std::vector<std::string> fields = absl::StrSplit(line, ' ');
+    if (fields.size() > 4 && fields[4] == path) device = fields[2];
+  }
+  if (device.empty()) return absl::NotFoundError(absl::StrCat(path, " is not a mount point"));
+  const std::string knob = absl::StrCat("/sys/class/bdi/", device, "/read_ahead_kb");
+  std::ifstream in(knob);
+  uint64_t kb = 0;
+  if (!(in >> kb)) return absl::InternalError(absl::StrCat("cannot read ", knob));
+  return kb;
+}
+
 absl::StatusOr<std::unique_ptr<MountedView>> MountedView::Start(
     const MountOptions& options) {
   std::string mountpoint = CanonicalMountpoint(options.mountpoint);

@@ -62,6 +62,11 @@ absl::StatusOr<std::vector<MountEntry>> ReadMountInfo();
 // `path` is not a mount point. `path` must be absolute and canonical.
 std::optional<std::string> MountedFsType(const std::string& path);
 
+// The kernel's readahead, in KiB, of the mount at `path` (absolute and
+// canonical): its /sys/class/bdi/MAJOR:MINOR/read_ahead_kb, the device
+// number taken from mountinfo (a mount of another user may not be stat()ed).
+absl::StatusOr<uint64_t> ReadaheadKb(const std::string& path);
+
 // The qcow2fuse executable to test: $QCOW2FUSE_BINARY if set (to try an
 // installed or instrumented build), else `built` (the build tree's,
 // passed in by CMake).
