@@ -95,6 +95,7 @@ absl::StatusOr<std::vector<MountEntry>> ReadMountInfo() {
     entry.mount_point = DecodeMountInfoPath(fields[4]);
     entry.fs_type = std::string(dash[1]);
     entry.source = DecodeMountInfoPath(dash[2]);
+    entry.device = std::string(fields[2]);
     entries.push_back(std::move(entry));
   }
   return entries;
@@ -111,13 +112,11 @@ std::optional<std::string> MountedFsType(const std::string& path) {
 }
 
 absl::StatusOr<uint64_t> ReadaheadKb(const std::string& path) {
-  // "id parent major:minor root mount_point ..."; the topmost mount wins.
-  std::ifstream mountinfo("/proc/self/mountinfo");
-  std::string line;
+  absl::StatusOr<std::vector<MountEntry>> entries = ReadMountInfo();
+  if (!entries.ok()) return entries.status();
   std::string device;
-  while (std::getline(mountinfo, line)) {
-    std::vector<std::string> fields = absl::StrSplit(line, ' ');
-    if (fields.size() > 4 && fields[4] == path) device = fields[2];
+  for (const MountEntry& entry : *entries) {
+    if (entry.mount_point == path) device = entry.device;  // Last wins.
   }
   if (device.empty()) return absl::NotFoundError(absl::StrCat(path, " is not a mount point"));
   const std::string knob = absl::StrCat("/sys/class/bdi/", device, "/read_ahead_kb");

@@ -53,6 +53,7 @@ struct MountEntry {
   std::string mount_point;  // Octal escapes (\040 etc.) already decoded.
   std::string fs_type;      // "fuse", "fuse.qcow2fuse", "ext4", ...
   std::string source;
+  std::string device;       // "MAJOR:MINOR", the mount's st_dev.
 };
 
 // The mount table as this process sees it.
