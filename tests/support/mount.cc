@@ -101,25 +101,31 @@ absl::StatusOr<std::vector<MountEntry>> ReadMountInfo() {
   return entries;
 }
 
-std::optional<std::string> MountedFsType(const std::string& path) {
+namespace {
+
+// The topmost mount at `path`, if any.
+std::optional<MountEntry> TopmostMount(const std::string& path) {
   absl::StatusOr<std::vector<MountEntry>> entries = ReadMountInfo();
   if (!entries.ok()) return std::nullopt;
-  std::optional<std::string> fs_type;
+  std::optional<MountEntry> topmost;
   for (const MountEntry& entry : *entries) {
-    if (entry.mount_point == path) fs_type = entry.fs_type;  // Last wins.
+    if (entry.mount_point == path) topmost = entry;  // Last wins.
   }
-  return fs_type;
+  return topmost;
+}
+
+}  // namespace
+
+std::optional<std::string> MountedFsType(const std::string& path) {
+  std::optional<MountEntry> mount = TopmostMount(path);
+  if (!mount) return std::nullopt;
+  return mount->fs_type;
 }
 
 absl::StatusOr<uint64_t> ReadaheadKb(const std::string& path) {
-  absl::StatusOr<std::vector<MountEntry>> entries = ReadMountInfo();
-  if (!entries.ok()) return entries.status();
-  std::string device;
-  for (const MountEntry& entry : *entries) {
-    if (entry.mount_point == path) device = entry.device;  // Last wins.
-  }
-  if (device.empty()) return absl::NotFoundError(absl::StrCat(path, " is not a mount point"));
-  const std::string knob = absl::StrCat("/sys/class/bdi/", device, "/read_ahead_kb");
+  std::optional<MountEntry> mount = TopmostMount(path);
+  if (!mount) return absl::NotFoundError(absl::StrCat(path, " is not a mount point"));
+  const std::string knob = absl::StrCat("/sys/class/bdi/", mount->device, "/read_ahead_kb");
   std::ifstream in(knob);
   uint64_t kb = 0;
   if (!(in >> kb)) return absl::InternalError(absl::StrCat("cannot read ", knob));
