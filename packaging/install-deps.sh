@@ -6,12 +6,14 @@
 # util-linux (partx) make and read the partition tables of the partition
 # table tests and fuzz seeds; fuse2fs reads a partition file in the
 # directory-mode tests; libnbd-bin (nbdinfo) reads the dirty bitmaps QEMU
-# exports, the oracle of the bitmap tests.
+# exports, the oracle of the bitmap tests. qemu-system-common brings
+# qemu-storage-daemon, which holds an image the way a running VM does in the
+# lock tests.
 set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config git
   libfuse3-dev fuse3 zlib1g-dev libzstd-dev libdeflate-dev libabsl-dev libgtest-dev
-  qemu-utils libnbd-bin e2fsprogs fuse2fs util-linux fdisk mount coreutils fio libaio-dev
+  qemu-utils qemu-system-common libnbd-bin e2fsprogs fuse2fs util-linux fdisk mount coreutils fio libaio-dev
   clang libclang-rt-14-dev
   dpkg-dev lintian man-db systemd
 )
