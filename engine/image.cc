@@ -83,6 +83,12 @@ Task<absl::Status> Image::Read(uint64_t offset, std::span<uint8_t> out) {
   co_return co_await top_->Read(offset, out);
 }
 
+Task<absl::StatusOr<bool>> Image::SendStored(uint64_t offset, uint64_t length,
+                                             absl::FunctionRef<void(int, uint64_t)> send) {
+  CO_RETURN_IF_ERROR(CheckRange("read", offset, length, virtual_size_));
+  co_return co_await top_->SendStored(offset, length, send);
+}
+
 Task<void> Image::WillNeed(uint64_t offset, uint64_t length, uint64_t max_data) {
   if (offset >= virtual_size_) co_return;
   co_await top_->WillNeed(offset, std::min(length, virtual_size_ - offset), max_data);

@@ -349,6 +349,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   state.disk = image->get();
   state.image_fd = image_fds.at(0);
   state.parallel_direct_writes = options.parallel_direct_writes;
+  state.splice_reads = options.splice_reads;
   state.readahead = options.readahead;
   absl::StatusOr<bool> created = PrepareMountpoint(*mountpoint, state.mountpoint_stat);
   if (!created.ok()) return fail(std::string(created.status().message()));

@@ -16,6 +16,7 @@
 #include "buffer_pool.h"
 #include "errno_map.h"
 #include "log.h"
+#include "spliced_reply.h"
 #include "qcow2fuse/status.h"
 
 namespace qcow2fuse {
@@ -42,6 +43,11 @@ constexpr size_t kPooledReadBytes = 128u << 10;
 // Free read buffers kept: enough for the kernel's readahead and a few
 // readers at once, 16 MiB at most.
 constexpr size_t kKeptReadBuffers = 16;
+
+// Reads of at least this many bytes whose data lies in one run of the image
+// file are spliced (spliced_reply.h); below it a copy costs less than the
+// extra system calls.
+constexpr size_t kSplicedReadBytes = 64u << 10;
 
 BufferPool& ReadBuffers() {
   // Never destroyed: a request's coroutine may still hold a buffer while
@@ -114,6 +120,16 @@ Task<void> Read(fuse_req_t req, View& view, size_t size, off_t offset) {
   const uint64_t start = std::min<uint64_t>(offset, disk);
   // Not zero-filled first: Read fills every byte.
   const size_t n = std::min<uint64_t>(size, disk - start);
+  if (State(req).spliced_reads && n >= kSplicedReadBytes && n <= MaxSplicedReply()) {
+    absl::StatusOr<bool> sent = false;
+    absl::StatusOr<bool> stored = co_await image.SendStored(
+        view.start() + start, n, [&](int fd, uint64_t file_offset) { sent = ReplySpliced(req, fd, file_offset, n); });
+    if (stored.ok() && !sent.ok()) stored = sent.status();
+    if (!stored.ok()) {
+      co_return ReplyError(req, stored.status(), absl::StrFormat("read of %u bytes at offset %u", n, start));
+    }
+    if (*sent) co_return;
+  }
   std::optional<BufferPool::Buffer> pooled;
   std::unique_ptr<uint8_t[]> small;
   std::span<uint8_t> buf;
@@ -369,6 +385,11 @@ void OnInit(void* userdata, struct fuse_conn_info* conn) {
   // drop the pages that buffered opens of the view had cached, so a reader
   // could see old data: there the kernel keeps serialising instead.
   m.direct_writes_in_parallel = m.parallel_direct_writes && conn->proto_minor >= kIoModesProtoMinor;
+  // Spliced replies need the kernel's and libfuse's consent, and a pipe
+  // that holds at least a reply of kSplicedReadBytes.
+  m.spliced_reads = m.splice_reads && (conn->capable & FUSE_CAP_SPLICE_WRITE) != 0 &&
+                    MaxSplicedReply() >= kSplicedReadBytes;
+  if (m.spliced_reads) conn->want |= FUSE_CAP_SPLICE_WRITE;
   if (m.on_ready) m.on_ready();
 }
 

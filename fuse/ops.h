@@ -52,6 +52,11 @@ struct MountState {
   // Set at INIT: the option, and a kernel whose direct-I/O mode stays
   // coherent with buffered opens of the same file.
   std::atomic<bool> direct_writes_in_parallel{false};
+  // -o splice_reads: large reads of data clusters are answered by splicing
+  // from the image file (spliced_reply.h) rather than from a buffer.
+  bool splice_reads = true;
+  // Set at INIT: the option, and a kernel and libfuse that can splice.
+  std::atomic<bool> spliced_reads{false};
   // The readahead set on the mount (-o readahead), which INIT's
   // max_readahead must not lower.
   uint64_t readahead = 0;

@@ -34,8 +34,8 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 // The keys of qcow2fuse's own -o options.
 const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
-    "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes", "readahead",
-    "backing", "backing_format", "overlay", "volatile",
+    "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes", "splice_reads",
+    "readahead", "backing", "backing_format", "overlay", "volatile",
 };
 
 // Standard mount options that mean nothing to a FUSE file system, or that
@@ -155,6 +155,11 @@ absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
           absl::StrFormat("parallel_direct_writes must be on or off, not '%s'", kv[1]));
     }
     out.parallel_direct_writes = kv[1] == "on";
+  } else if (key == "splice_reads" && has_value) {
+    if (kv[1] != "on" && kv[1] != "off") {
+      return absl::InvalidArgumentError(absl::StrFormat("splice_reads must be on or off, not '%s'", kv[1]));
+    }
+    out.splice_reads = kv[1] == "on";
   } else if (key == "readahead" && has_value) {
     absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
     if (!bytes.ok()) return NotASize(key, kv[1]);
@@ -384,6 +389,9 @@ const char* UsageText() {
          "  -o parallel_direct_writes=on|off\n"
          "                         let O_DIRECT writes of the view run in parallel\n"
          "                         (default on; the kernel serialises them if off)\n"
+         "  -o splice_reads=on|off large reads of stored data go from the image file\n"
+         "                         to the reader without a copy in the daemon\n"
+         "                         (default on)\n"
          "  -o readahead=SIZE      how far the kernel reads ahead of a sequential\n"
          "                         reader of the view (default 1M, at most 16M; only\n"
          "                         root may raise it above the kernel's 128K)\n"

@@ -56,6 +56,9 @@ struct MountOptions {
   bool volatile_overlay = false;
   // O_DIRECT writes of one file reach the daemon in parallel.
   bool parallel_direct_writes = true;
+  // -o splice_reads: large reads of data clusters are spliced from the
+  // image file to the reader (spliced_reply.h).
+  bool splice_reads = true;
   // -o readahead=SIZE: how far the kernel reads ahead of a sequential
   // reader of the view (readahead.h). Only root may set it; `readahead_set`
   // says the user asked, so that failing to is worth a warning.

@@ -479,6 +479,23 @@ Task<absl::Status> Qcow2Layer::Read(uint64_t offset, std::span<uint8_t> out) {
   co_return absl::OkStatus();
 }
 
+Task<absl::StatusOr<bool>> Qcow2Layer::SendStored(uint64_t offset, uint64_t length,
+                                                  absl::FunctionRef<void(int, uint64_t)> send) {
+  // Held across `send`: a cluster freed meanwhile (a discard, a
+  // copy-on-write elsewhere) is not reused until the bytes are out.
+  ReadTracker::Ticket ticket = BeginRequest();
+  const int fd = data_file_->fd();
+  if (fd < 0 || length == 0) co_return false;
+  absl::StatusOr<Mapping> m = co_await Map(offset, length);
+  if (!m.ok()) co_return m.status();
+  if (m->type != SubclusterType::kNormal || m->length < length) co_return false;
+  // A file that ends inside the run would cut the bytes short; Read
+  // reports that as the error it is.
+  if (m->host_offset + length > data_file_->size()) co_return false;
+  send(fd, m->host_offset);
+  co_return true;
+}
+
 Task<void> Qcow2Layer::WillNeed(uint64_t offset, uint64_t length, uint64_t max_data) {
   ReadTracker::Ticket ticket = BeginRequest();
   const uint64_t end = std::min(offset + length, size());

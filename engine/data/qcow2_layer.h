@@ -100,6 +100,10 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> Read(uint64_t offset, std::span<uint8_t> out) override;
   Task<absl::StatusOr<Extent>> BlockStatus(uint64_t offset, uint64_t max_length) override;
   Task<void> WillNeed(uint64_t offset, uint64_t length, uint64_t max_data) override;
+  // Image::SendStored, for this image alone: its backing chain is not
+  // looked at.
+  Task<absl::StatusOr<bool>> SendStored(uint64_t offset, uint64_t length,
+                                        absl::FunctionRef<void(int fd, uint64_t file_offset)> send);
   uint64_t L2TableBytes() const override;
   std::string Describe() const override;
   void AppendFileDescriptors(std::vector<int>& fds) const override;

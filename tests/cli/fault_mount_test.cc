@@ -43,6 +43,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli_util.h"
@@ -116,6 +117,7 @@ const char* CallName(FaultCall call) {
     case kFaultFallocate: return "fallocate";
     case kFaultSync: return "fdatasync";
     case kFaultTruncate: return "ftruncate";
+    case kFaultSplice: return "splice";
     default: return "?";
   }
 }
@@ -625,6 +627,116 @@ TEST_F(FaultMountTest, DirectWritesReachTheImageInParallel) {
     EXPECT_EQ(after.substr(64 * kKiB, 4096), std::string(4096, '\x77'));
     EXPECT_EQ(after.substr(4096, 4096), std::string(4096, '\x11'));
   }
+}
+
+// A read of stored data is spliced from the image (spliced_reply.h); the
+// largest a reply splices depends on the pipe sizes this process may use,
+// and 512 KiB is below it everywhere (a pipe may hold 1 MiB). A splice that
+// fails fails that read alone, with its errno and a line in the log, and
+// -o splice_reads=off reads through a buffer instead: no splice at all.
+TEST_F(FaultMountTest, SplicedReadFailingWithEioFailsThatReadAlone) {
+  constexpr size_t kRead = 512 * kKiB;
+  const std::string image = Path("disk.qcow2");
+  ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
+  ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x11 0 1M"}));
+  void* block = nullptr;
+  ASSERT_EQ(posix_memalign(&block, 4096, 2 * kRead), 0);
+  std::unique_ptr<void, decltype(&free)> owned(block, &free);
+  const std::string expected(kRead, '\x11');
+  for (const bool splice : {true, false}) {
+    SCOPED_TRACE(splice ? "splice_reads=on" : "splice_reads=off");
+    const std::string view = Path("view.raw");
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
+                         StartWithShim(image, view, *control, {splice ? "splice_reads=on" : "splice_reads=off"}));
+    const int fd = open(view.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    control->Arm(kFaultOnce, kFaultSplice, 1, EIO);
+    const ssize_t failed = pread(fd, block, kRead, 0);
+    const int error = errno;
+    const ssize_t again = pread(fd, block, kRead, 0);
+    EXPECT_EQ(again, static_cast<ssize_t>(kRead)) << strerror(errno);
+    EXPECT_EQ(std::string(static_cast<const char*>(block), kRead), expected);
+    // Below 64 KiB a copy is cheaper: no splice; from 64 KiB on, spliced.
+    const uint64_t spliced = control->calls(kFaultSplice);
+    EXPECT_EQ(pread(fd, block, 60 * kKiB, 0), static_cast<ssize_t>(60 * kKiB)) << strerror(errno);
+    EXPECT_EQ(control->calls(kFaultSplice), spliced);
+    EXPECT_EQ(pread(fd, block, 64 * kKiB, 64 * kKiB), static_cast<ssize_t>(64 * kKiB)) << strerror(errno);
+    EXPECT_EQ(control->calls(kFaultSplice) > spliced, splice);
+    EXPECT_EQ(std::string(static_cast<const char*>(block), 64 * kKiB), expected.substr(0, 64 * kKiB));
+    // 1 MiB: spliced or from a buffer, as this process's pipes allow.
+    EXPECT_EQ(pread(fd, block, 2 * kRead, 0), static_cast<ssize_t>(2 * kRead)) << strerror(errno);
+    EXPECT_EQ(std::string(static_cast<const char*>(block), 2 * kRead), expected + expected);
+    close(fd);
+    if (splice) {
+      EXPECT_EQ(failed, -1);
+      EXPECT_EQ(error, EIO) << strerror(error);
+      EXPECT_TRUE(control->fired());
+    } else {
+      EXPECT_EQ(failed, static_cast<ssize_t>(kRead)) << strerror(error);
+      EXPECT_EQ(control->calls(kFaultSplice), 0u);
+    }
+    const std::string log = mounted->ReadLog();
+    ASSERT_OK(mounted->Unmount());
+    EXPECT_TRUE(mounted->exit_status() && mounted->exit_status()->success()) << log;
+    EXPECT_EQ(absl::StrContains(log, "splicing 524288 bytes at host offset"), splice) << log;
+  }
+}
+
+// A read holds back the reuse of the host clusters it reads until its bytes
+// are out (read_tracker.h); a spliced read must hold them to the end of the
+// splice. One read is parked just before it splices its data; meanwhile
+// the range is discarded through another descriptor, the image flushed (so
+// the clusters would be free) and new data written elsewhere (where the
+// allocator would take them). Let go, the read must return what the range
+// held or zeros, never the new write's bytes.
+TEST_F(FaultMountTest, ParkedSplicedReadNeverSeesItsClustersReused) {
+  constexpr size_t kRead = 512 * kKiB;
+  const std::string image = Path("disk.qcow2");
+  ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
+  ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x11 0 512k"}));
+  const std::string view = Path("view.raw");
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, StartWithShim(image, view, *control));
+  const int reader = open(view.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+  ASSERT_GE(reader, 0) << strerror(errno);
+  const int writer = open(view.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+  ASSERT_GE(writer, 0) << strerror(errno);
+  void* read_block = nullptr;
+  void* write_block = nullptr;
+  ASSERT_EQ(posix_memalign(&read_block, 4096, kRead), 0);
+  ASSERT_EQ(posix_memalign(&write_block, 4096, kRead), 0);
+  std::unique_ptr<void, decltype(&free)> owned_read(read_block, &free);
+  std::unique_ptr<void, decltype(&free)> owned_write(write_block, &free);
+  std::memset(write_block, 0x22, kRead);
+
+  control->Arm(kFaultPause, kFaultSplice, control->calls(kFaultSplice) + 1, 0);
+  ssize_t got = -1;
+  std::thread parked([&] { got = pread(reader, read_block, kRead, 0); });
+  for (int i = 0; i < 1000 && !control->fired(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  const bool fired = control->fired();
+  if (fired) {
+    EXPECT_EQ(fallocate(writer, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, kRead), 0) << strerror(errno);
+    EXPECT_EQ(fsync(writer), 0) << strerror(errno);
+    EXPECT_EQ(pwrite(writer, write_block, kRead, 4 * kMiB), static_cast<ssize_t>(kRead)) << strerror(errno);
+    EXPECT_EQ(fsync(writer), 0) << strerror(errno);
+  }
+  control->Arm(kFaultNone, kFaultSplice, 0, 0);  // lets the read go on
+  parked.join();
+  ASSERT_TRUE(fired) << "the read never spliced from the image";
+  ASSERT_EQ(got, static_cast<ssize_t>(kRead)) << strerror(errno);
+  const std::string bytes(static_cast<const char*>(read_block), kRead);
+  EXPECT_TRUE(bytes == std::string(kRead, '\x11') || bytes == std::string(kRead, '\0'))
+      << "the parked read returned bytes that are neither the range's nor zeros, first byte "
+      << static_cast<int>(bytes[0]);
+  close(reader);
+  close(writer);
+  ASSERT_OK(mounted->Unmount());
+  EXPECT_OK(CheckImage(image));
+  ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
+  ASSERT_OK_AND_ASSIGN(std::string after, ReadFile(Path("after.raw")));
+  EXPECT_EQ(after.substr(0, kRead), std::string(kRead, '\0'));
+  EXPECT_EQ(after.substr(4 * kMiB, kRead), std::string(kRead, '\x22'));
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 /* An LD_PRELOAD library that makes the qcow2fuse daemon's host I/O on its
  * image fail where a test chooses: the Nth pwrite with EIO, ENOSPC or a
  * short count, the Nth fallocate or ftruncate, the Nth fdatasync or fsync,
+ * the Nth splice out of it (a read answered by splicing, spliced_reply.h),
  * or every call that needs space while the test says the disk is full.
  * fault_mount_test.cc drives it through the control block of fault_shim.h.
  *
@@ -280,4 +281,16 @@ int fsync(int fd) {
   NEXT(next_fsync, "fsync");
   if (DecideCall(fd, kFaultSync, 0) < 0) return -1;
   return next_fsync(fd);
+}
+
+/* --- splice ------------------------------------------------------------------ */
+
+typedef ssize_t (*SpliceFn)(int, loff_t*, int, loff_t*, size_t, unsigned int);
+
+static SpliceFn next_splice;
+
+ssize_t splice(int fd_in, loff_t* off_in, int fd_out, loff_t* off_out, size_t len, unsigned int flags) {
+  NEXT(next_splice, "splice");
+  if (DecideCall(fd_in, kFaultSplice, 0) < 0) return -1;
+  return next_splice(fd_in, off_in, fd_out, off_out, len, flags);
 }

@@ -4,11 +4,12 @@
  * The shim is an LD_PRELOAD library for the qcow2fuse daemon under test.
  * It counts the calls that change one file (the image, named by
  * QCOW2FUSE_FAULT_FILE and recognised by device and inode, whatever
- * descriptor reaches it) and fails the one the test chose. The test makes
- * the control file (QCOW2FUSE_FAULT_CONTROL), a FaultControl, and maps it
- * too: it sets the fault before the mount, reads the counts while the
- * daemon runs, and can fill or empty the disk at any time. Every field is
- * read and written with atomic operations on both sides.
+ * descriptor reaches it), and the splices that read it, and fails the one
+ * the test chose. The test makes the control file (QCOW2FUSE_FAULT_CONTROL),
+ * a FaultControl, and maps it too: it sets the fault before the mount,
+ * reads the counts while the daemon runs, and can fill or empty the disk at
+ * any time. Every field is read and written with atomic operations on both
+ * sides.
  *
  * C, so that the shim needs no C++ runtime in the daemon it is loaded in.
  */
@@ -28,7 +29,8 @@ enum FaultCall {
   kFaultFallocate = 1, /* fallocate, fallocate64: reserving (mode 0) and punching */
   kFaultSync = 2,      /* fdatasync, fsync */
   kFaultTruncate = 3,  /* ftruncate, ftruncate64 */
-  kFaultCallKinds = 4
+  kFaultSplice = 4,    /* splice out of the image: a spliced read's reply */
+  kFaultCallKinds = 5
 };
 
 enum FaultMode {

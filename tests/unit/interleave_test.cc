@@ -13,11 +13,14 @@
 // of a parked write be written back and evicted, and
 // FlushDoesNotWaitForWriteInFlight runs a flush while a write is parked.
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <map>
 #include <memory>
 #include <vector>
 
+#include "absl/strings/str_format.h"
 #include "base/endian.h"
 #include "data/qcow2_layer.h"
 #include "format/header.h"
@@ -514,6 +517,80 @@ TEST_F(InterleaveTest, ReadParkedBeforeItsHostReadKeepsItsCluster) {
   EXPECT_EQ(got, std::vector<uint8_t>(kCluster, 0x11)) << "the read returned another offset's data";
   // With the read done, the next flush frees the old cluster: no leak.
   CloseAndCheck();
+}
+
+// A spliced reply (SendStored) reads its bytes from the file descriptor
+// inside `send`: until that returns, its host clusters must not go to
+// another write, as for a read parked before its host read above. Here the
+// discard, the flush that would free the clusters and the write that would
+// take them all run inside `send`.
+TEST_F(InterleaveTest, SendStoredKeepsItsClustersUntilSendReturns) {
+  Open({"write -P 0x11 0 128k", "write -P 0x22 128k 64k"});
+  const uint64_t host0 = L2EntryHostOffset(EntryInFile(0));
+  ASSERT_NE(host0, 0u);
+  std::vector<uint8_t> got(2 * kCluster);
+  uint64_t taken = 0;
+  absl::StatusOr<bool> sent = SyncWait(layer_->SendStored(0, 2 * kCluster, [&](int fd, uint64_t file_offset) {
+    EXPECT_EQ(file_offset, host0);
+    ASSERT_OK(SyncWait(layer_->Discard(0, 2 * kCluster)));
+    ASSERT_OK(SyncWait(layer_->Flush()));
+    std::vector<uint8_t> other;
+    ASSERT_OK(SyncWait(layer_->Write(5 * kCluster, Fill(other, 0x55, 2 * kCluster))));
+    ASSERT_OK(SyncWait(layer_->Flush()));
+    taken = L2EntryHostOffset(EntryInFile(5 * kCluster));
+    EXPECT_EQ(pread(fd, got.data(), got.size(), file_offset), static_cast<ssize_t>(got.size()));
+  }));
+  ASSERT_OK(sent.status());
+  EXPECT_TRUE(*sent);
+  EXPECT_NE(taken, 0u);
+  EXPECT_TRUE(taken + 2 * kCluster <= host0 || taken >= host0 + 2 * kCluster)
+      << "the host clusters of a reply being sent were given to another write";
+  EXPECT_EQ(got, std::vector<uint8_t>(2 * kCluster, 0x11)) << "the reply would carry another offset's data";
+  CloseAndCheck();
+}
+
+// SendStored hands over only a range that is one run of plain bytes in the
+// file; anything else is left to Read, and `send` is not called.
+TEST_F(InterleaveTest, SendStoredTakesOnlyOneContiguousRunOfData) {
+  // Clusters 0-1 data, 2 a zero cluster, 3 unallocated, 4 and 5 data
+  // written in reverse order, so not one run in the file.
+  Open({"write -P 0x11 0 128k", "write -z 128k 64k", "write -P 0x55 320k 64k", "write -P 0x44 256k 64k"});
+  struct Case {
+    uint64_t offset;
+    uint64_t length;
+    bool sent;
+  };
+  for (const Case& c : std::vector<Case>{{0, 2 * kCluster, true},
+                                         {4096, kCluster, true},
+                                         {0, 3 * kCluster, false},             // runs into the zero cluster
+                                         {2 * kCluster, kCluster, false},      // zeros
+                                         {3 * kCluster, kCluster, false},      // unallocated
+                                         {4 * kCluster, 2 * kCluster, false},  // two runs in the file
+                                         {4 * kCluster, kCluster, true},
+                                         {5 * kCluster, kCluster, true}}) {
+    SCOPED_TRACE(absl::StrFormat("[%u, +%u)", c.offset, c.length));
+    bool called = false;
+    std::vector<uint8_t> got(c.length);
+    absl::StatusOr<bool> sent = SyncWait(layer_->SendStored(c.offset, c.length, [&](int fd, uint64_t file_offset) {
+      called = true;
+      EXPECT_EQ(pread(fd, got.data(), got.size(), file_offset), static_cast<ssize_t>(got.size()));
+    }));
+    ASSERT_OK(sent.status());
+    EXPECT_EQ(*sent, c.sent);
+    EXPECT_EQ(called, c.sent);
+    if (c.sent) {
+      EXPECT_EQ(got, ReadDisk(c.offset, c.length));
+    }
+  }
+  // Image::SendStored checks the range as Read does.
+  std::unique_ptr<Image> image = OpenFresh();
+  ASSERT_NE(image, nullptr);
+  auto never = [](int, uint64_t) { ADD_FAILURE() << "send called"; };
+  EXPECT_EQ(SyncWait(image->SendStored(kDisk - kCluster, 2 * kCluster, never)).status().code(),
+            absl::StatusCode::kOutOfRange);
+  absl::StatusOr<bool> whole = SyncWait(image->SendStored(0, 2 * kCluster, [](int, uint64_t) {}));
+  ASSERT_OK(whole.status());
+  EXPECT_TRUE(*whole);
 }
 
 // A cache fill is slow; meanwhile a write changes an entry of the same L2

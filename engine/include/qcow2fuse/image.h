@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "qcow2fuse/task.h"
 
@@ -133,6 +134,17 @@ class Image {
   // met on the way fails this read with DataLossError naming the entry;
   // other reads are unaffected.
   Task<absl::Status> Read(uint64_t offset, std::span<uint8_t> out);
+
+  // For a caller that passes disk bytes on without looking at them (a
+  // spliced FUSE reply): when all of [offset, offset + length) is stored as
+  // one run of plain bytes in a host file with a descriptor, calls
+  // send(fd, file_offset) and returns true; the host clusters behind the
+  // run are not reused for other data until `send` returns, so it must
+  // read the bytes before then. Returns false, without calling `send`, for
+  // anything else (zeros, compressed or backing runs, a run split in the
+  // file): Read those. Errors as Read's.
+  Task<absl::StatusOr<bool>> SendStored(uint64_t offset, uint64_t length,
+                                        absl::FunctionRef<void(int fd, uint64_t file_offset)> send);
 
   // The kind of the run starting at `offset` (< virtual_size()) and its
   // length, at most `max_length`. Adjacent runs of one kind are merged.
