@@ -290,9 +290,7 @@ TEST_F(BadInputTest, CorruptBitImageStillMountsReadOnly) {
 
 TEST_F(BadInputTest, EncryptedImageIsRefused) {
   const std::string image = Path("luks.qcow2");
-  ASSERT_OK(RunChecked({"qemu-img", "create", "-q", "-f", "qcow2", "--object",
-                        "secret,id=sec0,data=abc", "-o",
-                        "encrypt.format=luks,encrypt.key-secret=sec0", image, "16M"}));
+  ASSERT_OK(CreateLuksImage(image, "secret,id=sec0,data=abc", "encrypt.format=luks,encrypt.key-secret=sec0", "16M"));
   ExpectRefused(image, {"encrypt"});
 }
 

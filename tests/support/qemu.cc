@@ -125,6 +125,16 @@ absl::StatusOr<std::string> QemuImg(const std::vector<std::string>& args) {
   return RunChecked(argv);
 }
 
+absl::Status CreateLuksImage(const std::string& path, const std::string& secret, const std::string& options,
+                             const std::string& size) {
+  absl::Status status;
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    status = QemuImg({"create", "-q", "-f", "qcow2", "--object", secret, "-o", options, path, size}).status();
+    if (!absl::StrContains(status.message(), "Unable to get accurate CPU usage")) break;
+  }
+  return status;
+}
+
 absl::Status ConvertImage(const std::string& src, absl::string_view src_format,
                           const std::string& dst, absl::string_view dst_format,
                           const std::vector<std::string>& extra) {

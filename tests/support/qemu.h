@@ -58,6 +58,15 @@ absl::Status QemuIo(const std::string& path, absl::string_view format,
 // helper: snapshot, bitmap, resize, ...
 absl::StatusOr<std::string> QemuImg(const std::vector<std::string>& args);
 
+// `qemu-img create -f qcow2 --object SECRET -o OPTIONS PATH SIZE` of a
+// LUKS-encrypted image: `secret` is a --object secret definition and
+// `options` the -o argument. QEMU times its key derivation with the
+// thread's CPU clock and gives up when a round measures 0 ms ("Unable to
+// get accurate CPU usage"), which a coarse clock on a busy machine makes
+// happen now and then: that failure alone is retried.
+absl::Status CreateLuksImage(const std::string& path, const std::string& secret, const std::string& options,
+                             const std::string& size);
+
 // `qemu-img convert -f SRC_FORMAT -O DST_FORMAT EXTRA... SRC DST`, e.g.
 // extra = {"-c", "-o", "compression_type=zstd"}.
 absl::Status ConvertImage(const std::string& src, absl::string_view src_format,

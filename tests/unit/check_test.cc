@@ -522,10 +522,8 @@ TEST(CheckTest, CleanLuksEncrypted) {
   const std::vector<std::string> open = {
       "--object", secret, "--image-opts",
       absl::StrCat("driver=qcow2,file.filename=", img, ",encrypt.key-secret=sec0")};
-  ASSERT_OK(
-      QemuImg({"create", "-f", "qcow2", "--object", secret, "-o",
-               "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4096",
-               img, "16M"}));
+  ASSERT_OK(CreateLuksImage(
+      img, secret, "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4096", "16M"));
   std::vector<std::string> io = {"qemu-io"};
   io.insert(io.end(), open.begin(), open.end());
   io.insert(io.end(), {"-c", "write -P 1 0 100k", "-c", "write -P 2 8M 4k"});
