@@ -553,8 +553,9 @@ TEST_F(InterleaveTest, SendStoredKeepsItsClustersUntilSendReturns) {
 // file; anything else is left to Read, and `send` is not called.
 TEST_F(InterleaveTest, SendStoredTakesOnlyOneContiguousRunOfData) {
   // Clusters 0-1 data, 2 a zero cluster, 3 unallocated, 4 and 5 data
-  // written in reverse order, so not one run in the file.
-  Open({"write -P 0x11 0 128k", "write -z 128k 64k", "write -P 0x55 320k 64k", "write -P 0x44 256k 64k"});
+  // written in reverse order, so not one run in the file, 6 compressed.
+  Open({"write -P 0x11 0 128k", "write -z 128k 64k", "write -P 0x55 320k 64k", "write -P 0x44 256k 64k",
+        "write -c -P 0x66 384k 64k"});
   struct Case {
     uint64_t offset;
     uint64_t length;
@@ -567,7 +568,8 @@ TEST_F(InterleaveTest, SendStoredTakesOnlyOneContiguousRunOfData) {
                                          {3 * kCluster, kCluster, false},      // unallocated
                                          {4 * kCluster, 2 * kCluster, false},  // two runs in the file
                                          {4 * kCluster, kCluster, true},
-                                         {5 * kCluster, kCluster, true}}) {
+                                         {5 * kCluster, kCluster, true},
+                                         {6 * kCluster, kCluster, false}}) {  // compressed
     SCOPED_TRACE(absl::StrFormat("[%u, +%u)", c.offset, c.length));
     bool called = false;
     std::vector<uint8_t> got(c.length);
