@@ -162,6 +162,16 @@ absl::StatusOr<std::unique_ptr<MountedView>> StartWithShim(const std::string& im
   return MountedView::Start(options);
 }
 
+// Unmounts `mounted`, has `qemu-img check` judge `image`, and returns the
+// disk as QEMU reads it (converted to `raw`).
+absl::StatusOr<std::string> UnmountCheckAndConvert(MountedView& mounted, const std::string& image,
+                                                   const std::string& raw) {
+  if (absl::Status s = mounted.Unmount(); !s.ok()) return s;
+  if (absl::Status s = CheckImage(image); !s.ok()) return s;
+  if (absl::Status s = ConvertToRaw(image, raw); !s.ok()) return s;
+  return ReadFile(raw);
+}
+
 // --- The workload ----------------------------------------------------------------------------
 
 struct Call {
@@ -619,10 +629,7 @@ TEST_F(FaultMountTest, DirectWritesReachTheImageInParallel) {
     EXPECT_EQ(fsync(fd), 0) << strerror(errno);
     close(fd);
     free(block);
-    ASSERT_OK(mounted->Unmount());
-    EXPECT_OK(CheckImage(image));
-    ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
-    ASSERT_OK_AND_ASSIGN(std::string after, ReadFile(Path("after.raw")));
+    ASSERT_OK_AND_ASSIGN(std::string after, UnmountCheckAndConvert(*mounted, image, Path("after.raw")));
     EXPECT_EQ(after.substr(0, 4096), std::string(4096, '\x77'));
     EXPECT_EQ(after.substr(64 * kKiB, 4096), std::string(4096, '\x77'));
     EXPECT_EQ(after.substr(4096, 4096), std::string(4096, '\x11'));
@@ -747,10 +754,7 @@ TEST_F(FaultMountTest, ParkedSplicedReadNeverSeesItsClustersReused) {
       << static_cast<int>(bytes[0]);
   close(reader);
   close(writer);
-  ASSERT_OK(mounted->Unmount());
-  EXPECT_OK(CheckImage(image));
-  ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
-  ASSERT_OK_AND_ASSIGN(std::string after, ReadFile(Path("after.raw")));
+  ASSERT_OK_AND_ASSIGN(std::string after, UnmountCheckAndConvert(*mounted, image, Path("after.raw")));
   EXPECT_EQ(after.substr(0, kRead), std::string(kRead, '\0'));
   EXPECT_EQ(after.substr(4 * kMiB, kRead), std::string(kRead, '\x22'));
 }
