@@ -16,8 +16,8 @@
 #include "buffer_pool.h"
 #include "errno_map.h"
 #include "log.h"
-#include "spliced_reply.h"
 #include "qcow2fuse/status.h"
+#include "spliced_reply.h"
 
 namespace qcow2fuse {
 namespace {

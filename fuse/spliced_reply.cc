@@ -19,6 +19,9 @@ constexpr size_t kLargestReply = size_t{1} << 20;
 // libfuse splices the reply through a pipe of its own that needs the
 // reply's header and a few pages more than its data (fuse_send_data_iov).
 constexpr size_t kLibfusePipeSlack = 4 * 4096;
+// A run that does not start on a page boundary spans one page more than
+// its length; the thread's pipe has room for that page.
+constexpr size_t kPageSize = 4096;
 
 class Pipe {
  public:
@@ -86,7 +89,7 @@ size_t MaxSplicedReply() {
 }
 
 absl::StatusOr<bool> ReplySpliced(fuse_req_t req, int fd, uint64_t file_offset, size_t length) {
-  if (thread_pipe == nullptr) thread_pipe = Pipe::Make(MaxSplicedReply());
+  if (thread_pipe == nullptr) thread_pipe = Pipe::Make(MaxSplicedReply() + kPageSize);
   if (thread_pipe == nullptr) return false;
   loff_t in = static_cast<loff_t>(file_offset);
   size_t moved = 0;
@@ -105,8 +108,8 @@ absl::StatusOr<bool> ReplySpliced(fuse_req_t req, int fd, uint64_t file_offset, 
           absl::StrFormat("the host file ends at %u, inside the %u bytes at %u the L2 table points to",
                           static_cast<uint64_t>(in), length, file_offset));
     }
-    // EAGAIN: the pipe is full (a range that is not page-aligned needs a
-    // page more than its length); a buffer will do.
+    // EAGAIN: the pipe is full, which its size should rule out; a buffer
+    // will do.
     if (error == EAGAIN) return false;
     return ErrnoStatus(error, absl::StrFormat("splicing %u bytes at host offset %u", length, file_offset));
   }
