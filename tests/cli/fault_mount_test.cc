@@ -593,8 +593,8 @@ TEST_F(FaultMountTest, DirectWritesReachTheImageInParallel) {
                                        {absl::StrCat("parallel_direct_writes=", parallel ? "on" : "off")}));
     const int fd = open(view.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
     ASSERT_GE(fd, 0) << strerror(errno);
-    void* block = nullptr;
-    ASSERT_EQ(posix_memalign(&block, 4096, 4096), 0);
+    AlignedBuffer owned = AllocAligned(4096);
+    uint8_t* const block = owned.get();
     std::memset(block, 0x77, 4096);
     // The first write of a mount marks the image in use; what is counted
     // from here on is data only.
@@ -628,7 +628,6 @@ TEST_F(FaultMountTest, DirectWritesReachTheImageInParallel) {
                                                 "nothing");
     EXPECT_EQ(fsync(fd), 0) << strerror(errno);
     close(fd);
-    free(block);
     ASSERT_OK_AND_ASSIGN(std::string after, UnmountCheckAndConvert(*mounted, image, Path("after.raw")));
     EXPECT_EQ(after.substr(0, 4096), std::string(4096, '\x77'));
     EXPECT_EQ(after.substr(64 * kKiB, 4096), std::string(4096, '\x77'));
@@ -658,9 +657,8 @@ TEST_F(FaultMountTest, SplicedReadFailingWithEioFailsThatReadAlone) {
   const std::string image = Path("disk.qcow2");
   ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
   ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x11 0 1M"}));
-  void* block = nullptr;
-  ASSERT_EQ(posix_memalign(&block, 4096, 2 * kRead), 0);
-  std::unique_ptr<void, decltype(&free)> owned(block, &free);
+  AlignedBuffer owned = AllocAligned(2 * kRead);
+  uint8_t* const block = owned.get();
   const std::string expected(kRead, '\x11');
   for (const bool splice : {true, false}) {
     SCOPED_TRACE(splice ? "splice_reads=on" : "splice_reads=off");
@@ -675,20 +673,20 @@ TEST_F(FaultMountTest, SplicedReadFailingWithEioFailsThatReadAlone) {
     const int error = errno;
     const ssize_t again = pread(fd, block, kRead, 0);
     EXPECT_EQ(again, static_cast<ssize_t>(kRead)) << strerror(errno);
-    EXPECT_EQ(std::string(static_cast<const char*>(block), kRead), expected);
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(block), kRead), expected);
     // Below 64 KiB a copy is cheaper: no splice; from 64 KiB on, spliced.
     const uint64_t spliced = control->calls(kFaultSplice);
     EXPECT_EQ(pread(fd, block, 60 * kKiB, 0), static_cast<ssize_t>(60 * kKiB)) << strerror(errno);
     EXPECT_EQ(control->calls(kFaultSplice), spliced);
     EXPECT_EQ(pread(fd, block, 64 * kKiB, 64 * kKiB), static_cast<ssize_t>(64 * kKiB)) << strerror(errno);
     EXPECT_EQ(control->calls(kFaultSplice) > spliced, splice);
-    EXPECT_EQ(std::string(static_cast<const char*>(block), 64 * kKiB), expected.substr(0, 64 * kKiB));
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(block), 64 * kKiB), expected.substr(0, 64 * kKiB));
     // 1 MiB is spliced only where a pipe may hold it and its header, as
     // the daemon's and this test's (both root) may alike; from a buffer
     // otherwise.
     const uint64_t before_1m = control->calls(kFaultSplice);
     EXPECT_EQ(pread(fd, block, 2 * kRead, 0), static_cast<ssize_t>(2 * kRead)) << strerror(errno);
-    EXPECT_EQ(std::string(static_cast<const char*>(block), 2 * kRead), expected + expected);
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(block), 2 * kRead), expected + expected);
     EXPECT_EQ(control->calls(kFaultSplice) > before_1m, splice && PipesMayHoldAMebibyteReply());
     close(fd);
     if (splice) {
@@ -725,12 +723,10 @@ TEST_F(FaultMountTest, ParkedSplicedReadNeverSeesItsClustersReused) {
   ASSERT_GE(reader, 0) << strerror(errno);
   const int writer = open(view.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
   ASSERT_GE(writer, 0) << strerror(errno);
-  void* read_block = nullptr;
-  void* write_block = nullptr;
-  ASSERT_EQ(posix_memalign(&read_block, 4096, kRead), 0);
-  ASSERT_EQ(posix_memalign(&write_block, 4096, kRead), 0);
-  std::unique_ptr<void, decltype(&free)> owned_read(read_block, &free);
-  std::unique_ptr<void, decltype(&free)> owned_write(write_block, &free);
+  AlignedBuffer owned_read = AllocAligned(kRead);
+  AlignedBuffer owned_write = AllocAligned(kRead);
+  uint8_t* const read_block = owned_read.get();
+  uint8_t* const write_block = owned_write.get();
   std::memset(write_block, 0x22, kRead);
 
   control->Arm(kFaultPause, kFaultSplice, control->calls(kFaultSplice) + 1, 0);
@@ -748,7 +744,7 @@ TEST_F(FaultMountTest, ParkedSplicedReadNeverSeesItsClustersReused) {
   parked.join();
   ASSERT_TRUE(fired) << "the read never spliced from the image";
   ASSERT_EQ(got, static_cast<ssize_t>(kRead)) << strerror(errno);
-  const std::string bytes(static_cast<const char*>(read_block), kRead);
+  const std::string bytes(reinterpret_cast<const char*>(read_block), kRead);
   EXPECT_TRUE(bytes == std::string(kRead, '\x11') || bytes == std::string(kRead, '\0'))
       << "the parked read returned bytes that are neither the range's nor zeros, first byte "
       << static_cast<int>(bytes[0]);

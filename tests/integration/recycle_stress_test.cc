@@ -198,17 +198,6 @@ uint64_t EnvNumber(const char* name, uint64_t fallback) {
   return value;
 }
 
-// O_DIRECT buffers.
-struct AlignedFree {
-  void operator()(uint8_t* p) const { std::free(p); }
-};
-using AlignedBuffer = std::unique_ptr<uint8_t, AlignedFree>;
-AlignedBuffer AllocAligned(size_t size) {
-  void* p = nullptr;
-  if (posix_memalign(&p, 4096, size) != 0) std::abort();
-  return AlignedBuffer(static_cast<uint8_t*>(p));
-}
-
 // What the threads share.
 struct Shared {
   std::string path;

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -52,6 +53,14 @@ std::string HexBytes(const char* data, size_t length) {
 
 std::ostream& operator<<(std::ostream& out, const ByteRange& range) {
   return out << "[" << range.offset << ", " << range.end() << ")";
+}
+
+void AlignedFree::operator()(uint8_t* p) const { std::free(p); }
+
+AlignedBuffer AllocAligned(size_t size) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 4096, size) != 0) std::abort();
+  return AlignedBuffer(static_cast<uint8_t*>(p));
 }
 
 ScopedFd& ScopedFd::operator=(ScopedFd&& other) noexcept {

@@ -14,6 +14,7 @@
 #define QCOW2FUSE_TESTS_SUPPORT_FILE_UTIL_H_
 
 #include <cstdint>
+#include <memory>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -56,6 +57,14 @@ class ScopedFd {
  private:
   int fd_ = -1;
 };
+
+// A page-aligned buffer, as O_DIRECT needs, freed with free().
+struct AlignedFree {
+  void operator()(uint8_t* p) const;
+};
+using AlignedBuffer = std::unique_ptr<uint8_t, AlignedFree>;
+// `size` bytes, page-aligned and uninitialised; aborts when memory is out.
+AlignedBuffer AllocAligned(size_t size);
 
 // open(path, O_RDONLY | O_CLOEXEC).
 absl::StatusOr<ScopedFd> OpenReadOnly(const std::string& path);
