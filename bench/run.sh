@@ -25,6 +25,11 @@ Options:
   --runtime S    seconds per time-based fio run (default 6; 2 with --quick)
   --out FILE     also write the Markdown report to FILE
   --list         list the workloads and exit
+  --io-uring on|off
+                 turn the kernel's FUSE over io_uring on or off for the run
+                 (/sys/module/fuse/parameters/enable_uring, Linux 6.14+; put
+                 back afterwards). qcow2fuse uses it where it is on; without
+                 this option the setting stays as found. qsd does not use it
 Environment:
   QCOW2FUSE      qcow2fuse binary to use (default: build-bench/fuse/qcow2fuse, an optimised build made first)
   BENCH_DIR      directory in which the temporary work directory is made (default /var/tmp);
@@ -40,6 +45,7 @@ only=""
 runtime=""
 out_file=""
 list_only=0
+io_uring=""
 while (($#)); do
   case $1 in
     --rounds) rounds=${2:?--rounds needs a number}; shift 2 ;;
@@ -48,6 +54,8 @@ while (($#)); do
     --runtime) runtime=${2:?--runtime needs seconds}; shift 2 ;;
     --out) out_file=${2:?--out needs a file name}; shift 2 ;;
     --list) list_only=1; shift ;;
+    --io-uring) io_uring=${2:?--io-uring needs on or off}; shift 2
+      [[ $io_uring == on || $io_uring == off ]] || { echo "run.sh: --io-uring takes on or off" >&2; exit 2; } ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -985,6 +993,7 @@ cleanup() {
   trap - EXIT INT TERM
   ext4_teardown  # the ext4 and the loop device first: they keep the view busy
   close_target
+  if [[ -n $uring_was ]]; then echo "$uring_was" >"$URING_PARAMETER"; fi
   if [[ -d $work/trash ]]; then
     log "deleting the images of the allocating writes and ext4 unpacking$(has_discard && echo " (slow: the file system is mounted with -o discard)")"
   fi
@@ -993,6 +1002,15 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
+# --io-uring: the kernel's setting for the run, the one found put back by
+# cleanup.
+URING_PARAMETER=/sys/module/fuse/parameters/enable_uring
+uring_was=""
+if [[ -n $io_uring ]]; then
+  [[ -w $URING_PARAMETER ]] || { log "--io-uring: $URING_PARAMETER is missing or not writable (Linux 6.14+, root)"; exit 2; }
+  uring_was=$(cat "$URING_PARAMETER")
+  if [[ $io_uring == on ]]; then echo Y >"$URING_PARAMETER"; else echo N >"$URING_PARAMETER"; fi
+fi
 trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM
 
@@ -1068,6 +1086,7 @@ done
     "images on $(df -PT "$work" | awk 'NR == 2 {print $2 " (" $1 ")"}')."
   echo "qcow2fuse $(git -C "$root" describe --always --dirty 2>/dev/null || echo '?') ($QCOW2FUSE)," \
     "$(qemu-storage-daemon --version | head -n 1), $(fio --version)."
+  echo "FUSE over io_uring (enable_uring): $(cat "$URING_PARAMETER" 2>/dev/null || echo 'not in this kernel')."
   echo "$rounds round(s), $( ((quick)) && echo "--quick, " )data disk $((DATA_SIZE >> 20)) MiB," \
     "fio runtime ${runtime} s, $ALLOC_IOS allocating writes per run;" \
     "setup and measurements took $((elapsed / 60)) min $((elapsed % 60)) s."
