@@ -39,6 +39,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/algorithm/container.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
@@ -53,6 +54,7 @@
 #include "periodic_flush.h"
 #include "readahead.h"
 #include "unmount.h"
+#include "uring_channel.h"
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/scheduler.h"
 #include "qcow2fuse/status.h"
@@ -93,6 +95,16 @@ class StopWatchdog {
  public:
   StopWatchdog(fuse_session* session, std::chrono::seconds timeout, std::function<void()> give_up)
       : session_(session), timeout_(timeout), give_up_(std::move(give_up)), thread_([this] { Watch(); }) {}
+  // The loop has returned: the stop has begun, whatever the session says
+  // (libfuse's loop clears its "exited" flag as it returns).
+  void Begin() {
+    {
+      std::lock_guard lock(mu_);
+      begun_ = true;
+    }
+    cv_.notify_all();
+  }
+
   // The requests are drained: nothing left to watch.
   ~StopWatchdog() {
     {
@@ -109,7 +121,7 @@ class StopWatchdog {
     // polled for; a tenth of a second is nothing next to the timeout.
     constexpr auto kPoll = std::chrono::milliseconds(100);
     std::unique_lock lock(mu_);
-    while (!drained_ && !fuse_session_exited(session_)) cv_.wait_for(lock, kPoll);
+    while (!drained_ && !begun_ && !fuse_session_exited(session_)) cv_.wait_for(lock, kPoll);
     if (cv_.wait_for(lock, timeout_, [this] { return drained_; })) return;
     give_up_();
   }
@@ -120,6 +132,7 @@ class StopWatchdog {
   std::mutex mu_;
   std::condition_variable cv_;
   bool drained_ = false;  // under mu_
+  bool begun_ = false;    // under mu_
   std::thread thread_;    // last: starts once the rest is set
 };
 
@@ -407,6 +420,23 @@ int Serve(const MountOptions& options, StartupReport& report) {
     warnings.push_back(absl::StrFormat("readahead stays at the kernel's default: %s", set.message()));
   }
   RouteLibfuseLog();
+  // Before libfuse reads INIT, whose reply asks for io_uring. Destroyed
+  // after the session, whose I/O hooks lead to it.
+  std::unique_ptr<UringChannel> uring;
+  // auto_unmount's watcher (fusermount3) looks once, when the daemon dies,
+  // whether the connection is gone; a killed daemon's rings are torn down
+  // after that look, so the mount would stay.
+  const bool auto_unmount = absl::c_linear_search(options.fuse_options, "auto_unmount");
+  if (options.io_uring && auto_unmount && UringChannel::KernelOffers()) {
+    Log(LogLevel::kInfo, "requests stay on /dev/fuse: auto_unmount needs them there");
+  } else if (options.io_uring && UringChannel::KernelOffers()) {
+    absl::StatusOr<std::unique_ptr<UringChannel>> installed = UringChannel::Install(session, options.threads);
+    if (installed.ok()) {
+      uring = *std::move(installed);
+    } else {
+      warnings.push_back(absl::StrFormat("requests stay on /dev/fuse: %s", installed.status().message()));
+    }
+  }
   if (fuse_set_signal_handlers(session) != 0) {
     fuse_session_unmount(session);
     fuse_session_destroy(session);
@@ -503,6 +533,11 @@ int Serve(const MountOptions& options, StartupReport& report) {
               served);
         }
         loop_result = fuse_session_loop_mt(session, loop_config);
+        watchdog.Begin();  // a ring thread may still hold a stuck request
+        if (uring && uring->active()) {
+          uring->Stop();
+          Log(LogLevel::kInfo, absl::StrFormat("%u requests came over io_uring", uring->served()));
+        }
         // Ended by an unmount: the kernel has freed the device number, and
         // the next mount that gets it needs the socket name.
         if ((loop_result == 0 || loop_result == -ECONNABORTED) && unmount_listener) unmount_listener->ReleaseName();

@@ -18,6 +18,7 @@
 #include "log.h"
 #include "qcow2fuse/status.h"
 #include "spliced_reply.h"
+#include "uring_channel.h"
 
 namespace qcow2fuse {
 namespace {
@@ -112,7 +113,9 @@ Task<void> GetAttr(fuse_req_t req, Node& node) {
   fuse_reply_attr(req, &*st, kAttrTimeoutSeconds);
 }
 
-Task<void> Read(fuse_req_t req, View& view, size_t size, off_t offset) {
+// `reply_space`: where the reply may be built in place, or empty
+// (UringChannel::ReplySpace).
+Task<void> Read(fuse_req_t req, View& view, size_t size, off_t offset, std::span<uint8_t> reply_space) {
   absl::StatusOr<Image*> opened = view.image();
   if (!opened.ok()) co_return ReplyError(req, opened.status(), "read");
   Image& image = **opened;
@@ -133,7 +136,9 @@ Task<void> Read(fuse_req_t req, View& view, size_t size, off_t offset) {
   std::optional<BufferPool::Buffer> pooled;
   std::unique_ptr<uint8_t[]> small;
   std::span<uint8_t> buf;
-  if (n >= kPooledReadBytes && n <= kMaxRequestBytes) {
+  if (n <= reply_space.size()) {
+    buf = reply_space.first(n);
+  } else if (n >= kPooledReadBytes && n <= kMaxRequestBytes) {
     pooled.emplace(ReadBuffers().Take());
     buf = pooled->first(n);
   } else {
@@ -436,7 +441,7 @@ void OnOpen(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
 void OnRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, struct fuse_file_info*) {
   View* view = FileView(req, ino);
   if (view == nullptr) return (void)fuse_reply_err(req, EISDIR);
-  State(req).scheduler->Start(Read(req, *view, size, offset));
+  State(req).scheduler->Start(Read(req, *view, size, offset, UringChannel::ReplySpace()));
 }
 
 void OnLseek(fuse_req_t req, fuse_ino_t ino, off_t offset, int whence, struct fuse_file_info*) {

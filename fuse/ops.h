@@ -5,7 +5,8 @@
 //
 // Each callback copies what it needs from its arguments (libfuse frees
 // them when the callback returns) and starts a coroutine on the calling
-// libfuse worker thread (Scheduler::Start); the coroutine replies. The
+// thread, a libfuse worker or a ring thread (uring_channel.h), with
+// Scheduler::Start; the coroutine replies. The
 // callback returns when the coroutine is done or waits for a lock; a
 // write's callback waits for the write, whose bytes stay in libfuse's
 // buffer. No qcow2 logic lives here.

@@ -34,7 +34,7 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 // The keys of qcow2fuse's own -o options.
 const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
-    "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes", "splice_reads",
+    "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes", "splice_reads", "io_uring",
     "readahead", "backing", "backing_format", "overlay", "volatile",
 };
 
@@ -155,6 +155,11 @@ absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
           absl::StrFormat("parallel_direct_writes must be on or off, not '%s'", kv[1]));
     }
     out.parallel_direct_writes = kv[1] == "on";
+  } else if (key == "io_uring" && has_value) {
+    if (kv[1] != "on" && kv[1] != "off") {
+      return absl::InvalidArgumentError(absl::StrFormat("io_uring must be on or off, not '%s'", kv[1]));
+    }
+    out.io_uring = kv[1] == "on";
   } else if (key == "splice_reads" && has_value) {
     if (kv[1] != "on" && kv[1] != "off") {
       return absl::InvalidArgumentError(absl::StrFormat("splice_reads must be on or off, not '%s'", kv[1]));
@@ -392,6 +397,8 @@ const char* UsageText() {
          "  -o splice_reads=on|off large reads of stored data go from the image file\n"
          "                         to the reader without a copy in the daemon\n"
          "                         (default on)\n"
+         "  -o io_uring=on|off     requests come over io_uring where the kernel offers\n"
+         "                         it (Linux 6.14+, fuse's enable_uring=Y; default on)\n"
          "  -o readahead=SIZE      how far the kernel reads ahead of a sequential\n"
          "                         reader of the view (default 1M, at most 16M; only\n"
          "                         root may raise it above the kernel's 128K)\n"

@@ -59,6 +59,9 @@ struct MountOptions {
   // -o splice_reads: large reads of data clusters are spliced from the
   // image file to the reader (spliced_reply.h).
   bool splice_reads = true;
+  // -o io_uring: requests come over io_uring where the kernel offers it
+  // (uring_channel.h).
+  bool io_uring = true;
   // -o readahead=SIZE: how far the kernel reads ahead of a sequential
   // reader of the view (readahead.h). Only root may set it; `readahead_set`
   // says the user asked, so that failing to is worth a warning.

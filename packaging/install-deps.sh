@@ -12,7 +12,7 @@
 set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config git
-  libfuse3-dev fuse3 zlib1g-dev libzstd-dev libdeflate-dev libabsl-dev libgtest-dev
+  libfuse3-dev fuse3 zlib1g-dev libzstd-dev libdeflate-dev liburing-dev libabsl-dev libgtest-dev
   qemu-utils qemu-system-common libnbd-bin e2fsprogs fuse2fs util-linux fdisk mount coreutils fio libaio-dev
   clang libclang-rt-14-dev
   dpkg-dev lintian man-db systemd

@@ -652,6 +652,8 @@ bool PipesMayHoldAMebibyteReply() {
 // and 512 KiB is below it everywhere (a pipe may hold 1 MiB). A splice that
 // fails fails that read alone, with its errno and a line in the log, and
 // -o splice_reads=off reads through a buffer instead: no splice at all.
+// Splicing is for replies through /dev/fuse, so io_uring is off (the
+// kernel offers it while uring_test runs beside).
 TEST_F(FaultMountTest, SplicedReadFailingWithEioFailsThatReadAlone) {
   constexpr size_t kRead = 512 * kKiB;
   const std::string image = Path("disk.qcow2");
@@ -665,7 +667,8 @@ TEST_F(FaultMountTest, SplicedReadFailingWithEioFailsThatReadAlone) {
     const std::string view = Path("view.raw");
     ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
     ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
-                         StartWithShim(image, view, *control, {splice ? "splice_reads=on" : "splice_reads=off"}));
+                         StartWithShim(image, view, *control,
+                                       {splice ? "splice_reads=on" : "splice_reads=off", "io_uring=off"}));
     const int fd = open(view.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
     ASSERT_GE(fd, 0) << strerror(errno);
     control->Arm(kFaultOnce, kFaultSplice, 1, EIO);
@@ -718,7 +721,7 @@ TEST_F(FaultMountTest, ParkedSplicedReadNeverSeesItsClustersReused) {
   ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x11 0 512k"}));
   const std::string view = Path("view.raw");
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, StartWithShim(image, view, *control));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, StartWithShim(image, view, *control, {"io_uring=off"}));
   const int reader = open(view.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
   ASSERT_GE(reader, 0) << strerror(errno);
   const int writer = open(view.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);

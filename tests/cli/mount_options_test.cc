@@ -114,6 +114,7 @@ TEST_F(MountOptionsTest, UsageErrorsAreOneLineNamingTheArgument) {
       {{"-o", "blksize=4096"}, {"blksize", "block-device"}},
       {{"-o", "parallel_direct_writes=yes"}, {"parallel_direct_writes must be on or off", "'yes'"}},
       {{"-o", "splice_reads=1"}, {"splice_reads must be on or off", "'1'"}},
+      {{"-o", "io_uring=yes"}, {"io_uring must be on or off", "'yes'"}},
       {{"-o", "readahead=5000"}, {"readahead must be a multiple of 4K from 0 to 16M", "'5000'"}},
       {{"-o", "readahead=32M"}, {"readahead must be a multiple of 4K from 0 to 16M", "'32M'"}},
       {{"-o", "readahead=lots"}, {"readahead must be a size", "'lots'"}},
