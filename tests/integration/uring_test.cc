@@ -243,6 +243,7 @@ TEST_F(UringTest, ParallelAioWritesAndReadsVerify) {
                                         "--verify=crc32c",
                                         "--verify_fatal=1",
                                         "--do_verify=1",
+                                        "--verify_state_save=0",  // no state files in the working directory
                                         "--output-format=terse"};
   EXPECT_OK(RunChecked(fio).status());
   ASSERT_OK(view->Unmount());
