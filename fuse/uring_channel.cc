@@ -19,6 +19,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_format.h"
+#include "commit_turn.h"
 #include "log.h"
 
 namespace qcow2fuse {
@@ -194,12 +195,6 @@ class UringChannel::Impl {
   }
 
  private:
-  // Who commits a reply: the worker, back from libfuse, or the thread that
-  // replied, whichever comes second.
-  static constexpr int kBusy = 0;      // neither yet
-  static constexpr int kReplied = 1;   // the reply is in the entry
-  static constexpr int kReturned = 2;  // the worker is back, no reply yet
-
   // A thread, its ring, and the one ring entry it serves.
   struct Worker {
     uint16_t qid = 0;
@@ -210,7 +205,7 @@ class UringChannel::Impl {
     uint8_t* payload = nullptr;
     iovec iov[2];
     uint64_t commit_id = 0;
-    std::atomic<int> turn{kBusy};
+    CommitTurn turn;  // who commits the reply
     // Orders the submissions of the worker and of a replying thread, which
     // follow one another through the kernel, where no checker sees them.
     std::mutex submit_mu;
@@ -281,10 +276,7 @@ class UringChannel::Impl {
     }
     w.header.ring_ent_in_out.payload_sz = static_cast<uint32_t>(copied);
     const uint64_t commit_id = w.commit_id;  // the worker rewrites it once committed
-    // Committed by the thread that replied once the worker has returned:
-    // that is the thread whose caches hold the reply (a read that waited
-    // for inflate threads or a lock finishes on one of those).
-    if (w.turn.exchange(kReplied, std::memory_order_acq_rel) == kReturned) Submit(w, kCmdCommitAndFetch, commit_id);
+    if (w.turn.Replied()) Submit(w, kCmdCommitAndFetch, commit_id);
     return static_cast<ssize_t>(sizeof *out + copied);
   }
 
@@ -310,9 +302,7 @@ class UringChannel::Impl {
         }
         return;
       }
-      // Pairs with Reply's exchange on another thread, which then sent the
-      // command that this completes: what it wrote to the entry is seen.
-      (void)w.turn.load(std::memory_order_acquire);
+      w.turn.SeeReply();
       served_.fetch_add(1, std::memory_order_relaxed);
       if (Handle(w)) Submit(w, kCmdCommitAndFetch, w.commit_id);
     }
@@ -342,7 +332,7 @@ class UringChannel::Impl {
     uint8_t* start = w.payload - sizeof in - op_header;
     memcpy(start, &in, sizeof in);
     memcpy(start + sizeof in, w.header.op_in, op_header);
-    w.turn.store(kBusy, std::memory_order_relaxed);
+    w.turn.Reset();
     {
       std::lock_guard<std::mutex> lock(mu_);
       in_flight_[in.unique] = &w;
@@ -354,8 +344,7 @@ class UringChannel::Impl {
     reply_space = std::span(w.payload, max_payload_);
     fuse_session_process_buf(session_, &buf);
     reply_space = {};
-    int busy = kBusy;
-    return !w.turn.compare_exchange_strong(busy, kReturned, std::memory_order_acq_rel);
+    return w.turn.Returned();
   }
 
   // Sends `w`'s one command, from the worker or from a replying thread

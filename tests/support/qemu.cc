@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <regex>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/numbers.h"
@@ -127,8 +128,12 @@ absl::StatusOr<std::string> QemuImg(const std::vector<std::string>& args) {
 
 absl::Status CreateLuksImage(const std::string& path, const std::string& secret, const std::string& options,
                              const std::string& size) {
+  // Five quick attempts all failed once in a full run: the attempts are
+  // spread over a few seconds, so that a moment of the machine's load
+  // passes.
   absl::Status status;
-  for (int attempt = 0; attempt < 5; ++attempt) {
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    if (attempt > 0) std::this_thread::sleep_for(std::chrono::milliseconds(100 * attempt));
     status = QemuImg({"create", "-q", "-f", "qcow2", "--object", secret, "-o", options, path, size}).status();
     if (!absl::StrContains(status.message(), "Unable to get accurate CPU usage")) break;
   }

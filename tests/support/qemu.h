@@ -63,7 +63,7 @@ absl::StatusOr<std::string> QemuImg(const std::vector<std::string>& args);
 // `options` the -o argument. QEMU times its key derivation with the
 // thread's CPU clock and gives up when a round measures 0 ms ("Unable to
 // get accurate CPU usage"), which a coarse clock on a busy machine makes
-// happen now and then: that failure alone is retried.
+// happen now and then: that failure alone is retried, for up to 20 s.
 absl::Status CreateLuksImage(const std::string& path, const std::string& secret, const std::string& options,
                              const std::string& size);
 
