@@ -82,6 +82,26 @@ class UringTest : public ::testing::Test {
     return options;
   }
 
+  // Mounts an 8 MiB image of 0x5a bytes read-only with the mount option
+  // `option`, reads it whole, unmounts it, and gives the daemon's log.
+  std::string ReadWholeImageWith(const std::string& option) {
+    const std::string image = dir_->Join("disk.qcow2");
+    EXPECT_OK(CreateImage(image, "qcow2", 8 * kMiB));
+    EXPECT_OK(QemuIo(image, "qcow2", {qemu_io_cmd::W(0x5a, 0, 8 * kMiB)}));
+    MountOptions options = Options(image, true);
+    options.extra_options = {option};
+    absl::StatusOr<std::unique_ptr<MountedView>> view = MountedView::Start(options);
+    if (!view.ok()) {
+      ADD_FAILURE() << view.status();
+      return "";
+    }
+    absl::StatusOr<std::string> got = ReadFile((*view)->path());
+    EXPECT_TRUE(got.ok() && *got == std::string(8 * kMiB, '\x5a')) << "the view differs from what qemu-io wrote";
+    EXPECT_OK((*view)->Unmount());
+    EXPECT_TRUE((*view)->exit_status()->success()) << (*view)->ReadLog();
+    return (*view)->ReadLog();
+  }
+
   // Every request of the mount after INIT came over io_uring: the log
   // says so at the start, and at the stop gives a count of at least
   // `at_least`.
@@ -272,17 +292,8 @@ TEST_F(UringTest, SigtermStopsTheRingAndKeepsTheWrites) {
 
 // -o io_uring=off keeps /dev/fuse even where the kernel offers io_uring.
 TEST_F(UringTest, OffKeepsDevFuse) {
-  const std::string image = dir_->Join("disk.qcow2");
-  ASSERT_OK(CreateImage(image, "qcow2", 8 * kMiB));
-  ASSERT_OK(QemuIo(image, "qcow2", {W(0x5a, 0, 8 * kMiB)}));
-  MountOptions options = Options(image, true);
-  options.extra_options = {"io_uring=off"};
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
-  ASSERT_OK_AND_ASSIGN(const std::string got, ReadFile(view->path()));
-  EXPECT_EQ(got, std::string(8 * kMiB, '\x5a'));
-  ASSERT_OK(view->Unmount());
-  EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
-  EXPECT_FALSE(absl::StrContains(view->ReadLog(), "io_uring")) << view->ReadLog();
+  const std::string log = ReadWholeImageWith("io_uring=off");
+  EXPECT_FALSE(absl::StrContains(log, "io_uring")) << log;
 }
 
 // With auto_unmount requests stay on /dev/fuse: its watcher, fusermount3,
@@ -292,18 +303,8 @@ TEST_F(UringTest, OffKeepsDevFuse) {
 // a killed daemon is MountOptionsTest's: the same look can lose the race
 // with the kernel's release of /dev/fuse, rarely.)
 TEST_F(UringTest, AutoUnmountKeepsDevFuse) {
-  const std::string image = dir_->Join("disk.qcow2");
-  ASSERT_OK(CreateImage(image, "qcow2", 8 * kMiB));
-  MountOptions options = Options(image, true);
-  options.extra_options = {"auto_unmount"};
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
-  ASSERT_OK_AND_ASSIGN(const std::string got, ReadFile(view->path()));
-  EXPECT_EQ(got, std::string(8 * kMiB, '\0'));
-  ASSERT_OK(view->Unmount());
-  EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
-  const std::string log = view->ReadLog();
+  const std::string log = ReadWholeImageWith("auto_unmount");
   EXPECT_TRUE(absl::StrContains(log, "requests stay on /dev/fuse: auto_unmount needs them there")) << log;
-  EXPECT_FALSE(absl::StrContains(log, "io_uring:")) << log;
   EXPECT_FALSE(absl::StrContains(log, "requests come over io_uring")) << log;
 }
 
