@@ -216,15 +216,16 @@ class UringChannel::Impl {
   // the workers, which register their entries.
   ssize_t AnswerInit(int fd, iovec* iov) {
     fuse_init_out init = {};
-    memcpy(&init, iov[1].iov_base, std::min(iov[1].iov_len, sizeof init));
+    const size_t init_len = std::min(iov[1].iov_len, sizeof init);
+    memcpy(&init, iov[1].iov_base, init_len);
     // FUSE_INIT_EXT: the kernel reads flags2 (libfuse sets it when the
     // kernel does).
-    const bool has_flags2 = iov[1].iov_len >= offsetof(fuse_init_out, flags2) + sizeof init.flags2 &&
+    const bool has_flags2 = init_len >= offsetof(fuse_init_out, flags2) + sizeof init.flags2 &&
                             (init.flags & FUSE_INIT_EXT) != 0;
     max_payload_ = std::max({kMinReadBuffer, size_t{init.max_write}, size_t{init.max_pages} * kPageSize});
     if (!has_flags2 || !AllocateEntries()) return writev(fd, iov, 2);
     init.flags2 |= static_cast<uint32_t>(kFuseOverIoUring >> 32);
-    iovec patched[2] = {iov[0], {&init, iov[1].iov_len}};
+    iovec patched[2] = {iov[0], {&init, init_len}};
     const ssize_t n = writev(fd, patched, 2);
     if (n < 0) return n;
     active_.store(true, std::memory_order_release);
@@ -256,8 +257,8 @@ class UringChannel::Impl {
     return w;
   }
 
-  // Puts a reply into its request's entry and commits it, or leaves that
-  // to the worker (Commit).
+  // Puts a reply into its request's entry, and commits it unless the ring
+  // thread will (CommitTurn).
   ssize_t Reply(Worker& w, const iovec* iov, int count) {
     auto* out = reinterpret_cast<fuse_out_header*>(w.header.in_out);
     memcpy(out, iov[0].iov_base, sizeof *out);
