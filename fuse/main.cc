@@ -426,12 +426,12 @@ int Serve(const MountOptions& options, StartupReport& report) {
   // auto_unmount's watcher (fusermount3) looks once, when the daemon dies,
   // whether the connection is gone; a killed daemon's rings are torn down
   // after that look, so the mount would stay.
-  const bool auto_unmount = absl::c_linear_search(options.fuse_options, "auto_unmount");
-  if (options.io_uring && auto_unmount && UringChannel::KernelOffers()) {
-    Log(LogLevel::kInfo, "requests stay on /dev/fuse: auto_unmount needs them there");
-  } else if (options.io_uring && UringChannel::KernelOffers()) {
-    absl::StatusOr<std::unique_ptr<UringChannel>> installed = UringChannel::Install(session, options.threads);
-    if (installed.ok()) {
+  if (options.io_uring && UringChannel::KernelOffers()) {
+    if (absl::c_linear_search(options.fuse_options, "auto_unmount")) {
+      Log(LogLevel::kInfo, "requests stay on /dev/fuse: auto_unmount needs them there");
+    } else if (absl::StatusOr<std::unique_ptr<UringChannel>> installed =
+                   UringChannel::Install(session, options.threads);
+               installed.ok()) {
       uring = *std::move(installed);
     } else {
       warnings.push_back(absl::StrFormat("requests stay on /dev/fuse: %s", installed.status().message()));
