@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "commit_turn.h"
 #include "log.h"
@@ -86,11 +87,11 @@ int PossibleCpus() {
   std::getline(in, text);
   // "0-N", or ranges and numbers separated by commas: the last is highest.
   const size_t last = text.find_last_of(",-");
-  const std::string tail = last == std::string::npos ? text : text.substr(last + 1);
-  char* end = nullptr;
-  const long highest = strtol(tail.c_str(), &end, 10);
-  if (end == tail.c_str() || highest < 0) return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  return static_cast<int>(highest) + 1;
+  int highest = 0;
+  if (!absl::SimpleAtoi(last == std::string::npos ? text : text.substr(last + 1), &highest) || highest < 0) {
+    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  }
+  return highest + 1;
 }
 
 }  // namespace
