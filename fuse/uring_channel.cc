@@ -1,5 +1,6 @@
 #include "uring_channel.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <liburing.h>
 #include <linux/fuse.h>
@@ -22,6 +23,7 @@
 #include "absl/strings/str_format.h"
 #include "commit_turn.h"
 #include "log.h"
+#include "ring_turn_seam.h"
 
 namespace qcow2fuse {
 namespace {
@@ -278,7 +280,11 @@ class UringChannel::Impl {
     }
     w.header.ring_ent_in_out.payload_sz = static_cast<uint32_t>(copied);
     const uint64_t commit_id = w.commit_id;  // the worker rewrites it once committed
-    if (w.turn.Replied()) Submit(w, kCmdCommitAndFetch, commit_id);
+    const uint64_t unique = out->unique;
+    Seam(unique, kRingReplying);
+    const bool commits = w.turn.Replied();
+    Seam(unique, kRingReplied, commits);
+    if (commits) Submit(w, kCmdCommitAndFetch, commit_id);
     return static_cast<ssize_t>(sizeof *out + copied);
   }
 
@@ -344,9 +350,13 @@ class UringChannel::Impl {
     buf.mem = start;
     // Only a READ uses it, and a READ has no payload of its own.
     reply_space = std::span(w.payload, max_payload_);
+    Seam(in.unique, kRingHanding);
     fuse_session_process_buf(session_, &buf);
     reply_space = {};
-    return w.turn.Returned();
+    Seam(in.unique, kRingReturning);
+    const bool commits = w.turn.Returned();
+    Seam(in.unique, kRingReturned, commits);
+    return commits;
   }
 
   // Sends `w`'s one command, from the worker or from a replying thread
@@ -390,6 +400,13 @@ class UringChannel::Impl {
 
   std::mutex stop_mu_;
   bool stopped_ = false;
+
+  // The test seam (ring_turn_seam.h): null unless a preloaded library
+  // defines it.
+  const RingTurnHook seam_ = reinterpret_cast<RingTurnHook>(dlsym(RTLD_DEFAULT, QCOW2FUSE_RING_TURN_SYMBOL));
+  void Seam(uint64_t unique, RingTurnStep step, bool commits = false) const {
+    if (seam_ != nullptr) seam_(unique, step, commits ? 1 : 0);
+  }
 };
 
 namespace {

@@ -21,7 +21,8 @@
 //    thread is committed by that thread when libfuse returns; a reply made
 //    later on another thread (a request that waited for a lock, or a
 //    compressed read finished by the inflate threads) is committed by the
-//    thread that replied, whose caches hold it.
+//    thread that replied, whose caches hold it. A test seam
+//    (ring_turn_seam.h) lets a test force either order.
 // FORGET, INTERRUPT and notifications stay on /dev/fuse, so libfuse's own
 // loop runs beside the ring threads. A READ may build its reply in its
 // entry's payload buffer (ReplySpace), which then costs no copy.

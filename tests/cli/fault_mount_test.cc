@@ -53,6 +53,7 @@
 #include "support/file_util.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/scoped_env.h"
 #include "support/seed.h"
 #include "support/status_testing.h"
 
@@ -121,28 +122,6 @@ const char* CallName(FaultCall call) {
     default: return "?";
   }
 }
-
-// Sets an environment variable for the life of the object (for the daemon
-// Spawn starts, which inherits it) and puts the old value back.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const std::string& value) : name_(name) {
-    if (const char* old = getenv(name)) old_ = old;
-    setenv(name, value.c_str(), 1);
-  }
-  ~ScopedEnv() {
-    if (old_) {
-      setenv(name_, old_->c_str(), 1);
-    } else {
-      unsetenv(name_);
-    }
-  }
-  const std::optional<std::string>& old() const { return old_; }
-
- private:
-  const char* const name_;
-  std::optional<std::string> old_;
-};
 
 // Starts the view of `image` with the shim preloaded, reporting to `control`.
 absl::StatusOr<std::unique_ptr<MountedView>> StartWithShim(const std::string& image, const std::string& mountpoint,
