@@ -155,6 +155,10 @@ add_workload ext4-unpack             wl_ext4_unpack            "ext4-unpack-${AR
   "tar -xf of a ${ARCHIVE_MIB} MiB archive of system files (in the host page cache) onto a fresh ext4 on a loop device over an empty $UNPACK_VSIZE view, then sync -f, umount, losetup -d, view unmounted and its daemon gone, fsync of the image file: all timed"
 add_workload ext4-read-tree          wl_ext4_read_tree         "ext4-read-tree-${TREE_MIB}M:s" \
   "tar -cf - | cat >/dev/null of every file of a ${TREE_MIB} MiB tree of system files on ext4 (mount -o ro,noload) on a read-only loop device over a read-only view, page cache dropped after mounting"
+add_workload ext4-unpack-dio         "wl_ext4_unpack dio"      "ext4-unpack-${ARCHIVE_MIB}M-dio:s" \
+  "ext4-unpack with the loop device doing direct I/O on the view or raw file (losetup --direct-io=on)"
+add_workload ext4-read-tree-dio      "wl_ext4_read_tree dio"   "ext4-read-tree-${TREE_MIB}M-dio:s" \
+  "ext4-read-tree with the loop device doing direct I/O on the view or raw file (losetup --direct-io=on)"
 
 if ((list_only)); then
   for w in "${WORKLOADS[@]}"; do printf '%-28s %s\n' "$w" "${WL_DESC[$w]}"; done
@@ -503,11 +507,13 @@ loop_backing() { cat "/sys/block/${1#/dev/}/loop/backing_file" 2>/dev/null; }
 # (only this script makes loop devices over those).
 is_our_loop() { [[ $(loop_backing "$1") == "$work_real"/* ]]; }
 
-# Attaches FILE to a free loop device, read-only (ro) or read-write (rw);
-# sets LOOP_DEV.
+# Attaches FILE to a free loop device, read-only (ro) or read-write (rw),
+# doing buffered I/O on FILE, or direct I/O with a third argument "dio"
+# (losetup --direct-io=on); sets LOOP_DEV.
 loop_attach() {
-  local file=$1 access=$2 opts=() dev
+  local file=$1 access=$2 io=${3:-buffered} opts=() dev
   [[ $access == ro ]] && opts=(-r)
+  [[ $io == dio ]] && opts+=(--direct-io=on)
   if ! dev=$(timeout -k 10 120 losetup "${opts[@]}" --find --show "$file" 2>&1) || [[ $dev != /dev/* ]]; then
     FAIL_REASON="losetup failed: ${dev##*$'\n'}"
     return 1
@@ -905,7 +911,10 @@ wl_write_read() {
 # then fsync of the image (or raw) file, so that on every system the time
 # ends with everything on the host's disk. The images are fragmented (ext4
 # spreads its files over the disk), so they are deleted only at the end.
+# With a first argument "dio", the loop device does direct I/O.
 wl_ext4_unpack() {
+  local io=buffered row_suffix=""
+  [[ $1 == dio ]] && { io=dio; row_suffix=-dio; shift; }
   local system=$1 image=$work/unpack.qcow2 raw=$work/unpack.raw file t0 t1 ok=0 steps=()
   need_archive || { FAIL_REASON="archive setup: ${FAIL_REASON:-failed}"; return 1; }
   retire later "$image" "$raw"
@@ -917,7 +926,7 @@ wl_ext4_unpack() {
     qemu-img create -q -f qcow2 -o cluster_size=65536 "$image" "$UNPACK_VSIZE" ||
       { FAIL_REASON="qemu-img create failed"; return 1; }
   fi
-  if open_target "$system" "$image" "$raw" rw && loop_attach "$TARGET" rw &&
+  if open_target "$system" "$image" "$raw" rw && loop_attach "$TARGET" rw "$io" &&
       bounded 600 mkfs.ext4 mkfs.ext4 "${EXT4_MKFS_OPTS[@]}" "$LOOP_DEV" && ext4_mount rw; then
     drop_caches
     cat "$work/unpack.tar" >/dev/null
@@ -940,7 +949,7 @@ wl_ext4_unpack() {
   # Where the time went, for the progress log.
   log "  (tar $(awk -v a="$t0" -v b="${steps[0]}" -v c="${steps[1]}" -v d="${steps[2]}" -v e="${steps[3]}" -v f="$t1" \
     'BEGIN {printf "%.2f s, sync -f %.2f s, umount and losetup -d %.2f s, view closed %.2f s, fsync %.2f s", (b - a) / 1e9, (c - b) / 1e9, (d - c) / 1e9, (e - d) / 1e9, (f - e) / 1e9}'))"
-  put "ext4-unpack-${ARCHIVE_MIB}M" "$(awk -v ns=$((t1 - t0)) 'BEGIN {printf "%.2f", ns / 1e9}')" ""
+  put "ext4-unpack-${ARCHIVE_MIB}M$row_suffix" "$(awk -v ns=$((t1 - t0)) 'BEGIN {printf "%.2f", ns / 1e9}')" ""
 }
 
 # Reading every file of the tree: a read-only view (qcow2fuse -o ro, qsd
@@ -948,11 +957,14 @@ wl_ext4_unpack() {
 # ext4 mounted ro,noload (no journal replay), caches dropped after
 # mounting. Timed: tar -cf - | cat >/dev/null (GNU tar does not read the
 # files when its archive is /dev/null itself).
+# With a first argument "dio", the loop device does direct I/O.
 wl_ext4_read_tree() {
+  local io=buffered row_suffix=""
+  [[ $1 == dio ]] && { io=dio; row_suffix=-dio; shift; }
   local system=$1 t0 t1 ok=0
   need_tree || { FAIL_REASON="tree setup: ${FAIL_REASON:-failed}"; return 1; }
   open_target "$system" "$work/tree.qcow2" "$work/tree.raw" ro || return 1
-  if loop_attach "$TARGET" ro && ext4_mount ro; then
+  if loop_attach "$TARGET" ro "$io" && ext4_mount ro; then
     drop_caches
     t0=$(now_ns)
     # shellcheck disable=SC2016  # $1 is bash -c's argument
@@ -966,7 +978,7 @@ wl_ext4_read_tree() {
   ext4_teardown
   close_target
   ((ok)) || return 1
-  put "ext4-read-tree-${TREE_MIB}M" "$(awk -v ns=$((t1 - t0)) 'BEGIN {printf "%.2f", ns / 1e9}')" ""
+  put "ext4-read-tree-${TREE_MIB}M$row_suffix" "$(awk -v ns=$((t1 - t0)) 'BEGIN {printf "%.2f", ns / 1e9}')" ""
 }
 
 # ---------------------------------------------------------------- work directory and cleanup

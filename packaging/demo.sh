@@ -59,7 +59,7 @@ rm "$work/copy.raw"
 
 if blkid -p "$view" 2>/dev/null | grep -q 'TYPE="ext[234]"'; then
   echo; echo "== the guest file system, through a read-only loop device"
-  loopdev=$(losetup -r -f --show "$view")
+  loopdev=$(losetup -r --direct-io=on -f --show "$view")
   mkdir -p "$work/fs"
   step mount -o ro,noload "$loopdev" "$work/fs"
   step ls -l "$work/fs"

@@ -1,7 +1,8 @@
 // ext4 written THROUGH a read-write qcow2fuse view, then read back.
 //
 //   1. an empty 128 MiB qcow2 image is mounted read-write;
-//   2. a loop device over the view gets a fresh ext4 (mkfs.ext4), which is
+//   2. a loop device over the view (buffered, or with direct I/O in one
+//      variant) gets a fresh ext4 (mkfs.ext4), which is
 //      mounted read-write; a generated tree (a few hundred files, some MiB,
 //      deterministic content) is copied in with cp -a; sync; checksums;
 //   3. the file system, the loop device and the view are taken down (the
@@ -137,6 +138,9 @@ absl::StatusOr<std::map<std::string, std::string>> Checksums(
 struct Variant {
   std::string name;
   std::vector<std::string> create_options;
+  // The loop devices read and write the view with O_DIRECT (`losetup
+  // --direct-io=on`, as README.md suggests for guest file systems).
+  bool loop_direct_io = false;
 };
 
 void PrintTo(const Variant& variant, std::ostream* out) {
@@ -171,7 +175,8 @@ TEST_P(Ext4WriteTest, MkfsCopyAndReadBack) {
     {
       ASSERT_OK_AND_ASSIGN(
           std::unique_ptr<LoopDevice> loop,
-          LoopDevice::Attach(view->path(), /*read_only=*/false));
+          LoopDevice::Attach(view->path(), /*read_only=*/false,
+                             GetParam().loop_direct_io));
       ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", loop->device()}));
       ASSERT_OK_AND_ASSIGN(
           std::unique_ptr<KernelMount> mounted,
@@ -207,7 +212,8 @@ TEST_P(Ext4WriteTest, MkfsCopyAndReadBack) {
     {
       ASSERT_OK_AND_ASSIGN(
           std::unique_ptr<LoopDevice> loop,
-          LoopDevice::Attach(view->path(), /*read_only=*/true));
+          LoopDevice::Attach(view->path(), /*read_only=*/true,
+                             GetParam().loop_direct_io));
       ASSERT_OK_AND_ASSIGN(
           std::unique_ptr<KernelMount> mounted,
           KernelMount::Mount(loop->device(), mount_dir, "ext4", "ro,noload"));
@@ -233,7 +239,8 @@ TEST_P(Ext4WriteTest, MkfsCopyAndReadBack) {
 INSTANTIATE_TEST_SUITE_P(
     Images, Ext4WriteTest,
     ::testing::Values(Variant{"cluster_64k", {}},
-                      Variant{"cluster_4k", {"cluster_size=4096"}}),
+                      Variant{"cluster_4k", {"cluster_size=4096"}},
+                      Variant{"cluster_64k_loop_direct_io", {}, true}),
     [](const ::testing::TestParamInfo<Variant>& info) {
       return info.param.name;
     });

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <thread>
 #include <vector>
@@ -33,14 +34,26 @@ std::string LoopUnavailableReason() {
 }
 
 absl::StatusOr<std::unique_ptr<LoopDevice>> LoopDevice::Attach(
-    const std::string& file, bool read_only) {
+    const std::string& file, bool read_only, bool direct_io) {
   std::vector<std::string> argv = {"losetup"};
   if (read_only) argv.push_back("-r");
+  if (direct_io) argv.push_back("--direct-io=on");
   argv.insert(argv.end(), {"-f", "--show", file});
   absl::StatusOr<std::string> out = RunChecked(argv);
   if (!out.ok()) return out.status();
   std::string device(absl::StripAsciiWhitespace(*out));
-  return std::unique_ptr<LoopDevice>(new LoopDevice(device));
+  auto loop = std::unique_ptr<LoopDevice>(new LoopDevice(device));
+  if (direct_io) {
+    // losetup falls back to buffered I/O, with only a warning, where the
+    // file refuses O_DIRECT.
+    std::ifstream dio(absl::StrCat("/sys/block/", fs::path(device).filename().string(), "/loop/dio"));
+    std::string value;
+    if (!std::getline(dio, value) || value != "1") {
+      return absl::FailedPreconditionError(
+          absl::StrCat(device, " over ", file, " does buffered I/O, not direct I/O (loop/dio is '", value, "')"));
+    }
+  }
+  return loop;
 }
 
 LoopDevice::~LoopDevice() {

@@ -28,8 +28,10 @@ std::string LoopUnavailableReason();
 // A loop device over a file (`losetup -f`), detached on destruction.
 class LoopDevice {
  public:
+  // With `direct_io`, the device reads and writes `file` with O_DIRECT
+  // (`losetup --direct-io=on`); an error if the kernel kept it buffered.
   static absl::StatusOr<std::unique_ptr<LoopDevice>> Attach(
-      const std::string& file, bool read_only);
+      const std::string& file, bool read_only, bool direct_io = false);
 
   LoopDevice(const LoopDevice&) = delete;
   LoopDevice& operator=(const LoopDevice&) = delete;
