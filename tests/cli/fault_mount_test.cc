@@ -131,11 +131,7 @@ absl::StatusOr<std::unique_ptr<MountedView>> StartWithShim(const std::string& im
   // No periodic flush: the test alone decides when the daemon syncs.
   options.extra_options = {"flush_interval=0"};
   options.extra_options.insert(options.extra_options.end(), extra.begin(), extra.end());
-  const char* asan = getenv("ASAN_OPTIONS");
-  // The shim comes before the sanitizer's runtime in the library list,
-  // which AddressSanitizer refuses unless told otherwise.
-  ScopedEnv asan_options("ASAN_OPTIONS", absl::StrCat(asan ? asan : "", asan ? ":" : "", "verify_asan_link_order=0"));
-  ScopedEnv preload("LD_PRELOAD", QCOW2FUSE_FAULT_SHIM);
+  ScopedPreload shim(QCOW2FUSE_FAULT_SHIM);
   ScopedEnv file(QCOW2FUSE_FAULT_FILE_ENV, image);
   ScopedEnv ctl(QCOW2FUSE_FAULT_CONTROL_ENV, control.path());
   return MountedView::Start(options);

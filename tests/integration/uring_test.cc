@@ -26,7 +26,6 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
-#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 #include "ring_turn_shim.h"
@@ -368,12 +367,7 @@ class UringTurnTest : public UringTest {
     control.SetOrder(order);
     absl::StatusOr<std::unique_ptr<MountedView>> view;
     {
-      const char* asan = getenv("ASAN_OPTIONS");
-      // The shim comes before the sanitizer's runtime in the library list,
-      // which AddressSanitizer refuses unless told otherwise.
-      ScopedEnv asan_options("ASAN_OPTIONS",
-                             absl::StrCat(asan ? asan : "", asan ? ":" : "", "verify_asan_link_order=0"));
-      ScopedEnv preload("LD_PRELOAD", QCOW2FUSE_RING_TURN_SHIM);
+      ScopedPreload shim(QCOW2FUSE_RING_TURN_SHIM);
       ScopedEnv ctl(QCOW2FUSE_RING_TURN_CONTROL_ENV, control.path());
       view = MountedView::Start(Options(image, false));
     }

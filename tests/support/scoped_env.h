@@ -1,6 +1,6 @@
 // ScopedEnv: sets an environment variable for the life of the object, and
 // puts the old value back. A daemon that a test starts meanwhile inherits
-// it (an LD_PRELOAD shim, the shim's control file).
+// it (an LD_PRELOAD shim, the shim's control file). ScopedPreload: a shim.
 
 #ifndef QCOW2FUSE_TESTS_SUPPORT_SCOPED_ENV_H_
 #define QCOW2FUSE_TESTS_SUPPORT_SCOPED_ENV_H_
@@ -33,6 +33,25 @@ class ScopedEnv {
  private:
   const char* const name_;
   std::optional<std::string> old_;
+};
+
+// Preloads `library` (LD_PRELOAD) into the processes started during the
+// object's life, such as a daemon under test with a shim. The library then
+// comes before a sanitizer's runtime in the library list, which
+// AddressSanitizer refuses unless told otherwise, so ASAN_OPTIONS says so.
+class ScopedPreload {
+ public:
+  explicit ScopedPreload(const std::string& library)
+      : asan_options_("ASAN_OPTIONS", WithoutLinkOrderCheck()), preload_("LD_PRELOAD", library) {}
+
+ private:
+  static std::string WithoutLinkOrderCheck() {
+    const char* options = getenv("ASAN_OPTIONS");
+    return options == nullptr ? "verify_asan_link_order=0" : std::string(options) + ":verify_asan_link_order=0";
+  }
+
+  ScopedEnv asan_options_;
+  ScopedEnv preload_;
 };
 
 }  // namespace qcow2fuse::test
