@@ -69,6 +69,12 @@ static int Has(uint64_t unique, uint32_t event) {
          (__atomic_load_n(&slot->events, __ATOMIC_SEQ_CST) & event) != 0;
 }
 
+static int64_t NowNs(void) {
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
 /* Holds the calling thread until `event` has happened to `unique`, for at
  * most 2 s: an order that cannot happen is a timeout, in the counts and in
  * the daemon's log, not a hang. */
@@ -76,8 +82,9 @@ static void Hold(uint64_t unique, uint32_t event) {
   if (Has(unique, event)) return;
   Count(&control->held);
   const struct timespec tick = {0, 20000};
-  for (long waited = 0; !Has(unique, event); waited += tick.tv_nsec) {
-    if (waited >= 2L * 1000 * 1000 * 1000) {
+  const int64_t deadline = NowNs() + 2000000000;
+  while (!Has(unique, event)) {
+    if (NowNs() >= deadline) {
       Count(&control->timeouts);
       /* Where the entry's thread is, for the log. */
       char path[64], where[256] = "?";
