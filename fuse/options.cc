@@ -71,6 +71,14 @@ absl::Status NotASize(const std::string& key, const std::string& value) {
       absl::StrFormat("%s must be a size such as 512K, 64M or 1G, not '%s'", key, value));
 }
 
+// The value of a switch such as splice_reads=on.
+absl::StatusOr<bool> OnOff(const std::string& key, const std::string& value) {
+  if (value != "on" && value != "off") {
+    return absl::InvalidArgumentError(absl::StrFormat("%s must be on or off, not '%s'", key, value));
+  }
+  return value == "on";
+}
+
 // Applies one of qcow2fuse's own -o options. NotFound: not one of ours.
 absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
   std::vector<std::string> kv = absl::StrSplit(option, absl::MaxSplits('=', 1));
@@ -150,21 +158,17 @@ absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
   } else if (key == "volatile" && !has_value) {
     out.volatile_overlay = true;
   } else if (key == "parallel_direct_writes" && has_value) {
-    if (kv[1] != "on" && kv[1] != "off") {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("parallel_direct_writes must be on or off, not '%s'", kv[1]));
-    }
-    out.parallel_direct_writes = kv[1] == "on";
+    absl::StatusOr<bool> on = OnOff(key, kv[1]);
+    if (!on.ok()) return on.status();
+    out.parallel_direct_writes = *on;
   } else if (key == "io_uring" && has_value) {
-    if (kv[1] != "on" && kv[1] != "off") {
-      return absl::InvalidArgumentError(absl::StrFormat("io_uring must be on or off, not '%s'", kv[1]));
-    }
-    out.io_uring = kv[1] == "on";
+    absl::StatusOr<bool> on = OnOff(key, kv[1]);
+    if (!on.ok()) return on.status();
+    out.io_uring = *on;
   } else if (key == "splice_reads" && has_value) {
-    if (kv[1] != "on" && kv[1] != "off") {
-      return absl::InvalidArgumentError(absl::StrFormat("splice_reads must be on or off, not '%s'", kv[1]));
-    }
-    out.splice_reads = kv[1] == "on";
+    absl::StatusOr<bool> on = OnOff(key, kv[1]);
+    if (!on.ok()) return on.status();
+    out.splice_reads = *on;
   } else if (key == "readahead" && has_value) {
     absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
     if (!bytes.ok()) return NotASize(key, kv[1]);
