@@ -46,6 +46,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "init_flags.h"
 #include "log.h"
 #include "mount_table.h"
 #include "ops.h"
@@ -362,6 +363,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   state.disk = image->get();
   state.image_fd = image_fds.at(0);
   state.parallel_direct_writes = options.parallel_direct_writes;
+  state.uncached_writes = options.uncached_writes;
   state.splice_reads = options.splice_reads;
   state.readahead = options.readahead;
   absl::StatusOr<bool> created = PrepareMountpoint(*mountpoint, state.mountpoint_stat);
@@ -435,6 +437,12 @@ int Serve(const MountOptions& options, StartupReport& report) {
       uring = *std::move(installed);
     } else {
       warnings.push_back(absl::StrFormat("requests stay on /dev/fuse: %s", installed.status().message()));
+    }
+  }
+  if (uring == nullptr) {
+    if (absl::Status hooked = InstallInitHooks(session); !hooked.ok()) {
+      warnings.push_back(absl::StrFormat("descriptors in direct-I/O mode cannot be mapped MAP_SHARED: %s",
+                                         hooked.message()));
     }
   }
   if (fuse_set_signal_handlers(session) != 0) {

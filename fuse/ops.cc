@@ -242,18 +242,24 @@ Task<void> Open(fuse_req_t req, View& view, fuse_file_info fi) {
   const bool changes = writable || (fi.flags & O_TRUNC);
   fi.noflush = !changes;
   fi.fh = changes ? kWritableHandle : kReadOnlyHandle;
-  if (!writable || !(fi.flags & O_DIRECT) || !m.direct_writes_in_parallel) {
-    co_return (void)fuse_reply_open(req, &fi);
-  }
-  // The kernel serialises the writes of a file, O_DIRECT ones too, unless
-  // the open is in direct-I/O mode and says FOPEN_PARALLEL_DIRECT_WRITES
-  // (Linux 6.2+; older kernels ignore the bit). libfuse 3.14's
-  // fuse_file_info has no field for it, but the reply to an OPEN is only a
-  // fuse_open_out: send it whole.
+  // Direct-I/O mode: the descriptor's reads and writes go to the daemon as
+  // they are, not through the view's page cache. For a writer that saves
+  // a copy into pages that would only be dropped again (the bytes are in
+  // the image file's page cache too), and its writes arrive in requests of
+  // up to 1 MiB whatever the alignment of its buffer. The price: such a
+  // descriptor cannot be mapped MAP_SHARED, and its reads are not read
+  // ahead. An O_DIRECT writer asked for it anyway.
+  const bool direct_io = writable && (m.writers_uncached || ((fi.flags & O_DIRECT) && m.direct_writes_in_parallel));
+  if (!direct_io) co_return (void)fuse_reply_open(req, &fi);
+  // The kernel serialises the writes of a file unless the open is in
+  // direct-I/O mode and says FOPEN_PARALLEL_DIRECT_WRITES (Linux 6.2+;
+  // older kernels ignore the bit). libfuse 3.14's fuse_file_info has no
+  // field for it, but the reply to an OPEN is only a fuse_open_out: send
+  // it whole.
   struct fuse_open_out out = {};
   out.fh = fi.fh;
-  out.open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES | (fi.keep_cache ? FOPEN_KEEP_CACHE : 0) |
-                   (fi.noflush ? FOPEN_NOFLUSH : 0);
+  out.open_flags = FOPEN_DIRECT_IO | (m.direct_writes_in_parallel ? FOPEN_PARALLEL_DIRECT_WRITES : 0) |
+                   (fi.keep_cache ? FOPEN_KEEP_CACHE : 0) | (fi.noflush ? FOPEN_NOFLUSH : 0);
   fuse_reply_buf(req, reinterpret_cast<const char*>(&out), sizeof out);
 }
 
@@ -385,11 +391,13 @@ void OnInit(void* userdata, struct fuse_conn_info* conn) {
   conn->max_readahead = static_cast<unsigned>(std::max<uint64_t>(kMaxRequestBytes, m.readahead));
   conn->max_background = kMaxBackground;
   conn->congestion_threshold = kMaxBackground * 3 / 4;
-  // Parallel direct writes need FUSE's direct-I/O mode (see Open). Before
-  // Linux 6.9 (protocol 7.40, the "io modes") a direct-I/O write did not
-  // drop the pages that buffered opens of the view had cached, so a reader
-  // could see old data: there the kernel keeps serialising instead.
+  // Parallel direct writes and uncached writers need FUSE's direct-I/O
+  // mode (see Open). Before Linux 6.9 (protocol 7.40, the "io modes") a
+  // direct-I/O write did not drop the pages that buffered opens of the view
+  // had cached, so a reader could see old data: there writes keep the
+  // kernel's usual path, one at a time.
   m.direct_writes_in_parallel = m.parallel_direct_writes && conn->proto_minor >= kIoModesProtoMinor;
+  m.writers_uncached = m.uncached_writes && conn->proto_minor >= kIoModesProtoMinor;
   // Spliced replies need the kernel's and libfuse's consent, and a pipe
   // that holds at least a reply of kSplicedReadBytes.
   m.spliced_reads = m.splice_reads && (conn->capable & FUSE_CAP_SPLICE_WRITE) != 0 &&

@@ -46,13 +46,17 @@ struct MountState {
   // the image may lie under a mount this very process serves.
   int image_fd = -1;
   struct stat mountpoint_stat {};  // owner and permissions of the view
-  // -o parallel_direct_writes: O_DIRECT writes of one file run in
-  // parallel (the kernel serialises them otherwise); the scheduler orders
-  // those that overlap.
+  // -o parallel_direct_writes: writes of one file through a descriptor in
+  // direct-I/O mode run in parallel (the kernel serialises them
+  // otherwise); the scheduler orders those that overlap.
   bool parallel_direct_writes = true;
-  // Set at INIT: the option, and a kernel whose direct-I/O mode stays
+  // -o uncached_writes: every descriptor opened for writing is put in
+  // direct-I/O mode, not only O_DIRECT ones (see Open).
+  bool uncached_writes = true;
+  // Set at INIT: each option, and a kernel whose direct-I/O mode stays
   // coherent with buffered opens of the same file.
   std::atomic<bool> direct_writes_in_parallel{false};
+  std::atomic<bool> writers_uncached{false};
   // -o splice_reads: large reads of data clusters are answered by splicing
   // from the image file (spliced_reply.h) rather than from a buffer.
   bool splice_reads = true;

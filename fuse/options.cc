@@ -34,8 +34,8 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 // The keys of qcow2fuse's own -o options.
 const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
-    "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes", "splice_reads", "io_uring",
-    "readahead", "backing", "backing_format", "overlay", "volatile",
+    "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes",
+    "uncached_writes", "splice_reads", "io_uring", "readahead", "backing", "backing_format", "overlay", "volatile",
 };
 
 // Standard mount options that mean nothing to a FUSE file system, or that
@@ -161,6 +161,10 @@ absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
     absl::StatusOr<bool> on = OnOff(key, kv[1]);
     if (!on.ok()) return on.status();
     out.parallel_direct_writes = *on;
+  } else if (key == "uncached_writes" && has_value) {
+    absl::StatusOr<bool> on = OnOff(key, kv[1]);
+    if (!on.ok()) return on.status();
+    out.uncached_writes = *on;
   } else if (key == "io_uring" && has_value) {
     absl::StatusOr<bool> on = OnOff(key, kv[1]);
     if (!on.ok()) return on.status();
@@ -396,8 +400,14 @@ const char* UsageText() {
          "                         clusters; unmap: and free their space\n"
          "  -o log=FILE            also append the daemon's messages to FILE\n"
          "  -o parallel_direct_writes=on|off\n"
-         "                         let O_DIRECT writes of the view run in parallel\n"
-         "                         (default on; the kernel serialises them if off)\n"
+         "                         let writes through O_DIRECT or uncached\n"
+         "                         descriptors run in parallel (default on; the\n"
+         "                         kernel serialises them if off)\n"
+         "  -o uncached_writes=on|off\n"
+         "                         descriptors opened for writing bypass the\n"
+         "                         view's page cache: a write reaches the daemon\n"
+         "                         in requests of up to 1 MiB, without a copy in\n"
+         "                         that cache (default on)\n"
          "  -o splice_reads=on|off large reads of stored data go from the image file\n"
          "                         to the reader without a copy in the daemon\n"
          "                         (default on)\n"

@@ -56,6 +56,9 @@ struct MountOptions {
   bool volatile_overlay = false;
   // O_DIRECT writes of one file reach the daemon in parallel.
   bool parallel_direct_writes = true;
+  // -o uncached_writes: descriptors opened for writing bypass the kernel's
+  // page cache of the view (FUSE's direct-I/O mode).
+  bool uncached_writes = true;
   // -o splice_reads: large reads of data clusters are spliced from the
   // image file to the reader (spliced_reply.h).
   bool splice_reads = true;

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -22,6 +23,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "commit_turn.h"
+#include "init_flags.h"
 #include "log.h"
 #include "ring_turn_seam.h"
 
@@ -145,17 +147,13 @@ class UringChannel::Impl {
   bool active() const { return active_.load(std::memory_order_acquire); }
   uint64_t served() const { return served_.load(std::memory_order_relaxed); }
 
-  // libfuse's read of /dev/fuse: notes whether INIT offers io_uring.
+  // libfuse's read of /dev/fuse: notes what INIT offers.
   ssize_t Read(int fd, void* buf, size_t len) {
     const ssize_t n = read(fd, buf, len);
-    if (n >= static_cast<ssize_t>(sizeof(fuse_in_header) + sizeof(fuse_init_in))) {
-      const auto* in = static_cast<const fuse_in_header*>(buf);
-      if (in->opcode == FUSE_INIT) {
-        const auto* init = reinterpret_cast<const fuse_init_in*>(in + 1);
-        const uint64_t flags2 = (init->flags & FUSE_INIT_EXT) != 0 ? init->flags2 : 0;
-        const uint64_t flags = init->flags | flags2 << 32;
-        init_unique_.store(in->unique, std::memory_order_relaxed);
-        offered_.store((flags & kFuseOverIoUring) != 0, std::memory_order_relaxed);
+    if (n > 0) {
+      if (std::optional<InitRequest> init = ParseInitRequest(buf, static_cast<size_t>(n))) {
+        offered_.store(init->flags, std::memory_order_relaxed);
+        init_unique_.store(init->unique, std::memory_order_relaxed);
       }
     }
     return n;
@@ -170,8 +168,7 @@ class UringChannel::Impl {
     if (active()) {
       if (Worker* w = TakeInFlight(out->unique); w != nullptr) return Reply(*w, iov, count);
     }
-    if (out->unique == init_unique_.load(std::memory_order_relaxed) && offered_.load(std::memory_order_relaxed) &&
-        out->error == 0 && count == 2) {
+    if (out->unique == init_unique_.load(std::memory_order_relaxed) && out->error == 0 && count == 2) {
       return AnswerInit(fd, iov);
     }
     return writev(fd, iov, count);
@@ -215,20 +212,19 @@ class UringChannel::Impl {
     std::thread thread;
   };
 
-  // Sends libfuse's INIT reply with FUSE_OVER_IO_URING added, and starts
-  // the workers, which register their entries.
+  // Sends libfuse's INIT reply with the flags libfuse cannot ask for
+  // (init_flags.h), and FUSE_OVER_IO_URING where offered; then starts the
+  // workers, which register their entries.
   ssize_t AnswerInit(int fd, iovec* iov) {
     fuse_init_out init = {};
     const size_t init_len = std::min(iov[1].iov_len, sizeof init);
     memcpy(&init, iov[1].iov_base, init_len);
-    // FUSE_INIT_EXT: the kernel reads flags2 (libfuse sets it when the
-    // kernel does).
-    const bool has_flags2 = init_len >= offsetof(fuse_init_out, flags2) + sizeof init.flags2 &&
-                            (init.flags & FUSE_INIT_EXT) != 0;
-    max_payload_ = std::max({kMinReadBuffer, size_t{init.max_write}, size_t{init.max_pages} * kPageSize});
-    if (!has_flags2 || !AllocateEntries()) return writev(fd, iov, 2);
-    init.flags2 |= static_cast<uint32_t>(kFuseOverIoUring >> 32);
+    const uint64_t offered = offered_.load(std::memory_order_relaxed);
+    if (!AddInitFlags(init, init_len, kAddedInitFlags & offered)) return writev(fd, iov, 2);
     iovec patched[2] = {iov[0], {&init, init_len}};
+    max_payload_ = std::max({kMinReadBuffer, size_t{init.max_write}, size_t{init.max_pages} * kPageSize});
+    if ((offered & kFuseOverIoUring) == 0 || !AllocateEntries()) return writev(fd, patched, 2);
+    AddInitFlags(init, init_len, kFuseOverIoUring);
     const ssize_t n = writev(fd, patched, 2);
     if (n < 0) return n;
     active_.store(true, std::memory_order_release);
@@ -391,7 +387,7 @@ class UringChannel::Impl {
   bool stopper_made_ = false;
 
   std::atomic<uint64_t> init_unique_{0};
-  std::atomic<bool> offered_{false};
+  std::atomic<uint64_t> offered_{0};  // the flags of INIT (init_flags.h)
   std::atomic<bool> active_{false};
   std::atomic<uint64_t> served_{0};
 

@@ -13,7 +13,8 @@
 // libfuse 3.14 knows nothing of this, so the channel works around it
 // through libfuse's custom I/O hooks (fuse_session_custom_io):
 //  - it sees the kernel's INIT as libfuse reads it, and when INIT offers
-//    FUSE_OVER_IO_URING adds that flag to libfuse's INIT reply;
+//    FUSE_OVER_IO_URING adds that flag to libfuse's INIT reply, with the
+//    other flags libfuse cannot ask for (init_flags.h);
 //  - its threads hand each request of an entry to fuse_session_process_buf
 //    laid out as if read from /dev/fuse, so the operations are the same;
 //  - the writev hook puts the reply into the request's entry, found by the

@@ -233,6 +233,17 @@ TEST_F(UringTest, WritesDiscardsAndFsyncsMatchARawTwin) {
       ASSERT_EQ(fsync(i % 2 ? buffered : direct), 0) << strerror(errno);
     }
   }
+  // A shared mapping of a descriptor opened for writing, which is in
+  // direct-I/O mode (-o uncached_writes): the channel's INIT reply allows
+  // it (init_flags.h), as the hooks of a /dev/fuse session do.
+  constexpr size_t kMapped = 64 * 1024;
+  auto* shared = static_cast<uint8_t*>(mmap(nullptr, kMapped, PROT_READ | PROT_WRITE, MAP_SHARED, buffered, 0));
+  ASSERT_NE(shared, MAP_FAILED) << strerror(errno);
+  for (size_t j = 0; j < kMapped; ++j) data.get()[j] = static_cast<uint8_t>(j * 13 + 5);
+  memcpy(shared, data.get(), kMapped);
+  ASSERT_EQ(msync(shared, kMapped, MS_SYNC), 0) << strerror(errno);
+  munmap(shared, kMapped);
+  ASSERT_EQ(pwrite(raw, data.get(), kMapped, 0), static_cast<ssize_t>(kMapped));
   close(direct);
   close(buffered);
   close(raw);

@@ -1,0 +1,57 @@
+// INIT flags newer than libfuse 3.14.
+//
+// libfuse 3.14 speaks FUSE protocol 7.38 and answers the kernel's INIT
+// with the flags it knows. The newer ones the daemon wants are added to
+// that reply on its way to /dev/fuse, by a hook on libfuse's writes
+// (fuse_session_custom_io): UringChannel's, which also adds
+// FUSE_OVER_IO_URING, or, on a session without a UringChannel, the one
+// InstallInitHooks sets. A flag is added only when the kernel's INIT
+// offered it; an older kernel never sees it.
+
+#ifndef QCOW2FUSE_FUSE_INIT_FLAGS_H_
+#define QCOW2FUSE_FUSE_INIT_FLAGS_H_
+
+#define FUSE_USE_VERSION 314
+#include <fuse_lowlevel.h>
+#include <linux/fuse.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+
+#include "absl/status/status.h"
+
+namespace qcow2fuse {
+
+// FUSE_DIRECT_IO_ALLOW_MMAP (protocol 7.39, Linux 6.6): a descriptor in
+// direct-I/O mode (Open in ops.cc) may be mapped MAP_SHARED; the kernel
+// keeps the mapping's pages coherent with the descriptor's writes.
+inline constexpr uint64_t kFuseDirectIoAllowMmap = uint64_t{1} << 36;
+
+// What the daemon adds to every INIT reply, where the kernel offers it.
+inline constexpr uint64_t kAddedInitFlags = kFuseDirectIoAllowMmap;
+
+// The kernel's INIT request: its unique ID, and its flags with flags2 as
+// the high 32 bits.
+struct InitRequest {
+  uint64_t unique = 0;
+  uint64_t flags = 0;
+};
+
+// The INIT request in the `n` bytes read from /dev/fuse into `buf`, if
+// they hold one.
+std::optional<InitRequest> ParseInitRequest(const void* buf, size_t n);
+
+// Adds `flags` (flags2 as the high 32 bits) to the INIT reply `reply`, of
+// which libfuse wrote `reply_len` bytes. False, and nothing added, when the
+// reply does not carry flags2 (FUSE_INIT_EXT unset).
+bool AddInitFlags(fuse_init_out& reply, size_t reply_len, uint64_t flags);
+
+// Sets hooks on `session`, mounted and not yet looping, that add
+// kAddedInitFlags to libfuse's INIT reply. For a session without a
+// UringChannel, whose hooks do the same; one session per process.
+absl::Status InstallInitHooks(fuse_session* session);
+
+}  // namespace qcow2fuse
+
+#endif  // QCOW2FUSE_FUSE_INIT_FLAGS_H_
