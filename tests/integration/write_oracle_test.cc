@@ -77,7 +77,10 @@
 // Three recipes run again with the mount option detect_zeroes=on and three
 // with detect_zeroes=unmap (instances DetectZeroesOn/..._dz_on and
 // DetectZeroesUnmap/..._dz_unmap): 150 operations, more of them all-zero
-// writes, which then become zero clusters.
+// writes, which then become zero clusters. Four run again, 150 operations
+// each, with uncached_writes=off (CachedWrites/..._cached_writes), so that
+// the writes go through the view's page cache rather than straight to the
+// daemon as by default.
 //
 // Three recipes write through an overlay made at mount time over a base
 // with data (enum Overlay): -o overlay=DIR/overlay.qcow2 (overlay_64k,
@@ -553,25 +556,30 @@ std::vector<Recipe> AllRecipes() {
   return recipes;
 }
 
-// The recipes named in `names`, mounted with -o detect_zeroes=`mode`. The
-// name gets a suffix, so the seed (and the temp dir) differ from the plain
-// run's.
-std::vector<Recipe> DetectZeroesRecipes(const std::string& mode,
-                                        const std::vector<std::string>& names) {
+// The recipes named in `names`, mounted with the extra -o `option`, 150
+// operations each (to keep the suite's time in bounds). The name gets
+// `suffix`, so the seed (and the temp dir) differ from the plain run's.
+std::vector<Recipe> RecipesWithOption(const std::string& option, const std::string& suffix,
+                                      const std::vector<std::string>& names) {
   std::vector<Recipe> picked;
   for (const Recipe& recipe : AllRecipes()) {
     if (std::find(names.begin(), names.end(), recipe.name) == names.end()) {
       continue;
     }
     Recipe r = recipe;
-    r.name = absl::StrCat(recipe.name, "_dz_", mode);
-    r.mount_options.push_back("detect_zeroes=" + mode);
-    // Fewer operations (to keep the suite's time in bounds), with more
-    // all-zero writes among them (see Oracle::Step).
+    r.name = absl::StrCat(recipe.name, suffix);
+    r.mount_options.push_back(option);
     r.ops = 150;
     picked.push_back(std::move(r));
   }
   return picked;
+}
+
+// -o detect_zeroes=`mode`, with more all-zero writes among the operations
+// (see Oracle::Step).
+std::vector<Recipe> DetectZeroesRecipes(const std::string& mode,
+                                        const std::vector<std::string>& names) {
+  return RecipesWithOption("detect_zeroes=" + mode, "_dz_" + mode, names);
 }
 
 // ---------------------------------------------------------------------------
@@ -2173,6 +2181,19 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::ValuesIn(DetectZeroesRecipes(
         "unmap", {"backing_zlib_compressed", "internal_snapshot",
                   "compat_v2"})),
+    [](const ::testing::TestParamInfo<Recipe>& info) {
+      return info.param.name;
+    });
+
+// uncached_writes=off: the writes go through the view's page cache, as
+// they did before descriptors opened for writing bypassed it (the default
+// runs above).
+INSTANTIATE_TEST_SUITE_P(
+    CachedWrites, WriteOracleTest,
+    ::testing::ValuesIn(RecipesWithOption(
+        "uncached_writes=off", "_cached_writes",
+        {"cluster_4k", "extended_l2_64k", "backing_qcow2_shorter",
+         "internal_snapshot"})),
     [](const ::testing::TestParamInfo<Recipe>& info) {
       return info.param.name;
     });
