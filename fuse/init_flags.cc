@@ -7,11 +7,22 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 
 #include "absl/strings/str_format.h"
 
 namespace qcow2fuse {
+namespace {
 
+// The kernel's INIT request: its unique ID, and its flags with flags2 as
+// the high 32 bits.
+struct InitRequest {
+  uint64_t unique = 0;
+  uint64_t flags = 0;
+};
+
+// The INIT request in the `n` bytes read from /dev/fuse into `buf`, if
+// they hold one.
 std::optional<InitRequest> ParseInitRequest(const void* buf, size_t n) {
   if (n < sizeof(fuse_in_header) + sizeof(fuse_init_in)) return std::nullopt;
   fuse_in_header header;
@@ -22,6 +33,24 @@ std::optional<InitRequest> ParseInitRequest(const void* buf, size_t n) {
   // flags2 is there only when the kernel says so (FUSE_INIT_EXT).
   const uint64_t flags2 = (init.flags & FUSE_INIT_EXT) != 0 ? init.flags2 : 0;
   return InitRequest{.unique = header.unique, .flags = init.flags | flags2 << 32};
+}
+
+}  // namespace
+
+ssize_t InitWatch::Read(int fd, void* buf, size_t len) {
+  const ssize_t n = read(fd, buf, len);
+  if (n > 0) {
+    if (std::optional<InitRequest> init = ParseInitRequest(buf, static_cast<size_t>(n))) {
+      offered_.store(init->flags, std::memory_order_relaxed);
+      unique_.store(init->unique, std::memory_order_relaxed);
+    }
+  }
+  return n;
+}
+
+bool InitWatch::IsInitReply(const fuse_out_header& out) const {
+  // Notifications have unique 0, and so has unique_ before INIT.
+  return out.unique != 0 && out.unique == unique_.load(std::memory_order_relaxed) && out.error == 0;
 }
 
 bool AddInitFlags(fuse_init_out& reply, size_t reply_len, uint64_t flags) {
@@ -38,31 +67,19 @@ namespace {
 // libfuse gives the hooks the session's userdata, not ours; a process
 // serves one session.
 std::atomic<bool> installed{false};
-std::atomic<uint64_t> init_unique{0};
-std::atomic<uint64_t> offered{0};
+InitWatch watch;
 
-ssize_t HookRead(int fd, void* buf, size_t len, void*) {
-  const ssize_t n = read(fd, buf, len);
-  if (n > 0) {
-    if (std::optional<InitRequest> init = ParseInitRequest(buf, static_cast<size_t>(n))) {
-      offered.store(init->flags, std::memory_order_relaxed);
-      init_unique.store(init->unique, std::memory_order_relaxed);
-    }
-  }
-  return n;
-}
+ssize_t HookRead(int fd, void* buf, size_t len, void*) { return watch.Read(fd, buf, len); }
 
 ssize_t HookWritev(int fd, iovec* iov, int count, void*) {
-  if (count == 2 && iov[0].iov_len >= sizeof(fuse_out_header)) {
-    const auto* out = static_cast<const fuse_out_header*>(iov[0].iov_base);
-    if (out->unique != 0 && out->unique == init_unique.load(std::memory_order_relaxed) && out->error == 0) {
-      fuse_init_out init = {};
-      const size_t len = std::min(iov[1].iov_len, sizeof init);
-      memcpy(&init, iov[1].iov_base, len);
-      if (AddInitFlags(init, len, kAddedInitFlags & offered.load(std::memory_order_relaxed))) {
-        iovec patched[2] = {iov[0], {&init, len}};
-        return writev(fd, patched, 2);
-      }
+  if (count == 2 && iov[0].iov_len >= sizeof(fuse_out_header) &&
+      watch.IsInitReply(*static_cast<const fuse_out_header*>(iov[0].iov_base))) {
+    fuse_init_out init = {};
+    const size_t len = std::min(iov[1].iov_len, sizeof init);
+    memcpy(&init, iov[1].iov_base, len);
+    if (AddInitFlags(init, len, kAddedInitFlags & watch.offered())) {
+      iovec patched[2] = {iov[0], {&init, len}};
+      return writev(fd, patched, 2);
     }
   }
   return writev(fd, iov, count);

@@ -15,9 +15,11 @@
 #include <fuse_lowlevel.h>
 #include <linux/fuse.h>
 
+#include <sys/types.h>
+
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <optional>
 
 #include "absl/status/status.h"
 
@@ -31,16 +33,21 @@ inline constexpr uint64_t kFuseDirectIoAllowMmap = uint64_t{1} << 36;
 // What the daemon adds to every INIT reply, where the kernel offers it.
 inline constexpr uint64_t kAddedInitFlags = kFuseDirectIoAllowMmap;
 
-// The kernel's INIT request: its unique ID, and its flags with flags2 as
-// the high 32 bits.
-struct InitRequest {
-  uint64_t unique = 0;
-  uint64_t flags = 0;
-};
+// The kernel's INIT as libfuse reads it, for a writev hook that adds
+// flags to the reply. Thread-safe.
+class InitWatch {
+ public:
+  // read(2) of /dev/fuse that notes the INIT request among what it reads.
+  ssize_t Read(int fd, void* buf, size_t len);
+  // Whether `out` heads the successful reply to INIT.
+  bool IsInitReply(const fuse_out_header& out) const;
+  // The flags INIT offered (flags2 as the high 32 bits); 0 before INIT.
+  uint64_t offered() const { return offered_.load(std::memory_order_relaxed); }
 
-// The INIT request in the `n` bytes read from /dev/fuse into `buf`, if
-// they hold one.
-std::optional<InitRequest> ParseInitRequest(const void* buf, size_t n);
+ private:
+  std::atomic<uint64_t> unique_{0};
+  std::atomic<uint64_t> offered_{0};
+};
 
 // Adds `flags` (flags2 as the high 32 bits) to the INIT reply `reply`, of
 // which libfuse wrote `reply_len` bytes. False, and nothing added, when the

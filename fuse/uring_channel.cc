@@ -14,7 +14,6 @@
 #include <cstddef>
 #include <fstream>
 #include <mutex>
-#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -148,16 +147,7 @@ class UringChannel::Impl {
   uint64_t served() const { return served_.load(std::memory_order_relaxed); }
 
   // libfuse's read of /dev/fuse: notes what INIT offers.
-  ssize_t Read(int fd, void* buf, size_t len) {
-    const ssize_t n = read(fd, buf, len);
-    if (n > 0) {
-      if (std::optional<InitRequest> init = ParseInitRequest(buf, static_cast<size_t>(n))) {
-        offered_.store(init->flags, std::memory_order_relaxed);
-        init_unique_.store(init->unique, std::memory_order_relaxed);
-      }
-    }
-    return n;
-  }
+  ssize_t Read(int fd, void* buf, size_t len) { return init_.Read(fd, buf, len); }
 
   // libfuse's write of a reply or a notification: a reply to a request
   // from a ring entry goes into that entry.
@@ -168,9 +158,7 @@ class UringChannel::Impl {
     if (active()) {
       if (Worker* w = TakeInFlight(out->unique); w != nullptr) return Reply(*w, iov, count);
     }
-    if (out->unique == init_unique_.load(std::memory_order_relaxed) && out->error == 0 && count == 2) {
-      return AnswerInit(fd, iov);
-    }
+    if (init_.IsInitReply(*out) && count == 2) return AnswerInit(fd, iov);
     return writev(fd, iov, count);
   }
 
@@ -219,7 +207,7 @@ class UringChannel::Impl {
     fuse_init_out init = {};
     const size_t init_len = std::min(iov[1].iov_len, sizeof init);
     memcpy(&init, iov[1].iov_base, init_len);
-    const uint64_t offered = offered_.load(std::memory_order_relaxed);
+    const uint64_t offered = init_.offered();
     if (!AddInitFlags(init, init_len, kAddedInitFlags & offered)) return writev(fd, iov, 2);
     iovec patched[2] = {iov[0], {&init, init_len}};
     max_payload_ = std::max({kMinReadBuffer, size_t{init.max_write}, size_t{init.max_pages} * kPageSize});
@@ -386,8 +374,7 @@ class UringChannel::Impl {
   io_uring stopper_;  // sends the stop messages
   bool stopper_made_ = false;
 
-  std::atomic<uint64_t> init_unique_{0};
-  std::atomic<uint64_t> offered_{0};  // the flags of INIT (init_flags.h)
+  InitWatch init_;
   std::atomic<bool> active_{false};
   std::atomic<uint64_t> served_{0};
 
