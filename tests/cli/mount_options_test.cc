@@ -87,6 +87,19 @@ class MountOptionsTest : public TempDirTest {
     ASSERT_OK(ConvertToRaw(image, twin));
   }
 
+  // What MountedView::Start needs to mount `image` on `view`, with -o
+  // `extra` after ro or rw.
+  MountOptions ViewOptions(const std::string& image, const std::string& view, std::vector<std::string> extra,
+                           bool read_only = true) {
+    MountOptions options;
+    options.binary = Binary();
+    options.image = image;
+    options.mountpoint = view;
+    options.read_only = read_only;
+    options.extra_options = std::move(extra);
+    return options;
+  }
+
   // `qcow2fuse -u VIEW`, which must succeed; then the daemon is gone and
   // `guard` has nothing left to wait for.
   void UnmountWithU(const std::string& view, DaemonGuard& guard) {
@@ -314,12 +327,7 @@ TEST_F(MountOptionsTest, DebugShowsTheRequestTrace) {
   const std::string twin = Path("twin.raw");
   const std::string view = Path("view.raw");
   MakeImage(image, twin);
-  MountOptions options;
-  options.binary = Binary();
-  options.image = image;
-  options.mountpoint = view;
-  options.extra_options = {"debug"};
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, MountedView::Start(options));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, MountedView::Start(ViewOptions(image, view, {"debug"})));
   EXPECT_OK(CompareFiles(view, twin));
   const std::string log = mounted->ReadLog();
   ASSERT_OK(mounted->Unmount());
@@ -449,13 +457,10 @@ TEST_F(MountOptionsTest, UncachedWritesBypassTheViewsPageCache) {
     const std::string twin = Path("twin.raw");
     const std::string view = Path("view.raw");
     MakeImage(image, twin);
-    MountOptions options;
-    options.binary = Binary();
-    options.image = image;
-    options.mountpoint = view;
-    options.read_only = false;
-    options.extra_options = {"debug", uncached ? "uncached_writes=on" : "uncached_writes=off"};
-    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, MountedView::Start(options));
+    ASSERT_OK_AND_ASSIGN(
+        std::unique_ptr<MountedView> mounted,
+        MountedView::Start(ViewOptions(image, view, {"debug", uncached ? "uncached_writes=on" : "uncached_writes=off"},
+                                       /*read_only=*/false)));
     const int reader = open(view.c_str(), O_RDONLY | O_CLOEXEC);
     ASSERT_GE(reader, 0) << strerror(errno);
     void* map = mmap(nullptr, kAt + kLength, PROT_READ, MAP_SHARED, reader, 0);
