@@ -244,11 +244,11 @@ Task<void> Open(fuse_req_t req, View& view, fuse_file_info fi) {
   fi.fh = changes ? kWritableHandle : kReadOnlyHandle;
   // Direct-I/O mode: the descriptor's reads and writes go to the daemon as
   // they are, not through the view's page cache. For a writer that saves
-  // a copy into pages that would only be dropped again (the bytes are in
-  // the image file's page cache too), and its writes arrive in requests of
-  // up to 1 MiB whatever the alignment of its buffer. The price: such a
-  // descriptor cannot be mapped MAP_SHARED, and its reads are not read
-  // ahead. An O_DIRECT writer asked for it anyway.
+  // a copy into pages that hold the same bytes as the image file's page
+  // cache, and its writes arrive in requests of up to 1 MiB whatever the
+  // alignment of its buffer. The price: its reads are not read ahead. (A
+  // shared mapping of it needs FUSE_DIRECT_IO_ALLOW_MMAP, which
+  // init_flags.h adds to INIT.) An O_DIRECT writer asked for it anyway.
   const bool direct_io = writable && (m.writers_uncached || ((fi.flags & O_DIRECT) && m.direct_writes_in_parallel));
   if (!direct_io) co_return (void)fuse_reply_open(req, &fi);
   // The kernel serialises the writes of a file unless the open is in

@@ -54,7 +54,9 @@ struct MountOptions {
   // -o volatile: the same with an unlinked temporary overlay, gone at
   // unmount.
   bool volatile_overlay = false;
-  // O_DIRECT writes of one file reach the daemon in parallel.
+  // -o parallel_direct_writes: writes through a descriptor in direct-I/O
+  // mode (O_DIRECT, or any writer under uncached_writes) reach the daemon
+  // in parallel.
   bool parallel_direct_writes = true;
   // -o uncached_writes: descriptors opened for writing bypass the kernel's
   // page cache of the view (FUSE's direct-I/O mode).
