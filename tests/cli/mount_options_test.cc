@@ -444,13 +444,28 @@ uint64_t LargestWrite(const std::string& log) {
 // (a megabyte from a buffer that is not page-aligned spans 257 pages, so
 // it comes as two), and leaves no copy in the view's page cache, as
 // mincore() shows through a read-only shared mapping made before the
-// write. Without the option the page cache keeps the pages written
-// through it. Either way, readers see the new bytes and the image stays
+// write. Reads through that descriptor are not read ahead either: they
+// leave nothing cached, while those through a read-only descriptor are
+// read ahead into the page cache as always. Without the option the page cache
+// keeps the pages written through it, and the writer's reads are read
+// ahead too. Either way, readers see the new bytes and the image stays
 // clean.
 TEST_F(MountOptionsTest, UncachedWritesBypassTheViewsPageCache) {
   if (!KernelAtLeast(6, 9)) GTEST_SKIP() << "direct-I/O mode for writers needs Linux 6.9 (FUSE io modes)";
   constexpr uint64_t kAt = 1 << 20;
   constexpr size_t kLength = 1 << 20;
+  constexpr uint64_t kWriterReadAt = 8 << 20;
+  constexpr uint64_t kReaderReadAt = 12 << 20;
+  constexpr uint64_t kLooked = 256 << 10;  // how far mincore looks past a read
+  // Pages of [offset, offset + length) of the view in its page cache.
+  const auto cached_pages = [](const void* map, uint64_t offset, uint64_t length) -> size_t {
+    std::vector<unsigned char> resident(length / 4096);
+    if (mincore(static_cast<char*>(const_cast<void*>(map)) + offset, length, resident.data()) != 0) {
+      ADD_FAILURE() << "mincore: " << strerror(errno);
+      return 0;
+    }
+    return std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; });
+  };
   for (const bool uncached : {true, false}) {
     SCOPED_TRACE(uncached ? "uncached_writes=on" : "uncached_writes=off");
     const std::string image = Path("disk.qcow2");
@@ -463,34 +478,47 @@ TEST_F(MountOptionsTest, UncachedWritesBypassTheViewsPageCache) {
                                        /*read_only=*/false)));
     const int reader = open(view.c_str(), O_RDONLY | O_CLOEXEC);
     ASSERT_GE(reader, 0) << strerror(errno);
-    void* map = mmap(nullptr, kAt + kLength, PROT_READ, MAP_SHARED, reader, 0);
+    void* map = mmap(nullptr, kDiskSize, PROT_READ, MAP_SHARED, reader, 0);
     ASSERT_NE(map, MAP_FAILED) << strerror(errno);
 
     std::vector<char> storage(kLength + 1);
     char* unaligned = storage.data() + 1;
     if (reinterpret_cast<uintptr_t>(unaligned) % 4096 == 0) ++unaligned;  // never page-aligned
     for (size_t i = 0; i < kLength; ++i) unaligned[i] = static_cast<char>('a' + i % 23);
-    const int writer = open(view.c_str(), O_WRONLY | O_CLOEXEC);
+    const int writer = open(view.c_str(), O_RDWR | O_CLOEXEC);
     ASSERT_GE(writer, 0) << strerror(errno);
     ASSERT_EQ(pwrite(writer, unaligned, kLength, kAt), static_cast<ssize_t>(kLength)) << strerror(errno);
     ASSERT_OK(WriteFileAt(twin, kAt, absl::string_view(unaligned, kLength)));
+    const size_t written_cached = cached_pages(map, kAt, kLength);
 
-    std::vector<unsigned char> resident((kAt + kLength) / 4096);
-    ASSERT_EQ(mincore(map, kAt + kLength, resident.data()), 0) << strerror(errno);
-    const size_t cached = std::count_if(resident.begin() + kAt / 4096, resident.end(), [](unsigned char r) { return r & 1; });
+    // Two pages in a row each: a sequential reader, whom the kernel reads
+    // ahead of (a lone small read is taken for a random one).
+    char page[4096];
+    const auto read_two_pages = [&](int fd, uint64_t at) {
+      for (uint64_t offset : {at, at + sizeof page}) {
+        ASSERT_EQ(pread(fd, page, sizeof page, offset), static_cast<ssize_t>(sizeof page)) << strerror(errno);
+      }
+    };
+    read_two_pages(writer, kWriterReadAt);
+    const size_t writer_read_cached = cached_pages(map, kWriterReadAt, kLooked);
+    read_two_pages(reader, kReaderReadAt);
+    EXPECT_GT(cached_pages(map, kReaderReadAt, kLooked), 2u) << "a read-only descriptor is read ahead";
+
     // Through the mapping, the reader sees what was written.
     EXPECT_EQ(memcmp(static_cast<const char*>(map) + kAt, unaligned, kLength), 0);
-    munmap(map, kAt + kLength);
+    munmap(map, kDiskSize);
     close(reader);
     ASSERT_EQ(close(writer), 0) << strerror(errno);
     EXPECT_OK(CompareFiles(view, twin));
     const std::string log = mounted->ReadLog();
     ASSERT_OK(mounted->Unmount());
     if (uncached) {
-      EXPECT_EQ(cached, 0u) << "pages of the view's page cache after the write";
+      EXPECT_EQ(written_cached, 0u) << "pages of the view's page cache after the write";
+      EXPECT_EQ(writer_read_cached, 0u) << "pages of the view's page cache after the writer's reads";
       EXPECT_GE(LargestWrite(log), kLength - 4096);
     } else {
-      EXPECT_GT(cached, 0u) << "the kernel's write-through path keeps the pages it wrote";
+      EXPECT_GT(written_cached, 0u) << "the kernel's write-through path keeps the pages it wrote";
+      EXPECT_GT(writer_read_cached, 2u) << "the writer's reads are read ahead";
     }
     EXPECT_OK(CheckImage(image));
     ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
