@@ -79,6 +79,21 @@ absl::StatusOr<bool> OnOff(const std::string& key, const std::string& value) {
   return value == "on";
 }
 
+// The field of MountOptions that the switch `key` (splice_reads=on...)
+// sets, or null.
+bool MountOptions::*SwitchField(std::string_view key) {
+  static constexpr std::pair<std::string_view, bool MountOptions::*> kSwitches[] = {
+      {"parallel_direct_writes", &MountOptions::parallel_direct_writes},
+      {"uncached_writes", &MountOptions::uncached_writes},
+      {"splice_reads", &MountOptions::splice_reads},
+      {"io_uring", &MountOptions::io_uring},
+  };
+  for (const auto& [name, field] : kSwitches) {
+    if (name == key) return field;
+  }
+  return nullptr;
+}
+
 // Applies one of qcow2fuse's own -o options. NotFound: not one of ours.
 absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
   std::vector<std::string> kv = absl::StrSplit(option, absl::MaxSplits('=', 1));
@@ -157,22 +172,10 @@ absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
     out.overlay = *path;
   } else if (key == "volatile" && !has_value) {
     out.volatile_overlay = true;
-  } else if (key == "parallel_direct_writes" && has_value) {
+  } else if (bool MountOptions::*field = SwitchField(key); field != nullptr && has_value) {
     absl::StatusOr<bool> on = OnOff(key, kv[1]);
     if (!on.ok()) return on.status();
-    out.parallel_direct_writes = *on;
-  } else if (key == "uncached_writes" && has_value) {
-    absl::StatusOr<bool> on = OnOff(key, kv[1]);
-    if (!on.ok()) return on.status();
-    out.uncached_writes = *on;
-  } else if (key == "io_uring" && has_value) {
-    absl::StatusOr<bool> on = OnOff(key, kv[1]);
-    if (!on.ok()) return on.status();
-    out.io_uring = *on;
-  } else if (key == "splice_reads" && has_value) {
-    absl::StatusOr<bool> on = OnOff(key, kv[1]);
-    if (!on.ok()) return on.status();
-    out.splice_reads = *on;
+    out.*field = *on;
   } else if (key == "readahead" && has_value) {
     absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
     if (!bytes.ok()) return NotASize(key, kv[1]);
