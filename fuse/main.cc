@@ -365,7 +365,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   state.parallel_direct_writes = options.parallel_direct_writes;
   state.uncached_writes = options.uncached_writes;
   state.splice_reads = options.splice_reads;
-  state.readahead = options.readahead;
+  state.readahead = options.readahead_set ? options.readahead : DefaultReadahead(image_fds);
   absl::StatusOr<bool> created = PrepareMountpoint(*mountpoint, state.mountpoint_stat);
   if (!created.ok()) return fail(std::string(created.status().message()));
   auto remove_created = [&] {
@@ -418,7 +418,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   if (overlay) overlay->Keep();
   // Before INIT is answered (readahead.h). The kernel's 128 KiB is what a
   // user other than root gets: worth a word only if they asked for more.
-  if (absl::Status set = SetMountReadahead(*mountpoint, options.readahead); !set.ok() && options.readahead_set) {
+  if (absl::Status set = SetMountReadahead(*mountpoint, state.readahead); !set.ok() && options.readahead_set) {
     warnings.push_back(absl::StrFormat("readahead stays at the kernel's default: %s", set.message()));
   }
   RouteLibfuseLog();

@@ -69,8 +69,9 @@ struct MountOptions {
   bool io_uring = true;
   // -o readahead=SIZE: how far the kernel reads ahead of a sequential
   // reader of the view (readahead.h). Only root may set it; `readahead_set`
-  // says the user asked, so that failing to is worth a warning.
-  uint64_t readahead = kDefaultReadahead;
+  // says the user asked, so that failing to is worth a warning. Unset, the
+  // daemon takes DefaultReadahead of the image's files once it has them.
+  uint64_t readahead = 0;
   bool readahead_set = false;
   // -u: unmount `mountpoint` and wait for its daemon, instead of mounting.
   bool unmount = false;

@@ -2,15 +2,68 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <optional>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "mount_table.h"
 #include "qcow2fuse/status.h"
 
 namespace qcow2fuse {
+
+namespace {
+
+// The number in sysfs file `path`; NotFound if there is no such file.
+absl::StatusOr<uint64_t> ReadSysfsNumber(const std::string& path) {
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus(errno, absl::StrFormat("opening %s", path));
+  char text[32];
+  const ssize_t got = read(fd, text, sizeof(text) - 1);
+  const int error = errno;
+  close(fd);
+  if (got < 0) return ErrnoStatus(error, absl::StrFormat("reading %s", path));
+  uint64_t number = 0;
+  if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(absl::string_view(text, static_cast<size_t>(got))), &number)) {
+    return absl::DataLossError(absl::StrFormat("%s does not hold a number", path));
+  }
+  return number;
+}
+
+}  // namespace
+
+absl::StatusOr<uint64_t> DeviceReadahead(dev_t dev, const std::string& sysfs) {
+  const unsigned dev_major = major(dev);
+  const unsigned dev_minor = minor(dev);
+  // A whole disk, a device-mapper or md device, and the anonymous device
+  // of an NFS or FUSE mount each have a bdi of their own number.
+  absl::StatusOr<uint64_t> kb =
+      ReadSysfsNumber(absl::StrFormat("%s/class/bdi/%u:%u/read_ahead_kb", sysfs, dev_major, dev_minor));
+  if (absl::IsNotFound(kb.status())) {
+    // A partition reads ahead as its disk does: the directory above the
+    // partition's own is the disk's.
+    kb = ReadSysfsNumber(absl::StrFormat("%s/dev/block/%u:%u/../queue/read_ahead_kb", sysfs, dev_major, dev_minor));
+  }
+  if (!kb.ok()) return kb.status();
+  return std::min(*kb, kMaxReadahead) << 10;  // more than any caller keeps
+}
+
+uint64_t DefaultReadahead(const std::vector<int>& fds) {
+  uint64_t bytes = kMinDefaultReadahead;
+  for (const int fd : fds) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) continue;
+    if (absl::StatusOr<uint64_t> device = DeviceReadahead(st.st_dev); device.ok()) {
+      bytes = std::max(bytes, *device);
+    }
+  }
+  return std::min(bytes, kMaxReadahead) / 4096 * 4096;
+}
 
 absl::Status SetMountReadahead(const std::string& mountpoint, uint64_t bytes) {
   // The device number from the mount table: a stat() of the mount point

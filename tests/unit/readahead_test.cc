@@ -1,0 +1,76 @@
+// Where the default readahead comes from: DeviceReadahead on sysfs trees
+// laid out as the kernel lays them out. The mount-level behaviour (a view
+// over an image on a loop device whose readahead was set) is in
+// tests/cli/mount_options_test.cc.
+
+#include "readahead.h"
+
+#include <gtest/gtest.h>
+#include <sys/sysmacros.h>
+
+#include <filesystem>
+#include <fstream>
+#include <optional>
+
+#include "support/status_testing.h"
+#include "support/temp_dir.h"
+
+namespace qcow2fuse {
+namespace {
+
+namespace fs = std::filesystem;
+
+class DeviceReadaheadTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<test::TempDir> dir = test::TempDir::Create("sysfs");
+    ASSERT_TRUE(dir.ok()) << dir.status();
+    dir_.emplace(std::move(*dir));
+    sysfs_ = dir_->path();
+  }
+
+  // Writes `text` to `relative` under the fake sysfs, making directories.
+  void Put(const std::string& relative, const std::string& text) {
+    const fs::path path = fs::path(sysfs_) / relative;
+    fs::create_directories(path.parent_path());
+    std::ofstream(path) << text;
+  }
+
+  std::optional<test::TempDir> dir_;
+  std::string sysfs_;
+};
+
+// A whole disk (or device-mapper device) has a bdi of its own number.
+TEST_F(DeviceReadaheadTest, ReadsTheBdiOfTheDevice) {
+  Put("class/bdi/254:0/read_ahead_kb", "8192\n");
+  ASSERT_OK_AND_ASSIGN(uint64_t bytes, DeviceReadahead(makedev(254, 0), sysfs_));
+  EXPECT_EQ(bytes, uint64_t{8} << 20);
+}
+
+// A partition has none: /sys/dev/block/MAJ:MIN links to the partition's
+// directory inside its disk's, whose queue holds the readahead.
+TEST_F(DeviceReadaheadTest, APartitionReadsAheadAsItsDisk) {
+  Put("devices/pci0/nvme0n1/queue/read_ahead_kb", "2048\n");
+  Put("devices/pci0/nvme0n1/nvme0n1p2/partition", "2\n");
+  Put("class/bdi/259:0/read_ahead_kb", "2048\n");
+  fs::create_directories(fs::path(sysfs_) / "dev/block");
+  fs::create_directory_symlink("../../devices/pci0/nvme0n1/nvme0n1p2", fs::path(sysfs_) / "dev/block/259:2");
+  ASSERT_OK_AND_ASSIGN(uint64_t bytes, DeviceReadahead(makedev(259, 2), sysfs_));
+  EXPECT_EQ(bytes, uint64_t{2} << 20);
+}
+
+// tmpfs, or btrfs (whose bdi is named btrfs-N): nothing to follow.
+TEST_F(DeviceReadaheadTest, ADeviceWithoutABdiIsNotFound) {
+  Put("class/bdi/btrfs-1/read_ahead_kb", "4096\n");
+  EXPECT_TRUE(absl::IsNotFound(DeviceReadahead(makedev(0, 43), sysfs_).status()));
+}
+
+TEST_F(DeviceReadaheadTest, AFileWithoutANumberIsAnError) {
+  Put("class/bdi/8:0/read_ahead_kb", "lots\n");
+  absl::StatusOr<uint64_t> bytes = DeviceReadahead(makedev(8, 0), sysfs_);
+  ASSERT_FALSE(bytes.ok());
+  EXPECT_NE(bytes.status().message().find("class/bdi/8:0/read_ahead_kb"), std::string::npos) << bytes.status();
+}
+
+}  // namespace
+}  // namespace qcow2fuse
