@@ -88,6 +88,22 @@ class MountOptionsTest : public TempDirTest {
     ASSERT_OK(ConvertToRaw(image, twin));
   }
 
+  // Mounts `image` with -o `options` and expects the mount's readahead to
+  // be `kb` KiB, the view to read as `twin`, and no word on stderr.
+  void ExpectReadahead(const std::string& image, const std::string& twin, const std::vector<std::string>& options,
+                       uint64_t kb) {
+    const std::string view = Path("view.raw");
+    const std::string pidfile = Path("pid");
+    DaemonGuard guard(view, pidfile);
+    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, options));
+    ASSERT_TRUE(run.status.success()) << run.Describe();
+    EXPECT_EQ(run.stderr_text, "") << run.Describe();
+    ASSERT_OK_AND_ASSIGN(uint64_t mount_kb, ReadaheadKb(view));
+    EXPECT_EQ(mount_kb, kb);
+    EXPECT_OK(CompareFiles(view, twin));
+    UnmountWithU(view, guard);
+  }
+
   // What MountedView::Start needs to mount `image` on `view`, with -o
   // `extra` after ro or rw.
   MountOptions ViewOptions(const std::string& image, const std::string& view, std::vector<std::string> extra,
@@ -543,16 +559,7 @@ TEST_F(MountOptionsTest, ReadaheadIsSetOnTheMount) {
   for (const Case& c : std::vector<Case>{{{"ro", "readahead=8M"}, 8192},
                                          {{"readahead=128K"}, 128}, {{"ro", "readahead=0"}, 0}}) {
     SCOPED_TRACE(absl::StrJoin(c.options, ","));
-    const std::string view = Path("view.raw");
-    const std::string pidfile = Path("pid");
-    DaemonGuard guard(view, pidfile);
-    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, c.options));
-    ASSERT_TRUE(run.status.success()) << run.Describe();
-    EXPECT_EQ(run.stderr_text, "") << run.Describe();
-    ASSERT_OK_AND_ASSIGN(uint64_t kb, ReadaheadKb(view));
-    EXPECT_EQ(kb, c.kb);
-    EXPECT_OK(CompareFiles(view, twin));
-    UnmountWithU(view, guard);
+    ExpectReadahead(image, twin, c.options, c.kb);
   }
 }
 
@@ -588,16 +595,7 @@ TEST_F(MountOptionsTest, DefaultReadaheadFollowsTheDiskUnderTheImage) {
                                          {4096, {"ro", "readahead=256K"}, 256}}) {
     SCOPED_TRACE(absl::StrCat("disk ", c.disk_kb, "K, -o ", absl::StrJoin(c.options, ",")));
     ASSERT_OK(WriteFileAt(knob, 0, absl::StrCat(c.disk_kb, "\n")));
-    const std::string view = Path("view.raw");
-    const std::string pidfile = Path("pid");
-    DaemonGuard guard(view, pidfile);
-    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, c.options));
-    ASSERT_TRUE(run.status.success()) << run.Describe();
-    EXPECT_EQ(run.stderr_text, "") << run.Describe();
-    ASSERT_OK_AND_ASSIGN(uint64_t kb, ReadaheadKb(view));
-    EXPECT_EQ(kb, c.view_kb);
-    EXPECT_OK(CompareFiles(view, twin));
-    UnmountWithU(view, guard);
+    ExpectReadahead(image, twin, c.options, c.view_kb);
   }
   EXPECT_OK(CheckImage(image));
   ASSERT_OK(mounted->Unmount());
