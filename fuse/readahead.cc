@@ -50,7 +50,8 @@ absl::StatusOr<uint64_t> DeviceReadahead(dev_t dev, const std::string& sysfs) {
     kb = ReadSysfsNumber(absl::StrFormat("%s/dev/block/%u:%u/../queue/read_ahead_kb", sysfs, dev_major, dev_minor));
   }
   if (!kb.ok()) return kb.status();
-  return std::min(*kb, kMaxReadahead) << 10;  // more than any caller keeps
+  // A kernel's value fits many times over; saturate rather than wrap.
+  return *kb > (UINT64_MAX >> 10) ? UINT64_MAX : *kb << 10;
 }
 
 uint64_t DefaultReadahead(const std::vector<int>& fds) {

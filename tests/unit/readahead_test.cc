@@ -47,6 +47,14 @@ TEST_F(DeviceReadaheadTest, ReadsTheBdiOfTheDevice) {
   EXPECT_EQ(bytes, uint64_t{8} << 20);
 }
 
+// A number too large for bytes saturates instead of wrapping round to a
+// small one.
+TEST_F(DeviceReadaheadTest, AHugeNumberSaturates) {
+  Put("class/bdi/8:16/read_ahead_kb", "18446744073709551615\n");
+  ASSERT_OK_AND_ASSIGN(uint64_t bytes, DeviceReadahead(makedev(8, 16), sysfs_));
+  EXPECT_EQ(bytes, UINT64_MAX);
+}
+
 // A partition has none: /sys/dev/block/MAJ:MIN links to the partition's
 // directory inside its disk's, whose queue holds the readahead.
 TEST_F(DeviceReadaheadTest, APartitionReadsAheadAsItsDisk) {
