@@ -364,6 +364,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   state.image_fd = image_fds.at(0);
   state.parallel_direct_writes = options.parallel_direct_writes;
   state.uncached_writes = options.uncached_writes;
+  state.uncached_loops = options.uncached_loops;
   state.splice_reads = options.splice_reads;
   state.readahead = options.readahead_set ? options.readahead : DefaultReadahead(image_fds);
   absl::StatusOr<bool> created = PrepareMountpoint(*mountpoint, state.mountpoint_stat);

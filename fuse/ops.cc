@@ -16,6 +16,7 @@
 #include "buffer_pool.h"
 #include "errno_map.h"
 #include "log.h"
+#include "opener.h"
 #include "qcow2fuse/status.h"
 #include "spliced_reply.h"
 #include "uring_channel.h"
@@ -249,7 +250,12 @@ Task<void> Open(fuse_req_t req, View& view, fuse_file_info fi) {
   // alignment of its buffer. The price: its reads are not read ahead. (A
   // shared mapping of it needs FUSE_DIRECT_IO_ALLOW_MMAP, which
   // init_flags.h adds to INIT.) An O_DIRECT writer asked for it anyway.
-  const bool direct_io = writable && (m.writers_uncached || ((fi.flags & O_DIRECT) && m.direct_writes_in_parallel));
+  // A loop device's descriptor, read-only or not, is better off without
+  // that cache (opener.h): the guest file system above caches its blocks,
+  // and reads the view in pieces as large as its own readahead.
+  const bool direct_io =
+      (writable && (m.writers_uncached || ((fi.flags & O_DIRECT) && m.direct_writes_in_parallel))) ||
+      (m.loops_uncached && AttachesLoopDevices(ProcessName(fuse_req_ctx(req)->pid)));
   if (!direct_io) co_return (void)fuse_reply_open(req, &fi);
   // The kernel serialises the writes of a file unless the open is in
   // direct-I/O mode and says FOPEN_PARALLEL_DIRECT_WRITES (Linux 6.2+;
@@ -391,13 +397,14 @@ void OnInit(void* userdata, struct fuse_conn_info* conn) {
   conn->max_readahead = static_cast<unsigned>(std::max<uint64_t>(kMaxRequestBytes, m.readahead));
   conn->max_background = kMaxBackground;
   conn->congestion_threshold = kMaxBackground * 3 / 4;
-  // Parallel direct writes and uncached writers need FUSE's direct-I/O
-  // mode (see Open). Before Linux 6.9 (protocol 7.40, the "io modes") a
+  // Parallel direct writes, uncached writers and loop devices' descriptors
+  // need FUSE's direct-I/O mode (see Open). Before Linux 6.9 (protocol 7.40, the "io modes") a
   // direct-I/O write did not drop the pages that buffered opens of the view
   // had cached, so a reader could see old data: there writes keep the
   // kernel's usual path, one at a time.
   m.direct_writes_in_parallel = m.parallel_direct_writes && conn->proto_minor >= kIoModesProtoMinor;
   m.writers_uncached = m.uncached_writes && conn->proto_minor >= kIoModesProtoMinor;
+  m.loops_uncached = m.uncached_loops && conn->proto_minor >= kIoModesProtoMinor;
   // Spliced replies need the kernel's and libfuse's consent, and a pipe
   // that holds at least a reply of kSplicedReadBytes.
   m.spliced_reads = m.splice_reads && (conn->capable & FUSE_CAP_SPLICE_WRITE) != 0 &&

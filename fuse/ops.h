@@ -53,10 +53,14 @@ struct MountState {
   // -o uncached_writes: every descriptor opened for writing is put in
   // direct-I/O mode, not only O_DIRECT ones (see Open).
   bool uncached_writes = true;
+  // -o uncached_loops: so is every descriptor opened by a program that
+  // attaches loop devices (opener.h), read-only ones too.
+  bool uncached_loops = true;
   // Set at INIT: each option, and a kernel whose direct-I/O mode stays
   // coherent with buffered opens of the same file.
   std::atomic<bool> direct_writes_in_parallel{false};
   std::atomic<bool> writers_uncached{false};
+  std::atomic<bool> loops_uncached{false};
   // -o splice_reads: large reads of data clusters are answered by splicing
   // from the image file (spliced_reply.h) rather than from a buffer.
   bool splice_reads = true;

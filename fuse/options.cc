@@ -35,7 +35,8 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
     "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes",
-    "uncached_writes", "splice_reads", "io_uring", "readahead", "backing", "backing_format", "overlay", "volatile",
+    "uncached_writes", "uncached_loops", "splice_reads", "io_uring", "readahead", "backing", "backing_format",
+    "overlay", "volatile",
 };
 
 // Standard mount options that mean nothing to a FUSE file system, or that
@@ -85,6 +86,7 @@ bool MountOptions::*SwitchField(std::string_view key) {
   static constexpr std::pair<std::string_view, bool MountOptions::*> kSwitches[] = {
       {"parallel_direct_writes", &MountOptions::parallel_direct_writes},
       {"uncached_writes", &MountOptions::uncached_writes},
+      {"uncached_loops", &MountOptions::uncached_loops},
       {"splice_reads", &MountOptions::splice_reads},
       {"io_uring", &MountOptions::io_uring},
   };
@@ -411,6 +413,11 @@ const char* UsageText() {
          "                         view's page cache: a write reaches the daemon\n"
          "                         in requests of up to 1 MiB, without a copy in\n"
          "                         that cache (default on)\n"
+         "  -o uncached_loops=on|off\n"
+         "                         descriptors opened by a program that attaches\n"
+         "                         loop devices (losetup, mount, udisksd...) bypass\n"
+         "                         the view's page cache, read-only ones too: the\n"
+         "                         guest file system caches its blocks (default on)\n"
          "  -o splice_reads=on|off large reads of stored data go from the image file\n"
          "                         to the reader without a copy in the daemon\n"
          "                         (default on)\n"

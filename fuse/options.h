@@ -61,6 +61,9 @@ struct MountOptions {
   // -o uncached_writes: descriptors opened for writing bypass the kernel's
   // page cache of the view (FUSE's direct-I/O mode).
   bool uncached_writes = true;
+  // -o uncached_loops: descriptors opened by a program that attaches loop
+  // devices bypass it too, read-only ones included (opener.h).
+  bool uncached_loops = true;
   // -o splice_reads: large reads of data clusters are spliced from the
   // image file to the reader (spliced_reply.h).
   bool splice_reads = true;

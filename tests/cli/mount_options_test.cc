@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <sstream>
@@ -26,6 +27,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -42,6 +44,8 @@
 
 namespace qcow2fuse::test::cli {
 namespace {
+
+namespace fs = std::filesystem;
 
 constexpr uint64_t kDiskSize = 16 * kMiB;
 
@@ -147,6 +151,7 @@ TEST_F(MountOptionsTest, UsageErrorsAreOneLineNamingTheArgument) {
       {{"-o", "blksize=4096"}, {"blksize", "block-device"}},
       {{"-o", "parallel_direct_writes=yes"}, {"parallel_direct_writes must be on or off", "'yes'"}},
       {{"-o", "uncached_writes=maybe"}, {"uncached_writes must be on or off", "'maybe'"}},
+      {{"-o", "uncached_loops=auto"}, {"uncached_loops must be on or off", "'auto'"}},
       {{"-o", "splice_reads=1"}, {"splice_reads must be on or off", "'1'"}},
       {{"-o", "io_uring=yes"}, {"io_uring must be on or off", "'yes'"}},
       {{"-o", "readahead=5000"}, {"readahead must be a multiple of 4K from 0 to 16M", "'5000'"}},
@@ -541,6 +546,105 @@ TEST_F(MountOptionsTest, UncachedWritesBypassTheViewsPageCache) {
     ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
     EXPECT_OK(CompareFiles(Path("after.raw"), twin));
   }
+}
+
+// A loop device caches the guest file system's blocks above the view, so
+// under uncached_loops (on by default) the descriptor that its attaching
+// program opens is in FUSE's direct-I/O mode, read-only or not: here
+// `losetup -r`, then `mount -o loop,ro`. What the loop devices read leaves
+// nothing in the view's page cache, as mincore() shows through a mapping
+// made before; the test's own reads then fill it, so the look is not
+// blind. With the option off, the loop devices fill it as any reader
+// does. Either way they read what the image holds.
+TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
+  if (!KernelAtLeast(6, 9)) GTEST_SKIP() << "direct-I/O mode for readers needs Linux 6.9 (FUSE io modes)";
+  if (std::string reason = LoopUnavailableReason(); !reason.empty()) GTEST_SKIP() << reason;
+  constexpr uint64_t kFsSize = 16 * kMiB;
+  constexpr size_t kFileSize = 3 * kMiB;
+  const std::string tree = Path("tree");
+  const std::string raw = Path("fs.raw");
+  const std::string image = Path("fs.qcow2");
+  const std::string mount_dir = Path("mnt");
+  std::string content(kFileSize, '\0');
+  for (size_t i = 0; i < content.size(); ++i) content[i] = static_cast<char>(i * 7 % 251);
+  ASSERT_TRUE(fs::create_directory(tree));
+  ASSERT_TRUE(fs::create_directory(mount_dir));
+  ASSERT_OK(WriteFileAt(tree + "/file", 0, content));
+  ASSERT_OK(CreateImage(raw, "raw", kFsSize));
+  ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", "-d", tree, raw}));
+  ASSERT_OK(ConvertImage(raw, "raw", image, "qcow2"));
+  ASSERT_OK_AND_ASSIGN(std::string expected, ReadFile(raw));
+
+  // Pages of the view in its page cache.
+  const auto cached_pages = [&](const void* map) -> size_t {
+    std::vector<unsigned char> resident(kFsSize / 4096);
+    if (mincore(const_cast<void*>(map), kFsSize, resident.data()) != 0) {
+      ADD_FAILURE() << "mincore: " << strerror(errno);
+      return 0;
+    }
+    return std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; });
+  };
+  for (const bool uncached : {true, false}) {
+    SCOPED_TRACE(uncached ? "uncached_loops=on" : "uncached_loops=off");
+    const std::string view = Path("view.raw");
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
+                         MountedView::Start(ViewOptions(image, view, {uncached ? "uncached_loops=on" : "uncached_loops=off"},
+                                                        /*read_only=*/true)));
+    const int reader = open(view.c_str(), O_RDONLY | O_CLOEXEC);
+    ASSERT_GE(reader, 0) << strerror(errno);
+    void* map = mmap(nullptr, kFsSize, PROT_READ, MAP_SHARED, reader, 0);
+    ASSERT_NE(map, MAP_FAILED) << strerror(errno);
+
+    size_t after_losetup = 0;
+    {
+      ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(view, /*read_only=*/true));
+      // O_DIRECT on the loop device, so that its own page cache does not
+      // answer: every byte is read from the view.
+      const int device = open(loop->device().c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+      ASSERT_GE(device, 0) << strerror(errno);
+      void* buffer = nullptr;
+      ASSERT_EQ(posix_memalign(&buffer, 4096, kFsSize), 0);
+      const ssize_t n = pread(device, buffer, kFsSize, 0);
+      close(device);
+      const bool same = n == static_cast<ssize_t>(kFsSize) && memcmp(buffer, expected.data(), kFsSize) == 0;
+      free(buffer);
+      EXPECT_TRUE(same) << "the loop device read " << n << " bytes, not those of " << raw;
+      after_losetup = cached_pages(map);
+    }
+
+    {
+      ASSERT_OK_AND_ASSIGN(std::unique_ptr<KernelMount> ext4,
+                           KernelMount::Mount(view, mount_dir, "ext4", "loop,ro"));
+      ASSERT_OK_AND_ASSIGN(std::string device, RunChecked({"findmnt", "-n", "-o", "SOURCE", mount_dir}));
+      device = std::string(absl::StripAsciiWhitespace(device));
+      ASSERT_OK_AND_ASSIGN(std::string back, ReadFile(mount_dir + "/file"));
+      EXPECT_TRUE(back == content) << "the file read back through mount -o loop differs";
+      ASSERT_OK(ext4->Unmount());
+      // The loop device goes with the unmount (autoclear), maybe a moment
+      // later; until then it holds the view.
+      const std::string backing = absl::StrCat("/sys/block/", fs::path(device).filename().string(), "/loop/backing_file");
+      for (int i = 0; i < 250 && fs::exists(backing); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      EXPECT_FALSE(fs::exists(backing)) << device << " still attached";
+    }
+    const size_t after_mount = cached_pages(map);
+
+    char page[4096];
+    for (uint64_t offset : {uint64_t{0}, uint64_t{4096}}) {
+      ASSERT_EQ(pread(reader, page, sizeof page, offset), static_cast<ssize_t>(sizeof page)) << strerror(errno);
+    }
+    const size_t after_own_reads = cached_pages(map);
+    munmap(map, kFsSize);
+    close(reader);
+    ASSERT_OK(mounted->Unmount());
+    if (uncached) {
+      EXPECT_EQ(after_losetup, 0u) << "pages of the view's page cache after losetup -r's device read it";
+      EXPECT_EQ(after_mount, 0u) << "pages of the view's page cache after mount -o loop";
+    } else {
+      EXPECT_GE(after_losetup, kFsSize / 4096 / 2) << "losetup's device reads through the view's page cache";
+    }
+    EXPECT_GE(after_own_reads, 2u) << "the test's own reads are cached";
+  }
+  EXPECT_OK(CheckImage(image));
 }
 
 // The kernel starts a FUSE mount's readahead at 128 KiB, and INIT's

@@ -139,7 +139,8 @@ struct Variant {
   std::string name;
   std::vector<std::string> create_options;
   // The loop devices read and write the view with O_DIRECT (`losetup
-  // --direct-io=on`, as README.md suggests for guest file systems).
+  // --direct-io=on`); without it they do so through a descriptor that the
+  // view answered in direct-I/O mode (-o uncached_loops).
   bool loop_direct_io = false;
 };
 
