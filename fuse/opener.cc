@@ -26,9 +26,12 @@ std::string ProcessName(pid_t pid, const std::string& proc) {
 
 bool AttachesLoopDevices(std::string_view name) {
   // comm is cut to 15 bytes: "systemd-portabled" is "systemd-portabl".
+  // udisksctl and GNOME Disks open the file themselves and hand udisksd
+  // the descriptor; cryptsetup and veritysetup attach a loop device to a
+  // file they are given.
   static constexpr std::string_view kPrograms[] = {
-      "losetup", "mount", "udisksd", "kpartx", "systemd-dissect", "systemd-nspawn", "systemd-portabl",
-      "systemd-sysext",
+      "losetup",         "mount",          "udisksctl",       "udisksd",        "gnome-disk-imag", "kpartx",
+      "cryptsetup",      "veritysetup",    "systemd-dissect", "systemd-nspawn", "systemd-portabl", "systemd-sysext",
   };
   for (std::string_view program : kPrograms) {
     if (name == program) return true;

@@ -8,7 +8,8 @@
 // a readahead request to the daemon. The kernel tells a daemon nothing of
 // what will use a file, only which process opened it, and a loop device's
 // file is opened by the program that attaches it (`losetup`, `mount -o
-// loop`, udisks, systemd's image tools), which reads nothing itself. So
+// loop`, udisks, cryptsetup, systemd's image tools), which reads nothing
+// itself. So
 // the view answers such an open in FUSE's direct-I/O mode (ops.cc), and
 // every other reader keeps the page cache and its readahead.
 
@@ -30,7 +31,8 @@ std::string ProcessName(pid_t pid, const std::string& proc = "/proc");
 
 // Whether `name` is a program that opens files to attach loop devices
 // to them: losetup, mount (-o loop, or any regular file it mounts),
-// udisksd, kpartx, and systemd's tools that mount disk images.
+// udisksctl, udisksd and GNOME Disks' image mounter, kpartx, cryptsetup
+// and veritysetup, and systemd's tools that mount disk images.
 bool AttachesLoopDevices(std::string_view name);
 
 }  // namespace qcow2fuse

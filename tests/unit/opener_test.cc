@@ -52,8 +52,8 @@ TEST(ProcessNameTest, UnknownProcessesHaveNoName) {
 }
 
 TEST(AttachesLoopDevicesTest, ProgramsThatAttachLoopDevices) {
-  for (const char* name : {"losetup", "mount", "udisksd", "kpartx", "systemd-dissect", "systemd-nspawn",
-                           "systemd-portabl", "systemd-sysext"}) {
+  for (const char* name : {"losetup", "mount", "udisksctl", "udisksd", "gnome-disk-imag", "kpartx", "cryptsetup",
+                           "veritysetup", "systemd-dissect", "systemd-nspawn", "systemd-portabl", "systemd-sysext"}) {
     EXPECT_TRUE(AttachesLoopDevices(name)) << name;
   }
 }
