@@ -9,9 +9,8 @@
 // what will use a file, only which process opened it, and a loop device's
 // file is opened by the program that attaches it (`losetup`, `mount -o
 // loop`, udisks, cryptsetup, systemd's image tools), which reads nothing
-// itself. So
-// the view answers such an open in FUSE's direct-I/O mode (ops.cc), and
-// every other reader keeps the page cache and its readahead.
+// itself. So the view answers such an open in FUSE's direct-I/O mode
+// (ops.cc), and every other reader keeps the page cache and its readahead.
 
 #ifndef QCOW2FUSE_FUSE_OPENER_H_
 #define QCOW2FUSE_FUSE_OPENER_H_
