@@ -550,17 +550,26 @@ TEST_F(MountOptionsTest, UncachedWritesBypassTheViewsPageCache) {
 
 // A loop device caches the guest file system's blocks above the view, so
 // under uncached_loops (on by default) the descriptor that its attaching
-// program opens is in FUSE's direct-I/O mode, read-only or not: here
-// `losetup -r`, then `mount -o loop,ro`. What the loop devices read leaves
-// nothing in the view's page cache, as mincore() shows through a mapping
-// made before; the test's own reads then fill it, so the look is not
-// blind. With the option off, the loop devices fill it as any reader
-// does. Either way they read what the image holds.
+// program opens is in FUSE's direct-I/O mode, read-only or not. Read-only:
+// `losetup -r`, then `mount -o loop,ro`; what those loop devices read
+// leaves nothing in the view's page cache, as mincore() shows through a
+// mapping made before, while with the option off they fill it as any
+// reader does. Writable, under uncached_writes=off (so that only
+// uncached_loops can be what keeps the cache out): a plain `losetup`
+// writes and reads back through the view, and leaves nothing cached
+// either, where with both options off the kernel's write-through path
+// keeps the pages. Each time the test's own reads then fill the cache, so
+// the look is not blind, the loop devices read and wrote the right bytes,
+// and the image ends as a raw twin that got the same writes.
 TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
   if (!KernelAtLeast(6, 9)) GTEST_SKIP() << "direct-I/O mode for readers needs Linux 6.9 (FUSE io modes)";
   if (std::string reason = LoopUnavailableReason(); !reason.empty()) GTEST_SKIP() << reason;
   constexpr uint64_t kFsSize = 16 * kMiB;
   constexpr size_t kFileSize = 3 * kMiB;
+  // Where the writable loop devices write: raw bytes, so no file system is
+  // mounted over those.
+  constexpr uint64_t kWriteAt = 12 * kMiB;
+  constexpr size_t kWriteLength = 512 << 10;
   const std::string tree = Path("tree");
   const std::string raw = Path("fs.raw");
   const std::string image = Path("fs.qcow2");
@@ -573,7 +582,6 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
   ASSERT_OK(CreateImage(raw, "raw", kFsSize));
   ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", "-d", tree, raw}));
   ASSERT_OK(ConvertImage(raw, "raw", image, "qcow2"));
-  ASSERT_OK_AND_ASSIGN(std::string expected, ReadFile(raw));
 
   // Pages of the view in its page cache.
   const auto cached_pages = [&](const void* map) -> size_t {
@@ -584,12 +592,23 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
     }
     return std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; });
   };
-  for (const bool uncached : {true, false}) {
-    SCOPED_TRACE(uncached ? "uncached_loops=on" : "uncached_loops=off");
+  struct Case {
+    std::vector<std::string> options;
+    bool writable;
+    bool uncached;  // what the loop devices should leave in the view's cache: nothing
+  };
+  char stamp = 'a';
+  for (const Case& c : std::vector<Case>{{{"ro"}, false, true},
+                                         {{"ro", "uncached_loops=off"}, false, false},
+                                         {{"uncached_writes=off"}, true, true},
+                                         {{"uncached_writes=off", "uncached_loops=off"}, true, false}}) {
+    SCOPED_TRACE(absl::StrCat("-o ", absl::StrJoin(c.options, ",")));
+    ASSERT_OK_AND_ASSIGN(std::string expected, ReadFile(raw));
     const std::string view = Path("view.raw");
-    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
-                         MountedView::Start(ViewOptions(image, view, {uncached ? "uncached_loops=on" : "uncached_loops=off"},
-                                                        /*read_only=*/true)));
+    const std::string pidfile = Path("pid");
+    DaemonGuard guard(view, pidfile);
+    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, c.options));
+    ASSERT_TRUE(run.status.success()) << run.Describe();
     const int reader = open(view.c_str(), O_RDONLY | O_CLOEXEC);
     ASSERT_GE(reader, 0) << strerror(errno);
     void* map = mmap(nullptr, kFsSize, PROT_READ, MAP_SHARED, reader, 0);
@@ -597,22 +616,31 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
 
     size_t after_losetup = 0;
     {
-      ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(view, /*read_only=*/true));
+      ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(view, /*read_only=*/!c.writable));
       // O_DIRECT on the loop device, so that its own page cache does not
-      // answer: every byte is read from the view.
-      const int device = open(loop->device().c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+      // answer: every byte goes to and comes from the view.
+      const int device = open(loop->device().c_str(), (c.writable ? O_RDWR : O_RDONLY) | O_DIRECT | O_CLOEXEC);
       ASSERT_GE(device, 0) << strerror(errno);
       void* buffer = nullptr;
       ASSERT_EQ(posix_memalign(&buffer, 4096, kFsSize), 0);
+      if (c.writable) {
+        std::string bytes(kWriteLength, stamp++);
+        memcpy(buffer, bytes.data(), bytes.size());
+        EXPECT_EQ(pwrite(device, buffer, bytes.size(), kWriteAt), static_cast<ssize_t>(bytes.size())) << strerror(errno);
+        EXPECT_EQ(fsync(device), 0) << strerror(errno);
+        expected.replace(kWriteAt, bytes.size(), bytes);
+        ASSERT_OK(WriteFileAt(raw, kWriteAt, bytes));
+      }
       const ssize_t n = pread(device, buffer, kFsSize, 0);
       close(device);
       const bool same = n == static_cast<ssize_t>(kFsSize) && memcmp(buffer, expected.data(), kFsSize) == 0;
       free(buffer);
-      EXPECT_TRUE(same) << "the loop device read " << n << " bytes, not those of " << raw;
+      EXPECT_TRUE(same) << "the loop device read " << n << " bytes, not those of the raw twin";
       after_losetup = cached_pages(map);
     }
 
-    {
+    size_t after_mount = 0;
+    if (!c.writable) {
       ASSERT_OK_AND_ASSIGN(std::unique_ptr<KernelMount> ext4,
                            KernelMount::Mount(view, mount_dir, "ext4", "loop,ro"));
       ASSERT_OK_AND_ASSIGN(std::string device, RunChecked({"findmnt", "-n", "-o", "SOURCE", mount_dir}));
@@ -625,8 +653,8 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
       const std::string backing = absl::StrCat("/sys/block/", fs::path(device).filename().string(), "/loop/backing_file");
       for (int i = 0; i < 250 && fs::exists(backing); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
       EXPECT_FALSE(fs::exists(backing)) << device << " still attached";
+      after_mount = cached_pages(map);
     }
-    const size_t after_mount = cached_pages(map);
 
     char page[4096];
     for (uint64_t offset : {uint64_t{0}, uint64_t{4096}}) {
@@ -635,16 +663,19 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
     const size_t after_own_reads = cached_pages(map);
     munmap(map, kFsSize);
     close(reader);
-    ASSERT_OK(mounted->Unmount());
-    if (uncached) {
-      EXPECT_EQ(after_losetup, 0u) << "pages of the view's page cache after losetup -r's device read it";
+    EXPECT_OK(CompareFiles(view, raw));
+    UnmountWithU(view, guard);
+    if (c.uncached) {
+      EXPECT_EQ(after_losetup, 0u) << "pages of the view's page cache after the loop device's I/O";
       EXPECT_EQ(after_mount, 0u) << "pages of the view's page cache after mount -o loop";
     } else {
-      EXPECT_GE(after_losetup, kFsSize / 4096 / 2) << "losetup's device reads through the view's page cache";
+      EXPECT_GE(after_losetup, kFsSize / 4096 / 2) << "the loop device goes through the view's page cache";
     }
     EXPECT_GE(after_own_reads, 2u) << "the test's own reads are cached";
+    EXPECT_OK(CheckImage(image));
   }
-  EXPECT_OK(CheckImage(image));
+  ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
+  EXPECT_OK(CompareFiles(Path("after.raw"), raw));
 }
 
 // The kernel starts a FUSE mount's readahead at 128 KiB, and INIT's
