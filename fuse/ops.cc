@@ -398,13 +398,16 @@ void OnInit(void* userdata, struct fuse_conn_info* conn) {
   conn->max_background = kMaxBackground;
   conn->congestion_threshold = kMaxBackground * 3 / 4;
   // Parallel direct writes, uncached writers and loop devices' descriptors
-  // need FUSE's direct-I/O mode (see Open). Before Linux 6.9 (protocol 7.40, the "io modes") a
-  // direct-I/O write did not drop the pages that buffered opens of the view
-  // had cached, so a reader could see old data: there writes keep the
-  // kernel's usual path, one at a time.
+  // need FUSE's direct-I/O mode (see Open). Before Linux 6.9 (protocol
+  // 7.40, the "io modes") a direct-I/O write did not drop the pages that
+  // buffered opens of the view had cached, so a reader could see old data:
+  // there writes keep the kernel's usual path, one at a time. A loop
+  // device's descriptor is better off in that mode only from Linux 6.15,
+  // whose loop driver reads a whole request at a time (opener.h).
   m.direct_writes_in_parallel = m.parallel_direct_writes && conn->proto_minor >= kIoModesProtoMinor;
   m.writers_uncached = m.uncached_writes && conn->proto_minor >= kIoModesProtoMinor;
-  m.loops_uncached = m.uncached_loops && conn->proto_minor >= kIoModesProtoMinor;
+  m.loops_uncached = m.uncached_loops && conn->proto_minor >= kIoModesProtoMinor &&
+                     LoopDoesWholeRequests(KernelRelease());
   // Spliced replies need the kernel's and libfuse's consent, and a pipe
   // that holds at least a reply of kSplicedReadBytes.
   m.spliced_reads = m.splice_reads && (conn->capable & FUSE_CAP_SPLICE_WRITE) != 0 &&

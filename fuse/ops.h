@@ -56,8 +56,10 @@ struct MountState {
   // -o uncached_loops: so is every descriptor opened by a program that
   // attaches loop devices (opener.h), read-only ones too.
   bool uncached_loops = true;
-  // Set at INIT: each option, and a kernel whose direct-I/O mode stays
-  // coherent with buffered opens of the same file.
+  // Set at INIT: each option (uncached_writes gives writers_uncached, and
+  // so on), and a kernel whose direct-I/O mode stays coherent with
+  // buffered opens of the same file (and for loops_uncached, whose loop
+  // driver reads a whole request at a time).
   std::atomic<bool> direct_writes_in_parallel{false};
   std::atomic<bool> writers_uncached{false};
   std::atomic<bool> loops_uncached{false};

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -562,7 +563,7 @@ TEST_F(MountOptionsTest, UncachedWritesBypassTheViewsPageCache) {
 // the look is not blind, the loop devices read and wrote the right bytes,
 // and the image ends as a raw twin that got the same writes.
 TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
-  if (!KernelAtLeast(6, 9)) GTEST_SKIP() << "direct-I/O mode for readers needs Linux 6.9 (FUSE io modes)";
+  if (!KernelAtLeast(6, 15)) GTEST_SKIP() << "loop devices keep the page cache before Linux 6.15 (opener.h)";
   if (std::string reason = LoopUnavailableReason(); !reason.empty()) GTEST_SKIP() << reason;
   constexpr uint64_t kFsSize = 16 * kMiB;
   constexpr size_t kFileSize = 3 * kMiB;
@@ -609,34 +610,38 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
     DaemonGuard guard(view, pidfile);
     ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, c.options));
     ASSERT_TRUE(run.status.success()) << run.Describe();
-    const int reader = open(view.c_str(), O_RDONLY | O_CLOEXEC);
-    ASSERT_GE(reader, 0) << strerror(errno);
-    void* map = mmap(nullptr, kFsSize, PROT_READ, MAP_SHARED, reader, 0);
-    ASSERT_NE(map, MAP_FAILED) << strerror(errno);
+    // Declared before the loop devices, so that on any way out they are
+    // gone first, then the mapping and the descriptor, then the view.
+    ScopedFd reader(open(view.c_str(), O_RDONLY | O_CLOEXEC));
+    ASSERT_GE(reader.get(), 0) << strerror(errno);
+    std::unique_ptr<void, std::function<void(void*)>> map(
+        mmap(nullptr, kFsSize, PROT_READ, MAP_SHARED, reader.get(), 0),
+        [](void* p) { if (p != MAP_FAILED) munmap(p, kFsSize); });
+    ASSERT_NE(map.get(), MAP_FAILED) << strerror(errno);
 
     size_t after_losetup = 0;
     {
       ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(view, /*read_only=*/!c.writable));
       // O_DIRECT on the loop device, so that its own page cache does not
-      // answer: every byte goes to and comes from the view.
-      const int device = open(loop->device().c_str(), (c.writable ? O_RDWR : O_RDONLY) | O_DIRECT | O_CLOEXEC);
-      ASSERT_GE(device, 0) << strerror(errno);
-      void* buffer = nullptr;
-      ASSERT_EQ(posix_memalign(&buffer, 4096, kFsSize), 0);
+      // answer: every byte goes to and comes from the view. Closed before
+      // the loop device is detached.
+      ScopedFd device(open(loop->device().c_str(), (c.writable ? O_RDWR : O_RDONLY) | O_DIRECT | O_CLOEXEC));
+      ASSERT_GE(device.get(), 0) << strerror(errno);
+      AlignedBuffer buffer = AllocAligned(kFsSize);
       if (c.writable) {
         std::string bytes(kWriteLength, stamp++);
-        memcpy(buffer, bytes.data(), bytes.size());
-        EXPECT_EQ(pwrite(device, buffer, bytes.size(), kWriteAt), static_cast<ssize_t>(bytes.size())) << strerror(errno);
-        EXPECT_EQ(fsync(device), 0) << strerror(errno);
+        memcpy(buffer.get(), bytes.data(), bytes.size());
+        EXPECT_EQ(pwrite(device.get(), buffer.get(), bytes.size(), kWriteAt), static_cast<ssize_t>(bytes.size()))
+            << strerror(errno);
+        EXPECT_EQ(fsync(device.get()), 0) << strerror(errno);
         expected.replace(kWriteAt, bytes.size(), bytes);
         ASSERT_OK(WriteFileAt(raw, kWriteAt, bytes));
       }
-      const ssize_t n = pread(device, buffer, kFsSize, 0);
-      close(device);
-      const bool same = n == static_cast<ssize_t>(kFsSize) && memcmp(buffer, expected.data(), kFsSize) == 0;
-      free(buffer);
-      EXPECT_TRUE(same) << "the loop device read " << n << " bytes, not those of the raw twin";
-      after_losetup = cached_pages(map);
+      const ssize_t n = pread(device.get(), buffer.get(), kFsSize, 0);
+      EXPECT_TRUE(n == static_cast<ssize_t>(kFsSize) && memcmp(buffer.get(), expected.data(), kFsSize) == 0)
+          << "the loop device read " << n << " bytes, not those of the raw twin";
+      device.Reset();
+      after_losetup = cached_pages(map.get());
     }
 
     size_t after_mount = 0;
@@ -653,16 +658,16 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
       const std::string backing = absl::StrCat("/sys/block/", fs::path(device).filename().string(), "/loop/backing_file");
       for (int i = 0; i < 250 && fs::exists(backing); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
       EXPECT_FALSE(fs::exists(backing)) << device << " still attached";
-      after_mount = cached_pages(map);
+      after_mount = cached_pages(map.get());
     }
 
     char page[4096];
     for (uint64_t offset : {uint64_t{0}, uint64_t{4096}}) {
-      ASSERT_EQ(pread(reader, page, sizeof page, offset), static_cast<ssize_t>(sizeof page)) << strerror(errno);
+      ASSERT_EQ(pread(reader.get(), page, sizeof page, offset), static_cast<ssize_t>(sizeof page)) << strerror(errno);
     }
-    const size_t after_own_reads = cached_pages(map);
-    munmap(map, kFsSize);
-    close(reader);
+    const size_t after_own_reads = cached_pages(map.get());
+    map.reset();
+    reader.Reset();
     EXPECT_OK(CompareFiles(view, raw));
     UnmountWithU(view, guard);
     if (c.uncached) {

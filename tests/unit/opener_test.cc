@@ -1,12 +1,14 @@
 // Who opened a view: ProcessName on this process, on a fake /proc and on
 // processes that cannot be named, and the list of programs that attach
-// loop devices. That an open by losetup gets direct-I/O mode through a
-// real mount is in tests/cli/mount_options_test.cc.
+// loop devices, and the kernels whose loop driver reads whole requests.
+// That an open by losetup gets direct-I/O mode through a real mount is in
+// tests/cli/mount_options_test.cc.
 
 #include "opener.h"
 
 #include <gtest/gtest.h>
 #include <sys/prctl.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -52,19 +54,43 @@ TEST(ProcessNameTest, UnknownProcessesHaveNoName) {
 }
 
 TEST(AttachesLoopDevicesTest, ProgramsThatAttachLoopDevices) {
-  for (const char* name : {"losetup", "mount", "udisksctl", "udisksd", "gnome-disk-imag", "kpartx", "cryptsetup",
-                           "veritysetup", "systemd-dissect", "systemd-nspawn", "systemd-portabl", "systemd-sysext"}) {
+  for (const char* name : {"losetup", "mount", "udisksctl", "gnome-disk-imag", "kpartx", "cryptsetup", "veritysetup",
+                           "systemd-dissect", "systemd-nspawn", "systemd-portabl", "systemd-sysext"}) {
     EXPECT_TRUE(AttachesLoopDevices(name)) << name;
   }
 }
 
-// Readers of the view keep its page cache, and names only resemble the
-// listed ones do not count.
+// Readers of the view keep its page cache, and names that only resemble
+// the listed ones do not count. udisksd attaches loop devices to
+// descriptors that its clients opened.
 TEST(AttachesLoopDevicesTest, ReadersDoNot) {
   for (const char* name : {"cat", "dd", "cp", "sha256sum", "qemu-img", "fio", "e2fsck", "umount", "mount.ntfs",
-                           "losetu", "losetup2", "", "systemd"}) {
+                           "losetu", "losetup2", "", "systemd", "udisksd"}) {
     EXPECT_FALSE(AttachesLoopDevices(name)) << name;
   }
+}
+
+// Before Linux 6.15 a plain loop device read its file a page at a time.
+TEST(LoopDoesWholeRequestsTest, FromLinux615) {
+  for (const char* release : {"6.15.0", "6.18.44-fc-v1252", "6.15-rc1", "6.16.3+deb13-amd64", "7.0.0", "10.1"}) {
+    EXPECT_TRUE(LoopDoesWholeRequests(release)) << release;
+  }
+  for (const char* release : {"6.14.11", "6.12.48+deb13-amd64", "6.9.0", "6.1.0-37-amd64", "5.19.17", "6.1", "6"}) {
+    EXPECT_FALSE(LoopDoesWholeRequests(release)) << release;
+  }
+}
+
+// A release that cannot be read is taken for an old kernel.
+TEST(LoopDoesWholeRequestsTest, AnUnreadableReleaseIsOld) {
+  for (const char* release : {"", "linux", "six.fifteen", ".15", "6.", "6.x"}) {
+    EXPECT_FALSE(LoopDoesWholeRequests(release)) << release;
+  }
+}
+
+TEST(LoopDoesWholeRequestsTest, KernelReleaseIsUnames) {
+  struct utsname u;
+  ASSERT_EQ(uname(&u), 0);
+  EXPECT_EQ(KernelRelease(), u.release);
 }
 
 }  // namespace
