@@ -1,10 +1,8 @@
 #include "opener.h"
 
-#include <fcntl.h>
 #include <sys/utsname.h>
-#include <unistd.h>
 
-#include <array>
+#include <fstream>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -16,16 +14,10 @@ namespace qcow2fuse {
 
 std::string ProcessName(pid_t pid, const std::string& proc) {
   if (pid <= 0) return "";
-  const std::string path = absl::StrFormat("%s/%d/comm", proc, pid);
-  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return "";
-  // comm holds at most TASK_COMM_LEN - 1 = 15 bytes and a newline.
-  std::array<char, 64> buffer;
-  const ssize_t n = read(fd, buffer.data(), buffer.size());
-  close(fd);
-  if (n <= 0) return "";
-  std::string name(buffer.data(), static_cast<size_t>(n));
-  if (name.back() == '\n') name.pop_back();
+  // One line; a file that cannot be opened or read leaves it empty.
+  std::ifstream in(absl::StrFormat("%s/%d/comm", proc, pid));
+  std::string name;
+  std::getline(in, name);
   return name;
 }
 
