@@ -250,12 +250,17 @@ Task<void> Open(fuse_req_t req, View& view, fuse_file_info fi) {
   // alignment of its buffer. The price: its reads are not read ahead. (A
   // shared mapping of it needs FUSE_DIRECT_IO_ALLOW_MMAP, which
   // init_flags.h adds to INIT.) An O_DIRECT writer asked for it anyway.
-  // A loop device's descriptor, read-only or not, is better off without
-  // that cache (opener.h): the guest file system above caches its blocks,
-  // and reads the view in pieces as large as its own readahead.
-  const bool direct_io =
-      (writable && (m.writers_uncached || ((fi.flags & O_DIRECT) && m.direct_writes_in_parallel))) ||
-      (m.loops_uncached && AttachesLoopDevices(ProcessName(fuse_req_ctx(req)->pid)));
+  const bool o_direct_writer = writable && (fi.flags & O_DIRECT) && m.direct_writes_in_parallel;
+  bool direct_io = o_direct_writer || (writable && m.writers_uncached);
+  // A loop device's descriptor (opener.h): better off without that cache,
+  // read-only or not, since the guest file system above caches its blocks
+  // and reads the view in pieces as large as its own readahead. Unless the
+  // loop driver goes a page at a time: then a page per round trip would be
+  // far slower than the cache, also for a writer.
+  if (!o_direct_writer && (m.loops_uncached || (direct_io && m.loops_by_page)) &&
+      AttachesLoopDevices(ProcessName(fuse_req_ctx(req)->pid))) {
+    direct_io = m.loops_uncached;
+  }
   if (!direct_io) co_return (void)fuse_reply_open(req, &fi);
   // The kernel serialises the writes of a file unless the open is in
   // direct-I/O mode and says FOPEN_PARALLEL_DIRECT_WRITES (Linux 6.2+;
@@ -406,8 +411,9 @@ void OnInit(void* userdata, struct fuse_conn_info* conn) {
   // whose loop driver reads a whole request at a time (opener.h).
   m.direct_writes_in_parallel = m.parallel_direct_writes && conn->proto_minor >= kIoModesProtoMinor;
   m.writers_uncached = m.uncached_writes && conn->proto_minor >= kIoModesProtoMinor;
-  m.loops_uncached = m.uncached_loops && conn->proto_minor >= kIoModesProtoMinor &&
-                     LoopDoesWholeRequests(KernelRelease());
+  const bool loops_by_page = !LoopDoesWholeRequests(KernelRelease());
+  m.loops_uncached = m.uncached_loops && conn->proto_minor >= kIoModesProtoMinor && !loops_by_page;
+  m.loops_by_page = loops_by_page;
   // Spliced replies need the kernel's and libfuse's consent, and a pipe
   // that holds at least a reply of kSplicedReadBytes.
   m.spliced_reads = m.splice_reads && (conn->capable & FUSE_CAP_SPLICE_WRITE) != 0 &&

@@ -41,6 +41,7 @@
 #include "support/loop_device.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/scoped_env.h"
 #include "support/status_testing.h"
 
 namespace qcow2fuse::test::cli {
@@ -681,6 +682,83 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
   }
   ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
   EXPECT_OK(CompareFiles(Path("after.raw"), raw));
+}
+
+// Before Linux 6.15 a plain loop device went through its file a page at a
+// time, so there a loop device's descriptor keeps the view's page cache
+// and its readahead, even one opened for writing under uncached_writes.
+// The daemon runs with a shim that makes uname() say 6.12; a writer that
+// is not a loop device still bypasses the cache, so the shim changed only
+// what it should. The bytes stay right either way.
+TEST_F(MountOptionsTest, LoopDevicesKeepThePageCacheBeforeLinux615) {
+  if (!KernelAtLeast(6, 9)) GTEST_SKIP() << "uncached writers need Linux 6.9 (FUSE io modes)";
+  if (std::string reason = LoopUnavailableReason(); !reason.empty()) GTEST_SKIP() << reason;
+  constexpr uint64_t kOwnReadAt = 8 * kMiB;  // where the test's own writer reads
+  constexpr uint64_t kWriteAt = 12 * kMiB;
+  constexpr size_t kWriteLength = 512 << 10;
+  const std::string image = Path("disk.qcow2");
+  const std::string twin = Path("twin.raw");
+  MakeImage(image, twin);
+  const auto cached_pages = [](const void* map, uint64_t offset, uint64_t length) -> size_t {
+    std::vector<unsigned char> resident(length / 4096);
+    if (mincore(static_cast<char*>(const_cast<void*>(map)) + offset, length, resident.data()) != 0) {
+      ADD_FAILURE() << "mincore: " << strerror(errno);
+      return 0;
+    }
+    return std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; });
+  };
+  const std::string view = Path("view.raw");
+  const std::string pidfile = Path("pid");
+  DaemonGuard guard(view, pidfile);
+  {
+    ScopedPreload shim(QCOW2FUSE_UNAME_SHIM);
+    ScopedEnv release("QCOW2FUSE_TEST_KERNEL_RELEASE", "6.12.48+deb13-amd64");
+    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, {}));
+    ASSERT_TRUE(run.status.success()) << run.Describe();
+  }
+  ScopedFd reader(open(view.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_GE(reader.get(), 0) << strerror(errno);
+  std::unique_ptr<void, std::function<void(void*)>> map(
+      mmap(nullptr, kDiskSize, PROT_READ, MAP_SHARED, reader.get(), 0),
+      [](void* p) { if (p != MAP_FAILED) munmap(p, kDiskSize); });
+  ASSERT_NE(map.get(), MAP_FAILED) << strerror(errno);
+
+  // The test's own writer: in direct-I/O mode, its reads cache nothing.
+  {
+    ScopedFd writer(open(view.c_str(), O_RDWR | O_CLOEXEC));
+    ASSERT_GE(writer.get(), 0) << strerror(errno);
+    char page[4096];
+    for (uint64_t offset : {kOwnReadAt, kOwnReadAt + 4096}) {
+      ASSERT_EQ(pread(writer.get(), page, sizeof page, offset), static_cast<ssize_t>(sizeof page)) << strerror(errno);
+    }
+  }
+  EXPECT_EQ(cached_pages(map.get(), kOwnReadAt, kMiB), 0u) << "a writer that is not a loop device is uncached";
+
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(view, /*read_only=*/false));
+    ScopedFd device(open(loop->device().c_str(), O_RDWR | O_DIRECT | O_CLOEXEC));
+    ASSERT_GE(device.get(), 0) << strerror(errno);
+    AlignedBuffer buffer = AllocAligned(kDiskSize);
+    const std::string bytes(kWriteLength, 'L');
+    memcpy(buffer.get(), bytes.data(), bytes.size());
+    EXPECT_EQ(pwrite(device.get(), buffer.get(), bytes.size(), kWriteAt), static_cast<ssize_t>(bytes.size()))
+        << strerror(errno);
+    EXPECT_EQ(fsync(device.get()), 0) << strerror(errno);
+    ASSERT_OK(WriteFileAt(twin, kWriteAt, bytes));
+    ASSERT_OK_AND_ASSIGN(std::string expected, ReadFile(twin));
+    const ssize_t n = pread(device.get(), buffer.get(), kDiskSize, 0);
+    EXPECT_TRUE(n == static_cast<ssize_t>(kDiskSize) && memcmp(buffer.get(), expected.data(), kDiskSize) == 0)
+        << "the loop device read " << n << " bytes, not those of the raw twin";
+  }
+  EXPECT_GE(cached_pages(map.get(), 0, kDiskSize), kDiskSize / 4096 / 2)
+      << "a writable loop device goes through the view's page cache before Linux 6.15";
+  map.reset();
+  reader.Reset();
+  EXPECT_OK(CompareFiles(view, twin));
+  UnmountWithU(view, guard);
+  EXPECT_OK(CheckImage(image));
+  ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
+  EXPECT_OK(CompareFiles(Path("after.raw"), twin));
 }
 
 // The kernel starts a FUSE mount's readahead at 128 KiB, and INIT's
