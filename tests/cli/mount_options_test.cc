@@ -23,6 +23,7 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -446,6 +447,52 @@ TEST_F(MountOptionsTest, EveryDescriptorCanBeMappedSharedUnderEveryWriteMode) {
   EXPECT_OK(CompareFiles(Path("after.raw"), twin));
 }
 
+// Pages of [offset, offset + length) of a file in its page cache, through
+// `map`, a shared mapping of it (mincore).
+size_t CachedPages(const void* map, uint64_t offset, uint64_t length) {
+  std::vector<unsigned char> resident(length / 4096);
+  if (mincore(static_cast<char*>(const_cast<void*>(map)) + offset, length, resident.data()) != 0) {
+    ADD_FAILURE() << "mincore: " << strerror(errno);
+    return 0;
+  }
+  return std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; });
+}
+
+// A read-only shared mapping of `length` bytes of `fd`, unmapped when it
+// goes (MAP_FAILED if mmap failed).
+using Mapping = std::unique_ptr<void, std::function<void(void*)>>;
+Mapping MapShared(int fd, size_t length) {
+  return Mapping(mmap(nullptr, length, PROT_READ, MAP_SHARED, fd, 0), [length](void* p) {
+    if (p != MAP_FAILED) munmap(p, length);
+  });
+}
+
+// Attaches a loop device to `view` (read-only unless `write` is given),
+// writes `write->second` at `write->first` through it and fsyncs, and
+// `twin` gets the same bytes; then reads the whole device, `size` bytes,
+// and expects `twin`'s. The device is opened with O_DIRECT, so that its
+// own page cache does not answer: every byte goes to and comes from the
+// view. It is closed and detached before this returns.
+void LoopDeviceIo(const std::string& view, const std::string& twin, uint64_t size,
+                  const std::optional<std::pair<uint64_t, std::string>>& write) {
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(view, /*read_only=*/!write));
+  ScopedFd device(open(loop->device().c_str(), (write ? O_RDWR : O_RDONLY) | O_DIRECT | O_CLOEXEC));
+  ASSERT_GE(device.get(), 0) << strerror(errno);
+  AlignedBuffer buffer = AllocAligned(size);
+  if (write) {
+    const auto& [at, bytes] = *write;
+    memcpy(buffer.get(), bytes.data(), bytes.size());
+    EXPECT_EQ(pwrite(device.get(), buffer.get(), bytes.size(), at), static_cast<ssize_t>(bytes.size()))
+        << strerror(errno);
+    EXPECT_EQ(fsync(device.get()), 0) << strerror(errno);
+    ASSERT_OK(WriteFileAt(twin, at, bytes));
+  }
+  ASSERT_OK_AND_ASSIGN(std::string expected, ReadFile(twin));
+  const ssize_t n = pread(device.get(), buffer.get(), size, 0);
+  EXPECT_TRUE(n == static_cast<ssize_t>(size) && memcmp(buffer.get(), expected.data(), size) == 0)
+      << "the loop device read " << n << " bytes, not those of " << twin;
+}
+
 // The largest WRITE request in libfuse's trace (-d), in bytes of payload.
 uint64_t LargestWrite(const std::string& log) {
   constexpr uint64_t kHeaders = 40 + 40;  // fuse_in_header, fuse_write_in
@@ -481,15 +528,6 @@ TEST_F(MountOptionsTest, UncachedWritesBypassTheViewsPageCache) {
   constexpr uint64_t kWriterReadAt = 8 << 20;
   constexpr uint64_t kReaderReadAt = 12 << 20;
   constexpr uint64_t kLooked = 256 << 10;  // how far mincore looks past a read
-  // Pages of [offset, offset + length) of the view in its page cache.
-  const auto cached_pages = [](const void* map, uint64_t offset, uint64_t length) -> size_t {
-    std::vector<unsigned char> resident(length / 4096);
-    if (mincore(static_cast<char*>(const_cast<void*>(map)) + offset, length, resident.data()) != 0) {
-      ADD_FAILURE() << "mincore: " << strerror(errno);
-      return 0;
-    }
-    return std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; });
-  };
   for (const bool uncached : {true, false}) {
     SCOPED_TRACE(uncached ? "uncached_writes=on" : "uncached_writes=off");
     const std::string image = Path("disk.qcow2");
@@ -513,7 +551,7 @@ TEST_F(MountOptionsTest, UncachedWritesBypassTheViewsPageCache) {
     ASSERT_GE(writer, 0) << strerror(errno);
     ASSERT_EQ(pwrite(writer, unaligned, kLength, kAt), static_cast<ssize_t>(kLength)) << strerror(errno);
     ASSERT_OK(WriteFileAt(twin, kAt, absl::string_view(unaligned, kLength)));
-    const size_t written_cached = cached_pages(map, kAt, kLength);
+    const size_t written_cached = CachedPages(map, kAt, kLength);
 
     // Two pages in a row each: a sequential reader, whom the kernel reads
     // ahead of (a lone small read is taken for a random one).
@@ -524,9 +562,9 @@ TEST_F(MountOptionsTest, UncachedWritesBypassTheViewsPageCache) {
       }
     };
     read_two_pages(writer, kWriterReadAt);
-    const size_t writer_read_cached = cached_pages(map, kWriterReadAt, kLooked);
+    const size_t writer_read_cached = CachedPages(map, kWriterReadAt, kLooked);
     read_two_pages(reader, kReaderReadAt);
-    EXPECT_GT(cached_pages(map, kReaderReadAt, kLooked), 2u) << "a read-only descriptor is read ahead";
+    EXPECT_GT(CachedPages(map, kReaderReadAt, kLooked), 2u) << "a read-only descriptor is read ahead";
 
     // Through the mapping, the reader sees what was written.
     EXPECT_EQ(memcmp(static_cast<const char*>(map) + kAt, unaligned, kLength), 0);
@@ -585,15 +623,6 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
   ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", "-d", tree, raw}));
   ASSERT_OK(ConvertImage(raw, "raw", image, "qcow2"));
 
-  // Pages of the view in its page cache.
-  const auto cached_pages = [&](const void* map) -> size_t {
-    std::vector<unsigned char> resident(kFsSize / 4096);
-    if (mincore(const_cast<void*>(map), kFsSize, resident.data()) != 0) {
-      ADD_FAILURE() << "mincore: " << strerror(errno);
-      return 0;
-    }
-    return std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; });
-  };
   struct Case {
     std::vector<std::string> options;
     bool writable;
@@ -605,7 +634,6 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
                                          {{"uncached_writes=off"}, true, true},
                                          {{"uncached_writes=off", "uncached_loops=off"}, true, false}}) {
     SCOPED_TRACE(absl::StrCat("-o ", absl::StrJoin(c.options, ",")));
-    ASSERT_OK_AND_ASSIGN(std::string expected, ReadFile(raw));
     const std::string view = Path("view.raw");
     const std::string pidfile = Path("pid");
     DaemonGuard guard(view, pidfile);
@@ -615,35 +643,14 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
     // gone first, then the mapping and the descriptor, then the view.
     ScopedFd reader(open(view.c_str(), O_RDONLY | O_CLOEXEC));
     ASSERT_GE(reader.get(), 0) << strerror(errno);
-    std::unique_ptr<void, std::function<void(void*)>> map(
-        mmap(nullptr, kFsSize, PROT_READ, MAP_SHARED, reader.get(), 0),
-        [](void* p) { if (p != MAP_FAILED) munmap(p, kFsSize); });
+    Mapping map = MapShared(reader.get(), kFsSize);
     ASSERT_NE(map.get(), MAP_FAILED) << strerror(errno);
 
-    size_t after_losetup = 0;
-    {
-      ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(view, /*read_only=*/!c.writable));
-      // O_DIRECT on the loop device, so that its own page cache does not
-      // answer: every byte goes to and comes from the view. Closed before
-      // the loop device is detached.
-      ScopedFd device(open(loop->device().c_str(), (c.writable ? O_RDWR : O_RDONLY) | O_DIRECT | O_CLOEXEC));
-      ASSERT_GE(device.get(), 0) << strerror(errno);
-      AlignedBuffer buffer = AllocAligned(kFsSize);
-      if (c.writable) {
-        std::string bytes(kWriteLength, stamp++);
-        memcpy(buffer.get(), bytes.data(), bytes.size());
-        EXPECT_EQ(pwrite(device.get(), buffer.get(), bytes.size(), kWriteAt), static_cast<ssize_t>(bytes.size()))
-            << strerror(errno);
-        EXPECT_EQ(fsync(device.get()), 0) << strerror(errno);
-        expected.replace(kWriteAt, bytes.size(), bytes);
-        ASSERT_OK(WriteFileAt(raw, kWriteAt, bytes));
-      }
-      const ssize_t n = pread(device.get(), buffer.get(), kFsSize, 0);
-      EXPECT_TRUE(n == static_cast<ssize_t>(kFsSize) && memcmp(buffer.get(), expected.data(), kFsSize) == 0)
-          << "the loop device read " << n << " bytes, not those of the raw twin";
-      device.Reset();
-      after_losetup = cached_pages(map.get());
-    }
+    std::optional<std::pair<uint64_t, std::string>> write;
+    if (c.writable) write.emplace(kWriteAt, std::string(kWriteLength, stamp++));
+    LoopDeviceIo(view, raw, kFsSize, write);
+    if (HasFatalFailure()) return;
+    const size_t after_losetup = CachedPages(map.get(), 0, kFsSize);
 
     size_t after_mount = 0;
     if (!c.writable) {
@@ -659,14 +666,14 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
       const std::string backing = absl::StrCat("/sys/block/", fs::path(device).filename().string(), "/loop/backing_file");
       for (int i = 0; i < 250 && fs::exists(backing); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
       EXPECT_FALSE(fs::exists(backing)) << device << " still attached";
-      after_mount = cached_pages(map.get());
+      after_mount = CachedPages(map.get(), 0, kFsSize);
     }
 
     char page[4096];
     for (uint64_t offset : {uint64_t{0}, uint64_t{4096}}) {
       ASSERT_EQ(pread(reader.get(), page, sizeof page, offset), static_cast<ssize_t>(sizeof page)) << strerror(errno);
     }
-    const size_t after_own_reads = cached_pages(map.get());
+    const size_t after_own_reads = CachedPages(map.get(), 0, kFsSize);
     map.reset();
     reader.Reset();
     EXPECT_OK(CompareFiles(view, raw));
@@ -699,14 +706,6 @@ TEST_F(MountOptionsTest, LoopDevicesKeepThePageCacheBeforeLinux615) {
   const std::string image = Path("disk.qcow2");
   const std::string twin = Path("twin.raw");
   MakeImage(image, twin);
-  const auto cached_pages = [](const void* map, uint64_t offset, uint64_t length) -> size_t {
-    std::vector<unsigned char> resident(length / 4096);
-    if (mincore(static_cast<char*>(const_cast<void*>(map)) + offset, length, resident.data()) != 0) {
-      ADD_FAILURE() << "mincore: " << strerror(errno);
-      return 0;
-    }
-    return std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; });
-  };
   const std::string view = Path("view.raw");
   const std::string pidfile = Path("pid");
   DaemonGuard guard(view, pidfile);
@@ -718,9 +717,7 @@ TEST_F(MountOptionsTest, LoopDevicesKeepThePageCacheBeforeLinux615) {
   }
   ScopedFd reader(open(view.c_str(), O_RDONLY | O_CLOEXEC));
   ASSERT_GE(reader.get(), 0) << strerror(errno);
-  std::unique_ptr<void, std::function<void(void*)>> map(
-      mmap(nullptr, kDiskSize, PROT_READ, MAP_SHARED, reader.get(), 0),
-      [](void* p) { if (p != MAP_FAILED) munmap(p, kDiskSize); });
+  Mapping map = MapShared(reader.get(), kDiskSize);
   ASSERT_NE(map.get(), MAP_FAILED) << strerror(errno);
 
   // The test's own writer: in direct-I/O mode, its reads cache nothing.
@@ -732,25 +729,11 @@ TEST_F(MountOptionsTest, LoopDevicesKeepThePageCacheBeforeLinux615) {
       ASSERT_EQ(pread(writer.get(), page, sizeof page, offset), static_cast<ssize_t>(sizeof page)) << strerror(errno);
     }
   }
-  EXPECT_EQ(cached_pages(map.get(), kOwnReadAt, kMiB), 0u) << "a writer that is not a loop device is uncached";
+  EXPECT_EQ(CachedPages(map.get(), kOwnReadAt, kMiB), 0u) << "a writer that is not a loop device is uncached";
 
-  {
-    ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(view, /*read_only=*/false));
-    ScopedFd device(open(loop->device().c_str(), O_RDWR | O_DIRECT | O_CLOEXEC));
-    ASSERT_GE(device.get(), 0) << strerror(errno);
-    AlignedBuffer buffer = AllocAligned(kDiskSize);
-    const std::string bytes(kWriteLength, 'L');
-    memcpy(buffer.get(), bytes.data(), bytes.size());
-    EXPECT_EQ(pwrite(device.get(), buffer.get(), bytes.size(), kWriteAt), static_cast<ssize_t>(bytes.size()))
-        << strerror(errno);
-    EXPECT_EQ(fsync(device.get()), 0) << strerror(errno);
-    ASSERT_OK(WriteFileAt(twin, kWriteAt, bytes));
-    ASSERT_OK_AND_ASSIGN(std::string expected, ReadFile(twin));
-    const ssize_t n = pread(device.get(), buffer.get(), kDiskSize, 0);
-    EXPECT_TRUE(n == static_cast<ssize_t>(kDiskSize) && memcmp(buffer.get(), expected.data(), kDiskSize) == 0)
-        << "the loop device read " << n << " bytes, not those of the raw twin";
-  }
-  EXPECT_GE(cached_pages(map.get(), 0, kDiskSize), kDiskSize / 4096 / 2)
+  LoopDeviceIo(view, twin, kDiskSize, std::make_pair(kWriteAt, std::string(kWriteLength, 'L')));
+  if (HasFatalFailure()) return;
+  EXPECT_GE(CachedPages(map.get(), 0, kDiskSize), kDiskSize / 4096 / 2)
       << "a writable loop device goes through the view's page cache before Linux 6.15";
   map.reset();
   reader.Reset();
