@@ -256,10 +256,20 @@ Task<void> Open(fuse_req_t req, View& view, fuse_file_info fi) {
   // read-only or not, since the guest file system above caches its blocks
   // and reads the view in pieces as large as its own readahead. Unless the
   // loop driver goes a page at a time: then a page per round trip would be
-  // far slower than the cache, also for a writer.
-  if (!o_direct_writer && (m.loops_uncached || (direct_io && m.loops_by_page)) &&
-      AttachesLoopDevices(ProcessName(fuse_req_ctx(req)->pid))) {
-    direct_io = m.loops_uncached;
+  // far slower than the cache, also for a writer. One opened with O_DIRECT
+  // (`losetup --direct-io=on`) bypasses the cache anyway, in asynchronous
+  // requests that its loop driver sends in parallel at any kernel, so it
+  // is left as any other: nothing is gained by changing its mode.
+  if (!(fi.flags & O_DIRECT) && (m.loops_uncached || (direct_io && m.loops_by_page))) {
+    const pid_t pid = fuse_req_ctx(req)->pid;
+    if (const std::string name = ProcessName(pid); AttachesLoopDevices(name)) {
+      direct_io = m.loops_uncached;
+      if (direct_io) {
+        Log(LogLevel::kInfo, absl::StrFormat("%s (pid %d) opened the view for a loop device: its reads and writes "
+                                             "bypass the view's page cache (-o uncached_loops)",
+                                             name, pid));
+      }
+    }
   }
   if (!direct_io) co_return (void)fuse_reply_open(req, &fi);
   // The kernel serialises the writes of a file unless the open is in

@@ -467,15 +467,17 @@ Mapping MapShared(int fd, size_t length) {
   });
 }
 
-// Attaches a loop device to `view` (read-only unless `write` is given),
-// writes `write->second` at `write->first` through it and fsyncs, and
-// `twin` gets the same bytes; then reads the whole device, `size` bytes,
-// and expects `twin`'s. The device is opened with O_DIRECT, so that its
-// own page cache does not answer: every byte goes to and comes from the
-// view. It is closed and detached before this returns.
+// Attaches a loop device to `view` (read-only unless `write` is given;
+// `losetup --direct-io=on` with `loop_direct_io`), writes `write->second`
+// at `write->first` through it and fsyncs, and `twin` gets the same bytes;
+// then reads the whole device, `size` bytes, and expects `twin`'s. The
+// device is opened with O_DIRECT, so that its own page cache does not
+// answer: every byte goes to and comes from the view. It is closed and
+// detached before this returns.
 void LoopDeviceIo(const std::string& view, const std::string& twin, uint64_t size,
-                  const std::optional<std::pair<uint64_t, std::string>>& write) {
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(view, /*read_only=*/!write));
+                  const std::optional<std::pair<uint64_t, std::string>>& write, bool loop_direct_io = false) {
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop,
+                       LoopDevice::Attach(view, /*read_only=*/!write, loop_direct_io));
   ScopedFd device(open(loop->device().c_str(), (write ? O_RDWR : O_RDONLY) | O_DIRECT | O_CLOEXEC));
   ASSERT_GE(device.get(), 0) << strerror(errno);
   AlignedBuffer buffer = AllocAligned(size);
@@ -600,7 +602,10 @@ TEST_F(MountOptionsTest, UncachedWritesBypassTheViewsPageCache) {
 // either, where with both options off the kernel's write-through path
 // keeps the pages. Each time the test's own reads then fill the cache, so
 // the look is not blind, the loop devices read and wrote the right bytes,
-// and the image ends as a raw twin that got the same writes.
+// and the image ends as a raw twin that got the same writes. The daemon's
+// log names each opener it answered so; `losetup --direct-io=on`, which
+// opens with O_DIRECT and whose loop device reads in parallel, is not
+// among them.
 TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
   if (!KernelAtLeast(6, 15)) GTEST_SKIP() << "loop devices keep the page cache before Linux 6.15 (opener.h)";
   if (std::string reason = LoopUnavailableReason(); !reason.empty()) GTEST_SKIP() << reason;
@@ -628,6 +633,22 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
     bool writable;
     bool uncached;  // what the loop devices should leave in the view's cache: nothing
   };
+  const std::string log = Path("daemon.log");
+  // The openers the daemon's log names as attaching loop devices.
+  const auto logged_openers = [&]() -> std::vector<std::string> {
+    std::vector<std::string> openers;
+    absl::StatusOr<std::string> text = ReadFile(log);
+    if (!text.ok()) return openers;
+    for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+      // "... NAME (pid N) opened the view for a loop device: ..."
+      const size_t pid = line.find(" (pid ");
+      if (!absl::StrContains(line, "opened the view for a loop device") || pid == absl::string_view::npos) continue;
+      const size_t start = line.rfind(' ', pid - 1);
+      openers.push_back(std::string(line.substr(start == absl::string_view::npos ? 0 : start + 1,
+                                                pid - (start == absl::string_view::npos ? 0 : start + 1))));
+    }
+    return openers;
+  };
   char stamp = 'a';
   for (const Case& c : std::vector<Case>{{{"ro"}, false, true},
                                          {{"ro", "uncached_loops=off"}, false, false},
@@ -636,8 +657,11 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
     SCOPED_TRACE(absl::StrCat("-o ", absl::StrJoin(c.options, ",")));
     const std::string view = Path("view.raw");
     const std::string pidfile = Path("pid");
+    unlink(log.c_str());
+    std::vector<std::string> options = c.options;
+    options.push_back("log=" + log);
     DaemonGuard guard(view, pidfile);
-    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, c.options));
+    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, options));
     ASSERT_TRUE(run.status.success()) << run.Describe();
     // Declared before the loop devices, so that on any way out they are
     // gone first, then the mapping and the descriptor, then the view.
@@ -668,6 +692,9 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
       EXPECT_FALSE(fs::exists(backing)) << device << " still attached";
       after_mount = CachedPages(map.get(), 0, kFsSize);
     }
+    // `losetup --direct-io=on` opens the view with O_DIRECT.
+    LoopDeviceIo(view, raw, kFsSize, std::nullopt, /*loop_direct_io=*/true);
+    if (HasFatalFailure()) return;
 
     char page[4096];
     for (uint64_t offset : {uint64_t{0}, uint64_t{4096}}) {
@@ -685,6 +712,9 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
       EXPECT_GE(after_losetup, kFsSize / 4096 / 2) << "the loop device goes through the view's page cache";
     }
     EXPECT_GE(after_own_reads, 2u) << "the test's own reads are cached";
+    std::vector<std::string> openers;
+    if (c.uncached) openers = c.writable ? std::vector<std::string>{"losetup"} : std::vector<std::string>{"losetup", "mount"};
+    EXPECT_EQ(logged_openers(), openers) << "openers the log names as attaching loop devices";
     EXPECT_OK(CheckImage(image));
   }
   ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
