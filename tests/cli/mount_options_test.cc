@@ -643,9 +643,8 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
       // "... NAME (pid N) opened the view for a loop device: ..."
       const size_t pid = line.find(" (pid ");
       if (!absl::StrContains(line, "opened the view for a loop device") || pid == absl::string_view::npos) continue;
-      const size_t start = line.rfind(' ', pid - 1);
-      openers.push_back(std::string(line.substr(start == absl::string_view::npos ? 0 : start + 1,
-                                                pid - (start == absl::string_view::npos ? 0 : start + 1))));
+      const absl::string_view before = line.substr(0, pid);
+      openers.emplace_back(before.substr(before.rfind(' ') + 1));  // npos + 1: from the start
     }
     return openers;
   };
@@ -687,9 +686,7 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
       ASSERT_OK(ext4->Unmount());
       // The loop device goes with the unmount (autoclear), maybe a moment
       // later; until then it holds the view.
-      const std::string backing = absl::StrCat("/sys/block/", fs::path(device).filename().string(), "/loop/backing_file");
-      for (int i = 0; i < 250 && fs::exists(backing); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      EXPECT_FALSE(fs::exists(backing)) << device << " still attached";
+      EXPECT_TRUE(WaitUntilDetached(device)) << device << " still attached";
       after_mount = CachedPages(map.get(), 0, kFsSize);
     }
     // `losetup --direct-io=on` opens the view with O_DIRECT.

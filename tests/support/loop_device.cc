@@ -56,17 +56,21 @@ absl::StatusOr<std::unique_ptr<LoopDevice>> LoopDevice::Attach(
   return loop;
 }
 
-LoopDevice::~LoopDevice() {
-  absl::Status detached = RunChecked({"losetup", "-d", device_}).status();
-  if (!detached.ok()) std::cerr << "LoopDevice: " << detached << "\n";
+bool WaitUntilDetached(const std::string& device) {
   const std::string backing =
-      absl::StrCat("/sys/block/", fs::path(device_).filename().string(),
+      absl::StrCat("/sys/block/", fs::path(device).filename().string(),
                    "/loop/backing_file");
   const auto deadline = std::chrono::steady_clock::now() + kDetachTimeout;
   while (fs::exists(backing) && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  if (fs::exists(backing)) {
+  return !fs::exists(backing);
+}
+
+LoopDevice::~LoopDevice() {
+  absl::Status detached = RunChecked({"losetup", "-d", device_}).status();
+  if (!detached.ok()) std::cerr << "LoopDevice: " << detached << "\n";
+  if (!WaitUntilDetached(device_)) {
     std::cerr << "LoopDevice: " << device_ << " still attached\n";
   }
 }

@@ -25,6 +25,12 @@ namespace qcow2fuse::test {
 // free), or empty if they can: for GTEST_SKIP.
 std::string LoopUnavailableReason();
 
+// Waits (up to 10 s) until loop device `device` ("/dev/loopN") has let go
+// of its file: one marked to detach (`losetup -d` while in use, or
+// autoclear after the unmount of `mount -o loop`) lets go at its last
+// close. Whether it did.
+bool WaitUntilDetached(const std::string& device);
+
 // A loop device over a file (`losetup -f`), detached on destruction.
 class LoopDevice {
  public:
