@@ -395,6 +395,14 @@ int Serve(const MountOptions& options, StartupReport& report) {
   std::vector<std::string> words = {"fsname=" + fsname, "subtype=qcow2fuse", "default_permissions"};
   if (options.image_options.read_only) words.push_back("ro");
   if (options.allow_other) words.push_back("allow_other");
+  // auto_unmount's watcher (fusermount3) looks once, when the daemon dies,
+  // whether the connection is gone; a killed daemon's rings are torn down
+  // after that look, so the mount would stay: requests stay on /dev/fuse.
+  const bool auto_unmount = absl::c_linear_search(options.fuse_options, "auto_unmount");
+  const bool uring_wanted = options.io_uring && UringChannel::KernelOffers() && !auto_unmount;
+  // Replies over io_uring are built in the ring's buffers, never spliced.
+  state.max_read = MaxReadRequest(options.splice_reads && !uring_wanted);
+  if (state.max_read != 0) words.push_back(absl::StrFormat("max_read=%u", state.max_read));
   words.insert(words.end(), options.fuse_options.begin(), options.fuse_options.end());
   bool args_ok = true;
   for (const std::string& word : words) args_ok = args_ok && fuse_opt_add_opt_escaped(&mount_opts, word.c_str()) == 0;
@@ -426,11 +434,8 @@ int Serve(const MountOptions& options, StartupReport& report) {
   // Before libfuse reads INIT, whose reply asks for io_uring. Destroyed
   // after the session, whose I/O hooks lead to it.
   std::unique_ptr<UringChannel> uring;
-  // auto_unmount's watcher (fusermount3) looks once, when the daemon dies,
-  // whether the connection is gone; a killed daemon's rings are torn down
-  // after that look, so the mount would stay.
   if (options.io_uring && UringChannel::KernelOffers()) {
-    if (absl::c_linear_search(options.fuse_options, "auto_unmount")) {
+    if (auto_unmount) {
       Log(LogLevel::kInfo, "requests stay on /dev/fuse: auto_unmount needs them there");
     } else if (absl::StatusOr<std::unique_ptr<UringChannel>> installed =
                    UringChannel::Install(session, options.threads);

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <memory>
 #include <optional>
 #include <span>
@@ -403,10 +404,13 @@ void OnInit(void* userdata, struct fuse_conn_info* conn) {
   // default; say so, since Open relies on it.
   conn->want |= conn->capable & FUSE_CAP_ATOMIC_O_TRUNC;
   // Big requests: 1 MiB reads and writes instead of 128 KiB ones (libfuse
-  // derives the kernel's max_pages from max_write), and enough requests in
-  // flight for the scheduler's threads to keep the disk busy.
+  // derives the kernel's max_pages from max_write; reads may be capped
+  // lower by max_read, see MaxReadRequest), and enough requests in flight
+  // for the scheduler's threads to keep the disk busy.
   conn->max_write = kMaxRequestBytes;
   MountState& m = *static_cast<MountState*>(userdata);
+  // libfuse refuses an INIT whose max_read differs from the mount's.
+  conn->max_read = m.max_read;
   // The kernel keeps the smaller of this and the mount's readahead, which
   // the daemon has raised already (readahead.h).
   conn->max_readahead = static_cast<unsigned>(std::max<uint64_t>(kMaxRequestBytes, m.readahead));
@@ -548,6 +552,12 @@ void OnStatfs(fuse_req_t req, fuse_ino_t) {
 }
 
 }  // namespace
+
+unsigned MaxReadRequest(bool splice_reads) {
+  const size_t spliced = MaxSplicedReply();
+  if (!splice_reads || spliced >= kMaxRequestBytes || spliced < kSplicedReadBytes) return 0;
+  return static_cast<unsigned>(std::bit_floor(spliced));
+}
 
 const fuse_lowlevel_ops& Operations() {
   static const fuse_lowlevel_ops ops = [] {

@@ -72,6 +72,9 @@ struct MountState {
   bool splice_reads = true;
   // Set at INIT: the option, and a kernel and libfuse that can splice.
   std::atomic<bool> spliced_reads{false};
+  // The max_read mount option given to libfuse, which INIT must repeat
+  // (MaxReadRequest); 0 for none.
+  unsigned max_read = 0;
   // The readahead set on the mount (-o readahead), which INIT's
   // max_readahead must not lower.
   uint64_t readahead = 0;
@@ -81,6 +84,16 @@ struct MountState {
 
 // The operations table; the session's userdata must be a MountState*.
 const fuse_lowlevel_ops& Operations();
+
+// The largest READ to ask of the kernel (the max_read mount option), or 0
+// to leave it at the kernel's 1 MiB. Where this process cannot splice a
+// 1 MiB reply whole (MaxSplicedReply() in spliced_reply.h: a pipe size
+// limit and no CAP_SYS_RESOURCE, as for any user but root), 1 MiB replies
+// would be copied through a buffer: then READs are capped at the largest
+// power of two that splices, so that readahead's requests are spliced too.
+// `splice_reads`: whether replies may be spliced at all (-o splice_reads,
+// and requests that come over /dev/fuse rather than io_uring).
+unsigned MaxReadRequest(bool splice_reads);
 
 }  // namespace qcow2fuse
 

@@ -10,7 +10,9 @@
 // owner may exceed that (CAP_SYS_RESOURCE), and libfuse's own pipe needs a
 // few pages more than the reply: without that right, 1 MiB replies are
 // better sent from a buffer than through libfuse's fallback (a malloc and
-// a read per reply), so MaxSplicedReply() stays below them.
+// a read per reply), so MaxSplicedReply() stays below them, and the mount
+// asks the kernel for READs no larger than what splices (MaxReadRequest in
+// ops.h).
 
 #ifndef QCOW2FUSE_FUSE_SPLICED_REPLY_H_
 #define QCOW2FUSE_FUSE_SPLICED_REPLY_H_

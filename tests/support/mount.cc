@@ -88,7 +88,7 @@ absl::StatusOr<std::vector<MountEntry>> ReadMountInfo() {
     // source super_options
     std::vector<absl::string_view> fields = absl::StrSplit(line, ' ');
     auto dash = std::find(fields.begin(), fields.end(), "-");
-    if (fields.size() < 5 || dash == fields.end() || fields.end() - dash < 3) {
+    if (fields.size() < 5 || dash == fields.end() || fields.end() - dash < 4) {
       continue;
     }
     MountEntry entry;
@@ -96,6 +96,7 @@ absl::StatusOr<std::vector<MountEntry>> ReadMountInfo() {
     entry.fs_type = std::string(dash[1]);
     entry.source = DecodeMountInfoPath(dash[2]);
     entry.device = std::string(fields[2]);
+    entry.super_options = absl::StrSplit(dash[3], ',');
     entries.push_back(std::move(entry));
   }
   return entries;
@@ -120,6 +121,12 @@ std::optional<std::string> MountedFsType(const std::string& path) {
   std::optional<MountEntry> mount = TopmostMount(path);
   if (!mount) return std::nullopt;
   return mount->fs_type;
+}
+
+std::optional<std::vector<std::string>> MountSuperOptions(const std::string& path) {
+  std::optional<MountEntry> mount = TopmostMount(path);
+  if (!mount) return std::nullopt;
+  return mount->super_options;
 }
 
 absl::StatusOr<uint64_t> ReadaheadKb(const std::string& path) {

@@ -54,6 +54,7 @@ struct MountEntry {
   std::string fs_type;      // "fuse", "fuse.qcow2fuse", "ext4", ...
   std::string source;
   std::string device;       // "MAJOR:MINOR", the mount's st_dev.
+  std::vector<std::string> super_options;  // "max_read=524288", ...
 };
 
 // The mount table as this process sees it.
@@ -62,6 +63,10 @@ absl::StatusOr<std::vector<MountEntry>> ReadMountInfo();
 // The file system type mounted at `path` (the topmost one), or nullopt if
 // `path` is not a mount point. `path` must be absolute and canonical.
 std::optional<std::string> MountedFsType(const std::string& path);
+
+// The super block's options of the mount at `path` (absolute and
+// canonical), or nullopt if `path` is not a mount point.
+std::optional<std::vector<std::string>> MountSuperOptions(const std::string& path);
 
 // The kernel's readahead, in KiB, of the mount at `path` (absolute and
 // canonical): its /sys/class/bdi/MAJOR:MINOR/read_ahead_kb, the device
