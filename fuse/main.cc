@@ -49,6 +49,7 @@
 #include "init_flags.h"
 #include "log.h"
 #include "mount_table.h"
+#include "opener.h"
 #include "ops.h"
 #include "options.h"
 #include "overlay.h"
@@ -366,7 +367,10 @@ int Serve(const MountOptions& options, StartupReport& report) {
   state.uncached_writes = options.uncached_writes;
   state.uncached_loops = options.uncached_loops;
   state.splice_reads = options.splice_reads;
-  state.readahead = options.readahead_set ? options.readahead : DefaultReadahead(image_fds);
+  // As in OnInit (ops.cc): before Linux 6.15, or with uncached_loops=off,
+  // a loop device reads the view through its page cache (opener.h).
+  const bool loops_read_cached = !options.uncached_loops || !LoopDoesWholeRequests(KernelRelease());
+  state.readahead = options.readahead_set ? options.readahead : DefaultReadahead(image_fds, loops_read_cached);
   absl::StatusOr<bool> created = PrepareMountpoint(*mountpoint, state.mountpoint_stat);
   if (!created.ok()) return fail(std::string(created.status().message()));
   auto remove_created = [&] {

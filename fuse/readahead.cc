@@ -54,8 +54,9 @@ absl::StatusOr<uint64_t> DeviceReadahead(dev_t dev, const std::string& sysfs) {
   return *kb > (UINT64_MAX >> 10) ? UINT64_MAX : *kb << 10;
 }
 
-uint64_t DefaultReadahead(const std::vector<int>& fds) {
+uint64_t DefaultReadahead(const std::vector<int>& fds, bool loops_read_cached) {
   uint64_t bytes = kMinDefaultReadahead;
+  if (!loops_read_cached) return bytes;
   for (const int fd : fds) {
     struct stat st;
     if (fstat(fd, &st) != 0) continue;
