@@ -310,35 +310,6 @@ class ScopedFuseConf {
   bool written_ = false;
 };
 
-// mountinfo escapes space, tab, newline and backslash as \ooo.
-std::string DecodeOctalEscapes(absl::string_view field) {
-  std::string decoded;
-  for (size_t i = 0; i < field.size(); ++i) {
-    if (field[i] == '\\' && i + 3 < field.size() && field[i + 1] >= '0' && field[i + 1] <= '7' &&
-        field[i + 2] >= '0' && field[i + 2] <= '7' && field[i + 3] >= '0' && field[i + 3] <= '7') {
-      decoded += static_cast<char>((field[i + 1] - '0') * 64 + (field[i + 2] - '0') * 8 + (field[i + 3] - '0'));
-      i += 3;
-    } else {
-      decoded += field[i];
-    }
-  }
-  return decoded;
-}
-
-// The super options (the last field of /proc/self/mountinfo) of the
-// topmost mount at `path`, or nullopt if nothing is mounted there.
-std::optional<std::vector<std::string>> SuperOptions(const std::string& path) {
-  std::ifstream in("/proc/self/mountinfo");
-  std::string line;
-  std::optional<std::vector<std::string>> options;
-  while (std::getline(in, line)) {
-    std::vector<absl::string_view> fields = absl::StrSplit(line, ' ');
-    if (fields.size() < 10 || DecodeOctalEscapes(fields[4]) != path) continue;
-    options = absl::StrSplit(fields.back(), ',');
-  }
-  return options;
-}
-
 // Whether any open file description holds one of QEMU's lock bytes (100
 // to 299, see engine/io/image_lock.h) of `image`: F_OFD_GETLK asks for the
 // conflicts an exclusive lock would have, without taking it.
@@ -519,7 +490,7 @@ class UnprivilegedTest : public TempDirTest {
   // daemon running as the user.
   void ExpectUsersView(const std::string& view, pid_t pid) const {
     EXPECT_EQ(MountedFsType(view).value_or("(not mounted)"), "fuse.qcow2fuse");
-    std::optional<std::vector<std::string>> options = SuperOptions(view);
+    std::optional<std::vector<std::string>> options = MountSuperOptions(view);
     ASSERT_TRUE(options.has_value()) << view << " is not mounted";
     EXPECT_TRUE(std::find(options->begin(), options->end(), absl::StrCat("user_id=", user_->uid())) !=
                 options->end())
@@ -751,7 +722,7 @@ TEST_F(UnprivilegedTest, AllowOtherNeedsUserAllowOtherInFuseConf) {
     EXPECT_EQ(started.stderr_text, "") << started.Describe();
     ASSERT_OK_AND_ASSIGN(pid_t pid, guard.ReadPid());
     ASSERT_NO_FATAL_FAILURE(ExpectUsersView(view, pid));
-    std::optional<std::vector<std::string>> options = SuperOptions(view);
+    std::optional<std::vector<std::string>> options = MountSuperOptions(view);
     ASSERT_TRUE(options.has_value());
     EXPECT_TRUE(std::find(options->begin(), options->end(), "allow_other") != options->end())
         << "super options: " << absl::StrJoin(*options, ",");
