@@ -367,9 +367,10 @@ int Serve(const MountOptions& options, StartupReport& report) {
   state.uncached_writes = options.uncached_writes;
   state.uncached_loops = options.uncached_loops;
   state.splice_reads = options.splice_reads;
-  // As in OnInit (ops.cc): before Linux 6.15, or with uncached_loops=off,
-  // a loop device reads the view through its page cache (opener.h).
-  const bool loops_read_cached = !options.uncached_loops || !LoopDoesWholeRequests(KernelRelease());
+  state.loops_by_page = !LoopDoesWholeRequests(KernelRelease());
+  // Before Linux 6.15, or with uncached_loops=off, a loop device reads the
+  // view through its page cache (opener.h).
+  const bool loops_read_cached = !options.uncached_loops || state.loops_by_page;
   state.readahead = options.readahead_set ? options.readahead : DefaultReadahead(image_fds, loops_read_cached);
   absl::StatusOr<bool> created = PrepareMountpoint(*mountpoint, state.mountpoint_stat);
   if (!created.ok()) return fail(std::string(created.status().message()));

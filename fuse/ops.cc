@@ -425,9 +425,7 @@ void OnInit(void* userdata, struct fuse_conn_info* conn) {
   // whose loop driver reads a whole request at a time (opener.h).
   m.direct_writes_in_parallel = m.parallel_direct_writes && conn->proto_minor >= kIoModesProtoMinor;
   m.writers_uncached = m.uncached_writes && conn->proto_minor >= kIoModesProtoMinor;
-  const bool loops_by_page = !LoopDoesWholeRequests(KernelRelease());
-  m.loops_uncached = m.uncached_loops && conn->proto_minor >= kIoModesProtoMinor && !loops_by_page;
-  m.loops_by_page = loops_by_page;
+  m.loops_uncached = m.uncached_loops && conn->proto_minor >= kIoModesProtoMinor && !m.loops_by_page;
   // Spliced replies need the kernel's and libfuse's consent, and a pipe
   // that holds at least a reply of kSplicedReadBytes.
   m.spliced_reads = m.splice_reads && (conn->capable & FUSE_CAP_SPLICE_WRITE) != 0 &&

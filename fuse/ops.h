@@ -63,10 +63,11 @@ struct MountState {
   std::atomic<bool> direct_writes_in_parallel{false};
   std::atomic<bool> writers_uncached{false};
   std::atomic<bool> loops_uncached{false};
-  // Set at INIT: the kernel's loop driver goes through its file a page at
-  // a time (before Linux 6.15, opener.h), so a loop device's descriptor
-  // keeps the page cache and its readahead even when opened for writing.
-  std::atomic<bool> loops_by_page{false};
+  // The kernel's loop driver goes through its file a page at a time
+  // (before Linux 6.15, opener.h), so a loop device's descriptor keeps the
+  // page cache and its readahead even when opened for writing. Set before
+  // mounting: the default readahead depends on it too (readahead.h).
+  bool loops_by_page = false;
   // -o splice_reads: large reads of data clusters are answered by splicing
   // from the image file (spliced_reply.h) rather than from a buffer.
   bool splice_reads = true;
