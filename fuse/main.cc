@@ -56,6 +56,7 @@
 #include "periodic_flush.h"
 #include "readahead.h"
 #include "unmount.h"
+#include "unmount_watcher.h"
 #include "uring_channel.h"
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/scheduler.h"
@@ -430,6 +431,16 @@ int Serve(const MountOptions& options, StartupReport& report) {
     return fail(std::string(mounted.message()));
   }
   if (overlay) overlay->Keep();
+  if (auto_unmount) {
+    // Still the daemon's only thread: the watcher is forked.
+    if (absl::StatusOr<pid_t> watcher = StartUnmountWatcher(*mountpoint); watcher.ok()) {
+      Log(LogLevel::kInfo,
+          absl::StrFormat("auto_unmount: process %d unmounts the view if this daemon dies", *watcher));
+    } else {
+      warnings.push_back(absl::StrFormat("auto_unmount is left to fusermount3 alone: %s",
+                                         watcher.status().message()));
+    }
+  }
   // Before INIT is answered (readahead.h). The kernel's 128 KiB is what a
   // user other than root gets: worth a word only if they asked for more.
   if (absl::Status set = SetMountReadahead(*mountpoint, state.readahead); !set.ok() && options.readahead_set) {

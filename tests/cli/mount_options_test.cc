@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -382,6 +383,58 @@ TEST_F(MountOptionsTest, LibfuseOptionsAutoUnmountAndAllowRootApply) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   EXPECT_TRUE(unmounted) << "auto_unmount left the dead daemon's mount at " << view;
+}
+
+// The processes running `program` (the last part of their argv[0]) whose
+// last argument is `last`.
+std::vector<pid_t> ProcessesRunning(const std::string& program, const std::string& last) {
+  std::vector<pid_t> found;
+  for (const std::filesystem::directory_entry& entry : std::filesystem::directory_iterator("/proc")) {
+    pid_t pid = 0;
+    if (!absl::SimpleAtoi(entry.path().filename().string(), &pid)) continue;
+    std::ifstream in(entry.path() / "cmdline");
+    std::vector<std::string> argv;
+    for (std::string arg; std::getline(in, arg, '\0');) argv.push_back(arg);
+    if (argv.size() >= 2 && std::filesystem::path(argv.front()).filename() == program && argv.back() == last) {
+      found.push_back(pid);
+    }
+  }
+  return found;
+}
+
+// fusermount3 takes a dead view down only if the kernel has torn its
+// connection down when it looks, once; the daemon's own watcher looks until
+// it has (unmount_watcher.h). Here fusermount3 is killed first, so that the
+// view's unmount after the daemon is killed is the watcher's doing.
+TEST_F(MountOptionsTest, AutoUnmountTakesTheViewDownWithoutFusermount3) {
+  const std::string image = Path("disk.qcow2");
+  const std::string twin = Path("twin.raw");
+  const std::string view = Path("view.raw");
+  const std::string pidfile = Path("pid");
+  MakeImage(image, twin);
+  DaemonGuard guard(view, pidfile);
+  ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, {"ro", "auto_unmount"}));
+  ASSERT_TRUE(run.status.success()) << run.Describe();
+  EXPECT_TRUE(absl::StrContains(run.stderr_text, "unmounts the view if this daemon dies")) << run.Describe();
+  const std::vector<pid_t> helpers = ProcessesRunning("fusermount3", view);
+  ASSERT_EQ(helpers.size(), 1u) << "fusermount3 watching " << view;
+  ASSERT_EQ(kill(helpers[0], SIGKILL), 0);
+  // Dead once it runs no more: the daemon, its parent, does not reap it.
+  for (int i = 0; i < 100 && !ProcessesRunning("fusermount3", view).empty(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_TRUE(ProcessesRunning("fusermount3", view).empty());
+  EXPECT_OK(CompareFiles(view, twin));  // still served
+  ASSERT_OK_AND_ASSIGN(pid_t pid, guard.ReadPid());
+  ASSERT_EQ(kill(pid, SIGKILL), 0);
+  EXPECT_TRUE(WaitForPidGone(pid, std::chrono::seconds(10)).gone);
+  guard.Forget();
+  bool unmounted = false;
+  for (int i = 0; i < 100 && !(unmounted = !IsMounted(view)); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(unmounted) << "the dead daemon's view stayed mounted at " << view;
+  if (!unmounted) umount2(view.c_str(), MNT_DETACH);  // leave no mount behind
 }
 
 // Every descriptor of the view can be mapped MAP_SHARED, also one in FUSE's
