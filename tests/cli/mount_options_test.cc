@@ -360,6 +360,24 @@ TEST_F(MountOptionsTest, DebugShowsTheRequestTrace) {
   EXPECT_TRUE(absl::StrContains(log, "opcode: READ")) << log.substr(0, 4000);
 }
 
+// Kills the daemon `guard` watches (SIGKILL) and returns whether its view
+// at `view` is unmounted within 10 s, as auto_unmount should see to. If it
+// is not, unmounts it, so that no mount is left behind.
+bool KillDaemonAndAwaitUnmount(DaemonGuard& guard, const std::string& view) {
+  absl::StatusOr<pid_t> pid = guard.ReadPid();
+  EXPECT_OK(pid.status());
+  if (!pid.ok()) return false;
+  EXPECT_EQ(kill(*pid, SIGKILL), 0) << strerror(errno);
+  EXPECT_TRUE(WaitForPidGone(*pid, std::chrono::seconds(10)).gone);
+  guard.Forget();
+  bool unmounted = false;
+  for (int i = 0; i < 100 && !(unmounted = !IsMounted(view)); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  if (!unmounted) umount2(view.c_str(), MNT_DETACH);
+  return unmounted;
+}
+
 // libfuse's own options reach libfuse: with auto_unmount, fusermount3 takes
 // the view down when the daemon dies (here: SIGKILL), where otherwise a
 // dead mount would stay; allow_root opens the view to root as allow_other.
@@ -374,15 +392,7 @@ TEST_F(MountOptionsTest, LibfuseOptionsAutoUnmountAndAllowRootApply) {
   ASSERT_TRUE(run.status.success()) << run.Describe();
   EXPECT_TRUE(Has(MountFlags(view), "allow_other")) << absl::StrJoin(MountFlags(view), ",");
   EXPECT_OK(CompareFiles(view, twin));
-  ASSERT_OK_AND_ASSIGN(pid_t pid, guard.ReadPid());
-  ASSERT_EQ(kill(pid, SIGKILL), 0);
-  EXPECT_TRUE(WaitForPidGone(pid, std::chrono::seconds(10)).gone);
-  guard.Forget();
-  bool unmounted = false;
-  for (int i = 0; i < 100 && !(unmounted = !IsMounted(view)); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  EXPECT_TRUE(unmounted) << "auto_unmount left the dead daemon's mount at " << view;
+  EXPECT_TRUE(KillDaemonAndAwaitUnmount(guard, view)) << "auto_unmount left the dead daemon's mount at " << view;
 }
 
 // The processes running `program` (the last part of their argv[0]) whose
@@ -425,16 +435,7 @@ TEST_F(MountOptionsTest, AutoUnmountTakesTheViewDownWithoutFusermount3) {
   }
   ASSERT_TRUE(ProcessesRunning("fusermount3", view).empty());
   EXPECT_OK(CompareFiles(view, twin));  // still served
-  ASSERT_OK_AND_ASSIGN(pid_t pid, guard.ReadPid());
-  ASSERT_EQ(kill(pid, SIGKILL), 0);
-  EXPECT_TRUE(WaitForPidGone(pid, std::chrono::seconds(10)).gone);
-  guard.Forget();
-  bool unmounted = false;
-  for (int i = 0; i < 100 && !(unmounted = !IsMounted(view)); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  EXPECT_TRUE(unmounted) << "the dead daemon's view stayed mounted at " << view;
-  if (!unmounted) umount2(view.c_str(), MNT_DETACH);  // leave no mount behind
+  EXPECT_TRUE(KillDaemonAndAwaitUnmount(guard, view)) << "the dead daemon's view stayed mounted at " << view;
 }
 
 // Every descriptor of the view can be mapped MAP_SHARED, also one in FUSE's
