@@ -335,8 +335,14 @@ absl::StatusOr<std::vector<ByteRange>> DirtyExtents(const std::string& path,
                                               reaped.ok() ? "" : reaped.ToString()));
     }
   }
-  absl::StatusOr<CommandResult> map = RunCommand(
-      {"nbdinfo", "--map=qemu:dirty-bitmap:" + name, "nbd+unix:///?socket=" + socket});
+  // The socket exists from qemu-nbd's bind on, but connections are refused
+  // until its listen: under load, a few milliseconds later.
+  absl::StatusOr<CommandResult> map;
+  for (int tries = 0;; ++tries) {
+    map = RunCommand({"nbdinfo", "--map=qemu:dirty-bitmap:" + name, "nbd+unix:///?socket=" + socket});
+    if (!map.ok() || map->ok() || tries == 500 || !absl::StrContains(map->stderr_text, "Connection refused")) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   const absl::Status reaped = reap();
   if (!map.ok()) return map.status();
   if (!map->ok()) {
