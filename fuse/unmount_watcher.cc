@@ -9,8 +9,6 @@
 
 #include "qcow2fuse/status.h"
 
-extern char** environ;
-
 namespace qcow2fuse {
 namespace {
 
@@ -20,17 +18,17 @@ namespace {
 constexpr int kTries = 500;
 constexpr long kPauseNanoseconds = 10'000'000;  // 10 ms, 5 s in all
 
-// Unmounts the dead view at `path` and exits; runs in the watcher.
+// Unmounts the dead view at `path` and exits; runs in the watcher. As
+// `qcow2fuse -u` does (unmount.cc), but lazily: nothing is left to flush.
 [[noreturn]] void UnmountDeadView(const char* path) {
   if (geteuid() == 0) {
-    umount2(path, MNT_DETACH);
+    umount2(path, MNT_DETACH | UMOUNT_NOFOLLOW);
     _exit(0);
   }
-  // A user's mount: only fusermount3 (set-uid root) may take it down.
-  const char* const argv[] = {"fusermount3", "-u", "-z", "-q", path, nullptr};
-  for (const char* binary : {"/usr/bin/fusermount3", "/bin/fusermount3"}) {
-    execve(binary, const_cast<char* const*>(argv), environ);
-  }
+  // A user's mount: only fusermount3 (set-uid root) may take it down,
+  // found on PATH as unmount.cc finds it.
+  const char* const argv[] = {"fusermount3", "-u", "-z", "-q", "--", path, nullptr};
+  execvp("fusermount3", const_cast<char* const*>(argv));
   _exit(1);
 }
 
