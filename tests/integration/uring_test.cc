@@ -3,8 +3,10 @@
 // The kernel offers FUSE over io_uring only where the fuse module's
 // enable_uring parameter is Y. The suite sets it for its run and puts the
 // old value back; on a kernel without the parameter (before Linux 6.14) it
-// is skipped, saying why. Mounts that other tests make meanwhile may come
-// over io_uring too, which they must survive as well.
+// is skipped, saying why. The parameter is the whole kernel's, so ctest
+// runs each of these tests alone (RUN_SERIAL in CMakeLists.txt): a mount of
+// a test beside it would otherwise come over io_uring or not by the moment
+// it was made.
 //
 // Every test checks the daemon's log: the mount came over io_uring, and at
 // the unmount a count of requests that did.
