@@ -369,10 +369,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   state.uncached_loops = options.uncached_loops;
   state.splice_reads = options.splice_reads;
   state.loops_by_page = !LoopDoesWholeRequests(KernelRelease());
-  // Before Linux 6.15, or with uncached_loops=off, a loop device reads the
-  // view through its page cache (opener.h).
-  const bool loops_read_cached = !options.uncached_loops || state.loops_by_page;
-  state.readahead = options.readahead_set ? options.readahead : DefaultReadahead(image_fds, loops_read_cached);
+  state.readahead = options.readahead_set ? options.readahead : kMinDefaultReadahead;
   absl::StatusOr<bool> created = PrepareMountpoint(*mountpoint, state.mountpoint_stat);
   if (!created.ok()) return fail(std::string(created.status().message()));
   auto remove_created = [&] {
@@ -443,8 +440,17 @@ int Serve(const MountOptions& options, StartupReport& report) {
   }
   // Before INIT is answered (readahead.h). The kernel's 128 KiB is what a
   // user other than root gets: worth a word only if they asked for more.
-  if (absl::Status set = SetMountReadahead(*mountpoint, state.readahead); !set.ok() && options.readahead_set) {
-    warnings.push_back(absl::StrFormat("readahead stays at the kernel's default: %s", set.message()));
+  std::optional<LoopReadahead> loop_readahead;
+  absl::StatusOr<std::string> readahead_knob = MountReadaheadKnob(*mountpoint);
+  absl::Status readahead_set = readahead_knob.status();
+  if (readahead_set.ok()) readahead_set = SetReadahead(*readahead_knob, state.readahead);
+  if (!readahead_set.ok() && options.readahead_set) {
+    warnings.push_back(absl::StrFormat("readahead stays at the kernel's default: %s", readahead_set.message()));
+  }
+  if (readahead_set.ok() && !options.readahead_set) {
+    if (const uint64_t deeper = LoopDeviceReadahead(image_fds); deeper > state.readahead) {
+      state.loop_readahead = &loop_readahead.emplace(*readahead_knob, state.readahead, deeper);
+    }
   }
   RouteLibfuseLog();
   // Before libfuse reads INIT, whose reply asks for io_uring. Destroyed

@@ -1,17 +1,27 @@
 // Who opens a view: the program behind an OPEN request.
 //
-// A loop device over the view reads it through the view's page cache
-// unless the view says otherwise at OPEN. That cache is then a third copy
-// of the same bytes: the guest file system on the loop device caches its
-// blocks, and the host caches the image file's. Filling it also costs
-// latency, since each of the loop device's reads that misses it waits for
-// a readahead request to the daemon. The kernel tells a daemon nothing of
-// what will use a file, only which thread opened it, and a loop device's
-// file is opened by the program that attaches it (`losetup`, `mount -o
-// loop`, udisks' clients, cryptsetup, systemd's image tools), which reads
-// little or nothing through it itself. So the view answers such an open
-// in FUSE's direct-I/O mode (ops.cc), and every other reader keeps the
-// page cache and its readahead.
+// A loop device over the view reads and writes it through the view's page
+// cache unless the view says otherwise at OPEN. For its writes that cache
+// is a copy too many: the guest file system on the loop device caches its
+// blocks, and the host caches the image file's, so a descriptor opened
+// for writing is answered in FUSE's direct-I/O mode (ops.cc), and its
+// writes go to the daemon from the guest's own pages. For reads the cache
+// earns its copy: a guest file system reads each small file as a block or
+// two, and those reads come one after another. Through the view's cache
+// they meet its readahead, which brings the blocks around them in one READ;
+// without it each is a round trip to the daemon. On Linux 6.18, reading
+// every file of a 1 GiB ext4 tree through a read-only loop device took
+// 7.34 s through the cache against 8.91 s without it (a raw file: 6.44 s;
+// medians of 5), and unpacking 400 MiB onto a writable one 2.37 s
+// through the cache against 2.23 s without it (medians of 3). So a
+// read-only descriptor keeps the cache, as every other reader does, unless
+// -o uncached_loops says otherwise.
+//
+// The kernel tells a daemon nothing of what will use a file, only which
+// thread opened it, and a loop device's file is opened by the program
+// that attaches it (`losetup`, `mount -o loop`, udisks' clients,
+// cryptsetup, systemd's image tools), which reads little or nothing
+// through it itself.
 
 #ifndef QCOW2FUSE_FUSE_OPENER_H_
 #define QCOW2FUSE_FUSE_OPENER_H_

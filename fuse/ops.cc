@@ -36,9 +36,11 @@ constexpr unsigned kMaxBackground = 64;
 constexpr unsigned kIoModesProtoMinor = 40;
 // How much of a data run found by SEEK_DATA is read ahead on the host.
 constexpr uint64_t kSeekDataPrefetchBytes = 4u << 20;
-// fuse_file_info::fh of an open: whether it may write.
-constexpr uint64_t kReadOnlyHandle = 0;
+// fuse_file_info::fh of an open: whether it may write, and whether it is a
+// loop device's that reads through the view's page cache (its release
+// lowers the readahead that its open raised, see readahead.h).
 constexpr uint64_t kWritableHandle = 1;
+constexpr uint64_t kLoopReaderHandle = 2;
 
 // Reads of at least this many bytes take their buffer from a pool (see
 // buffer_pool.h); this is where malloc starts to hand out fresh mappings.
@@ -243,7 +245,7 @@ Task<void> Open(fuse_req_t req, View& view, fuse_file_info fi) {
   // trip.
   const bool changes = writable || (fi.flags & O_TRUNC);
   fi.noflush = !changes;
-  fi.fh = changes ? kWritableHandle : kReadOnlyHandle;
+  fi.fh = changes ? kWritableHandle : 0;
   // Direct-I/O mode: the descriptor's reads and writes go to the daemon as
   // they are, not through the view's page cache. For a writer that saves
   // a copy into pages that hold the same bytes as the image file's page
@@ -253,26 +255,50 @@ Task<void> Open(fuse_req_t req, View& view, fuse_file_info fi) {
   // init_flags.h adds to INIT.) An O_DIRECT writer asked for it anyway.
   const bool o_direct_writer = writable && (fi.flags & O_DIRECT) && m.direct_writes_in_parallel;
   bool direct_io = o_direct_writer || (writable && m.writers_uncached);
-  // A loop device's descriptor (opener.h): better off without that cache,
-  // read-only or not, since the guest file system above caches its blocks
-  // and reads the view in pieces as large as its own readahead. Unless the
+  // A loop device's descriptor (opener.h). Under -o uncached_loops, read-
+  // only or not, it bypasses the view's page cache; otherwise it is as any
+  // other, read-only ones cached and read ahead, writers not, unless the
   // loop driver goes a page at a time: then a page per round trip would be
-  // far slower than the cache, also for a writer. One opened with O_DIRECT
-  // (`losetup --direct-io=on`) bypasses the cache anyway, in asynchronous
-  // requests that its loop driver sends in parallel at any kernel, so it
-  // is left as any other: nothing is gained by changing its mode.
-  if (!(fi.flags & O_DIRECT) && (m.loops_uncached || (direct_io && m.loops_by_page))) {
+  // far slower than the cache, also for a writer. One that goes through
+  // the cache has the mount read ahead as far as a raw file on the image's
+  // disk would be (readahead.h). One opened with O_DIRECT (`losetup
+  // --direct-io=on`) bypasses the cache anyway, in asynchronous requests
+  // that its loop driver sends in parallel at any kernel, so it is left as
+  // any other: nothing is gained by changing its mode.
+  if (!(fi.flags & O_DIRECT)) {
     const pid_t pid = fuse_req_ctx(req)->pid;
     if (const std::string name = ProcessName(pid); AttachesLoopDevices(name)) {
-      direct_io = m.loops_uncached;
+      if (m.loops_uncached) {
+        direct_io = true;
+      } else if (m.loops_by_page) {
+        direct_io = false;
+      }
       if (direct_io) {
         Log(LogLevel::kInfo, absl::StrFormat("%s (pid %d) opened the view for a loop device: its reads and writes "
                                              "bypass the view's page cache (-o uncached_loops)",
                                              name, pid));
+      } else if (m.loop_readahead != nullptr) {
+        // Before the answer: the kernel gives the file the mount's
+        // readahead once the open has succeeded.
+        if (absl::Status raised = m.loop_readahead->Opened(); raised.ok()) {
+          fi.fh |= kLoopReaderHandle;
+          Log(LogLevel::kInfo,
+              absl::StrFormat("%s (pid %d) opened the view for a loop device: the view reads ahead %u KiB "
+                              "until the loop devices reading through its page cache are gone",
+                              name, pid, m.loop_readahead->raised() >> 10));
+        } else {
+          Log(LogLevel::kWarning, absl::StrFormat("%s (pid %d) opened the view for a loop device, but its readahead "
+                                                  "stays as it was: %s",
+                                                  name, pid, raised.message()));
+        }
       }
     }
   }
-  if (!direct_io) co_return (void)fuse_reply_open(req, &fi);
+  if (!direct_io) {
+    // ENOENT: the opener was interrupted, and no RELEASE will follow.
+    if (fuse_reply_open(req, &fi) == -ENOENT && (fi.fh & kLoopReaderHandle)) (void)m.loop_readahead->Released();
+    co_return;
+  }
   // The kernel serialises the writes of a file unless the open is in
   // direct-I/O mode and says FOPEN_PARALLEL_DIRECT_WRITES (Linux 6.2+;
   // older kernels ignore the bit). libfuse 3.14's fuse_file_info has no
@@ -517,14 +543,22 @@ void OnReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, struct
 
 void OnFlush(fuse_req_t req, fuse_ino_t, struct fuse_file_info* fi) {
   // FLUSH carries no open flags: the handle says how the file was opened.
-  if (fi->fh != kWritableHandle) {
+  if ((fi->fh & kWritableHandle) == 0) {
     fuse_reply_err(req, 0);
     return;
   }
   State(req).scheduler->Start(FlushOnClose(req));
 }
 
-void OnRelease(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_err(req, 0); }
+void OnRelease(fuse_req_t req, fuse_ino_t, struct fuse_file_info* fi) {
+  if (fi->fh & kLoopReaderHandle) {
+    if (absl::Status lowered = State(req).loop_readahead->Released(); !lowered.ok()) {
+      Log(LogLevel::kWarning, absl::StrFormat("the view's readahead stays raised after a loop device went: %s",
+                                              lowered.message()));
+    }
+  }
+  fuse_reply_err(req, 0);
+}
 
 // The files of a mount are the disk's: none can be made, removed or
 // renamed (without these, the kernel would answer ENOSYS, "Function not

@@ -30,6 +30,7 @@
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/scheduler.h"
 #include "invalidator.h"
+#include "readahead.h"
 #include "view_table.h"
 
 namespace qcow2fuse {
@@ -55,7 +56,7 @@ struct MountState {
   bool uncached_writes = true;
   // -o uncached_loops: so is every descriptor opened by a program that
   // attaches loop devices (opener.h), read-only ones too.
-  bool uncached_loops = true;
+  bool uncached_loops = false;
   // Set at INIT: each option (uncached_writes gives writers_uncached, and
   // so on), and a kernel whose direct-I/O mode stays coherent with
   // buffered opens of the same file (and for loops_uncached, whose loop
@@ -65,8 +66,7 @@ struct MountState {
   std::atomic<bool> loops_uncached{false};
   // The kernel's loop driver goes through its file a page at a time
   // (before Linux 6.15, opener.h), so a loop device's descriptor keeps the
-  // page cache and its readahead even when opened for writing. Set before
-  // mounting: the default readahead depends on it too (readahead.h).
+  // page cache and its readahead even when opened for writing.
   bool loops_by_page = false;
   // -o splice_reads: large reads of data clusters are answered by splicing
   // from the image file (spliced_reply.h) rather than from a buffer.
@@ -76,9 +76,13 @@ struct MountState {
   // The max_read mount option given to libfuse, which INIT must repeat
   // (MaxReadRequest); 0 for none.
   unsigned max_read = 0;
-  // The readahead set on the mount (-o readahead), which INIT's
-  // max_readahead must not lower.
+  // The readahead set on the mount (-o readahead, or the default), which
+  // INIT's max_readahead must not lower.
   uint64_t readahead = 0;
+  // Raises the mount's readahead while loop devices read the view through
+  // its page cache (readahead.h); null where -o readahead fixed it, where
+  // the daemon cannot set it, or where it would not be deeper.
+  LoopReadahead* loop_readahead = nullptr;
   // Called once, when the kernel's INIT has been answered: the mount is live.
   std::function<void()> on_ready;
 };

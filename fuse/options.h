@@ -63,7 +63,7 @@ struct MountOptions {
   bool uncached_writes = true;
   // -o uncached_loops: descriptors opened by a program that attaches loop
   // devices bypass it too, read-only ones included (opener.h).
-  bool uncached_loops = true;
+  bool uncached_loops = false;
   // -o splice_reads: large reads of data clusters are spliced from the
   // image file to the reader (spliced_reply.h).
   bool splice_reads = true;
@@ -72,8 +72,9 @@ struct MountOptions {
   bool io_uring = true;
   // -o readahead=SIZE: how far the kernel reads ahead of a sequential
   // reader of the view (readahead.h). Only root may set it; `readahead_set`
-  // says the user asked, so that failing to is worth a warning. Unset, the
-  // daemon takes DefaultReadahead of the image's files once it has them.
+  // says the user asked, so that failing to is worth a warning. Unset, it
+  // is kMinDefaultReadahead, deeper while a loop device reads through the
+  // view's page cache.
   uint64_t readahead = 0;
   bool readahead_set = false;
   // -u: unmount `mountpoint` and wait for its daemon, instead of mounting.

@@ -54,9 +54,8 @@ absl::StatusOr<uint64_t> DeviceReadahead(dev_t dev, const std::string& sysfs) {
   return *kb > (UINT64_MAX >> 10) ? UINT64_MAX : *kb << 10;
 }
 
-uint64_t DefaultReadahead(const std::vector<int>& fds, bool loops_read_cached) {
+uint64_t LoopDeviceReadahead(const std::vector<int>& fds) {
   uint64_t bytes = kMinDefaultReadahead;
-  if (!loops_read_cached) return bytes;
   for (const int fd : fds) {
     struct stat st;
     if (fstat(fd, &st) != 0) continue;
@@ -67,7 +66,7 @@ uint64_t DefaultReadahead(const std::vector<int>& fds, bool loops_read_cached) {
   return std::min(bytes, kMaxReadahead) / 4096 * 4096;
 }
 
-absl::Status SetMountReadahead(const std::string& mountpoint, uint64_t bytes) {
+absl::StatusOr<std::string> MountReadaheadKnob(const std::string& mountpoint) {
   // The device number from the mount table: a stat() of the mount point
   // would be a request to this very daemon, which does not serve yet.
   absl::StatusOr<std::optional<MountEntry>> mount = FindMount(mountpoint);
@@ -75,8 +74,10 @@ absl::Status SetMountReadahead(const std::string& mountpoint, uint64_t bytes) {
   if (!mount->has_value() || (*mount)->fs_type != kViewFsType) {
     return absl::NotFoundError(absl::StrFormat("%s is not a qcow2fuse mount", mountpoint));
   }
-  const std::string knob =
-      absl::StrFormat("/sys/class/bdi/%u:%u/read_ahead_kb", (*mount)->dev_major, (*mount)->dev_minor);
+  return absl::StrFormat("/sys/class/bdi/%u:%u/read_ahead_kb", (*mount)->dev_major, (*mount)->dev_minor);
+}
+
+absl::Status SetReadahead(const std::string& knob, uint64_t bytes) {
   const int fd = open(knob.c_str(), O_WRONLY | O_CLOEXEC);
   if (fd < 0) return ErrnoStatus(errno, absl::StrFormat("opening %s", knob));
   const std::string value = absl::StrFormat("%u\n", bytes >> 10);
@@ -87,6 +88,20 @@ absl::Status SetMountReadahead(const std::string& mountpoint, uint64_t bytes) {
     return ErrnoStatus(written < 0 ? error : EIO, absl::StrFormat("writing %s", knob));
   }
   return absl::OkStatus();
+}
+
+absl::Status LoopReadahead::Opened() {
+  std::lock_guard lock(mu_);
+  // Written every time, not only by the first: it costs a sysfs write per
+  // loop device attached, and a value changed meanwhile is put back.
+  ++open_;
+  return SetReadahead(knob_, raised_);
+}
+
+absl::Status LoopReadahead::Released() {
+  std::lock_guard lock(mu_);
+  if (open_ == 0 || --open_ > 0) return absl::OkStatus();
+  return SetReadahead(knob_, usual_);
 }
 
 }  // namespace qcow2fuse

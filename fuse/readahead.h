@@ -6,29 +6,34 @@
 // reader's requests then reach the daemon as 128 KiB each, eight round
 // trips per MiB, where a raw file on a disk reads ahead megabytes at once.
 // Root may raise it, as `blockdev --setra` does for a disk, through
-// /sys/class/bdi/MAJOR:MINOR/read_ahead_kb of the mount's device number.
+// /sys/class/bdi/MAJOR:MINOR/read_ahead_kb of the mount's device number,
+// at any time: a file takes the mount's value when it is opened.
 //
 // How far by default depends on who reads through the view's page cache.
 //
-// Loop devices do before Linux 6.15, or with -o uncached_loops=off
-// (opener.h). A guest file system's reads then wait on the view's
-// readahead, and the deeper it is the fewer they wait: there the default
-// is as far as the kernel reads ahead of a raw file on the disk that holds
-// the image. On a disk that reads ahead 8 MiB, reading every file of a
-// 1 GiB ext4 tree through such a loop device sent 30,000 READs with 1 MiB
-// against 12,000 with 8 MiB, and took an eighth longer.
+// Programs (cp, dd, sha256sum) do, and for them 1 MiB is enough: the
+// daemon's reads of the image file are read ahead by the host as far as
+// its disk allows, so the disk keeps streaming, and the view's window only
+// has to cover round trips to the daemon. A deeper one costs, since each
+// page it reads ahead is copied into a fresh page of the view's cache,
+// also the zeros past the end of a data run that `cp --sparse=always`
+// never asks for: on a disk that reads ahead 8 MiB, cp of a 64 GiB view
+// holding 800 runs of 256 KiB filled 529 MB of the view's cache with
+// 8 MiB against 319 MB with 1 MiB, and took 527 to 1,503 ms against 285
+// to 432 ms (5 alternating runs each); cold sequential reads of
+// zstd-compressed and plain images were no slower with 1 MiB.
 //
-// Otherwise programs (cp, dd, sha256sum) read through it, and 1 MiB is
-// enough: the daemon's reads of the image file are read ahead by the host
-// as far as its disk allows, so the disk keeps streaming, and the view's
-// window only has to cover round trips to the daemon. A deeper one costs,
-// since each page it reads ahead is copied into a fresh page of the view's
-// cache, also the zeros past the end of a data run that `cp
-// --sparse=always` never asks for: on a disk that reads ahead 8 MiB, cp of
-// a 64 GiB view holding 800 runs of 256 KiB filled 529 MB of the view's
-// cache with 8 MiB against 319 MB with 1 MiB, and took 527 to 1,503 ms
-// against 285 to 432 ms (5 alternating runs each); cold sequential reads
-// of zstd-compressed and plain images were no slower with 1 MiB.
+// A loop device reading through the view's cache (opener.h) is another
+// reader: a guest file system's reads wait on the view's readahead, and
+// the deeper it is the fewer they wait. For it the view reads ahead as far
+// as the kernel reads ahead of a raw file on the disk that holds the
+// image, so that they wait as seldom as they would there: on a disk that
+// reads ahead 8 MiB, reading every file of a 1 GiB ext4 tree through a
+// read-only loop device took 7.41 s with 8 MiB against 7.99 s with 1 MiB
+// (medians of 6 alternating runs; the raw file: 6.81 s). The view raises
+// the mount's readahead when such a descriptor is opened, before it
+// answers the OPEN, and lowers it when the last one is released
+// (LoopReadahead); files opened in between keep the deeper window.
 
 #ifndef QCOW2FUSE_FUSE_READAHEAD_H_
 #define QCOW2FUSE_FUSE_READAHEAD_H_
@@ -36,7 +41,9 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -44,9 +51,8 @@
 
 namespace qcow2fuse {
 
-// -o readahead=SIZE: the default where no loop device reads through the
-// view's page cache, the least it is elsewhere, and the largest value
-// accepted.
+// -o readahead=SIZE: the default, the least a loop device's descriptor
+// gets, and the largest value accepted.
 inline constexpr uint64_t kMinDefaultReadahead = uint64_t{1} << 20;
 inline constexpr uint64_t kMaxReadahead = uint64_t{16} << 20;
 
@@ -57,20 +63,46 @@ inline constexpr uint64_t kMaxReadahead = uint64_t{16} << 20;
 // where sysfs is mounted; tests pass a tree of their own.
 absl::StatusOr<uint64_t> DeviceReadahead(dev_t dev, const std::string& sysfs = "/sys");
 
-// The default of -o readahead for an image whose host files are open as
-// `fds`. Where loop devices read the view through its page cache
-// (`loops_read_cached`): the largest DeviceReadahead of their devices,
-// rounded down to 4 KiB, at least kMinDefaultReadahead, at most
-// kMaxReadahead. Elsewhere kMinDefaultReadahead.
-uint64_t DefaultReadahead(const std::vector<int>& fds, bool loops_read_cached);
+// How far the view reads ahead while a loop device reads it through its
+// page cache, for an image whose host files are open as `fds`: the
+// largest DeviceReadahead of their devices, rounded down to 4 KiB, at
+// least kMinDefaultReadahead, at most kMaxReadahead.
+uint64_t LoopDeviceReadahead(const std::vector<int>& fds);
 
-// Sets the readahead of the view mounted at `mountpoint` (canonical, see
-// CanonicalMountPath) to `bytes`, a multiple of 4 KiB. Call it after the
-// mount and before the kernel's INIT is answered: INIT keeps the smaller of
-// this and its max_readahead, which must therefore be at least `bytes`.
-// Fails with the errno of the sysfs write (EACCES for a user other than
-// root); the view works either way.
-absl::Status SetMountReadahead(const std::string& mountpoint, uint64_t bytes);
+// The sysfs file that holds the readahead (in KiB) of the view mounted at
+// `mountpoint` (canonical, see CanonicalMountPath).
+absl::StatusOr<std::string> MountReadaheadKnob(const std::string& mountpoint);
+
+// Sets the readahead that `knob` (MountReadaheadKnob) holds to `bytes`, a
+// multiple of 4 KiB. At mounting, call it before the kernel's INIT is
+// answered: INIT keeps the smaller of this and its max_readahead, which
+// must therefore be at least `bytes`. Fails with the errno of the sysfs
+// write (EACCES for a user other than root); the view works either way.
+absl::Status SetReadahead(const std::string& knob, uint64_t bytes);
+
+// The mount's readahead while loop devices read the view through its page
+// cache: `raised` from the first such descriptor's open to the last one's
+// release, `usual` otherwise. Thread-safe.
+class LoopReadahead {
+ public:
+  LoopReadahead(std::string knob, uint64_t usual, uint64_t raised)
+      : knob_(std::move(knob)), usual_(usual), raised_(raised) {}
+
+  // Before answering the open of such a descriptor: the kernel gives the
+  // file the mount's readahead after the answer.
+  absl::Status Opened();
+  // At the release of one that Opened() counted.
+  absl::Status Released();
+
+  uint64_t raised() const { return raised_; }
+
+ private:
+  const std::string knob_;
+  const uint64_t usual_;
+  const uint64_t raised_;
+  std::mutex mu_;
+  int open_ = 0;  // guarded by mu_
+};
 
 }  // namespace qcow2fuse
 

@@ -644,23 +644,24 @@ TEST_F(MountOptionsTest, UncachedWritesBypassTheViewsPageCache) {
   }
 }
 
-// A loop device caches the guest file system's blocks above the view, so
-// under uncached_loops (on by default) the descriptor that its attaching
-// program opens is in FUSE's direct-I/O mode, read-only or not. Read-only:
-// `losetup -r`, then `mount -o loop,ro`; what those loop devices read
+// A loop device caches the guest file system's blocks above the view; under
+// -o uncached_loops the descriptor that its attaching program opens is in
+// FUSE's direct-I/O mode, read-only or not. Without it (the default) the
+// descriptor is as any other: read-only ones are cached and read ahead,
+// writers are not unless uncached_writes is off. Read-only: `losetup -r`,
+// then `mount -o loop,ro`; under the option what those loop devices read
 // leaves nothing in the view's page cache, as mincore() shows through a
-// mapping made before, while with the option off they fill it as any
-// reader does. Writable, under uncached_writes=off (so that only
-// uncached_loops can be what keeps the cache out): a plain `losetup`
-// writes and reads back through the view, and leaves nothing cached
-// either, where with both options off the kernel's write-through path
-// keeps the pages. Each time the test's own reads then fill the cache, so
-// the look is not blind, the loop devices read and wrote the right bytes,
-// and the image ends as a raw twin that got the same writes. The daemon's
-// log names each opener it answered so; `losetup --direct-io=on`, which
-// opens with O_DIRECT and whose loop device reads in parallel, is not
-// among them.
-TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
+// mapping made before, while without it they fill it as any reader does.
+// Writable, under uncached_writes=off (so that only uncached_loops can be
+// what keeps the cache out): a plain `losetup` writes and reads back
+// through the view, and leaves nothing cached under the option either,
+// where without it the kernel's write-through path keeps the pages. Each
+// time the test's own reads then fill the cache, so the look is not blind,
+// the loop devices read and wrote the right bytes, and the image ends as a
+// raw twin that got the same writes. The daemon's log names each opener
+// it answered in direct-I/O mode; `losetup --direct-io=on`, which opens
+// with O_DIRECT and whose loop device reads in parallel, is not among them.
+TEST_F(MountOptionsTest, UncachedLoopsKeepLoopDevicesOutOfThePageCache) {
   if (!KernelAtLeast(6, 15)) GTEST_SKIP() << "loop devices keep the page cache before Linux 6.15 (opener.h)";
   if (std::string reason = LoopUnavailableReason(); !reason.empty()) GTEST_SKIP() << reason;
   constexpr uint64_t kFsSize = 16 * kMiB;
@@ -694,19 +695,23 @@ TEST_F(MountOptionsTest, LoopDevicesReadTheViewWithoutItsPageCache) {
     absl::StatusOr<std::string> text = ReadFile(log);
     if (!text.ok()) return openers;
     for (absl::string_view line : absl::StrSplit(*text, '\n')) {
-      // "... NAME (pid N) opened the view for a loop device: ..."
+      // "... NAME (pid N) opened the view for a loop device: its reads and
+      // writes bypass the view's page cache ..."
       const size_t pid = line.find(" (pid ");
-      if (!absl::StrContains(line, "opened the view for a loop device") || pid == absl::string_view::npos) continue;
+      if (!absl::StrContains(line, "opened the view for a loop device: its reads and writes bypass") ||
+          pid == absl::string_view::npos) {
+        continue;
+      }
       const absl::string_view before = line.substr(0, pid);
       openers.emplace_back(before.substr(before.rfind(' ') + 1));  // npos + 1: from the start
     }
     return openers;
   };
   char stamp = 'a';
-  for (const Case& c : std::vector<Case>{{{"ro"}, false, true},
-                                         {{"ro", "uncached_loops=off"}, false, false},
-                                         {{"uncached_writes=off"}, true, true},
-                                         {{"uncached_writes=off", "uncached_loops=off"}, true, false}}) {
+  for (const Case& c : std::vector<Case>{{{"ro", "uncached_loops=on"}, false, true},
+                                         {{"ro"}, false, false},
+                                         {{"uncached_writes=off", "uncached_loops=on"}, true, true},
+                                         {{"uncached_writes=off"}, true, false}}) {
     SCOPED_TRACE(absl::StrCat("-o ", absl::StrJoin(c.options, ",")));
     const std::string view = Path("view.raw");
     const std::string pidfile = Path("pid");
@@ -845,14 +850,17 @@ TEST_F(MountOptionsTest, ReadaheadIsSetOnTheMount) {
   }
 }
 
-// Where a loop device reads the view through its page cache (before Linux
-// 6.15, or with uncached_loops=off), the view reads ahead by default as far
-// as the kernel reads ahead of a file on the disk that holds the image,
-// from 1M to 16M: here an ext4 on a loop device, its readahead set through
-// sysfs before each mount, as `blockdev --setra` would; the daemon told by
-// the uname shim that it runs Linux 6.12 does the same. Elsewhere the
-// default is 1M, whatever the disk. An explicit -o readahead still wins.
-TEST_F(MountOptionsTest, DefaultReadaheadFollowsTheDiskUnderTheImage) {
+// The view reads ahead 1M by default, whatever the disk under the image.
+// While a loop device reads the view through its page cache (read-only;
+// writable too before Linux 6.15) it reads ahead as far as the kernel
+// reads ahead of a file on that disk, from 1M to 16M, and back to 1M once
+// the loop device is gone: here an ext4 on a loop device, its readahead
+// set through sysfs before each mount, as `blockdev --setra` would. The
+// daemon told by the uname shim that it runs Linux 6.12 raises it for a
+// writable loop device too. A loop device in direct-I/O mode (-o
+// uncached_loops) and an explicit -o readahead leave it as it is. The
+// bytes read through the loop device are the image's each time.
+TEST_F(MountOptionsTest, LoopDevicesReadAheadAsFarAsTheDiskUnderTheImage) {
   if (const std::string why = LoopUnavailableReason(); !why.empty()) GTEST_SKIP() << why;
   const std::string disk = Path("disk.ext4");
   const std::string fs_dir = Path("fs");
@@ -871,29 +879,65 @@ TEST_F(MountOptionsTest, DefaultReadaheadFollowsTheDiskUnderTheImage) {
   struct Case {
     uint64_t disk_kb;
     std::vector<std::string> options;
-    uint64_t view_kb;
+    bool writable_loop;
+    uint64_t mounted_kb;  // the view's readahead before and after the loop device
+    uint64_t with_loop_kb;
     bool linux_6_12 = false;  // the daemon runs under the uname shim
   };
-  // Where loop devices bypass the view's page cache by default.
-  const bool loops_uncached = KernelAtLeast(6, 15);
-  for (const Case& c : std::vector<Case>{{4096, {"ro", "uncached_loops=off"}, 4096},
-                                         {64, {"ro", "uncached_loops=off"}, 1024},
-                                         {32768, {"ro", "uncached_loops=off"}, 16384},
-                                         {2048, {"uncached_loops=off"}, 2048},
-                                         {4096, {"ro"}, loops_uncached ? 1024u : 4096u},
-                                         {32768, {}, loops_uncached ? 1024u : 16384u},
-                                         {4096, {"ro"}, 4096, /*linux_6_12=*/true},
-                                         {4096, {"ro", "readahead=256K"}, 256}}) {
+  const bool has_uncached_loops = KernelAtLeast(6, 15);
+  std::vector<Case> cases = {{4096, {"ro"}, false, 1024, 4096},
+                             {64, {"ro"}, false, 1024, 1024},
+                             {32768, {"ro"}, false, 1024, 16384},
+                             {2048, {}, false, 1024, 2048},
+                             {4096, {"ro", "readahead=256K"}, false, 256, 256},
+                             {4096, {}, true, 1024, 4096, /*linux_6_12=*/true}};
+  if (has_uncached_loops) {
+    cases.push_back({4096, {"ro", "uncached_loops=on"}, false, 1024, 1024});
+    // A writer is in direct-I/O mode under uncached_writes (on by default).
+    cases.push_back({4096, {}, true, 1024, 1024});
+  }
+  const std::string view = Path("view.raw");
+  const std::string pidfile = Path("pid");
+  for (const Case& c : cases) {
     SCOPED_TRACE(absl::StrCat("disk ", c.disk_kb, "K, -o ", absl::StrJoin(c.options, ","),
+                              c.writable_loop ? ", writable loop device" : ", read-only loop device",
                               c.linux_6_12 ? ", Linux 6.12" : ""));
     ASSERT_OK(WriteFileAt(knob, 0, absl::StrCat(c.disk_kb, "\n")));
-    std::optional<ScopedPreload> shim;
-    std::optional<ScopedEnv> release;
-    if (c.linux_6_12) {
-      shim.emplace(QCOW2FUSE_UNAME_SHIM);
-      release.emplace("QCOW2FUSE_TEST_KERNEL_RELEASE", "6.12.48+deb13-amd64");
+    DaemonGuard guard(view, pidfile);
+    {
+      std::optional<ScopedPreload> shim;
+      std::optional<ScopedEnv> release;
+      if (c.linux_6_12) {
+        shim.emplace(QCOW2FUSE_UNAME_SHIM);
+        release.emplace("QCOW2FUSE_TEST_KERNEL_RELEASE", "6.12.48+deb13-amd64");
+      }
+      ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, c.options));
+      ASSERT_TRUE(run.status.success()) << run.Describe();
+      EXPECT_EQ(run.stderr_text, "") << run.Describe();
     }
-    ExpectReadahead(image, twin, c.options, c.view_kb);
+    ASSERT_OK_AND_ASSIGN(uint64_t mounted_kb, ReadaheadKb(view));
+    EXPECT_EQ(mounted_kb, c.mounted_kb) << "after mounting";
+    {
+      ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> over_view,
+                           LoopDevice::Attach(view, /*read_only=*/!c.writable_loop));
+      ASSERT_OK_AND_ASSIGN(uint64_t with_loop_kb, ReadaheadKb(view));
+      EXPECT_EQ(with_loop_kb, c.with_loop_kb) << "with the loop device attached";
+      ASSERT_OK_AND_ASSIGN(std::string through_loop, ReadFile(over_view->device()));
+      ASSERT_OK_AND_ASSIGN(std::string expected, ReadFile(twin));
+      EXPECT_TRUE(through_loop == expected) << "the loop device read " << through_loop.size()
+                                            << " bytes, not those of " << twin;
+    }
+    // The kernel sends the release of the loop device's file after it let
+    // go of it, and does not wait for the answer.
+    uint64_t after = 0;
+    for (int i = 0; i < 200; ++i) {
+      ASSERT_OK_AND_ASSIGN(after, ReadaheadKb(view));
+      if (after == c.mounted_kb) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    EXPECT_EQ(after, c.mounted_kb) << "after the loop device is gone";
+    EXPECT_OK(CompareFiles(view, twin));
+    UnmountWithU(view, guard);
   }
   EXPECT_OK(CheckImage(image));
   ASSERT_OK(mounted->Unmount());

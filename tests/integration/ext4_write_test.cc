@@ -139,8 +139,9 @@ struct Variant {
   std::string name;
   std::vector<std::string> create_options;
   // The loop devices read and write the view with O_DIRECT (`losetup
-  // --direct-io=on`); without it they do so through a descriptor that the
-  // view answered in direct-I/O mode (-o uncached_loops).
+  // --direct-io=on`); without it the writable one does so through a
+  // descriptor that the view answered in direct-I/O mode (-o
+  // uncached_writes), and the read-only one through the view's page cache.
   bool loop_direct_io = false;
 };
 

@@ -1,5 +1,7 @@
-// Where the default readahead comes from: DeviceReadahead on sysfs trees
-// laid out as the kernel lays them out. The mount-level behaviour (a view
+// Where the readahead for loop devices comes from: DeviceReadahead on sysfs
+// trees laid out as the kernel lays them out; and LoopReadahead's count of
+// the loop devices' descriptors, on a file that stands in for the mount's
+// read_ahead_kb. The mount-level behaviour (a view
 // over an image on a loop device whose readahead was set) is in
 // tests/cli/mount_options_test.cc.
 
@@ -11,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <string>
 
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
@@ -78,6 +81,40 @@ TEST_F(DeviceReadaheadTest, AFileWithoutANumberIsAnError) {
   absl::StatusOr<uint64_t> bytes = DeviceReadahead(makedev(8, 0), sysfs_);
   ASSERT_FALSE(bytes.ok());
   EXPECT_NE(bytes.status().message().find("class/bdi/8:0/read_ahead_kb"), std::string::npos) << bytes.status();
+}
+
+// The first open raises, only the last release lowers; a release that
+// nothing opened changes nothing.
+TEST(LoopReadaheadTest, RaisedFromTheFirstOpenToTheLastRelease) {
+  ASSERT_OK_AND_ASSIGN(test::TempDir dir, test::TempDir::Create("knob"));
+  const std::string knob = dir.path() + "/read_ahead_kb";
+  const auto kb = [&] {
+    std::ifstream in(knob);
+    std::string text;
+    std::getline(in, text);
+    return text;
+  };
+  std::ofstream(knob) << "1024\n";
+  LoopReadahead readahead(knob, uint64_t{1} << 20, uint64_t{8} << 20);
+  EXPECT_EQ(readahead.raised(), uint64_t{8} << 20);
+  ASSERT_OK(readahead.Released());
+  EXPECT_EQ(kb(), "1024");
+  ASSERT_OK(readahead.Opened());
+  EXPECT_EQ(kb(), "8192");
+  ASSERT_OK(readahead.Opened());
+  ASSERT_OK(readahead.Released());
+  EXPECT_EQ(kb(), "8192") << "one loop device's descriptor is still open";
+  ASSERT_OK(readahead.Released());
+  EXPECT_EQ(kb(), "1024");
+}
+
+TEST(LoopReadaheadTest, AFailedWriteNamesTheKnob) {
+  ASSERT_OK_AND_ASSIGN(test::TempDir dir, test::TempDir::Create("knob"));
+  const std::string knob = dir.path() + "/no/such/read_ahead_kb";
+  LoopReadahead readahead(knob, uint64_t{1} << 20, uint64_t{4} << 20);
+  absl::Status status = readahead.Opened();
+  ASSERT_FALSE(status.ok());
+  EXPECT_NE(status.message().find(knob), std::string::npos) << status;
 }
 
 }  // namespace
