@@ -275,8 +275,8 @@ Task<void> Open(fuse_req_t req, View& view, fuse_file_info fi) {
       }
       if (direct_io) {
         Log(LogLevel::kInfo, absl::StrFormat("%s (pid %d) opened the view for a loop device: its reads and writes "
-                                             "bypass the view's page cache (-o uncached_loops)",
-                                             name, pid));
+                                             "bypass the view's page cache (-o %s)",
+                                             name, pid, m.loops_uncached ? "uncached_loops" : "uncached_writes"));
       } else if (m.loop_readahead != nullptr) {
         // Before the answer: the kernel gives the file the mount's
         // readahead once the open has succeeded.
