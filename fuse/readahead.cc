@@ -94,8 +94,10 @@ absl::Status LoopReadahead::Opened() {
   std::lock_guard lock(mu_);
   // Written every time, not only by the first: it costs a sysfs write per
   // loop device attached, and a value changed meanwhile is put back.
-  ++open_;
-  return SetReadahead(knob_, raised_);
+  absl::Status set = SetReadahead(knob_, raised_);
+  // One that failed is not counted: its descriptor will not call Released().
+  if (set.ok()) ++open_;
+  return set;
 }
 
 absl::Status LoopReadahead::Released() {

@@ -89,7 +89,8 @@ class LoopReadahead {
       : knob_(std::move(knob)), usual_(usual), raised_(raised) {}
 
   // Before answering the open of such a descriptor: the kernel gives the
-  // file the mount's readahead after the answer.
+  // file the mount's readahead after the answer. Counted only if it
+  // succeeds.
   absl::Status Opened();
   // At the release of one that Opened() counted.
   absl::Status Released();

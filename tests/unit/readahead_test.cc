@@ -8,7 +8,9 @@
 #include "readahead.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -115,6 +117,30 @@ TEST(LoopReadaheadTest, AFailedWriteNamesTheKnob) {
   absl::Status status = readahead.Opened();
   ASSERT_FALSE(status.ok());
   EXPECT_NE(status.message().find(knob), std::string::npos) << status;
+}
+
+// An open whose raise failed is not counted, so the next release that
+// ends the last counted one still lowers the readahead.
+TEST(LoopReadaheadTest, AFailedRaiseIsNotCounted) {
+  ASSERT_OK_AND_ASSIGN(test::TempDir dir, test::TempDir::Create("knob"));
+  const std::string knob = dir.path() + "/read_ahead_kb";
+  const auto kb = [&] {
+    std::ifstream in(knob);
+    std::string text;
+    std::getline(in, text);
+    return text;
+  };
+  std::ofstream(knob) << "1024\n";
+  LoopReadahead readahead(knob, uint64_t{1} << 20, uint64_t{4} << 20);
+  ASSERT_OK(readahead.Opened());
+  // The knob made unwritable (a directory in its place), then restored.
+  ASSERT_EQ(unlink(knob.c_str()), 0);
+  ASSERT_EQ(mkdir(knob.c_str(), 0700), 0);
+  EXPECT_FALSE(readahead.Opened().ok());
+  ASSERT_EQ(rmdir(knob.c_str()), 0);
+  std::ofstream(knob) << "4096\n";
+  ASSERT_OK(readahead.Released());
+  EXPECT_EQ(kb(), "1024") << "the failed open was counted";
 }
 
 }  // namespace
