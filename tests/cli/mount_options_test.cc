@@ -898,6 +898,7 @@ TEST_F(MountOptionsTest, LoopDevicesReadAheadAsFarAsTheDiskUnderTheImage) {
   }
   const std::string view = Path("view.raw");
   const std::string pidfile = Path("pid");
+  const std::string log = Path("daemon.log");
   for (const Case& c : cases) {
     SCOPED_TRACE(absl::StrCat("disk ", c.disk_kb, "K, -o ", absl::StrJoin(c.options, ","),
                               c.writable_loop ? ", writable loop device" : ", read-only loop device",
@@ -911,7 +912,9 @@ TEST_F(MountOptionsTest, LoopDevicesReadAheadAsFarAsTheDiskUnderTheImage) {
         shim.emplace(QCOW2FUSE_UNAME_SHIM);
         release.emplace("QCOW2FUSE_TEST_KERNEL_RELEASE", "6.12.48+deb13-amd64");
       }
-      ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, c.options));
+      std::vector<std::string> options = c.options;
+      options.push_back("log=" + log);
+      ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, options));
       ASSERT_TRUE(run.status.success()) << run.Describe();
       EXPECT_EQ(run.stderr_text, "") << run.Describe();
     }
@@ -938,6 +941,14 @@ TEST_F(MountOptionsTest, LoopDevicesReadAheadAsFarAsTheDiskUnderTheImage) {
     EXPECT_EQ(after, c.mounted_kb) << "after the loop device is gone";
     EXPECT_OK(CompareFiles(view, twin));
     UnmountWithU(view, guard);
+    // The raise is logged with the loop device's opener.
+    ASSERT_OK_AND_ASSIGN(std::string logged, ReadFile(log));
+    const std::string opener = "losetup (pid ";
+    const std::string reads_ahead = absl::StrCat("the view reads ahead ", c.with_loop_kb, " KiB");
+    EXPECT_EQ(absl::StrContains(logged, reads_ahead) && absl::StrContains(logged, opener),
+              c.with_loop_kb != c.mounted_kb)
+        << logged;
+    unlink(log.c_str());
   }
   EXPECT_OK(CheckImage(image));
   ASSERT_OK(mounted->Unmount());
