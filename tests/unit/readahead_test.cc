@@ -85,34 +85,45 @@ TEST_F(DeviceReadaheadTest, AFileWithoutANumberIsAnError) {
   EXPECT_NE(bytes.status().message().find("class/bdi/8:0/read_ahead_kb"), std::string::npos) << bytes.status();
 }
 
-// The first open raises, only the last release lowers; a release that
-// nothing opened changes nothing.
-TEST(LoopReadaheadTest, RaisedFromTheFirstOpenToTheLastRelease) {
-  ASSERT_OK_AND_ASSIGN(test::TempDir dir, test::TempDir::Create("knob"));
-  const std::string knob = dir.path() + "/read_ahead_kb";
-  const auto kb = [&] {
-    std::ifstream in(knob);
+// A file in the same kind of temporary directory stands in for the
+// mount's read_ahead_kb.
+class LoopReadaheadTest : public DeviceReadaheadTest {
+ protected:
+  void SetUp() override {
+    DeviceReadaheadTest::SetUp();
+    knob_ = sysfs_ + "/read_ahead_kb";
+    Put("read_ahead_kb", "1024\n");
+  }
+
+  // The knob's first line.
+  std::string Kb() const {
+    std::ifstream in(knob_);
     std::string text;
     std::getline(in, text);
     return text;
-  };
-  std::ofstream(knob) << "1024\n";
-  LoopReadahead readahead(knob, uint64_t{1} << 20, uint64_t{8} << 20);
+  }
+
+  std::string knob_;
+};
+
+// The first open raises, only the last release lowers; a release that
+// nothing opened changes nothing.
+TEST_F(LoopReadaheadTest, RaisedFromTheFirstOpenToTheLastRelease) {
+  LoopReadahead readahead(knob_, uint64_t{1} << 20, uint64_t{8} << 20);
   EXPECT_EQ(readahead.raised(), uint64_t{8} << 20);
   ASSERT_OK(readahead.Released());
-  EXPECT_EQ(kb(), "1024");
+  EXPECT_EQ(Kb(), "1024");
   ASSERT_OK(readahead.Opened());
-  EXPECT_EQ(kb(), "8192");
+  EXPECT_EQ(Kb(), "8192");
   ASSERT_OK(readahead.Opened());
   ASSERT_OK(readahead.Released());
-  EXPECT_EQ(kb(), "8192") << "one loop device's descriptor is still open";
+  EXPECT_EQ(Kb(), "8192") << "one loop device's descriptor is still open";
   ASSERT_OK(readahead.Released());
-  EXPECT_EQ(kb(), "1024");
+  EXPECT_EQ(Kb(), "1024");
 }
 
-TEST(LoopReadaheadTest, AFailedWriteNamesTheKnob) {
-  ASSERT_OK_AND_ASSIGN(test::TempDir dir, test::TempDir::Create("knob"));
-  const std::string knob = dir.path() + "/no/such/read_ahead_kb";
+TEST_F(LoopReadaheadTest, AFailedWriteNamesTheKnob) {
+  const std::string knob = sysfs_ + "/no/such/read_ahead_kb";
   LoopReadahead readahead(knob, uint64_t{1} << 20, uint64_t{4} << 20);
   absl::Status status = readahead.Opened();
   ASSERT_FALSE(status.ok());
@@ -121,26 +132,17 @@ TEST(LoopReadaheadTest, AFailedWriteNamesTheKnob) {
 
 // An open whose raise failed is not counted, so the next release that
 // ends the last counted one still lowers the readahead.
-TEST(LoopReadaheadTest, AFailedRaiseIsNotCounted) {
-  ASSERT_OK_AND_ASSIGN(test::TempDir dir, test::TempDir::Create("knob"));
-  const std::string knob = dir.path() + "/read_ahead_kb";
-  const auto kb = [&] {
-    std::ifstream in(knob);
-    std::string text;
-    std::getline(in, text);
-    return text;
-  };
-  std::ofstream(knob) << "1024\n";
-  LoopReadahead readahead(knob, uint64_t{1} << 20, uint64_t{4} << 20);
+TEST_F(LoopReadaheadTest, AFailedRaiseIsNotCounted) {
+  LoopReadahead readahead(knob_, uint64_t{1} << 20, uint64_t{4} << 20);
   ASSERT_OK(readahead.Opened());
   // The knob made unwritable (a directory in its place), then restored.
-  ASSERT_EQ(unlink(knob.c_str()), 0);
-  ASSERT_EQ(mkdir(knob.c_str(), 0700), 0);
+  ASSERT_EQ(unlink(knob_.c_str()), 0);
+  ASSERT_EQ(mkdir(knob_.c_str(), 0700), 0);
   EXPECT_FALSE(readahead.Opened().ok());
-  ASSERT_EQ(rmdir(knob.c_str()), 0);
-  std::ofstream(knob) << "4096\n";
+  ASSERT_EQ(rmdir(knob_.c_str()), 0);
+  std::ofstream(knob_) << "4096\n";
   ASSERT_OK(readahead.Released());
-  EXPECT_EQ(kb(), "1024") << "the failed open was counted";
+  EXPECT_EQ(Kb(), "1024") << "the failed open was counted";
 }
 
 }  // namespace
