@@ -442,12 +442,12 @@ int Serve(const MountOptions& options, StartupReport& report) {
   // user other than root gets: worth a word only if they asked for more.
   std::optional<LoopReadahead> loop_readahead;
   absl::StatusOr<std::string> readahead_knob = MountReadaheadKnob(*mountpoint);
-  absl::Status readahead_set = readahead_knob.status();
-  if (readahead_set.ok()) readahead_set = SetReadahead(*readahead_knob, state.readahead);
-  if (!readahead_set.ok() && options.readahead_set) {
-    warnings.push_back(absl::StrFormat("readahead stays at the kernel's default: %s", readahead_set.message()));
+  absl::Status readahead_written = readahead_knob.status();
+  if (readahead_written.ok()) readahead_written = SetReadahead(*readahead_knob, state.readahead);
+  if (!readahead_written.ok() && options.readahead_set) {
+    warnings.push_back(absl::StrFormat("readahead stays at the kernel's default: %s", readahead_written.message()));
   }
-  if (readahead_set.ok() && !options.readahead_set) {
+  if (readahead_written.ok() && !options.readahead_set) {
     if (const uint64_t deeper = LoopDeviceReadahead(image_fds); deeper > state.readahead) {
       state.loop_readahead = &loop_readahead.emplace(*readahead_knob, state.readahead, deeper);
     }
