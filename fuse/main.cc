@@ -452,6 +452,16 @@ int Serve(const MountOptions& options, StartupReport& report) {
       state.loop_readahead = &loop_readahead.emplace(*readahead_knob, state.readahead, deeper);
     }
   }
+  // Loop devices attached over the views do direct I/O (loop_direct_io.h).
+  // Outlives the session: a switch under way ends, at the latest, when the
+  // session's end fails the requests it waits for.
+  std::optional<LoopDirectIo> loop_direct_io;
+  if (options.loop_direct_io && geteuid() == 0) {
+    if (absl::StatusOr<std::optional<MountEntry>> entry = FindMount(*mountpoint);
+        entry.ok() && entry->has_value() && (*entry)->fs_type == kViewFsType) {
+      state.loop_direct_io = &loop_direct_io.emplace((*entry)->dev_major, (*entry)->dev_minor);
+    }
+  }
   RouteLibfuseLog();
   // Before libfuse reads INIT, whose reply asks for io_uring. Destroyed
   // after the session, whose I/O hooks lead to it.

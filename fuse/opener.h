@@ -1,5 +1,10 @@
 // Who opens a view: the program behind an OPEN request.
 //
+// Such an open is the hint that a loop device is about to be bound over
+// the view, which the daemon then switches to direct I/O
+// (loop_direct_io.h). What follows is for a loop device that stays
+// buffered (-o loop_direct_io=off, or a daemon that is not root).
+//
 // A loop device over the view reads and writes it through the view's page
 // cache unless the view says otherwise at OPEN. For its writes that cache
 // is a copy too many: the guest file system on the loop device caches its

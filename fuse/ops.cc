@@ -268,6 +268,8 @@ Task<void> Open(fuse_req_t req, View& view, fuse_file_info fi) {
   if (!(fi.flags & O_DIRECT)) {
     const pid_t pid = fuse_req_ctx(req)->pid;
     if (const std::string name = ProcessName(pid); AttachesLoopDevices(name)) {
+      // Its device, once bound, is switched to direct I/O (loop_direct_io.h).
+      if (m.loop_direct_io != nullptr) m.loop_direct_io->Watch();
       if (m.loops_uncached) {
         direct_io = true;
       } else if (m.loops_by_page) {

@@ -30,6 +30,7 @@
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/scheduler.h"
 #include "invalidator.h"
+#include "loop_direct_io.h"
 #include "readahead.h"
 #include "view_table.h"
 
@@ -83,6 +84,10 @@ struct MountState {
   // its page cache (readahead.h); null where -o readahead fixed it, where
   // the daemon cannot set it, or where it would not be deeper.
   LoopReadahead* loop_readahead = nullptr;
+  // Switches loop devices over the views to direct I/O (loop_direct_io.h);
+  // null under -o loop_direct_io=off or where the mount's device number is
+  // unknown.
+  LoopDirectIo* loop_direct_io = nullptr;
   // Called once, when the kernel's INIT has been answered: the mount is live.
   std::function<void()> on_ready;
 };

@@ -35,7 +35,7 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
     "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes",
-    "uncached_writes", "uncached_loops", "splice_reads", "io_uring", "readahead", "backing", "backing_format",
+    "uncached_writes", "uncached_loops", "loop_direct_io", "splice_reads", "io_uring", "readahead", "backing", "backing_format",
     "overlay", "volatile",
 };
 
@@ -87,6 +87,7 @@ bool MountOptions::*SwitchField(std::string_view key) {
       {"parallel_direct_writes", &MountOptions::parallel_direct_writes},
       {"uncached_writes", &MountOptions::uncached_writes},
       {"uncached_loops", &MountOptions::uncached_loops},
+      {"loop_direct_io", &MountOptions::loop_direct_io},
       {"splice_reads", &MountOptions::splice_reads},
       {"io_uring", &MountOptions::io_uring},
   };
@@ -420,6 +421,10 @@ const char* UsageText() {
          "                         6.15+; default off: a read-only one is cached\n"
          "                         and read ahead, which gathers the guest file\n"
          "                         system's small reads)\n"
+         "  -o loop_direct_io=on|off\n"
+         "                         switch a loop device over the view to direct\n"
+         "                         I/O, as losetup --direct-io=on would, right\n"
+         "                         after it is attached (root; default on)\n"
          "  -o splice_reads=on|off large reads of stored data go from the image file\n"
          "                         to the reader without a copy in the daemon\n"
          "                         (default on)\n"

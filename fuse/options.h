@@ -64,6 +64,9 @@ struct MountOptions {
   // -o uncached_loops: descriptors opened by a program that attaches loop
   // devices bypass it too, read-only ones included (opener.h).
   bool uncached_loops = false;
+  // -o loop_direct_io: loop devices attached over a view are switched to
+  // direct I/O (loop_direct_io.h).
+  bool loop_direct_io = true;
   // -o splice_reads: large reads of data clusters are spliced from the
   // image file to the reader (spliced_reply.h).
   bool splice_reads = true;

@@ -156,6 +156,7 @@ TEST_F(MountOptionsTest, UsageErrorsAreOneLineNamingTheArgument) {
       {{"-o", "parallel_direct_writes=yes"}, {"parallel_direct_writes must be on or off", "'yes'"}},
       {{"-o", "uncached_writes=maybe"}, {"uncached_writes must be on or off", "'maybe'"}},
       {{"-o", "uncached_loops=auto"}, {"uncached_loops must be on or off", "'auto'"}},
+      {{"-o", "loop_direct_io=yes"}, {"loop_direct_io must be on or off", "'yes'"}},
       {{"-o", "splice_reads=1"}, {"splice_reads must be on or off", "'1'"}},
       {{"-o", "io_uring=yes"}, {"io_uring must be on or off", "'yes'"}},
       {{"-o", "readahead=5000"}, {"readahead must be a multiple of 4K from 0 to 16M", "'5000'"}},
@@ -718,6 +719,9 @@ TEST_F(MountOptionsTest, UncachedLoopsKeepLoopDevicesOutOfThePageCache) {
     unlink(log.c_str());
     std::vector<std::string> options = c.options;
     options.push_back("log=" + log);
+    // What the descriptors leave in the cache, before any switch of the
+    // loop device to direct I/O (the test after next) could change it.
+    options.push_back("loop_direct_io=off");
     DaemonGuard guard(view, pidfile);
     ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, options));
     ASSERT_TRUE(run.status.success()) << run.Describe();
@@ -798,7 +802,7 @@ TEST_F(MountOptionsTest, LoopDevicesKeepThePageCacheBeforeLinux615) {
   {
     ScopedPreload shim(QCOW2FUSE_UNAME_SHIM);
     ScopedEnv release("QCOW2FUSE_TEST_KERNEL_RELEASE", "6.12.48+deb13-amd64");
-    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, {}));
+    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, {"loop_direct_io=off"}));
     ASSERT_TRUE(run.status.success()) << run.Describe();
   }
   ScopedFd reader(open(view.c_str(), O_RDONLY | O_CLOEXEC));
@@ -828,6 +832,110 @@ TEST_F(MountOptionsTest, LoopDevicesKeepThePageCacheBeforeLinux615) {
   EXPECT_OK(CheckImage(image));
   ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
   EXPECT_OK(CompareFiles(Path("after.raw"), twin));
+}
+
+// A loop device attached without --direct-io over the view, read-only or
+// writable, by `losetup` or by `mount -o loop`, is switched to direct I/O
+// by the daemon a moment after it is bound (loop_direct_io.h), and the log
+// names it; under -o loop_direct_io=off it stays buffered. Either way the
+// bytes read through it are the image's, those written through it reach
+// the image, and the image checks clean.
+TEST_F(MountOptionsTest, LoopDevicesOverTheViewAreSwitchedToDirectIo) {
+  if (std::string reason = LoopUnavailableReason(); !reason.empty()) GTEST_SKIP() << reason;
+  constexpr uint64_t kFsSize = 16 * kMiB;
+  constexpr uint64_t kWriteAt = 12 * kMiB;  // past the ext4's files
+  constexpr size_t kWriteLength = 512 << 10;
+  const std::string tree = Path("tree");
+  const std::string twin = Path("fs.raw");
+  const std::string image = Path("fs.qcow2");
+  const std::string mount_dir = Path("mnt");
+  const std::string content(3 * kMiB, 'c');
+  ASSERT_TRUE(fs::create_directory(tree));
+  ASSERT_TRUE(fs::create_directory(mount_dir));
+  ASSERT_OK(WriteFileAt(tree + "/file", 0, content));
+  ASSERT_OK(CreateImage(twin, "raw", kFsSize));
+  ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", "-d", tree, twin}));
+  ASSERT_OK(ConvertImage(twin, "raw", image, "qcow2"));
+
+  const std::string log = Path("daemon.log");
+  // The loop device's mode as sysfs shows it: "1" for direct I/O.
+  const auto dio = [](const std::string& device) {
+    absl::StatusOr<std::string> text =
+        ReadFile(absl::StrCat("/sys/block/", device.substr(device.rfind('/') + 1), "/loop/dio"));
+    return text.ok() ? std::string(absl::StripAsciiWhitespace(*text)) : std::string("(unreadable)");
+  };
+  // Whether it says "1" within 10 s.
+  const auto becomes_direct = [&](const std::string& device) {
+    for (int i = 0; i < 1000 && dio(device) != "1"; ++i) usleep(10 * 1000);
+    return dio(device) == "1";
+  };
+  const auto logged_switch = [&](const std::string& device) {
+    absl::StatusOr<std::string> text = ReadFile(log);
+    return text.ok() && absl::StrContains(*text, device + " reads and writes the view with direct I/O now");
+  };
+  char stamp = 'a';
+  for (const bool on : {true, false}) {
+    for (const bool writable : {false, true}) {
+      SCOPED_TRACE(absl::StrCat(on ? "loop_direct_io=on" : "loop_direct_io=off", writable ? ", writable" : ", ro"));
+      unlink(log.c_str());
+      std::vector<std::string> options = {"log=" + log, on ? "loop_direct_io=on" : "loop_direct_io=off"};
+      if (!writable) options.push_back("ro");
+      const std::string view = Path("view.raw");
+      const std::string pidfile = Path("pid");
+      DaemonGuard guard(view, pidfile);
+      ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, options));
+      ASSERT_TRUE(run.status.success()) << run.Describe();
+
+      std::string device;
+      {
+        ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(view, /*read_only=*/!writable));
+        device = loop->device();
+        if (on) {
+          EXPECT_TRUE(becomes_direct(device)) << device << " still does buffered I/O";
+        } else {
+          usleep(500 * 1000);  // fifty times the daemon's polling interval
+          EXPECT_EQ(dio(device), "0") << device << " was switched although the option is off";
+        }
+        ScopedFd fd(open(device.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC));
+        ASSERT_GE(fd.get(), 0) << strerror(errno);
+        if (writable) {
+          const std::string bytes(kWriteLength, stamp++);
+          EXPECT_EQ(pwrite(fd.get(), bytes.data(), bytes.size(), kWriteAt), static_cast<ssize_t>(bytes.size()))
+              << strerror(errno);
+          EXPECT_EQ(fsync(fd.get()), 0) << strerror(errno);
+          ASSERT_OK(WriteFileAt(twin, kWriteAt, bytes));
+        }
+        ASSERT_OK_AND_ASSIGN(std::string expected, ReadFile(twin));
+        std::string back(kFsSize, '\0');
+        EXPECT_EQ(pread(fd.get(), back.data(), back.size(), 0), static_cast<ssize_t>(kFsSize)) << strerror(errno);
+        EXPECT_TRUE(back == expected) << "the bytes read through " << device << " are not the image's";
+      }
+      EXPECT_TRUE(WaitUntilDetached(device)) << device << " still attached";
+      EXPECT_EQ(logged_switch(device), on) << "the log on the switch of " << device;
+
+      EXPECT_OK(CompareFiles(view, twin));
+      // mount -o loop attaches the device itself (read-only, so that the
+      // twin stays the image's).
+      {
+        ASSERT_OK_AND_ASSIGN(std::unique_ptr<KernelMount> ext4, KernelMount::Mount(view, mount_dir, "ext4", "loop,ro"));
+        ASSERT_OK_AND_ASSIGN(std::string source, RunChecked({"findmnt", "-n", "-o", "SOURCE", mount_dir}));
+        source = std::string(absl::StripAsciiWhitespace(source));
+        if (on) {
+          EXPECT_TRUE(becomes_direct(source)) << source << " (mount -o loop) still does buffered I/O";
+        } else {
+          EXPECT_EQ(dio(source), "0") << source << " (mount -o loop)";
+        }
+        ASSERT_OK_AND_ASSIGN(std::string file, ReadFile(mount_dir + "/file"));
+        EXPECT_TRUE(file == content) << "the file read back through mount -o loop differs";
+        ASSERT_OK(ext4->Unmount());
+        EXPECT_TRUE(WaitUntilDetached(source)) << source << " still attached";
+      }
+      UnmountWithU(view, guard);
+      EXPECT_OK(CheckImage(image));
+      ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
+      EXPECT_OK(CompareFiles(Path("after.raw"), twin));
+    }
+  }
 }
 
 // The kernel starts a FUSE mount's readahead at 128 KiB, and INIT's
