@@ -35,8 +35,8 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
     "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes",
-    "uncached_writes", "uncached_loops", "loop_direct_io", "splice_reads", "io_uring", "readahead", "backing", "backing_format",
-    "overlay", "volatile",
+    "uncached_writes", "uncached_loops", "loop_direct_io", "splice_reads", "io_uring", "readahead", "backing",
+    "backing_format", "overlay", "volatile",
 };
 
 // Standard mount options that mean nothing to a FUSE file system, or that
