@@ -23,8 +23,9 @@
 // to 432 ms (5 alternating runs each); cold sequential reads of
 // zstd-compressed and plain images were no slower with 1 MiB.
 //
-// A loop device reading through the view's cache (opener.h) is another
-// reader: a guest file system's reads wait on the view's readahead, and
+// A loop device reading through the view's cache (opener.h; one the
+// daemon leaves buffered, -o loop_direct_io=off, see loop_direct_io.h) is
+// another reader: a guest file system's reads wait on the view's readahead, and
 // the deeper it is the fewer they wait. For it the view reads ahead as far
 // as the kernel reads ahead of a raw file on the disk that holds the
 // image, so that they wait as seldom as they would there: on a disk that

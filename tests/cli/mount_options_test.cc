@@ -96,6 +96,17 @@ class MountOptionsTest : public TempDirTest {
     ASSERT_OK(ConvertToRaw(image, twin));
   }
 
+  // An ext4 of `size` bytes whose one file, "file", holds `content`: the
+  // raw disk `twin` and its qcow2 copy `image`.
+  void MakeExt4Image(const std::string& image, const std::string& twin, uint64_t size, const std::string& content) {
+    const std::string tree = Path("tree");
+    ASSERT_TRUE(fs::create_directory(tree));
+    ASSERT_OK(WriteFileAt(tree + "/file", 0, content));
+    ASSERT_OK(CreateImage(twin, "raw", size));
+    ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", "-d", tree, twin}));
+    ASSERT_OK(ConvertImage(twin, "raw", image, "qcow2"));
+  }
+
   // Mounts `image` with -o `options` and expects the mount's readahead to
   // be `kb` KiB, the view to read as `twin`, and no word on stderr.
   void ExpectReadahead(const std::string& image, const std::string& twin, const std::vector<std::string>& options,
@@ -671,18 +682,14 @@ TEST_F(MountOptionsTest, UncachedLoopsKeepLoopDevicesOutOfThePageCache) {
   // mounted over those.
   constexpr uint64_t kWriteAt = 12 * kMiB;
   constexpr size_t kWriteLength = 512 << 10;
-  const std::string tree = Path("tree");
   const std::string raw = Path("fs.raw");
   const std::string image = Path("fs.qcow2");
   const std::string mount_dir = Path("mnt");
   std::string content(kFileSize, '\0');
   for (size_t i = 0; i < content.size(); ++i) content[i] = static_cast<char>(i * 7 % 251);
-  ASSERT_TRUE(fs::create_directory(tree));
   ASSERT_TRUE(fs::create_directory(mount_dir));
-  ASSERT_OK(WriteFileAt(tree + "/file", 0, content));
-  ASSERT_OK(CreateImage(raw, "raw", kFsSize));
-  ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", "-d", tree, raw}));
-  ASSERT_OK(ConvertImage(raw, "raw", image, "qcow2"));
+  MakeExt4Image(image, raw, kFsSize, content);
+  if (HasFatalFailure()) return;
 
   struct Case {
     std::vector<std::string> options;
@@ -845,29 +852,19 @@ TEST_F(MountOptionsTest, LoopDevicesOverTheViewAreSwitchedToDirectIo) {
   constexpr uint64_t kFsSize = 16 * kMiB;
   constexpr uint64_t kWriteAt = 12 * kMiB;  // past the ext4's files
   constexpr size_t kWriteLength = 512 << 10;
-  const std::string tree = Path("tree");
   const std::string twin = Path("fs.raw");
   const std::string image = Path("fs.qcow2");
   const std::string mount_dir = Path("mnt");
   const std::string content(3 * kMiB, 'c');
-  ASSERT_TRUE(fs::create_directory(tree));
   ASSERT_TRUE(fs::create_directory(mount_dir));
-  ASSERT_OK(WriteFileAt(tree + "/file", 0, content));
-  ASSERT_OK(CreateImage(twin, "raw", kFsSize));
-  ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", "-d", tree, twin}));
-  ASSERT_OK(ConvertImage(twin, "raw", image, "qcow2"));
+  MakeExt4Image(image, twin, kFsSize, content);
+  if (HasFatalFailure()) return;
 
   const std::string log = Path("daemon.log");
-  // The loop device's mode as sysfs shows it: "1" for direct I/O.
-  const auto dio = [](const std::string& device) {
-    absl::StatusOr<std::string> text =
-        ReadFile(absl::StrCat("/sys/block/", device.substr(device.rfind('/') + 1), "/loop/dio"));
-    return text.ok() ? std::string(absl::StripAsciiWhitespace(*text)) : std::string("(unreadable)");
-  };
-  // Whether it says "1" within 10 s.
-  const auto becomes_direct = [&](const std::string& device) {
-    for (int i = 0; i < 1000 && dio(device) != "1"; ++i) usleep(10 * 1000);
-    return dio(device) == "1";
+  // Whether the loop device does direct I/O within 10 s.
+  const auto becomes_direct = [](const std::string& device) {
+    for (int i = 0; i < 1000 && LoopDioFlag(device) != "1"; ++i) usleep(10 * 1000);
+    return LoopDioFlag(device) == "1";
   };
   const auto logged_switch = [&](const std::string& device) {
     absl::StatusOr<std::string> text = ReadFile(log);
@@ -876,9 +873,10 @@ TEST_F(MountOptionsTest, LoopDevicesOverTheViewAreSwitchedToDirectIo) {
   char stamp = 'a';
   for (const bool on : {true, false}) {
     for (const bool writable : {false, true}) {
-      SCOPED_TRACE(absl::StrCat(on ? "loop_direct_io=on" : "loop_direct_io=off", writable ? ", writable" : ", ro"));
+      SCOPED_TRACE(absl::StrCat(on ? "by default" : "loop_direct_io=off", writable ? ", writable" : ", ro"));
       unlink(log.c_str());
-      std::vector<std::string> options = {"log=" + log, on ? "loop_direct_io=on" : "loop_direct_io=off"};
+      std::vector<std::string> options = {"log=" + log};
+      if (!on) options.push_back("loop_direct_io=off");
       if (!writable) options.push_back("ro");
       const std::string view = Path("view.raw");
       const std::string pidfile = Path("pid");
@@ -894,7 +892,7 @@ TEST_F(MountOptionsTest, LoopDevicesOverTheViewAreSwitchedToDirectIo) {
           EXPECT_TRUE(becomes_direct(device)) << device << " still does buffered I/O";
         } else {
           usleep(500 * 1000);  // fifty times the daemon's polling interval
-          EXPECT_EQ(dio(device), "0") << device << " was switched although the option is off";
+          EXPECT_EQ(LoopDioFlag(device), "0") << device << " was switched although the option is off";
         }
         ScopedFd fd(open(device.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC));
         ASSERT_GE(fd.get(), 0) << strerror(errno);
@@ -923,7 +921,7 @@ TEST_F(MountOptionsTest, LoopDevicesOverTheViewAreSwitchedToDirectIo) {
         if (on) {
           EXPECT_TRUE(becomes_direct(source)) << source << " (mount -o loop) still does buffered I/O";
         } else {
-          EXPECT_EQ(dio(source), "0") << source << " (mount -o loop)";
+          EXPECT_EQ(LoopDioFlag(source), "0") << source << " (mount -o loop)";
         }
         ASSERT_OK_AND_ASSIGN(std::string file, ReadFile(mount_dir + "/file"));
         EXPECT_TRUE(file == content) << "the file read back through mount -o loop differs";
@@ -965,9 +963,11 @@ TEST_F(MountOptionsTest, ReadaheadIsSetOnTheMount) {
 // the loop device is gone: here an ext4 on a loop device, its readahead
 // set through sysfs before each mount, as `blockdev --setra` would. The
 // daemon told by the uname shim that it runs Linux 6.12 raises it for a
-// writable loop device too. A loop device in direct-I/O mode (-o
-// uncached_loops) and an explicit -o readahead leave it as it is. The
-// bytes read through the loop device are the image's each time.
+// writable loop device too. All that with -o loop_direct_io=off: a loop
+// device the daemon switches to direct I/O (the default), one whose
+// descriptor is in direct-I/O mode (-o uncached_loops) and an explicit -o
+// readahead leave it as it is. The bytes read through the loop device are
+// the image's each time.
 TEST_F(MountOptionsTest, LoopDevicesReadAheadAsFarAsTheDiskUnderTheImage) {
   if (const std::string why = LoopUnavailableReason(); !why.empty()) GTEST_SKIP() << why;
   const std::string disk = Path("disk.ext4");
@@ -993,17 +993,22 @@ TEST_F(MountOptionsTest, LoopDevicesReadAheadAsFarAsTheDiskUnderTheImage) {
     bool linux_6_12 = false;  // the daemon runs under the uname shim
   };
   const bool has_uncached_loops = KernelAtLeast(6, 15);
-  std::vector<Case> cases = {{4096, {"ro"}, false, 1024, 4096},
-                             {64, {"ro"}, false, 1024, 1024},
-                             {32768, {"ro"}, false, 1024, 16384},
-                             {2048, {}, false, 1024, 2048},
-                             {4096, {"ro", "readahead=256K"}, false, 256, 256},
-                             {4096, {}, true, 1024, 4096, /*linux_6_12=*/true}};
+  // The daemon leaves loop devices buffered, except in the last case.
+  const std::string buffered = "loop_direct_io=off";
+  std::vector<Case> cases = {{4096, {"ro", buffered}, false, 1024, 4096},
+                             {64, {"ro", buffered}, false, 1024, 1024},
+                             {32768, {"ro", buffered}, false, 1024, 16384},
+                             {2048, {buffered}, false, 1024, 2048},
+                             {4096, {"ro", "readahead=256K", buffered}, false, 256, 256},
+                             {4096, {buffered}, true, 1024, 4096, /*linux_6_12=*/true}};
   if (has_uncached_loops) {
-    cases.push_back({4096, {"ro", "uncached_loops=on"}, false, 1024, 1024});
+    cases.push_back({4096, {"ro", "uncached_loops=on", buffered}, false, 1024, 1024});
     // A writer is in direct-I/O mode under uncached_writes (on by default).
-    cases.push_back({4096, {}, true, 1024, 1024});
+    cases.push_back({4096, {buffered}, true, 1024, 1024});
   }
+  // By default the loop device is switched to direct I/O, and its reads
+  // bypass the view's page cache: nothing to read ahead for.
+  cases.push_back({4096, {"ro"}, false, 1024, 1024});
   const std::string view = Path("view.raw");
   const std::string pidfile = Path("pid");
   const std::string log = Path("daemon.log");

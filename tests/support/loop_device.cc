@@ -46,14 +46,19 @@ absl::StatusOr<std::unique_ptr<LoopDevice>> LoopDevice::Attach(
   if (direct_io) {
     // losetup falls back to buffered I/O, with only a warning, where the
     // file refuses O_DIRECT.
-    std::ifstream dio(absl::StrCat("/sys/block/", fs::path(device).filename().string(), "/loop/dio"));
-    std::string value;
-    if (!std::getline(dio, value) || value != "1") {
+    if (const std::string value = LoopDioFlag(device); value != "1") {
       return absl::FailedPreconditionError(
           absl::StrCat(device, " over ", file, " does buffered I/O, not direct I/O (loop/dio is '", value, "')"));
     }
   }
   return loop;
+}
+
+std::string LoopDioFlag(const std::string& device) {
+  std::ifstream dio(absl::StrCat("/sys/block/", fs::path(device).filename().string(), "/loop/dio"));
+  std::string value;
+  std::getline(dio, value);
+  return value;
 }
 
 bool WaitUntilDetached(const std::string& device) {

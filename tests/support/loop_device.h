@@ -31,6 +31,10 @@ std::string LoopUnavailableReason();
 // close. Whether it did.
 bool WaitUntilDetached(const std::string& device);
 
+// Loop device `device`'s mode as sysfs shows it (loop/dio): "1" for direct
+// I/O, "0" for buffered; empty if it is not attached or cannot be read.
+std::string LoopDioFlag(const std::string& device);
+
 // A loop device over a file (`losetup -f`), detached on destruction.
 class LoopDevice {
  public:
