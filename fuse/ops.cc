@@ -259,7 +259,8 @@ Task<void> Open(fuse_req_t req, View& view, fuse_file_info fi) {
   // only or not, it bypasses the view's page cache; otherwise it is as any
   // other, read-only ones cached and read ahead, writers not, unless the
   // loop driver goes a page at a time: then a page per round trip would be
-  // far slower than the cache, also for a writer. One that goes through
+  // far slower than the cache, also for a writer. Where the daemon leaves
+  // loop devices buffered (-o loop_direct_io=off), one that goes through
   // the cache has the mount read ahead as far as a raw file on the image's
   // disk would be (readahead.h). One opened with O_DIRECT (`losetup
   // --direct-io=on`) bypasses the cache anyway, in asynchronous requests
