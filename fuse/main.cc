@@ -438,30 +438,30 @@ int Serve(const MountOptions& options, StartupReport& report) {
                                          watcher.status().message()));
     }
   }
+  // The view's device number, from the mount table: a stat() of the mount
+  // point would be a request to this very daemon, which does not serve yet.
+  const absl::StatusOr<MountEntry> view_mount = FindViewMount(*mountpoint);
   // Loop devices attached over the views do direct I/O (loop_direct_io.h).
   // Outlives the session: a switch under way ends, at the latest, when the
   // session's end fails the requests it waits for.
   std::optional<LoopDirectIo> loop_direct_io;
-  if (options.loop_direct_io && geteuid() == 0) {
-    if (absl::StatusOr<std::optional<MountEntry>> entry = FindMount(*mountpoint);
-        entry.ok() && entry->has_value() && (*entry)->fs_type == kViewFsType) {
-      state.loop_direct_io = &loop_direct_io.emplace((*entry)->dev_major, (*entry)->dev_minor);
-    }
+  if (options.loop_direct_io && geteuid() == 0 && view_mount.ok()) {
+    state.loop_direct_io = &loop_direct_io.emplace(view_mount->dev_major, view_mount->dev_minor);
   }
   // Before INIT is answered (readahead.h). The kernel's 128 KiB is what a
   // user other than root gets: worth a word only if they asked for more.
   // A loop device switched to direct I/O does not read through the view's
   // page cache, so its opener raises nothing.
   std::optional<LoopReadahead> loop_readahead;
-  absl::StatusOr<std::string> readahead_knob = MountReadaheadKnob(*mountpoint);
-  absl::Status readahead_written = readahead_knob.status();
-  if (readahead_written.ok()) readahead_written = SetReadahead(*readahead_knob, state.readahead);
+  const std::string readahead_knob = view_mount.ok() ? MountReadaheadKnob(*view_mount) : "";
+  absl::Status readahead_written = view_mount.status();
+  if (readahead_written.ok()) readahead_written = SetReadahead(readahead_knob, state.readahead);
   if (!readahead_written.ok() && options.readahead_set) {
     warnings.push_back(absl::StrFormat("readahead stays at the kernel's default: %s", readahead_written.message()));
   }
   if (readahead_written.ok() && !options.readahead_set && state.loop_direct_io == nullptr) {
     if (const uint64_t deeper = LoopDeviceReadahead(image_fds); deeper > state.readahead) {
-      state.loop_readahead = &loop_readahead.emplace(*readahead_knob, state.readahead, deeper);
+      state.loop_readahead = &loop_readahead.emplace(readahead_knob, state.readahead, deeper);
     }
   }
   RouteLibfuseLog();

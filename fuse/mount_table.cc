@@ -91,6 +91,15 @@ absl::StatusOr<std::optional<MountEntry>> FindMount(const std::string& path) {
   return found;
 }
 
+absl::StatusOr<MountEntry> FindViewMount(const std::string& path) {
+  absl::StatusOr<std::optional<MountEntry>> mount = FindMount(path);
+  if (!mount.ok()) return mount.status();
+  if (!mount->has_value() || (*mount)->fs_type != kViewFsType) {
+    return absl::NotFoundError(absl::StrFormat("%s is not a qcow2fuse mount", path));
+  }
+  return **std::move(mount);
+}
+
 absl::StatusOr<std::string> CanonicalMountPath(const std::string& path) {
   if (path.empty()) return absl::InvalidArgumentError("empty path");
   std::string current = path;

@@ -39,6 +39,10 @@ absl::StatusOr<std::vector<MountEntry>> ReadMountTable();
 // The topmost mount at `path` (absolute and canonical), if any.
 absl::StatusOr<std::optional<MountEntry>> FindMount(const std::string& path);
 
+// The qcow2fuse mount at `path` (absolute and canonical); NotFound if the
+// topmost mount there is not one.
+absl::StatusOr<MountEntry> FindViewMount(const std::string& path);
+
 // `path` made absolute and canonical the way the kernel names a mount
 // point: the parent directory goes through realpath(), the last component
 // is kept as is (unless it is a symlink, which is followed). The last

@@ -85,8 +85,8 @@ struct MountState {
   // the daemon cannot set it, or where it would not be deeper.
   LoopReadahead* loop_readahead = nullptr;
   // Switches loop devices over the views to direct I/O (loop_direct_io.h);
-  // null under -o loop_direct_io=off or where the mount's device number is
-  // unknown.
+  // null under -o loop_direct_io=off, for a daemon that is not root, or
+  // where the mount's device number is unknown.
   LoopDirectIo* loop_direct_io = nullptr;
   // Called once, when the kernel's INIT has been answered: the mount is live.
   std::function<void()> on_ready;

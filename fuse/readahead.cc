@@ -66,15 +66,8 @@ uint64_t LoopDeviceReadahead(const std::vector<int>& fds) {
   return std::min(bytes, kMaxReadahead) / 4096 * 4096;
 }
 
-absl::StatusOr<std::string> MountReadaheadKnob(const std::string& mountpoint) {
-  // The device number from the mount table: a stat() of the mount point
-  // would be a request to this very daemon, which does not serve yet.
-  absl::StatusOr<std::optional<MountEntry>> mount = FindMount(mountpoint);
-  if (!mount.ok()) return mount.status();
-  if (!mount->has_value() || (*mount)->fs_type != kViewFsType) {
-    return absl::NotFoundError(absl::StrFormat("%s is not a qcow2fuse mount", mountpoint));
-  }
-  return absl::StrFormat("/sys/class/bdi/%u:%u/read_ahead_kb", (*mount)->dev_major, (*mount)->dev_minor);
+std::string MountReadaheadKnob(const MountEntry& mount) {
+  return absl::StrFormat("/sys/class/bdi/%u:%u/read_ahead_kb", mount.dev_major, mount.dev_minor);
 }
 
 absl::Status SetReadahead(const std::string& knob, uint64_t bytes) {

@@ -49,6 +49,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "mount_table.h"
 
 namespace qcow2fuse {
 
@@ -70,9 +71,9 @@ absl::StatusOr<uint64_t> DeviceReadahead(dev_t dev, const std::string& sysfs = "
 // least kMinDefaultReadahead, at most kMaxReadahead.
 uint64_t LoopDeviceReadahead(const std::vector<int>& fds);
 
-// The sysfs file that holds the readahead (in KiB) of the view mounted at
-// `mountpoint` (canonical, see CanonicalMountPath).
-absl::StatusOr<std::string> MountReadaheadKnob(const std::string& mountpoint);
+// The sysfs file that holds the readahead (in KiB) of the view's `mount`
+// (FindViewMount).
+std::string MountReadaheadKnob(const MountEntry& mount);
 
 // Sets the readahead that `knob` (MountReadaheadKnob) holds to `bytes`, a
 // multiple of 4 KiB. At mounting, call it before the kernel's INIT is
