@@ -149,6 +149,8 @@ depends=$(dpkg-deb -f "$deb" Depends)
 for d in fuse3 libfuse3-3 libc6; do
   [[ ", $depends," == *", $d"[\ ,]* ]] || fail "Depends lacks $d: $depends"
 done
+# Abseil is linked in (CMakeLists.txt says why).
+[[ $depends != *libabsl* ]] || fail "Depends names Abseil's shared objects: $depends"
 [[ -n $(files_in_deb "$dbgsym" | grep '^usr/lib/debug/\.build-id/.*\.debug$') ]] || fail "$dbgsym holds no debug file"
 ok "file list and dependencies"
 
