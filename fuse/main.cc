@@ -438,8 +438,10 @@ int Serve(const MountOptions& options, StartupReport& report) {
                                          watcher.status().message()));
     }
   }
-  // The view's device number, from the mount table: a stat() of the mount
-  // point would be a request to this very daemon, which does not serve yet.
+  // The view's mount, from the mount table (device number for the
+  // readahead knob, the loop switch and the unmount listener's name): a
+  // stat() of the mount point would be a request to this very daemon,
+  // which does not serve yet.
   const absl::StatusOr<MountEntry> view_mount = FindViewMount(*mountpoint);
   // Loop devices attached over the views do direct I/O (loop_direct_io.h).
   // Outlives the session: a switch under way ends, at the latest, when the
@@ -494,8 +496,9 @@ int Serve(const MountOptions& options, StartupReport& report) {
   // Listening starts before the view answers, so `qcow2fuse -u` finds the
   // daemon of any view it can see.
   std::unique_ptr<UnmountListener> unmount_listener;
-  if (absl::StatusOr<std::unique_ptr<UnmountListener>> listener = UnmountListener::Listen(*mountpoint);
-      listener.ok()) {
+  absl::StatusOr<std::unique_ptr<UnmountListener>> listener =
+      view_mount.ok() ? UnmountListener::Listen(*view_mount) : view_mount.status();
+  if (listener.ok()) {
     unmount_listener = *std::move(listener);
   } else {
     warnings.push_back(absl::StrFormat("qcow2fuse -u cannot wait for this daemon: %s", listener.status().message()));

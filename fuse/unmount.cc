@@ -191,18 +191,12 @@ void WaitForExit(const Daemon& daemon) {
 
 // ---------------------------------------------------------------- daemon --
 
-absl::StatusOr<std::unique_ptr<UnmountListener>> UnmountListener::Listen(const std::string& mount_point) {
-  absl::StatusOr<std::optional<MountEntry>> mount = FindMount(mount_point);
-  if (!mount.ok()) return mount.status();
-  if (!mount->has_value() || (*mount)->fs_type != kViewFsType) {
-    return absl::NotFoundError(absl::StrFormat("%s is not in /proc/self/mountinfo as a %s mount", mount_point,
-                                               kViewFsType));
-  }
+absl::StatusOr<std::unique_ptr<UnmountListener>> UnmountListener::Listen(const MountEntry& mount) {
   // Non-blocking: a client may give up between poll() and accept().
   const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return ErrnoStatus(errno, "socket");
   sockaddr_un addr;
-  const socklen_t length = SocketAddress(**mount, addr);
+  const socklen_t length = SocketAddress(mount, addr);
   // The device number of a mount that was just unmounted is reused at
   // once, and its daemon lets go of the name only when it sees the unmount
   // (ReleaseName): wait a little for it.

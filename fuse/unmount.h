@@ -33,16 +33,17 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "mount_table.h"
 
 namespace qcow2fuse {
 
 // The daemon's end: the listening socket of one mount.
 class UnmountListener {
  public:
-  // Listens for the mount at `mount_point` (canonical), which this process
-  // has just mounted. Errors say why `qcow2fuse -u` cannot wait for this
-  // daemon; the view works without it.
-  static absl::StatusOr<std::unique_ptr<UnmountListener>> Listen(const std::string& mount_point);
+  // Listens for `mount` (FindViewMount), which this process has just
+  // mounted. Errors say why `qcow2fuse -u` cannot wait for this daemon;
+  // the view works without it.
+  static absl::StatusOr<std::unique_ptr<UnmountListener>> Listen(const MountEntry& mount);
 
   // Stops listening; clients that wait learn nothing but the end.
   ~UnmountListener();
