@@ -59,14 +59,19 @@ class PosixFile final : public BlockFile {
   absl::StatusOr<uint64_t> NextHole(uint64_t offset) override { return Seek(offset, SEEK_HOLE); }
 
  private:
+  // What an error message says the failed call was. Built only when one
+  // failed: writes are the hot path, and a message costs an allocation.
+  std::string What(const char* verb, uint64_t offset, uint64_t length) const {
+    return absl::StrFormat("%s %s at offset %u, %u bytes", verb, name_, offset, length);
+  }
+
   absl::Status ReadSync(uint64_t offset, std::span<uint8_t> out) {
     size_t done = 0;
     while (done < out.size()) {
       ssize_t n = pread(fd_, out.data() + done, out.size() - done, offset + done);
       if (n < 0) {
         if (errno == EINTR) continue;
-        return ErrnoStatus(errno, absl::StrFormat("read %s at offset %u, %u bytes", name_,
-                                                  offset + done, out.size() - done));
+        return ErrnoStatus(errno, What("read", offset + done, out.size() - done));
       }
       if (n == 0) {  // end of file: the rest reads as zeros
         std::memset(out.data() + done, 0, out.size() - done);
@@ -78,25 +83,23 @@ class PosixFile final : public BlockFile {
   }
 
   absl::Status WriteSync(uint64_t offset, std::span<const uint8_t> data) {
-    const std::string what =
-        absl::StrFormat("write %s at offset %u, %u bytes", name_, offset, data.size());
-    if (!writable_) return RefuseReadOnly(what);
+    if (!writable_) return RefuseReadOnly(What("write", offset, data.size()));
     // Checked here because the kernel would see a negative off_t and say
     // EINVAL, which hides that the offset is simply too large.
-    if (offset > kMaxOffset || data.size() > kMaxOffset - offset) return ErrnoStatus(EFBIG, what);
+    if (offset > kMaxOffset || data.size() > kMaxOffset - offset) {
+      return ErrnoStatus(EFBIG, What("write", offset, data.size()));
+    }
     size_t done = 0;
     absl::Status status;
     while (done < data.size()) {
       ssize_t n = pwrite(fd_, data.data() + done, data.size() - done, offset + done);
       if (n < 0) {
         if (errno == EINTR) continue;
-        status = ErrnoStatus(errno, absl::StrFormat("write %s at offset %u, %u bytes", name_,
-                                                    offset + done, data.size() - done));
+        status = ErrnoStatus(errno, What("write", offset + done, data.size() - done));
         break;
       }
       if (n == 0) {  // pwrite makes no progress only on a broken device
-        status = ErrnoStatus(EIO, absl::StrFormat("write %s at offset %u, %u bytes", name_,
-                                                  offset + done, data.size() - done));
+        status = ErrnoStatus(EIO, What("write", offset + done, data.size() - done));
         break;
       }
       done += n;
@@ -118,9 +121,7 @@ class PosixFile final : public BlockFile {
   }
 
   absl::Status DiscardSync(uint64_t offset, uint64_t length) {
-    const std::string what =
-        absl::StrFormat("discard %s at offset %u, %u bytes", name_, offset, length);
-    if (!writable_) return RefuseReadOnly(what);
+    if (!writable_) return RefuseReadOnly(What("discard", offset, length));
     // KEEP_SIZE ignores the part past the end anyway; clamping also keeps
     // "discard to the end" (length UINT64_MAX) within off_t.
     const uint64_t size = size_.load();
@@ -132,7 +133,7 @@ class PosixFile final : public BlockFile {
       // A filesystem that cannot punch holes keeps the old bytes, which the
       // contract allows: discarding is advice.
       if (errno == EOPNOTSUPP || errno == ENOSYS) return absl::OkStatus();
-      return ErrnoStatus(errno, what);
+      return ErrnoStatus(errno, What("discard", offset, length));
     }
     return absl::OkStatus();
   }
@@ -140,15 +141,13 @@ class PosixFile final : public BlockFile {
   // fallocate(2) mode 0 over the range. False if the file system cannot
   // reserve space.
   absl::StatusOr<bool> ReserveSync(uint64_t offset, uint64_t length) {
-    const std::string what =
-        absl::StrFormat("allocate %s at offset %u, %u bytes", name_, offset, length);
-    if (!writable_) return RefuseReadOnly(what);
+    if (!writable_) return RefuseReadOnly(What("allocate", offset, length));
     if (length == 0) return true;
-    if (offset + length > kMaxOffset) return ErrnoStatus(EFBIG, what);
+    if (offset + length > kMaxOffset) return ErrnoStatus(EFBIG, What("allocate", offset, length));
     while (fallocate(fd_, 0, offset, length) != 0) {
       if (errno == EINTR) continue;
       if (errno == EOPNOTSUPP || errno == ENOSYS) return false;
-      return ErrnoStatus(errno, what);
+      return ErrnoStatus(errno, What("allocate", offset, length));
     }
     GrowSizeTo(offset + length);
     return true;
