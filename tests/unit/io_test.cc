@@ -341,7 +341,7 @@ TEST(IoTest, PosixReadOnlyRefusesWrites) {
   EXPECT_TRUE(Mentions(write, "read-only"));
   absl::Status discard = SyncWait(file->Discard(0, 4096));
   EXPECT_EQ(discard.code(), absl::StatusCode::kFailedPrecondition) << discard;
-  EXPECT_TRUE(Mentions(discard, temp.path()));
+  EXPECT_TRUE(Mentions(discard, absl::StrCat("discard ", temp.path(), " at offset 0, 4096 bytes")));
   absl::Status truncate = SyncWait(file->Truncate(0));
   EXPECT_EQ(truncate.code(), absl::StatusCode::kFailedPrecondition) << truncate;
   EXPECT_TRUE(Mentions(truncate, temp.path()));
@@ -389,6 +389,13 @@ TEST(IoTest, PosixIoErrorsCarryPathOffsetAndErrno) {
   EXPECT_TRUE(Mentions(write, s.temp->path()));
   EXPECT_TRUE(Mentions(write, absl::StrCat("offset ", too_far - 8)));
   EXPECT_TRUE(Mentions(write, "16 bytes"));
+
+  absl::Status allocate = SyncWait(s.file->Allocate(too_far - 8, 16));
+  ASSERT_FALSE(allocate.ok());
+  EXPECT_EQ(StatusErrno(allocate), EFBIG) << allocate;
+  EXPECT_TRUE(Mentions(allocate, absl::StrCat("allocate ", s.temp->path())));
+  EXPECT_TRUE(Mentions(allocate, absl::StrCat("offset ", too_far - 8)));
+  EXPECT_TRUE(Mentions(allocate, "16 bytes"));
 
   absl::Status truncate = SyncWait(s.file->Truncate(too_far));
   ASSERT_FALSE(truncate.ok());
