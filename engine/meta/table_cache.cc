@@ -144,11 +144,6 @@ bool TableCache::has_dirty() const {
   return dirty_count_ > 0;
 }
 
-bool TableCache::over_capacity() const {
-  std::lock_guard lock(mu_);
-  return lru_.size() > capacity_;
-}
-
 TableCache::Stats TableCache::stats() const {
   std::lock_guard lock(mu_);
   Stats s = stats_;
@@ -177,6 +172,7 @@ TableCache::Lru::iterator TableCache::InsertLocked(uint64_t offset, std::shared_
   lru_.push_front({offset, std::move(table)});
   index_[offset] = lru_.begin();
   EvictLocked();
+  SizeChangedLocked();
   return lru_.begin();
 }
 
@@ -196,7 +192,9 @@ TableCache::Lru::iterator TableCache::EraseLocked(Lru::iterator it) {
   index_.erase(it->offset);
   if (it->dirty) --dirty_count_;
   UnchargeLocked();
-  return lru_.erase(it);
+  Lru::iterator next = lru_.erase(it);
+  SizeChangedLocked();
+  return next;
 }
 
 absl::Status TableCache::ChargeLocked() {

@@ -28,6 +28,7 @@
 #ifndef QCOW2FUSE_META_TABLE_CACHE_H_
 #define QCOW2FUSE_META_TABLE_CACHE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -90,7 +91,9 @@ class TableCache {
   Task<absl::Status> WriteBack();
 
   bool has_dirty() const;
-  bool over_capacity() const;
+  // Read without the lock: every write asks, and a flush started a
+  // request late (or early) is harmless.
+  bool over_capacity() const { return over_capacity_.load(std::memory_order_relaxed); }
   uint32_t table_size() const { return table_size_; }
   size_t capacity() const { return capacity_; }
 
@@ -125,6 +128,8 @@ class TableCache {
   void UnchargeLocked();
   // Drops an entry; returns the one after it.
   Lru::iterator EraseLocked(Lru::iterator it);
+  // After lru_ grew or shrank.
+  void SizeChangedLocked() { over_capacity_.store(lru_.size() > capacity_, std::memory_order_relaxed); }
 
   BlockFile* const file_;
   const uint32_t table_size_;
@@ -143,6 +148,7 @@ class TableCache {
   };
   absl::flat_hash_map<uint64_t, Fill> fills_;
   size_t dirty_count_ = 0;
+  std::atomic<bool> over_capacity_{false};  // lru_.size() > capacity_
   size_t charged_ = 0;  // tables charged to the budget: those in lru_, and misses being read
   Stats stats_;
 };
