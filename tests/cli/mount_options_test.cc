@@ -25,6 +25,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -697,21 +698,25 @@ TEST_F(MountOptionsTest, UncachedLoopsKeepLoopDevicesOutOfThePageCache) {
     bool uncached;  // what the loop devices should leave in the view's cache: nothing
   };
   const std::string log = Path("daemon.log");
-  // The openers the daemon's log names as attaching loop devices.
+  // The openers the daemon's log names as attaching loop devices, each
+  // process once: losetup opens the file again for each device it tries,
+  // and when another process took the free device it found (EBUSY, as a
+  // test running beside this one may), it waits and tries another.
   const auto logged_openers = [&]() -> std::vector<std::string> {
     std::vector<std::string> openers;
     absl::StatusOr<std::string> text = ReadFile(log);
     if (!text.ok()) return openers;
+    std::set<std::string> seen;  // "NAME (pid N)"
     for (absl::string_view line : absl::StrSplit(*text, '\n')) {
       // "... NAME (pid N) opened the view for a loop device: its reads and
       // writes bypass the view's page cache ..."
       const size_t pid = line.find(" (pid ");
-      if (!absl::StrContains(line, "opened the view for a loop device: its reads and writes bypass") ||
-          pid == absl::string_view::npos) {
-        continue;
+      const size_t opened = line.find(") opened the view for a loop device: its reads and writes bypass");
+      if (pid == absl::string_view::npos || opened == absl::string_view::npos || opened < pid) continue;
+      const size_t start = line.substr(0, pid).rfind(' ') + 1;  // npos + 1: from the start
+      if (seen.insert(std::string(line.substr(start, opened + 1 - start))).second) {
+        openers.emplace_back(line.substr(start, pid - start));
       }
-      const absl::string_view before = line.substr(0, pid);
-      openers.emplace_back(before.substr(before.rfind(' ') + 1));  // npos + 1: from the start
     }
     return openers;
   };
