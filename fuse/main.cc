@@ -370,6 +370,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   state.splice_reads = options.splice_reads;
   state.loops_by_page = !LoopDoesWholeRequests(KernelRelease());
   state.readahead = options.readahead_set ? options.readahead : kMinDefaultReadahead;
+  state.image_readahead = options.image_readahead_set ? options.image_readahead : ImageDiskReadahead(image_fds);
   absl::StatusOr<bool> created = PrepareMountpoint(*mountpoint, state.mountpoint_stat);
   if (!created.ok()) return fail(std::string(created.status().message()));
   auto remove_created = [&] {
@@ -462,7 +463,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
     warnings.push_back(absl::StrFormat("readahead stays at the kernel's default: %s", readahead_written.message()));
   }
   if (readahead_written.ok() && !options.readahead_set && state.loop_direct_io == nullptr) {
-    if (const uint64_t deeper = LoopDeviceReadahead(image_fds); deeper > state.readahead) {
+    if (const uint64_t deeper = ImageDiskReadahead(image_fds); deeper > state.readahead) {
       state.loop_readahead = &loop_readahead.emplace(readahead_knob, state.readahead, deeper);
     }
   }

@@ -117,6 +117,15 @@ Task<void> GetAttr(fuse_req_t req, Node& node) {
   fuse_reply_attr(req, &*st, kAttrTimeoutSeconds);
 }
 
+// After a read of [start, start + length) of `view` was answered: where it
+// continues a sequential reader's, the host starts reading the image ahead
+// of it (sequential_reads.h). Only advice, so nothing to report.
+Task<void> ReadAhead(MountState& m, View& view, Image& image, uint64_t start, uint64_t length) {
+  const SequentialReads::Range ahead =
+      view.sequential_reads().Read(start, length, view.size(), m.image_readahead);
+  if (ahead.length > 0) co_await image.WillNeed(view.start() + ahead.offset, ahead.length, ahead.length);
+}
+
 // `reply_space`: where the reply may be built in place, or empty
 // (UringChannel::ReplySpace).
 Task<void> Read(fuse_req_t req, View& view, size_t size, off_t offset, std::span<uint8_t> reply_space) {
@@ -127,7 +136,8 @@ Task<void> Read(fuse_req_t req, View& view, size_t size, off_t offset, std::span
   const uint64_t start = std::min<uint64_t>(offset, disk);
   // Not zero-filled first: Read fills every byte.
   const size_t n = std::min<uint64_t>(size, disk - start);
-  if (State(req).spliced_reads && n >= kSplicedReadBytes && n <= MaxSplicedReply()) {
+  MountState& m = State(req);  // `req` is gone once answered
+  if (m.spliced_reads && n >= kSplicedReadBytes && n <= MaxSplicedReply()) {
     absl::StatusOr<bool> sent = false;
     absl::StatusOr<bool> stored = co_await image.SendStored(
         view.start() + start, n, [&](int fd, uint64_t file_offset) { sent = ReplySpliced(req, fd, file_offset, n); });
@@ -135,7 +145,7 @@ Task<void> Read(fuse_req_t req, View& view, size_t size, off_t offset, std::span
     if (!stored.ok()) {
       co_return ReplyError(req, stored.status(), absl::StrFormat("read of %u bytes at offset %u", n, start));
     }
-    if (*sent) co_return;
+    if (*sent) co_return co_await ReadAhead(m, view, image, start, n);
   }
   std::optional<BufferPool::Buffer> pooled;
   std::unique_ptr<uint8_t[]> small;
@@ -154,6 +164,7 @@ Task<void> Read(fuse_req_t req, View& view, size_t size, off_t offset, std::span
     co_return ReplyError(req, status, absl::StrFormat("read of %u bytes at offset %u", buf.size(), start));
   }
   fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), buf.size());
+  co_await ReadAhead(m, view, image, start, n);
 }
 
 // After a change to [start, start + length) of the disk through file

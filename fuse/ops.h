@@ -84,6 +84,9 @@ struct MountState {
   // its page cache (readahead.h); null where -o readahead fixed it, where
   // the daemon cannot set it, or where it would not be deeper.
   LoopReadahead* loop_readahead = nullptr;
+  // How far ahead of a sequential reader of a view the host is to read
+  // the image (-o image_readahead, sequential_reads.h); 0: not at all.
+  uint64_t image_readahead = 0;
   // Switches loop devices over the views to direct I/O (loop_direct_io.h);
   // null under -o loop_direct_io=off, for a daemon that is not root, or
   // where the mount's device number is unknown.

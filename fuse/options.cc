@@ -35,8 +35,8 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
     "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes",
-    "uncached_writes", "uncached_loops", "loop_direct_io", "splice_reads", "io_uring", "readahead", "backing",
-    "backing_format", "overlay", "volatile",
+    "uncached_writes", "uncached_loops", "loop_direct_io", "splice_reads", "io_uring", "readahead", "image_readahead",
+    "backing", "backing_format", "overlay", "volatile",
 };
 
 // Standard mount options that mean nothing to a FUSE file system, or that
@@ -179,16 +179,21 @@ absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
     absl::StatusOr<bool> on = OnOff(key, kv[1]);
     if (!on.ok()) return on.status();
     out.*field = *on;
-  } else if (key == "readahead" && has_value) {
+  } else if ((key == "readahead" || key == "image_readahead") && has_value) {
     absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
     if (!bytes.ok()) return NotASize(key, kv[1]);
     // The kernel counts readahead in pages.
     if (*bytes > kMaxReadahead || *bytes % 4096 != 0) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "readahead must be a multiple of 4K from 0 to %uM, not '%s'", kMaxReadahead >> 20, kv[1]));
+      return absl::InvalidArgumentError(absl::StrFormat("%s must be a multiple of 4K from 0 to %uM, not '%s'", key,
+                                                        kMaxReadahead >> 20, kv[1]));
     }
-    out.readahead = *bytes;
-    out.readahead_set = true;
+    if (key == "readahead") {
+      out.readahead = *bytes;
+      out.readahead_set = true;
+    } else {
+      out.image_readahead = *bytes;
+      out.image_readahead_set = true;
+    }
   } else if (key == "log" && has_value && !kv[1].empty()) {
     absl::StatusOr<std::string> path = AbsolutePath(kv[1]);
     if (!path.ok()) return path.status();
@@ -436,6 +441,11 @@ const char* UsageText() {
          "                         while a loop device reads through the view's\n"
          "                         page cache; only root may raise it above the\n"
          "                         kernel's 128K)\n"
+         "  -o image_readahead=SIZE\n"
+         "                         how far ahead of a sequential reader of the view\n"
+         "                         the host reads the image, at most 16M; 0: not\n"
+         "                         at all (default: as far as the host reads ahead\n"
+         "                         on the disk under the image, at least 1M)\n"
          "  -f                     stay in the foreground, log to stderr\n"
          "  -d                     foreground, with libfuse's request trace\n"
          "  --pidfile PATH         write the daemon's process id to PATH\n"

@@ -80,6 +80,11 @@ struct MountOptions {
   // view's page cache.
   uint64_t readahead = 0;
   bool readahead_set = false;
+  // -o image_readahead=SIZE: how far ahead of a sequential reader of a
+  // view the host reads the image (sequential_reads.h). Unset, it is as
+  // far as on the disk that holds the image (ImageDiskReadahead).
+  uint64_t image_readahead = 0;
+  bool image_readahead_set = false;
   // -u: unmount `mountpoint` and wait for its daemon, instead of mounting.
   bool unmount = false;
   bool help = false;

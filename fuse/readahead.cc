@@ -54,7 +54,7 @@ absl::StatusOr<uint64_t> DeviceReadahead(dev_t dev, const std::string& sysfs) {
   return *kb > (UINT64_MAX >> 10) ? UINT64_MAX : *kb << 10;
 }
 
-uint64_t LoopDeviceReadahead(const std::vector<int>& fds) {
+uint64_t ImageDiskReadahead(const std::vector<int>& fds) {
   uint64_t bytes = kMinDefaultReadahead;
   for (const int fd : fds) {
     struct stat st;

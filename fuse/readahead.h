@@ -65,11 +65,13 @@ inline constexpr uint64_t kMaxReadahead = uint64_t{16} << 20;
 // where sysfs is mounted; tests pass a tree of their own.
 absl::StatusOr<uint64_t> DeviceReadahead(dev_t dev, const std::string& sysfs = "/sys");
 
-// How far the view reads ahead while a loop device reads it through its
-// page cache, for an image whose host files are open as `fds`: the
-// largest DeviceReadahead of their devices, rounded down to 4 KiB, at
-// least kMinDefaultReadahead, at most kMaxReadahead.
-uint64_t LoopDeviceReadahead(const std::vector<int>& fds);
+// How far the kernel reads ahead of a file on the disks that hold an
+// image whose host files are open as `fds`: the largest DeviceReadahead of
+// their devices, rounded down to 4 KiB, at least kMinDefaultReadahead, at
+// most kMaxReadahead. The view reads ahead this far while a loop device
+// reads it through its page cache, and the host reads the image this far
+// ahead of a sequential reader (-o image_readahead's default).
+uint64_t ImageDiskReadahead(const std::vector<int>& fds);
 
 // The sysfs file that holds the readahead (in KiB) of the view's `mount`
 // (FindViewMount).

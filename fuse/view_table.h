@@ -36,6 +36,7 @@
 #include "absl/status/statusor.h"
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/task.h"
+#include "sequential_reads.h"
 
 namespace qcow2fuse {
 
@@ -74,6 +75,9 @@ class View {
   // its extents again only once data came or went on the disk.
   Task<absl::StatusOr<uint64_t>> AllocatedBytes();
 
+  // The view's readers, told sequential or not.
+  SequentialReads& sequential_reads() { return sequential_reads_; }
+
  private:
   enum class Kind { kWholeDisk, kWindow, kSnapshot };
   View(Kind kind, Image* disk, uint64_t start, uint64_t length) : kind_(kind), disk_(disk), start_(start), length_(length) {}
@@ -82,6 +86,8 @@ class View {
   Image* const disk_;
   const uint64_t start_;
   const uint64_t length_;  // kWindow: the fixed length; kSnapshot: its disk size
+
+  SequentialReads sequential_reads_;
 
   // kSnapshot.
   std::optional<SnapshotInfo> snapshot_;

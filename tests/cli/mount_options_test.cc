@@ -174,6 +174,9 @@ TEST_F(MountOptionsTest, UsageErrorsAreOneLineNamingTheArgument) {
       {{"-o", "readahead=5000"}, {"readahead must be a multiple of 4K from 0 to 16M", "'5000'"}},
       {{"-o", "readahead=32M"}, {"readahead must be a multiple of 4K from 0 to 16M", "'32M'"}},
       {{"-o", "readahead=lots"}, {"readahead must be a size", "'lots'"}},
+      {{"-o", "image_readahead=5000"}, {"image_readahead must be a multiple of 4K from 0 to 16M", "'5000'"}},
+      {{"-o", "image_readahead=17M"}, {"image_readahead must be a multiple of 4K from 0 to 16M", "'17M'"}},
+      {{"-o", "image_readahead"}, {"mount option 'image_readahead' needs a value"}},
       {{"-o", "log="}, {"'log='", "needs a value"}},
       {{"--bogus"}, {"unknown option '--bogus'"}},
       {{"-x"}, {"unknown option '-x'"}},
@@ -1067,6 +1070,98 @@ TEST_F(MountOptionsTest, LoopDevicesReadAheadAsFarAsTheDiskUnderTheImage) {
               c.with_loop_kb != c.mounted_kb)
         << logged;
     unlink(log.c_str());
+  }
+  EXPECT_OK(CheckImage(image));
+  ASSERT_OK(mounted->Unmount());
+}
+
+// Bytes of `path` in the host's page cache.
+absl::StatusOr<uint64_t> ResidentBytes(const std::string& path) {
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::ErrnoToStatus(errno, path);
+  struct stat st;
+  if (fstat(fd, &st) != 0 || st.st_size == 0) {
+    close(fd);
+    return absl::InternalError(absl::StrCat("cannot size ", path));
+  }
+  void* map = mmap(nullptr, st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+  close(fd);
+  if (map == MAP_FAILED) return absl::ErrnoToStatus(errno, absl::StrCat("mmap of ", path));
+  const size_t page = sysconf(_SC_PAGESIZE);
+  std::vector<unsigned char> in_core((st.st_size + page - 1) / page);
+  const int rc = mincore(map, st.st_size, in_core.data());
+  const int error = errno;
+  munmap(map, st.st_size);
+  if (rc != 0) return absl::ErrnoToStatus(error, absl::StrCat("mincore of ", path));
+  return std::count_if(in_core.begin(), in_core.end(), [](unsigned char c) { return c & 1; }) * page;
+}
+
+// The host reads the image ahead of a sequential reader of the view: here
+// three 64 KiB O_DIRECT reads (no readahead of the view's own) at the start
+// of a 32 MiB image whose every cluster holds data, on an ext4 whose disk
+// reads ahead 16 MiB. The reads alone bring little of the image into the
+// host's page cache (the host's readahead starts small); by default the
+// daemon has the host read 16 MiB further, as far as the disk reads ahead,
+// -o image_readahead sets how far, and 0 turns it off.
+TEST_F(MountOptionsTest, ImageReadaheadReadsTheImageAheadOfASequentialReader) {
+  if (const std::string why = LoopUnavailableReason(); !why.empty()) GTEST_SKIP() << why;
+  const std::string disk = Path("disk.ext4");
+  const std::string fs_dir = Path("fs");
+  ASSERT_OK(RunChecked({"truncate", "-s", "64M", disk}).status());
+  ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", disk}).status());
+  ASSERT_EQ(mkdir(fs_dir.c_str(), 0700), 0);
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(disk, /*read_only=*/false));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<KernelMount> mounted, KernelMount::Mount(loop->device(), fs_dir, "ext4", "rw"));
+  const std::string knob = absl::StrCat("/sys/block/", loop->device().substr(loop->device().rfind('/') + 1),
+                                        "/queue/read_ahead_kb");
+  ASSERT_OK(WriteFileAt(knob, 0, "16384\n"));
+  const std::string image = fs_dir + "/disk.qcow2";
+  ASSERT_OK(CreateImage(image, "qcow2", 32 * kMiB));
+  ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x5a 0 32M"}));
+  struct Case {
+    std::vector<std::string> options;
+    uint64_t at_least;  // bytes of the image in the page cache after the reads
+    uint64_t below;
+  };
+  for (const Case& c : std::vector<Case>{{{"ro"}, 16 * kMiB, 64 * kMiB},
+                                         {{"ro", "image_readahead=8M"}, 8 * kMiB, 14 * kMiB},
+                                         {{"ro", "image_readahead=0"}, 0, 6 * kMiB}}) {
+    SCOPED_TRACE(absl::StrJoin(c.options, ","));
+    // Out of the page cache: written back, then dropped.
+    {
+      const int fd = open(image.c_str(), O_RDONLY | O_CLOEXEC);
+      ASSERT_GE(fd, 0);
+      EXPECT_EQ(fdatasync(fd), 0);
+      EXPECT_EQ(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+      close(fd);
+    }
+    const std::string view = Path("view.raw");
+    const std::string pidfile = Path("pid");
+    DaemonGuard guard(view, pidfile);
+    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, c.options));
+    ASSERT_TRUE(run.status.success()) << run.Describe();
+    {
+      const int fd = open(view.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+      ASSERT_GE(fd, 0);
+      void* buf = nullptr;
+      ASSERT_EQ(posix_memalign(&buf, 4096, 64 * 1024), 0);
+      for (int i = 0; i < 3; ++i) {
+        EXPECT_EQ(pread(fd, buf, 64 * 1024, i * 64 * 1024), 64 * 1024);
+        EXPECT_EQ(static_cast<unsigned char*>(buf)[0], 0x5a);
+      }
+      free(buf);
+      close(fd);
+    }
+    // The host's reads ahead end a moment after the advice.
+    uint64_t resident = 0;
+    for (int i = 0; i < 50; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      ASSERT_OK_AND_ASSIGN(resident, ResidentBytes(image));
+      if (c.at_least > 0 && resident >= c.at_least) break;
+    }
+    EXPECT_GE(resident, c.at_least);
+    EXPECT_LT(resident, c.below);
+    UnmountWithU(view, guard);
   }
   EXPECT_OK(CheckImage(image));
   ASSERT_OK(mounted->Unmount());

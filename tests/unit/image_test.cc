@@ -610,6 +610,62 @@ TEST(Qcow2LayerTest, BlockStatusExtendedL2Subclusters) {
   EXPECT_EQ(e.kind, ExtentKind::kUnallocated);
 }
 
+// --- WillNeed() -----------------------------------------------------------
+
+// A file in memory that notes each WillNeed: the host ranges the layer
+// asked to be read ahead.
+class AdviceFile final : public BlockFile {
+ public:
+  using Advised = std::vector<std::pair<uint64_t, uint64_t>>;
+  AdviceFile(std::string name, Bytes contents, Advised* advised)
+      : inner_(NewMemFile(std::move(name), std::move(contents))), advised_(advised) {}
+  Task<absl::Status> Read(uint64_t offset, std::span<uint8_t> out) override { return inner_->Read(offset, out); }
+  uint64_t size() const override { return inner_->size(); }
+  const std::string& name() const override { return inner_->name(); }
+  void WillNeed(uint64_t offset, uint64_t length) override { advised_->emplace_back(offset, length); }
+
+ private:
+  std::unique_ptr<BlockFile> inner_;
+  Advised* advised_;
+};
+
+// Data, a compressed cluster, zeros and a backing file's part, each read
+// ahead where its bytes are; `max_data` bounds the bytes to read.
+TEST(Qcow2LayerTest, WillNeedAdvisesTheHostBytesOfEachRun) {
+  Qcow2Builder b({.cluster_bits = 16, .size = 4 * kMiB});
+  const uint64_t data = b.AddData(0, Pattern(k64K, 1));
+  b.AddData(k64K, Pattern(k64K, 2));
+  b.AddCompressed(2 * k64K, Compressible(k64K, 3), b.AllocateCluster() + 100);
+  b.SetL2Entry(3 * k64K, kZero);
+  // 4 and 5: unallocated, the backing file's. 6: data again.
+  const uint64_t last = b.AddData(6 * k64K, Pattern(k64K, 6));
+  AdviceFile::Advised image_advised, backing_advised;
+  Bytes bytes = b.bytes();
+  ASSERT_OK_AND_ASSIGN(Header header, DecodeHeader(bytes, bytes.size()));
+  auto file = std::make_unique<AdviceFile>("test.qcow2", std::move(bytes), &image_advised);
+  auto backing = NewRawLayer(std::make_unique<AdviceFile>("base.raw", Pattern(4 * kMiB, 9), &backing_advised));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Qcow2Layer> layer,
+                       SyncWait(Qcow2Layer::Open(std::move(file), std::move(header), nullptr, std::move(backing),
+                                                 ImageOptions{})));
+  const Qcow2Layer::Mapping compressed = Map(*layer, 2 * k64K, k64K);
+  ASSERT_EQ(compressed.type, SubclusterType::kCompressed);
+
+  SyncWait(layer->WillNeed(100, 7 * k64K - 100, 4 * kMiB));
+  EXPECT_EQ(image_advised, (AdviceFile::Advised{{data + 100, 2 * k64K - 100},
+                                                {compressed.compressed.host_offset, compressed.compressed.max_size},
+                                                {last, k64K}}));
+  EXPECT_EQ(backing_advised, (AdviceFile::Advised{{4 * k64K, 2 * k64K}}));
+
+  // At most 2 clusters' worth: the data run, then the compressed cluster
+  // (which counts as the guest bytes it holds) ends it.
+  image_advised.clear();
+  backing_advised.clear();
+  SyncWait(layer->WillNeed(k64K, 6 * k64K, 2 * k64K));
+  EXPECT_EQ(image_advised, (AdviceFile::Advised{{data + k64K, k64K},
+                                                {compressed.compressed.host_offset, compressed.compressed.max_size}}));
+  EXPECT_TRUE(backing_advised.empty());
+}
+
 // --- Damaged metadata -----------------------------------------------------
 
 // With 4 KiB clusters each L1 entry has its own 2 MiB, so one damaged L1
