@@ -97,6 +97,37 @@ class MountOptionsTest : public TempDirTest {
     ASSERT_OK(ConvertToRaw(image, twin));
   }
 
+  // An empty 64 MiB ext4 on a loop device, mounted at `dir`: a disk for
+  // images whose readahead a test sets through `knob` (in KiB, as
+  // `blockdev --setra` would). The members go in reverse: a test's views
+  // (made after) first, then the ext4, then the loop device.
+  struct LoopExt4 {
+    std::unique_ptr<LoopDevice> loop;
+    std::unique_ptr<KernelMount> mounted;
+    std::string dir;
+    std::string knob;
+  };
+  absl::StatusOr<LoopExt4> MakeLoopExt4() {
+    const std::string disk = Path("disk.ext4");
+    LoopExt4 out;
+    out.dir = Path("fs");
+    for (const std::vector<std::string>& argv : std::vector<std::vector<std::string>>{
+             {"truncate", "-s", "64M", disk}, {"mkfs.ext4", "-q", "-F", disk}}) {
+      if (absl::Status made = RunChecked(argv).status(); !made.ok()) return made;
+    }
+    if (mkdir(out.dir.c_str(), 0700) != 0) return absl::ErrnoToStatus(errno, out.dir);
+    absl::StatusOr<std::unique_ptr<LoopDevice>> loop = LoopDevice::Attach(disk, /*read_only=*/false);
+    if (!loop.ok()) return loop.status();
+    out.loop = std::move(*loop);
+    absl::StatusOr<std::unique_ptr<KernelMount>> mounted =
+        KernelMount::Mount(out.loop->device(), out.dir, "ext4", "rw");
+    if (!mounted.ok()) return mounted.status();
+    out.mounted = std::move(*mounted);
+    const std::string& device = out.loop->device();
+    out.knob = absl::StrCat("/sys/block/", device.substr(device.rfind('/') + 1), "/queue/read_ahead_kb");
+    return out;
+  }
+
   // An ext4 of `size` bytes whose one file, "file", holds `content`: the
   // raw disk `twin` and its qcow2 copy `image`.
   void MakeExt4Image(const std::string& image, const std::string& twin, uint64_t size, const std::string& content) {
@@ -978,20 +1009,10 @@ TEST_F(MountOptionsTest, ReadaheadIsSetOnTheMount) {
 // the image's each time.
 TEST_F(MountOptionsTest, LoopDevicesReadAheadAsFarAsTheDiskUnderTheImage) {
   if (const std::string why = LoopUnavailableReason(); !why.empty()) GTEST_SKIP() << why;
-  const std::string disk = Path("disk.ext4");
-  const std::string fs_dir = Path("fs");
-  ASSERT_OK(RunChecked({"truncate", "-s", "64M", disk}).status());
-  ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", disk}).status());
-  ASSERT_EQ(mkdir(fs_dir.c_str(), 0700), 0);
-  // Torn down in reverse: the view (each DaemonGuard below) first, then the
-  // ext4, then the loop device.
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(disk, /*read_only=*/false));
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<KernelMount> mounted, KernelMount::Mount(loop->device(), fs_dir, "ext4", "rw"));
-  const std::string image = fs_dir + "/disk.qcow2";
+  ASSERT_OK_AND_ASSIGN(LoopExt4 ext4, MakeLoopExt4());
+  const std::string image = ext4.dir + "/disk.qcow2";
   const std::string twin = Path("twin.raw");
   MakeImage(image, twin);
-  const std::string knob = absl::StrCat("/sys/block/", loop->device().substr(loop->device().rfind('/') + 1),
-                                        "/queue/read_ahead_kb");
   struct Case {
     uint64_t disk_kb;
     std::vector<std::string> options;
@@ -1024,7 +1045,7 @@ TEST_F(MountOptionsTest, LoopDevicesReadAheadAsFarAsTheDiskUnderTheImage) {
     SCOPED_TRACE(absl::StrCat("disk ", c.disk_kb, "K, -o ", absl::StrJoin(c.options, ","),
                               c.writable_loop ? ", writable loop device" : ", read-only loop device",
                               c.linux_6_12 ? ", Linux 6.12" : ""));
-    ASSERT_OK(WriteFileAt(knob, 0, absl::StrCat(c.disk_kb, "\n")));
+    ASSERT_OK(WriteFileAt(ext4.knob, 0, absl::StrCat(c.disk_kb, "\n")));
     DaemonGuard guard(view, pidfile);
     {
       std::optional<ScopedPreload> shim;
@@ -1072,7 +1093,7 @@ TEST_F(MountOptionsTest, LoopDevicesReadAheadAsFarAsTheDiskUnderTheImage) {
     unlink(log.c_str());
   }
   EXPECT_OK(CheckImage(image));
-  ASSERT_OK(mounted->Unmount());
+  ASSERT_OK(ext4.mounted->Unmount());
 }
 
 // Bytes of `path` in the host's page cache.
@@ -1105,17 +1126,9 @@ absl::StatusOr<uint64_t> ResidentBytes(const std::string& path) {
 // -o image_readahead sets how far, and 0 turns it off.
 TEST_F(MountOptionsTest, ImageReadaheadReadsTheImageAheadOfASequentialReader) {
   if (const std::string why = LoopUnavailableReason(); !why.empty()) GTEST_SKIP() << why;
-  const std::string disk = Path("disk.ext4");
-  const std::string fs_dir = Path("fs");
-  ASSERT_OK(RunChecked({"truncate", "-s", "64M", disk}).status());
-  ASSERT_OK(RunChecked({"mkfs.ext4", "-q", "-F", disk}).status());
-  ASSERT_EQ(mkdir(fs_dir.c_str(), 0700), 0);
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(disk, /*read_only=*/false));
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<KernelMount> mounted, KernelMount::Mount(loop->device(), fs_dir, "ext4", "rw"));
-  const std::string knob = absl::StrCat("/sys/block/", loop->device().substr(loop->device().rfind('/') + 1),
-                                        "/queue/read_ahead_kb");
-  ASSERT_OK(WriteFileAt(knob, 0, "16384\n"));
-  const std::string image = fs_dir + "/disk.qcow2";
+  ASSERT_OK_AND_ASSIGN(LoopExt4 ext4, MakeLoopExt4());
+  ASSERT_OK(WriteFileAt(ext4.knob, 0, "16384\n"));
+  const std::string image = ext4.dir + "/disk.qcow2";
   ASSERT_OK(CreateImage(image, "qcow2", 32 * kMiB));
   ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x5a 0 32M"}));
   struct Case {
@@ -1164,7 +1177,7 @@ TEST_F(MountOptionsTest, ImageReadaheadReadsTheImageAheadOfASequentialReader) {
     UnmountWithU(view, guard);
   }
   EXPECT_OK(CheckImage(image));
-  ASSERT_OK(mounted->Unmount());
+  ASSERT_OK(ext4.mounted->Unmount());
 }
 
 // libfuse takes its options as one comma-separated list: an image path with
