@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cli_util.h"
@@ -164,6 +165,80 @@ TEST_F(BackingOptionTest, AnImageWithoutBackingGetsOne) {
   EXPECT_OK(CompareFiles(view->path(), expected));
   ASSERT_OK(view->Unmount());
   EXPECT_EQ(RecordedBacking(lone), "");
+}
+
+// Ends the header extensions of `image` where its backing file format
+// extension is (docs/interop/qcow2.txt, "Header extensions"), as in an
+// image made before QEMU recorded the format: qemu-img no longer makes one.
+absl::Status DropBackingFormat(const std::string& image) {
+  constexpr uint32_t kBackingFormatExtension = 0xe2792aca;
+  absl::StatusOr<uint32_t> header_length = ReadBE32At(image, 100);
+  if (!header_length.ok()) return header_length.status();
+  uint64_t at = *header_length;
+  for (int i = 0; i < 16; ++i) {
+    absl::StatusOr<uint32_t> type = ReadBE32At(image, at);
+    absl::StatusOr<uint32_t> length = ReadBE32At(image, at + 4);
+    if (!type.ok() || !length.ok()) return absl::InternalError("cannot read the header extensions");
+    if (*type == 0) break;
+    if (*type == kBackingFormatExtension) return WriteBE32At(image, at, 0);
+    at += 8 + (uint64_t{*length} + 7) / 8 * 8;
+  }
+  return absl::NotFoundError(image + " records no backing file format");
+}
+
+// An image that records no backing file format: the backing file is
+// probed, as QEMU does, a qcow2 base by its magic and anything else as raw.
+TEST_F(BackingOptionTest, AnUnrecordedBackingFormatIsProbed) {
+  for (const std::string format : {"qcow2", "raw"}) {
+    SCOPED_TRACE(format);
+    const std::string base = Path("probed-base." + format);
+    ASSERT_OK(CreateImage(base, format, kDisk));
+    ASSERT_OK(QemuIo(base, format, {W(0x11, 0, 4 * kMiB), W(0x22, 8 * kMiB, kMiB)}));
+    const std::string top = Path("probed-top-" + format + ".qcow2");
+    ASSERT_OK(CreateImage(top, "qcow2", kDisk, {"backing_file=" + base, "backing_fmt=" + format}));
+    ASSERT_OK(QemuIo(top, "qcow2", {W(0x33, kMiB, kMiB)}));
+    ASSERT_OK(DropBackingFormat(top));
+    ASSERT_OK_AND_ASSIGN(std::string info, QemuImg({"info", top}));
+    ASSERT_FALSE(absl::StrContains(info, "backing file format")) << info;
+    const std::string expected = Path("probed-" + format + ".raw");
+    ASSERT_OK(ConvertToRaw(top, expected));  // QEMU probes the base too
+
+    MountOptions mount = WritableView(top, Path("probed.raw"));
+    mount.read_only = true;
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(mount));
+    EXPECT_OK(CompareFiles(view->path(), expected));
+    ASSERT_OK(view->Unmount());
+  }
+}
+
+// A backing file name that is a protocol (QEMU's nbd:, http: and the
+// like) is refused with one line; a chain of 64 images mounts, one of 65
+// is refused.
+TEST_F(BackingOptionTest, ProtocolsAndChainsDeeperThan64AreRefused) {
+  const std::string top = Path("net.qcow2");
+  ASSERT_OK(CreateImage(top, "qcow2", kDisk));
+  ASSERT_OK(QemuImg({"rebase", "-u", "-f", "qcow2", "-b", "nbd:localhost:10809", "-F", "raw", top}).status());
+  ASSERT_EQ(RecordedBacking(top), "nbd:localhost:10809");
+  ExpectMountRefused(top, {"ro"}, {"nbd:localhost:10809", "protocol"});
+
+  // chain0 is the base; chainN backs onto chain(N-1).
+  constexpr int kDepth = 65;
+  for (int i = 0; i < kDepth; ++i) {
+    std::vector<std::string> options;
+    if (i > 0) options = {absl::StrCat("backing_file=chain", i - 1, ".qcow2"), "backing_fmt=qcow2"};
+    ASSERT_OK(CreateImage(Path(absl::StrCat("chain", i, ".qcow2")), "qcow2", kDisk, options));
+  }
+  ASSERT_OK(QemuIo(Path("chain0.qcow2"), "qcow2", {W(0x5a, 0, 64 * kKiB)}));
+  {
+    // 64 images: chain63 down to chain0.
+    MountOptions mount = WritableView(Path("chain63.qcow2"), Path("deep.raw"));
+    mount.read_only = true;
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(mount));
+    ASSERT_OK_AND_ASSIGN(std::string bytes, ReadFile(view->path()));
+    EXPECT_EQ(bytes.substr(0, 64 * kKiB), std::string(64 * kKiB, '\x5a'));
+    ASSERT_OK(view->Unmount());
+  }
+  ExpectMountRefused(Path("chain64.qcow2"), {"ro"}, {"deeper than 64"});
 }
 
 // What cannot work is refused in one line, and nothing is mounted.

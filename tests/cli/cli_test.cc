@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -179,6 +180,47 @@ TEST_F(CliTest, ReadWriteMountWritesAndLeavesImageConsistent) {
   }
   EXPECT_OK(CheckImage(image));
   EXPECT_OK(QemuIo(image, "qcow2", {"read -P 0xa5 12345 100000", "read -P 0 0 12345"}));
+}
+
+// fallocate modes other than PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE and
+// preallocation (mode 0, KEEP_SIZE) fail with EOPNOTSUPP and leave the disk
+// as it was: shifting a disk's bytes (COLLAPSE_RANGE, INSERT_RANGE) is not
+// something a disk does, and a hole punched must keep the size.
+TEST_F(CliTest, OtherFallocateModesAreNotSupported) {
+  const std::string image = Path("disk.qcow2");
+  const std::string mountpoint = Path("view.raw");
+  ASSERT_OK(CreateImage(image, "qcow2", kSampleSize));
+  ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x5a 0 4M"}));
+  const std::string before = Path("before.raw");
+  ASSERT_OK(ConvertToRaw(image, before));
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(WritableView(image, mountpoint)));
+    const int fd = open(mountpoint.c_str(), O_RDWR | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    struct Mode {
+      int mode;
+      const char* name;
+    };
+    for (const Mode& m : {Mode{FALLOC_FL_COLLAPSE_RANGE, "COLLAPSE_RANGE"},
+                          Mode{FALLOC_FL_INSERT_RANGE, "INSERT_RANGE"},
+                          Mode{FALLOC_FL_UNSHARE_RANGE, "UNSHARE_RANGE"},
+                          Mode{FALLOC_FL_PUNCH_HOLE, "PUNCH_HOLE without KEEP_SIZE"}}) {
+      errno = 0;
+      EXPECT_EQ(fallocate(fd, m.mode, kMiB, kMiB), -1) << m.name << " succeeded";
+      EXPECT_EQ(errno, EOPNOTSUPP) << m.name << ": " << strerror(errno);
+    }
+    struct stat st;
+    ASSERT_EQ(fstat(fd, &st), 0) << strerror(errno);
+    EXPECT_EQ(static_cast<uint64_t>(st.st_size), kSampleSize);
+    EXPECT_EQ(close(fd), 0) << strerror(errno);
+    EXPECT_OK(CompareFiles(mountpoint, before));
+    ASSERT_OK(view->Unmount());
+    EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
+  }
+  EXPECT_OK(CheckImage(image));
+  const std::string after = Path("after.raw");
+  ASSERT_OK(ConvertToRaw(image, after));
+  EXPECT_OK(CompareFiles(after, before));
 }
 
 // A crash with lazy refcounts leaves the dirty bit set and refcounts that

@@ -334,24 +334,56 @@ TEST_F(DirectoryModeTest, SnapshotFileNamesNeverCollide) {
   EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
 }
 
-// Creating, removing or renaming a file of the mount is refused plainly.
+// Creating, removing or renaming a file of the mount is refused plainly:
+// EPERM, or EROFS on a read-only mount.
 TEST_F(DirectoryModeTest, FilesCannotBeMadeOrRemoved) {
   ASSERT_NO_FATAL_FAILURE(MakeDisk("label: gpt\\n,16M\\n"));
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(/*read_only=*/false)));
-  errno = 0;
-  EXPECT_LT(open(In("new.raw").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644), 0);
-  EXPECT_EQ(errno, EPERM);
-  errno = 0;
-  EXPECT_EQ(unlink(In("part1.raw").c_str()), -1);
-  EXPECT_EQ(errno, EPERM);
-  errno = 0;
-  EXPECT_EQ(rename(In("part1.raw").c_str(), In("p.raw").c_str()), -1);
-  EXPECT_EQ(errno, EPERM);
-  errno = 0;
-  EXPECT_EQ(mkdir(In("d").c_str(), 0755), -1);
-  EXPECT_EQ(errno, EPERM);
-  ASSERT_OK(view->Unmount());
-  EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
+  for (const bool read_only : {false, true}) {
+    SCOPED_TRACE(read_only ? "read-only" : "read-write");
+    const int refused = read_only ? EROFS : EPERM;
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(read_only)));
+    errno = 0;
+    EXPECT_LT(open(In("new.raw").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644), 0);
+    EXPECT_EQ(errno, refused) << strerror(errno);
+    errno = 0;
+    EXPECT_EQ(unlink(In("part1.raw").c_str()), -1);
+    EXPECT_EQ(errno, refused) << strerror(errno);
+    errno = 0;
+    EXPECT_EQ(rename(In("part1.raw").c_str(), In("p.raw").c_str()), -1);
+    EXPECT_EQ(errno, refused) << strerror(errno);
+    errno = 0;
+    EXPECT_EQ(mkdir(In("d").c_str(), 0755), -1);
+    EXPECT_EQ(errno, refused) << strerror(errno);
+    EXPECT_EQ(DirectoryNames(mountpoint_), (std::vector<std::string>{"disk.raw", "part1.raw", "snapshots"}));
+    ASSERT_OK(view->Unmount());
+    EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
+  }
+}
+
+// truncate grows disk.raw, and the image with it; the partition files keep
+// their ranges and bytes.
+TEST_F(DirectoryModeTest, TruncateGrowsTheDisk) {
+  ASSERT_NO_FATAL_FAILURE(MakeDisk("label: gpt\\n,16M\\n,16M\\n"));
+  constexpr uint64_t kGrown = kDisk + 16 * kMiB;
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(/*read_only=*/false)));
+    ASSERT_EQ(truncate(In("disk.raw").c_str(), kGrown), 0) << strerror(errno);
+    struct stat st;
+    ASSERT_EQ(stat(In("disk.raw").c_str(), &st), 0) << strerror(errno);
+    EXPECT_EQ(static_cast<uint64_t>(st.st_size), kGrown);
+    ASSERT_OK(WriteFileAt(In("disk.raw"), kDisk + kMiB, std::string(64 * kKiB, '\x77')));
+    ASSERT_EQ(truncate(twin_.c_str(), kGrown), 0) << strerror(errno);
+    ASSERT_OK(WriteFileAt(twin_, kDisk + kMiB, std::string(64 * kKiB, '\x77')));
+    ExpectPartitions(twin_);
+    ASSERT_OK(view->Unmount());
+    EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
+  }
+  ASSERT_OK_AND_ASSIGN(uint64_t size, VirtualSize(image_));
+  EXPECT_EQ(size, kGrown);
+  EXPECT_OK(CheckImage(image_));
+  const std::string reference = Path("grown.raw");
+  ASSERT_OK(ConvertToRaw(image_, reference));
+  EXPECT_OK(CompareFiles(reference, twin_));
 }
 
 // Every snapshot is a read-only file equal to qemu-img convert -l; named

@@ -552,6 +552,50 @@ TEST_F(FaultMountTest, EveryFallocateFailingWithEnospc) { Walk(kFaultOnce, kFaul
 TEST_F(FaultMountTest, EveryFdatasyncFailingWithEio) { Walk(kFaultOnce, kFaultSync, EIO); }
 TEST_F(FaultMountTest, DiskFullAtEveryPwriteUntilCleared) { Walk(kFaultFull, kFaultPwrite, ENOSPC); }
 
+// `qcow2fuse -u` says when the daemon's final flush failed: a failed
+// fdatasync fails the close that asked for it, the daemon then refuses
+// every later flush (its final one too), and -u exits 1 with one line
+// naming the view, though the view is unmounted and the daemon gone.
+TEST_F(FaultMountTest, UnmountSaysTheFinalFlushFailed) {
+  const std::string image = Path("disk.qcow2");
+  const std::string view = Path("view.raw");
+  const std::string pidfile = Path("view.pid");
+  ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("fault.ctl")));
+  DaemonGuard guard(view, pidfile);
+  {
+    ScopedPreload shim(QCOW2FUSE_FAULT_SHIM);
+    ScopedEnv file(QCOW2FUSE_FAULT_FILE_ENV, image);
+    ScopedEnv ctl(QCOW2FUSE_FAULT_CONTROL_ENV, control->path());
+    ASSERT_OK_AND_ASSIGN(RunResult started, StartDaemon(image, view, pidfile, {"flush_interval=0"}));
+    ASSERT_TRUE(started.status.success()) << started.Describe();
+  }
+  ASSERT_OK_AND_ASSIGN(pid_t pid, guard.ReadPid());
+  control->Arm(kFaultOnce, kFaultSync, control->calls(kFaultSync) + 1, EIO);
+  const int fd = open(view.c_str(), O_WRONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  const std::vector<uint8_t> data = Pattern(64 * kKiB, 5);
+  EXPECT_EQ(pwrite(fd, data.data(), data.size(), kMiB), static_cast<ssize_t>(data.size())) << strerror(errno);
+  errno = 0;
+  EXPECT_NE(close(fd), 0) << "the close whose fdatasync failed succeeded";
+  EXPECT_EQ(errno, EIO) << strerror(errno);
+  EXPECT_TRUE(control->fired());
+
+  ASSERT_OK_AND_ASSIGN(RunResult unmounted, RunUnmount(view));
+  EXPECT_TRUE(FailsWithOneLine(unmounted, {view, "is unmounted, but"}));
+  EXPECT_EQ(unmounted.status.code(), 1) << unmounted.Describe();
+  EXPECT_FALSE(IsMounted(view));
+  PidGone gone = WaitForPidGone(pid, std::chrono::seconds(30));
+  ASSERT_TRUE(gone.gone) << "the daemon is still running after -u";
+  guard.Forget();
+  if (gone.status) {
+    EXPECT_EQ(gone.status->code(), 1) << gone.status->ToString();
+  }
+  absl::StatusOr<QemuCheckReport> check = QemuCheck(image);
+  ASSERT_OK(check.status());
+  EXPECT_EQ(check->corruptions, 0u) << check->output;
+}
+
 // O_DIRECT writes of one file reach the daemon in parallel: one write is
 // parked in the middle of its pwrite on the image, and a second write, to
 // another cluster, must still reach the image. With

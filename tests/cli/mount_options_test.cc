@@ -209,6 +209,23 @@ TEST_F(MountOptionsTest, UsageErrorsAreOneLineNamingTheArgument) {
       {{"-o", "image_readahead=17M"}, {"image_readahead must be a multiple of 4K from 0 to 16M", "'17M'"}},
       {{"-o", "image_readahead"}, {"mount option 'image_readahead' needs a value"}},
       {{"-o", "log="}, {"'log='", "needs a value"}},
+      {{"-o", "threads=0"}, {"threads must be a number from 1 to 64", "not '0'"}},
+      {{"-o", "threads=65"}, {"threads must be a number from 1 to 64", "not '65'"}},
+      {{"-o", "threads=four"}, {"threads must be a number from 1 to 64", "not 'four'"}},
+      {{"-o", "drain_timeout=0"}, {"drain_timeout must be a number of seconds from 1 to 86400", "not '0'"}},
+      {{"-o", "drain_timeout=86401"}, {"drain_timeout must be a number of seconds from 1 to 86400", "'86401'"}},
+      {{"-o", "flush_interval=-1"}, {"flush_interval must be a number of seconds from 0 to 86400", "'-1'"}},
+      {{"-o", "flush_interval=86401"}, {"flush_interval must be a number of seconds from 0 to 86400", "'86401'"}},
+      {{"-o", "detect_zeroes=yes"}, {"detect_zeroes must be off, on or unmap", "not 'yes'"}},
+      {{"-o", "max_metadata_memory=512K"}, {"max_metadata_memory must be at least 1M", "not '512K'"}},
+      {{"-o", "l2_cache_size=2X"}, {"l2_cache_size must be a size", "not '2X'"}},
+      // T is a suffix (2^40): 1T is a size, out of readahead's range; 2^24 T
+      // is past 64 bits.
+      {{"-o", "readahead=1T"}, {"readahead must be a multiple of 4K from 0 to 16M", "not '1T'"}},
+      {{"-o", "l2_cache_size=16777216T"}, {"l2_cache_size must be a size", "not '16777216T'"}},
+      {{"-o", "backing_format=vmdk"}, {"backing_format must be qcow2 or raw", "not 'vmdk'"}},
+      {{"-o", "subtype=other"}, {"subtype=other", "set by qcow2fuse"}},
+      {{"-o", "blkdev"}, {"blkdev", "block-device"}},
       {{"--bogus"}, {"unknown option '--bogus'"}},
       {{"-x"}, {"unknown option '-x'"}},
   };
@@ -374,6 +391,53 @@ TEST_F(MountOptionsTest, RefusalsNameTheFileAndWhatToDo) {
     EXPECT_TRUE(FailsWithOneLine(run, {"log file", log}));
     EXPECT_FALSE(IsMounted(Path("b.raw")));
   }
+}
+
+// -o ro,force_share takes no image locks, like qemu-img -U: it mounts an
+// image a read-write view holds, and while it is mounted QEMU may open the
+// image for writing; a plain -o ro view keeps QEMU's writers out.
+TEST_F(MountOptionsTest, ReadOnlyForceShareTakesNoLocks) {
+  const std::string image = Path("disk.qcow2");
+  ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
+  ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x5a 0 64k"}));
+  const std::string expected(64 * 1024, '\x5a');
+  {
+    const std::string writer = Path("writer.raw");
+    const std::string writer_pid = Path("writer.pid");
+    DaemonGuard writer_guard(writer, writer_pid);
+    ASSERT_OK_AND_ASSIGN(RunResult first, StartDaemon(image, writer, writer_pid));
+    ASSERT_TRUE(first.status.success()) << first.Describe();
+
+    const std::string reader = Path("reader.raw");
+    const std::string reader_pid = Path("reader.pid");
+    DaemonGuard reader_guard(reader, reader_pid);
+    ASSERT_OK_AND_ASSIGN(RunResult second, StartDaemon(image, reader, reader_pid, {"ro", "force_share"}));
+    ASSERT_TRUE(second.status.success()) << second.Describe();
+    ASSERT_OK_AND_ASSIGN(std::string bytes, ReadFile(reader));
+    EXPECT_EQ(bytes.substr(0, expected.size()), expected);
+    UnmountWithU(reader, reader_guard);
+    UnmountWithU(writer, writer_guard);
+  }
+  for (const bool force_share : {false, true}) {
+    SCOPED_TRACE(force_share ? "ro,force_share" : "ro");
+    const std::string view = Path("view.raw");
+    const std::string pidfile = Path("view.pid");
+    DaemonGuard guard(view, pidfile);
+    std::vector<std::string> options = {"ro"};
+    if (force_share) options.push_back("force_share");
+    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, options));
+    ASSERT_TRUE(run.status.success()) << run.Describe();
+    // qemu-io without -U takes QEMU's write lock, which a plain read-only
+    // view's shared lock refuses.
+    absl::Status write = QemuIo(image, "qcow2", {"write -P 0x33 1M 64k"});
+    if (force_share) {
+      EXPECT_OK(write);
+    } else {
+      EXPECT_FALSE(write.ok()) << "QEMU wrote an image a plain read-only view holds";
+    }
+    UnmountWithU(view, guard);
+  }
+  ASSERT_OK(CheckImage(image));
 }
 
 // An escaped comma stays inside its option on the way to libfuse's check:

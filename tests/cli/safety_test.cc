@@ -156,6 +156,16 @@ TEST_F(SafetyTest, MountingAnImageOntoItsBackingFileIsRefused) {
   EXPECT_OK(CheckImage(top));
 }
 
+TEST_F(SafetyTest, MountingAnImageOntoItsDataFileIsRefused) {
+  const std::string image = Path("ext.qcow2");
+  const std::string data = Path("ext.data");
+  ASSERT_OK(CreateImage(image, "qcow2", kDiskSize, {"data_file=" + data}));
+  ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x77 4M 64k"}));
+  ExpectRefused(image, data, {"chain", data}, {image, data});
+  EXPECT_FALSE(IsMounted(data));
+  EXPECT_OK(CheckImage(image));
+}
+
 TEST_F(SafetyTest, MountingOntoAMountPointIsRefused) {
   const std::string first = MakeImage("first.qcow2");
   const std::string second = MakeImage("second.qcow2");

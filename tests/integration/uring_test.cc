@@ -23,11 +23,13 @@
 #include <iostream>
 #include <optional>
 #include <random>
+#include <regex>
 #include <string>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 #include "ring_turn_shim.h"
@@ -436,6 +438,21 @@ TEST_F(UringTurnTest, ReplyBeforeReturnIsCommittedByTheEntryThread) {
 TEST_F(UringTurnTest, ReturnBeforeReplyIsCommittedByTheReplyingThread) {
   const Counts counts = ReadAndWriteWithOrder(kOrderReturnFirst, false);
   EXPECT_EQ(counts.replier_commits, counts.elsewhere) << counts.ToString();
+}
+
+// -o threads=N over io_uring: each CPU's queue gets N divided by the
+// number of queues, and at least one thread.
+TEST_F(UringTest, ThreadsAreSharedOutOverTheQueues) {
+  static const std::regex kRings(R"(requests come over io_uring: (\d+) queues \(one per CPU\) of (\d+) threads)");
+  for (const int threads : {1, 7, 64}) {
+    SCOPED_TRACE(absl::StrCat("threads=", threads));
+    const std::string log = ReadWholeImageWith(absl::StrCat("threads=", threads));
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(log, m, kRings)) << log;
+    const int queues = std::stoi(m[1]);
+    EXPECT_GE(queues, 1);
+    EXPECT_EQ(std::stoi(m[2]), std::max(1, threads / queues)) << log;
+  }
 }
 
 // -o io_uring=off keeps /dev/fuse even where the kernel offers io_uring.

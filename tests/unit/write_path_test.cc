@@ -680,9 +680,14 @@ TEST(WritePathTest, ShrinkRefusedWhenDataLiesBeyond) {
 
 TEST(WritePathTest, ShrinkAllowedWhenNothingLiesBeyond) {
   ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("wp-shrink-ok"));
-  // A zero cluster past the new end does not count as data.
+  // Past the new end, neither a zero cluster nor a data cluster whose bytes
+  // are all zeros (qemu-io writes them as data) counts as data.
   ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 4 * kMiB, {"cluster_size=65536"},
-                                        {"write -P 0x11 0 64k", "write -z 3M 64k"}));
+                                        {"write -P 0x11 0 64k", "write -z 3M 64k", "write -P 0 3584k 64k"}));
+  ASSERT_OK_AND_ASSIGN(std::vector<MapExtent> map, MapImage(p.image));
+  ASSERT_TRUE(std::any_of(map.begin(), map.end(), [](const MapExtent& e) {
+    return e.data && e.offset.has_value() && e.start <= 3584 * kKiB && e.end() > 3584 * kKiB;
+  })) << "qemu-io made no data cluster of zeros";
   const Bytes data = Pattern(4096, 14);
   {
     ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(p.image));
