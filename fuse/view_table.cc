@@ -67,7 +67,7 @@ uint64_t View::size() {
 Task<absl::StatusOr<uint64_t>> View::AllocatedBytes() {
   if (kind_ == Kind::kSnapshot) {
     Image* image = opened_image();
-    if (image == nullptr) co_return 0;  // counted once the file is opened
+    if (image == nullptr) co_return size();  // counted once the file is opened
     co_return co_await image->AllocatedBytes();
   }
   if (kind_ == Kind::kWholeDisk) co_return co_await disk_->AllocatedBytes();

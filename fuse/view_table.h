@@ -70,9 +70,11 @@ class View {
   bool on_disk() const { return kind_ != Kind::kSnapshot; }
 
   // Bytes of the view that hold data, for st_blocks. The whole disk and a
-  // snapshot take the image's exact count (0 for a snapshot until its file
-  // is first opened: a look at the directory opens nothing); a window walks
-  // its extents again only once data came or went on the disk.
+  // snapshot take the image's exact count; a window walks its extents again
+  // only once data came or went on the disk. A snapshot whose file was
+  // never opened counts as all data: a look at the directory opens nothing,
+  // and a count of 0 would tell tools that the file holds no data at all
+  // (GNU tar --sparse then archives zeros without reading it).
   Task<absl::StatusOr<uint64_t>> AllocatedBytes();
 
   // The view's readers, told sequential or not.

@@ -98,6 +98,9 @@ TEST_F(CliTest, VersionPrintsVersionAndExitsZero) {
     EXPECT_TRUE(absl::StrContains(run.stdout_text, "qcow2fuse")) << run.Describe();
     EXPECT_TRUE(std::regex_search(run.stdout_text, std::regex("[0-9]+\\.[0-9]+")))
         << run.Describe();
+    // and libfuse's, which decides what the kernel is offered.
+    EXPECT_TRUE(std::regex_search(run.stdout_text, std::regex("libfuse [0-9]+\\.[0-9]+\\.[0-9]+")))
+        << run.Describe();
   }
 }
 
@@ -621,6 +624,32 @@ TEST_F(CliTest, DataFileOptionOverridesMovedExternalDataFile) {
 
   MountOptions options = ViewOptions(image, mountpoint);
   options.extra_options = {"data_file=" + moved};
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
+  EXPECT_OK(CompareFiles(mountpoint, reference));
+  ASSERT_OK(view->Unmount());
+  EXPECT_TRUE(view->exit_status() && view->exit_status()->success()) << view->ReadLog();
+}
+
+// An image that keeps its data in an external data file without naming it
+// is refused with one line saying what to do, and mounts with -o data_file=.
+TEST_F(CliTest, DataFileOptionNamesAnUnnamedExternalDataFile) {
+  const std::string image = Path("disk.qcow2");
+  const std::string data = Path("data.raw");
+  const std::string reference = Path("disk.ref");
+  const std::string mountpoint = Path("view.raw");
+  MakeSample(image, reference, {"data_file=" + data});
+  ASSERT_OK(HideHeaderExtension(image, hdr::kExtExternalDataFile));
+  ASSERT_OK_AND_ASSIGN(std::string info, QemuImg({"info", image}));
+  ASSERT_FALSE(absl::StrContains(info, data)) << info;
+
+  RunOptions run_options;
+  run_options.watch_mountpoint = mountpoint;
+  ASSERT_OK_AND_ASSIGN(RunResult refused, RunBounded({Binary(), "-f", "-o", "ro", image, mountpoint}, run_options));
+  EXPECT_TRUE(FailsWithOneLine(refused, {"does not record its name", "-o data_file=PATH"}));
+  EXPECT_FALSE(refused.mounted_during_run || IsMounted(mountpoint)) << refused.Describe();
+
+  MountOptions options = ViewOptions(image, mountpoint);
+  options.extra_options = {"data_file=" + data};
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
   EXPECT_OK(CompareFiles(mountpoint, reference));
   ASSERT_OK(view->Unmount());

@@ -22,6 +22,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "support/file_util.h"
 #include "support/mount.h"
@@ -247,6 +248,24 @@ absl::StatusOr<Qcow2Header> ReadQcow2Header(const std::string& path) {
         absl::StrCat(path, ": unexpected cluster_bits ", h.cluster_bits));
   }
   return h;
+}
+
+absl::Status HideHeaderExtension(const std::string& path, uint32_t type) {
+  // A type no QEMU defines; readers skip extensions they do not know.
+  constexpr uint32_t kUnknownExtension = 0x71667573;
+  absl::StatusOr<uint32_t> header_length = ReadBE32At(path, hdr::kHeaderLength);
+  if (!header_length.ok()) return header_length.status();
+  uint64_t at = *header_length;
+  for (int i = 0; i < 64; ++i) {
+    absl::StatusOr<uint32_t> found = ReadBE32At(path, at);
+    if (!found.ok()) return found.status();
+    absl::StatusOr<uint32_t> length = ReadBE32At(path, at + 4);
+    if (!length.ok()) return length.status();
+    if (*found == 0) break;  // the end of the extensions
+    if (*found == type) return WriteBE32At(path, at, kUnknownExtension);
+    at += 8 + (uint64_t{*length} + 7) / 8 * 8;  // data padded to 8 bytes
+  }
+  return absl::NotFoundError(absl::StrFormat("%s has no header extension %#x", path, type));
 }
 
 absl::StatusOr<uint64_t> L1EntryOffset(const std::string& image,

@@ -146,8 +146,19 @@ inline constexpr uint64_t kL1Size = 36;
 inline constexpr uint64_t kL1TableOffset = 40;
 inline constexpr uint64_t kRefcountTableOffset = 48;
 inline constexpr uint64_t kIncompatibleFeatures = 72;
+inline constexpr uint64_t kHeaderLength = 100;  // version 3
 inline constexpr uint32_t kQcow2Magic = 0x514649fb;  // "QFI\xfb"
+// Header extension types.
+inline constexpr uint32_t kExtBackingFormat = 0xe2792aca;
+inline constexpr uint32_t kExtExternalDataFile = 0x44415441;
 }  // namespace hdr
+
+// Gives header extension `type` of the version 3 image at `path` a type
+// no reader knows, so that readers skip it (docs/interop/qcow2.txt,
+// "Header extensions"): the image reads as one that never recorded it, as
+// images of older QEMUs (no backing format) or other tools (a data file
+// without a name) do. NotFound if the image has no such extension.
+absl::Status HideHeaderExtension(const std::string& path, uint32_t type);
 
 // The header fields the tests use.
 struct Qcow2Header {

@@ -161,7 +161,7 @@ TEST_F(DirectoryModeTest, MbrLogicalPartitionsAreNumberedFromFive) {
 // Writes, zeroing and holes inside a partition land at its offset on the
 // disk; at its end there is no room (ENOSPC), and a write across the end
 // is cut short there. Its size is fixed. SEEK_DATA and st_blocks are the
-// partition's own.
+// partition's own, and so is SEEK_HOLE.
 TEST_F(DirectoryModeTest, WritesStayInsideTheirPartition) {
   ASSERT_NO_FATAL_FAILURE(MakeDisk("label: gpt\\n,16M\\n,8M\\n,\\n"));
   const Range p2 = partitions_.at(2);
@@ -190,6 +190,11 @@ TEST_F(DirectoryModeTest, WritesStayInsideTheirPartition) {
     EXPECT_EQ(ftruncate(part.get(), p2.length), 0);
     // The first data of the partition is where its first write went.
     EXPECT_EQ(lseek(part.get(), 0, SEEK_DATA), static_cast<off_t>(kMiB));
+    // So is SEEK_HOLE: the cluster written ends at 1 MiB + 64 KiB, and the
+    // partition's last data ends at its end, though part3's data follows
+    // on the disk.
+    EXPECT_EQ(lseek(part.get(), kMiB, SEEK_HOLE), static_cast<off_t>(kMiB + 64 * kKiB));
+    EXPECT_EQ(lseek(part.get(), p2.length - 4096, SEEK_HOLE), static_cast<off_t>(p2.length));
     EXPECT_EQ(fsync(part.get()), 0);
   }
   struct stat st;
@@ -332,6 +337,71 @@ TEST_F(DirectoryModeTest, SnapshotFileNamesNeverCollide) {
   }
   ASSERT_OK(view->Unmount());
   EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
+}
+
+// A snapshot whose name is not a file name (a '/', "." or "..", too long
+// for NAME_MAX with ".raw") is ID.raw; a name just short enough keeps it.
+// A snapshot is opened at the first open of its file: until then its
+// st_blocks counts its whole size, afterwards its data.
+TEST_F(DirectoryModeTest, SnapshotsWithoutAFileNameAreByTheirId) {
+  image_ = Path("disk.qcow2");
+  constexpr uint64_t kSize = 4 * kMiB;
+  ASSERT_OK(CreateImage(image_, "qcow2", kSize));
+  const std::string longest(251, 'n');  // 251 + ".raw" = 255 bytes
+  const std::vector<std::string> names = {"a/b", ".", "..", std::string(252, 'l'), longest};
+  for (size_t i = 0; i < names.size(); ++i) {
+    ASSERT_OK(QemuIo(image_, "qcow2", {W(0x10 + i, i * 512 * kKiB, 512 * kKiB)}));
+    ASSERT_OK(QemuImg({"snapshot", "-c", names[i], image_}).status());
+  }
+  const std::map<std::string, std::string> files = {
+      {"1.raw", "1"}, {"2.raw", "2"}, {"3.raw", "3"}, {"4.raw", "4"}, {longest + ".raw", "5"}};
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(/*read_only=*/true)));
+  std::vector<std::string> expected_names;
+  for (const auto& [file, id] : files) expected_names.push_back(file);
+  std::sort(expected_names.begin(), expected_names.end());
+  EXPECT_EQ(DirectoryNames(In("snapshots")), expected_names);
+  for (const auto& [file, id] : files) {
+    SCOPED_TRACE(file);
+    const std::string path = In("snapshots/" + file);
+    struct stat st;
+    ASSERT_EQ(stat(path.c_str(), &st), 0) << strerror(errno);
+    EXPECT_EQ(static_cast<uint64_t>(st.st_blocks) * 512, kSize) << "a snapshot not yet opened";
+    const std::string raw = Path("snapshot-" + id + ".raw");
+    ASSERT_OK(ConvertImage(image_, "qcow2", raw, "raw", {"-U", "-l", "snapshot.id=" + id}));
+    ASSERT_OK(CompareFiles(path, raw));
+  }
+  // Once the kernel's cached attributes (1 s) are stale: snapshot ID n
+  // holds the first n writes of 512 KiB.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  for (const auto& [file, id] : files) {
+    SCOPED_TRACE(file);
+    struct stat st;
+    ASSERT_EQ(stat(In("snapshots/" + file).c_str(), &st), 0) << strerror(errno);
+    EXPECT_EQ(static_cast<uint64_t>(st.st_blocks) * 512, std::stoull(id) * 512 * kKiB);
+  }
+  ASSERT_OK(view->Unmount());
+  EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
+}
+
+// tar --sparse (GNU tar archives a file with no blocks as all holes,
+// unread) of snapshots never opened keeps their bytes.
+TEST_F(DirectoryModeTest, TarSparseOfSnapshotsKeepsTheirData) {
+  image_ = Path("disk.qcow2");
+  ASSERT_OK(CreateImage(image_, "qcow2", 4 * kMiB));
+  ASSERT_OK(QemuIo(image_, "qcow2", {W(0x41, 0, kMiB), W(0x42, 3 * kMiB, 64 * kKiB)}));
+  ASSERT_OK(QemuImg({"snapshot", "-c", "first", image_}).status());
+  const std::string expected = Path("first.expected");
+  ASSERT_OK(ConvertImage(image_, "qcow2", expected, "raw", {"-l", "snapshot.name=first"}));
+  const std::string archive = Path("snapshots.tar");
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(/*read_only=*/true)));
+    ASSERT_OK(RunChecked({"tar", "-cSf", archive, "-C", In("snapshots"), "first.raw"}).status());
+    ASSERT_OK(view->Unmount());
+  }
+  const std::string out = Path("out");
+  ASSERT_EQ(mkdir(out.c_str(), 0755), 0);
+  ASSERT_OK(RunChecked({"tar", "-xf", archive, "-C", out}).status());
+  EXPECT_OK(CompareFiles(out + "/first.raw", expected));
 }
 
 // Creating, removing or renaming a file of the mount is refused plainly:

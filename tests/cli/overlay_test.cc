@@ -6,11 +6,14 @@
 // nothing on disk.
 
 #include <dirent.h>
+#include <errno.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -151,6 +154,60 @@ TEST_F(OverlayTest, VolatileWritesVanishAtUnmount) {
   EXPECT_TRUE(DirectoryNames(tmp).empty());
   ExpectBaseUnchanged();
   EXPECT_OK(CheckImage(base_));
+}
+
+// A volatile overlay leaves nothing on disk however the daemon ends: a
+// daemon killed with SIGKILL leaves TMPDIR as empty as an unmount does.
+TEST_F(OverlayTest, VolatileLeavesNothingWhenTheDaemonIsKilled) {
+  const std::string tmp = Path("tmp");
+  ASSERT_EQ(mkdir(tmp.c_str(), 0755), 0);
+  const std::string view = Path("view.raw");
+  const std::string pidfile = Path("view.pid");
+  DaemonGuard guard(view, pidfile);
+  ASSERT_EQ(setenv("TMPDIR", tmp.c_str(), 1), 0);  // the daemon inherits it
+  absl::StatusOr<RunResult> started = StartDaemon(base_, view, pidfile, {"volatile"});
+  unsetenv("TMPDIR");
+  ASSERT_OK(started.status());
+  ASSERT_TRUE(started->status.success()) << started->Describe();
+  ASSERT_OK_AND_ASSIGN(pid_t pid, guard.ReadPid());
+  ASSERT_OK(WriteThrough(view));
+  ASSERT_EQ(kill(pid, SIGKILL), 0) << strerror(errno);
+  ASSERT_TRUE(WaitForPidGone(pid, std::chrono::seconds(10)).gone) << "the killed daemon is still there";
+  guard.Forget();
+  EXPECT_TRUE(DirectoryNames(tmp).empty()) << DirectoryNames(tmp).front();
+  guard.Cleanup();  // the dead mount
+  EXPECT_FALSE(IsMounted(view));
+  ExpectBaseUnchanged();
+  EXPECT_OK(CheckImage(base_));
+}
+
+// In directory mode the snapshots are the new overlay's, which has none:
+// snapshots/ is empty, though IMAGE has some.
+TEST_F(OverlayTest, DirectoryModeShowsTheOverlaysSnapshotsWhichAreNone) {
+  const std::string image = Path("snap.qcow2");
+  ASSERT_OK(CreateImage(image, "qcow2", kDisk));
+  ASSERT_OK(QemuIo(image, "qcow2", {W(0x44, 0, kMiB)}));
+  ASSERT_OK(QemuImg({"snapshot", "-c", "before", image}).status());
+  const std::string expected = Path("snap.raw");
+  ASSERT_OK(ConvertToRaw(image, expected));
+  const std::string mountpoint = Path("mnt");
+  ASSERT_EQ(mkdir(mountpoint.c_str(), 0755), 0);
+  {
+    // The control: the image itself shows its snapshot.
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(ReadOnlyView(image, mountpoint)));
+    EXPECT_EQ(DirectoryNames(mountpoint + "/snapshots"), std::vector<std::string>{"before.raw"});
+    ASSERT_OK(view->Unmount());
+  }
+  for (const std::string& option : std::vector<std::string>{"volatile", "overlay=" + Path("new.qcow2")}) {
+    SCOPED_TRACE(option);
+    MountOptions mount = WritableView(image, mountpoint);
+    mount.extra_options = {option};
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(mount));
+    EXPECT_TRUE(DirectoryNames(mountpoint + "/snapshots").empty());
+    EXPECT_OK(CompareFiles(mountpoint + "/disk.raw", expected));
+    ASSERT_OK(view->Unmount());
+    EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
+  }
 }
 
 TEST_F(OverlayTest, OptionsThatCannotGoTogetherAreUsageErrors) {
