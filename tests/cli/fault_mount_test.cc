@@ -26,6 +26,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -655,6 +656,69 @@ TEST_F(FaultMountTest, DirectWritesReachTheImageInParallel) {
     EXPECT_EQ(after.substr(64 * kKiB, 4096), std::string(4096, '\x77'));
     EXPECT_EQ(after.substr(4096, 4096), std::string(4096, '\x11'));
   }
+}
+
+// A write stuck in its pwrite of the image (a hung disk) when the daemon
+// is told to stop: after drain_timeout the daemon exits without it, and the
+// image is as a crash would leave it: consistent, holding what was synced
+// before, without the stuck write.
+TEST_F(FaultMountTest, DrainTimeoutLeavesTheImageWithoutTheStuckWrite) {
+  MakeImage();  // 0x11 in the first 128 KiB
+  ASSERT_FALSE(HasFatalFailure());
+  const std::string image = Path("disk.qcow2");
+  const std::string view = Path("view.raw");
+  ASSERT_OK(WriteFileAt(image, 0, image_));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, StartWithShim(image, view, *control, {"drain_timeout=2"}));
+  const int fd = open(view.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  AlignedBuffer owned = AllocAligned(64 * kKiB);
+  uint8_t* const buffer = owned.get();
+  std::memset(buffer, 0x77, 4096);
+  ASSERT_EQ(pwrite(fd, buffer, 4096, 8192), 4096) << strerror(errno);  // in place
+  std::memset(buffer, 0x66, 64 * kKiB);
+  ASSERT_EQ(pwrite(fd, buffer, 64 * kKiB, kMiB), static_cast<ssize_t>(64 * kKiB)) << strerror(errno);  // allocating
+  ASSERT_EQ(fsync(fd), 0) << strerror(errno);
+
+  control->Arm(kFaultPause, kFaultPwrite, control->calls(kFaultPwrite) + 1, 0);
+  std::memset(buffer, 0x99, 4096);
+  ssize_t stuck = 0;
+  int stuck_errno = 0;
+  std::thread writer([&] {
+    stuck = pwrite(fd, buffer, 4096, 0);
+    stuck_errno = errno;
+  });
+  for (int i = 0; i < 1000 && !control->fired(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  if (!control->fired()) {
+    control->Arm(kFaultNone, kFaultPwrite, 0, 0);
+    writer.join();
+    close(fd);
+    FAIL() << "the write never reached the image: the test proves nothing";
+  }
+  ASSERT_EQ(kill(mounted->pid(), SIGTERM), 0) << strerror(errno);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!absl::StrContains(mounted->ReadLog(), "still running") && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_TRUE(absl::StrContains(mounted->ReadLog(), "still running")) << mounted->ReadLog();
+  EXPECT_OK(mounted->Unmount());  // waits for the exit
+  ASSERT_TRUE(mounted->exit_status().has_value()) << mounted->ReadLog();
+  EXPECT_EQ(mounted->exit_status()->code(), 1) << mounted->exit_status()->ToString();
+  writer.join();
+  EXPECT_EQ(stuck, -1) << "the stuck write was acknowledged";
+  EXPECT_NE(stuck_errno, 0);
+  close(fd);
+
+  absl::StatusOr<QemuCheckReport> check = QemuCheck(image);
+  ASSERT_OK(check.status());
+  EXPECT_EQ(check->corruptions, 0u) << check->output;
+  EXPECT_EQ(check->check_errors, 0u) << check->output;
+  ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
+  ASSERT_OK_AND_ASSIGN(std::string after, ReadFile(Path("after.raw")));
+  EXPECT_EQ(after.substr(0, 4096), std::string(4096, '\x11')) << "the stuck write reached the disk";
+  EXPECT_EQ(after.substr(8192, 4096), std::string(4096, '\x77'));
+  EXPECT_EQ(after.substr(kMiB, 64 * kKiB), std::string(64 * kKiB, '\x66'));
+  EXPECT_EQ(after.substr(12288, 128 * kKiB - 12288), std::string(128 * kKiB - 12288, '\x11'));
 }
 
 // Whether this process may size a pipe to hold a 1 MiB reply and its

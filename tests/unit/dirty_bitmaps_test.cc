@@ -319,6 +319,27 @@ TEST_F(DirtyBitmapsTest, UnalignedWritesMarkEveryGranuleTheyTouch) {
   ExpectCheckClean(path_);
 }
 
+// Preallocation (fallocate mode 0) reserves clusters and changes no byte
+// of the disk, so it marks no bit; the write after it does.
+TEST_F(DirtyBitmapsTest, PreallocationMarksNothing) {
+  Create(8 * kMiB);
+  AddBitmap("b", 65536);
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> image, OpenWritable(path_));
+    ASSERT_OK(SyncWait(image->Preallocate(kMiB, 2 * kMiB)));
+    ASSERT_OK(SyncWait(image->Write(5 * kMiB, Pattern(100, 1))));
+    ASSERT_OK(SyncWait(image->Close()));
+  }
+  ExpectCheckClean(path_);
+  ASSERT_OK_AND_ASSIGN(std::vector<MapExtent> map, MapImage(path_));
+  EXPECT_TRUE(std::any_of(map.begin(), map.end(), [](const MapExtent& e) {
+    return e.offset.has_value() && e.start <= kMiB && e.end() > kMiB;
+  })) << "the preallocation reserved no cluster: the test proves nothing";
+  Model m(8 * kMiB, 65536);
+  m.Add(5 * kMiB, 100);
+  ExpectBitmap(path_, "b", m);
+}
+
 // A bitmap that has no data yet (its table is all zero entries) gets a
 // cluster at close, counted in the refcounts.
 TEST_F(DirtyBitmapsTest, BitmapWithoutDataGetsAClusterAtClose) {

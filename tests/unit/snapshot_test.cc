@@ -254,5 +254,37 @@ TEST_F(SnapshotTest, HostileSnapshotEntryIsRefused) {
   }
 }
 
+// QEMU refuses snapshots of an image with an external data file, whose
+// data is written in place: an image that has both anyway (the feature bit
+// set by hand here, the data file a copy of the image, so every offset
+// still finds its bytes) lists the snapshot but refuses to open it,
+// saying why; the disk itself reads.
+TEST_F(SnapshotTest, SnapshotOfAnImageWithAnExternalDataFileIsRefused) {
+  const std::string img = dir_->Join("both.qcow2");
+  ASSERT_OK(CreateImage(img, "qcow2", kMiB));
+  ASSERT_OK(QemuIo(img, "qcow2", {W(0x11, 0, 65536)}));
+  ASSERT_OK(QemuImg({"snapshot", "-c", "kept", img}).status());
+  ASSERT_OK_AND_ASSIGN(std::string bytes, ReadFile(img));
+  const std::string data = dir_->Join("both.data");
+  ASSERT_OK(WriteFileAt(data, 0, bytes));
+  constexpr size_t kIncompatibleFeaturesLastByte = 72 + 7;  // big-endian
+  constexpr char kExternalDataFileBit = 1 << 2;              // incompatible feature bit 2
+  bytes[kIncompatibleFeaturesLastByte] |= kExternalDataFileBit;
+  ASSERT_OK(WriteFileAt(img, 0, bytes));
+
+  ImageOptions options;
+  options.data_file = data;
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Image> image, SyncWait(Image::Open(img, options)));
+  ASSERT_OK_AND_ASSIGN(std::vector<SnapshotInfo> snapshots, SyncWait(image->Snapshots()));
+  ASSERT_EQ(snapshots.size(), 1u);
+  absl::StatusOr<std::unique_ptr<Image>> snapshot = SyncWait(image->OpenSnapshot(snapshots[0]));
+  ASSERT_FALSE(snapshot.ok());
+  EXPECT_EQ(snapshot.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(snapshot.status().message(), "snapshot 'kept' (ID 1)")) << snapshot.status();
+  EXPECT_TRUE(absl::StrContains(snapshot.status().message(), "external data file")) << snapshot.status();
+  ASSERT_OK_AND_ASSIGN(std::string disk, ReadAll(*image));
+  EXPECT_EQ(disk.substr(0, 65536), std::string(65536, '\x11'));
+}
+
 }  // namespace
 }  // namespace qcow2fuse::test
