@@ -326,6 +326,14 @@ int UnmountCommand(const std::string& given) {
     PrintError(absl::StrFormat("%s is not a qcow2fuse view (it is a %s mount)", *path, (*mount)->fs_type));
     return 1;
   }
+  // fusermount3 would refuse another user's view with a puzzling word
+  // about /etc/mtab: say who may unmount it.
+  const std::optional<std::string> owner = (*mount)->SuperOption("user_id");
+  uid_t owner_uid = 0;
+  if (getuid() != 0 && owner && absl::SimpleAtoi(*owner, &owner_uid) && owner_uid != getuid()) {
+    PrintError(absl::StrFormat("%s belongs to uid %u: only its owner or root can unmount it", *path, owner_uid));
+    return 1;
+  }
   absl::StatusOr<std::optional<std::unique_ptr<Daemon>>> daemon = ConnectToDaemon(**mount, *path);
   if (!daemon.ok()) {
     PrintError(std::string(daemon.status().message()));

@@ -336,6 +336,9 @@ TEST_F(MountOptionsTest, LogFileGetsTheReasonOfAFailedRequest) {
   const std::string pidfile = Path("pid");
   const std::string log = Path("qcow2fuse.log");
   MakeImage(image, twin);
+  // The log is appended to: what an earlier mount wrote stays.
+  const std::string earlier = "an earlier mount's line\n";
+  ASSERT_OK(WriteFileAt(log, 0, earlier));
   DaemonGuard guard(view, pidfile);
   ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, {"log=" + log}));
   ASSERT_TRUE(run.status.success()) << run.Describe();
@@ -344,6 +347,7 @@ TEST_F(MountOptionsTest, LogFileGetsTheReasonOfAFailedRequest) {
   EXPECT_EQ(errno, EINVAL);
   UnmountWithU(view, guard);
   ASSERT_OK_AND_ASSIGN(std::string text, ReadFile(log));
+  EXPECT_TRUE(absl::StartsWith(text, earlier)) << text;
   EXPECT_TRUE(absl::StrContains(text, "cannot shrink")) << text;
   EXPECT_TRUE(absl::StrContains(text, "serving " + image)) << text;
   for (const char* internal : {"FAILED_PRECONDITION", "INVALID_ARGUMENT", "qcow2fuse/errno", "errno='"}) {
@@ -354,6 +358,36 @@ TEST_F(MountOptionsTest, LogFileGetsTheReasonOfAFailedRequest) {
   if (!HasEffectiveCapability(24 /* CAP_SYS_RESOURCE */) && geteuid() == 0) {
     EXPECT_TRUE(absl::StrContains(text, "PR_SET_IO_FLUSHER")) << text;
   }
+}
+
+// Past max_metadata_memory a request fails, and the log names the
+// structure and the option: a grow whose L1 table would not fit fails with
+// ENOMEM and changes nothing; a smaller grow still works.
+TEST_F(MountOptionsTest, ARequestPastTheMetadataBudgetFailsNamingTheStructure) {
+  const std::string image = Path("disk.qcow2");
+  const std::string view = Path("view.raw");
+  const std::string log = Path("qcow2fuse.log");
+  ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
+                       MountedView::Start(ViewOptions(image, view, {"max_metadata_memory=1M", "log=" + log}, /*read_only=*/false)));
+  // 128 TiB of 64 KiB clusters: an L1 table of 2 MiB.
+  constexpr uint64_t kTooLarge = uint64_t{128} << 40;
+  errno = 0;
+  EXPECT_NE(truncate(view.c_str(), kTooLarge), 0);
+  EXPECT_EQ(errno, ENOMEM) << strerror(errno);
+  struct stat st;
+  ASSERT_EQ(stat(view.c_str(), &st), 0) << strerror(errno);
+  EXPECT_EQ(static_cast<uint64_t>(st.st_size), kDiskSize);
+  constexpr uint64_t kFits = uint64_t{2} << 40;  // 32 KiB of L1 table
+  EXPECT_EQ(truncate(view.c_str(), kFits), 0) << strerror(errno);
+  ASSERT_OK(mounted->Unmount());
+  EXPECT_TRUE(mounted->exit_status()->success()) << mounted->ReadLog();
+  ASSERT_OK_AND_ASSIGN(std::string text, ReadFile(log));
+  EXPECT_TRUE(absl::StrContains(text, "the L1 table of " + image)) << text;
+  EXPECT_TRUE(absl::StrContains(text, "max_metadata_memory")) << text;
+  ASSERT_OK_AND_ASSIGN(uint64_t size, VirtualSize(image));
+  EXPECT_EQ(size, kFits);
+  EXPECT_OK(CheckImage(image));
 }
 
 TEST_F(MountOptionsTest, RefusalsNameTheFileAndWhatToDo) {
@@ -989,10 +1023,20 @@ TEST_F(MountOptionsTest, LoopDevicesOverTheViewAreSwitchedToDirectIo) {
 
       std::string device;
       {
+        // A loop device over another file (the twin) is not the daemon's
+        // to switch.
+        std::unique_ptr<LoopDevice> other;
+        if (on && !writable) {
+          ASSERT_OK_AND_ASSIGN(other, LoopDevice::Attach(twin, /*read_only=*/true));
+        }
         ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(view, /*read_only=*/!writable));
         device = loop->device();
         if (on) {
           EXPECT_TRUE(becomes_direct(device)) << device << " still does buffered I/O";
+          if (other) {
+            usleep(500 * 1000);  // fifty times the daemon's polling interval
+            EXPECT_EQ(LoopDioFlag(other->device()), "0") << other->device() << ", over another file, was switched";
+          }
         } else {
           usleep(500 * 1000);  // fifty times the daemon's polling interval
           EXPECT_EQ(LoopDioFlag(device), "0") << device << " was switched although the option is off";

@@ -791,5 +791,28 @@ TEST_F(UnprivilegedTest, RootCannotOpenTheViewAndTheUserCannotAttachALoopDevice)
   ASSERT_NO_FATAL_FAILURE(ExpectEnded(guard, image, view, pidfile, pid, std::chrono::milliseconds(0)));
 }
 
+// A user cannot take down a view that is not theirs: `qcow2fuse -u` on a
+// view root mounted fails with one line, and the view stays mounted and
+// served until its owner unmounts it.
+TEST_F(UnprivilegedTest, AUserCannotUnmountAnotherUsersView) {
+  const std::string image = Path("disk.qcow2");
+  const std::string reference = Path("reference.raw");
+  const std::string view = Path("view.raw");
+  const std::string pidfile = Path("view.pid");
+  ASSERT_NO_FATAL_FAILURE(MakeImage(image, reference));
+
+  DaemonGuard guard(view, pidfile);
+  ASSERT_OK_AND_ASSIGN(RunResult started, StartDaemon(image, view, pidfile, {"ro", "allow_other"}));
+  ASSERT_TRUE(started.status.success()) << started.Describe();
+  ASSERT_OK_AND_ASSIGN(RunResult refused, AsUser({Binary(), "-u", view}));
+  EXPECT_TRUE(FailsWithOneLine(refused, {view, "belongs to uid 0", "only its owner or root"})) << refused.Describe();
+  EXPECT_TRUE(IsMounted(view)) << "another user's -u took the view down";
+  EXPECT_OK(CompareFiles(view, reference));
+  ASSERT_OK_AND_ASSIGN(RunResult unmounted, RunUnmount(view));
+  EXPECT_TRUE(unmounted.status.success()) << unmounted.Describe();
+  guard.Cleanup();
+  EXPECT_FALSE(IsMounted(view));
+}
+
 }  // namespace
 }  // namespace qcow2fuse::test::cli
