@@ -12,9 +12,13 @@
 // tests/package; a user other than root in unprivileged_test.cc.
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <syslog.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -33,6 +37,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -226,6 +231,7 @@ TEST_F(MountOptionsTest, UsageErrorsAreOneLineNamingTheArgument) {
       {{"-o", "backing_format=vmdk"}, {"backing_format must be qcow2 or raw", "not 'vmdk'"}},
       {{"-o", "subtype=other"}, {"subtype=other", "set by qcow2fuse"}},
       {{"-o", "blkdev"}, {"blkdev", "block-device"}},
+      {{"-oro,thread=4"}, {"'thread=4'", "did you mean 'threads'"}},  // -oA,B: one word
       {{"--bogus"}, {"unknown option '--bogus'"}},
       {{"-x"}, {"unknown option '-x'"}},
   };
@@ -358,6 +364,66 @@ TEST_F(MountOptionsTest, LogFileGetsTheReasonOfAFailedRequest) {
   if (!HasEffectiveCapability(24 /* CAP_SYS_RESOURCE */) && geteuid() == 0) {
     EXPECT_TRUE(absl::StrContains(text, "PR_SET_IO_FLUSHER")) << text;
   }
+}
+
+// Without -f the daemon's messages go to syslog, as qcow2fuse[PID] with
+// facility daemon. Where no system logger owns /dev/log (a container), the
+// test binds its own datagram socket there for the time of the test.
+TEST_F(MountOptionsTest, DaemonMessagesGoToSyslog) {
+  struct stat existing;
+  if (lstat("/dev/log", &existing) == 0) GTEST_SKIP() << "a system logger owns /dev/log";
+  const int sock = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(sock, 0) << strerror(errno);
+  sockaddr_un addr = {};
+  addr.sun_family = AF_UNIX;
+  std::strcpy(addr.sun_path, "/dev/log");
+  if (bind(sock, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    const int error = errno;
+    close(sock);
+    GTEST_SKIP() << "cannot bind /dev/log: " << strerror(error);
+  }
+  struct Cleanup {
+    int fd;
+    ~Cleanup() {
+      unlink("/dev/log");
+      close(fd);
+    }
+  } cleanup{sock};
+
+  const std::string image = Path("disk.qcow2");
+  const std::string view = Path("view.raw");
+  const std::string pidfile = Path("pid");
+  ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
+  pid_t pid = 0;
+  {
+    DaemonGuard guard(view, pidfile);
+    ASSERT_OK_AND_ASSIGN(RunResult run, StartDaemon(image, view, pidfile, {"ro"}));
+    ASSERT_TRUE(run.status.success()) << run.Describe();
+    ASSERT_OK_AND_ASSIGN(pid, guard.ReadPid());
+    UnmountWithU(view, guard);
+  }
+  // LOG_DAEMON | LOG_INFO, the tag and pid, and the message.
+  const std::string tag = absl::StrFormat("<%d>", LOG_DAEMON | LOG_INFO);
+  const std::string ident = absl::StrFormat("qcow2fuse[%d]: ", pid);
+  bool serving = false;
+  bool unmounted = false;
+  std::string seen;
+  for (;;) {
+    pollfd p = {sock, POLLIN, 0};
+    if (poll(&p, 1, 2000) <= 0) break;
+    char buffer[4096];
+    const ssize_t n = recv(sock, buffer, sizeof buffer, 0);
+    if (n <= 0) break;
+    const std::string message(buffer, n);
+    if (!absl::StrContains(message, ident)) continue;  // another test's daemon
+    seen += message + "\n";
+    if (!absl::StartsWith(message, tag)) continue;
+    serving |= absl::StrContains(message, ident + "serving " + image);
+    unmounted |= absl::StrContains(message, ident + "unmounted");
+    if (serving && unmounted) break;
+  }
+  EXPECT_TRUE(serving) << seen;
+  EXPECT_TRUE(unmounted) << seen;
 }
 
 // Past max_metadata_memory a request fails, and the log names the
@@ -503,6 +569,28 @@ TEST_F(MountOptionsTest, DebugShowsTheRequestTrace) {
   const std::string log = mounted->ReadLog();
   ASSERT_OK(mounted->Unmount());
   EXPECT_TRUE(absl::StrContains(log, "opcode: READ")) << log.substr(0, 4000);
+}
+
+// A read-only view keeps its page cache from one open to the next
+// (keep_cache): reading it again, through a new descriptor, sends no READ.
+TEST_F(MountOptionsTest, ReadOnlyViewKeepsItsPageCacheAcrossOpens) {
+  const std::string image = Path("disk.qcow2");
+  const std::string twin = Path("twin.raw");
+  const std::string view = Path("view.raw");
+  MakeImage(image, twin);
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, MountedView::Start(ViewOptions(image, view, {"debug"})));
+  auto reads = [&] {
+    const std::string log = mounted->ReadLog();
+    size_t n = 0;
+    for (size_t at = log.find("opcode: READ "); at != std::string::npos; at = log.find("opcode: READ ", at + 1)) ++n;
+    return n;
+  };
+  EXPECT_OK(CompareFiles(view, twin));
+  const size_t first = reads();
+  EXPECT_GT(first, 0u);
+  EXPECT_OK(CompareFiles(view, twin));
+  EXPECT_EQ(reads(), first) << "the second read of the view was not served from its page cache";
+  ASSERT_OK(mounted->Unmount());
 }
 
 // Kills the daemon `guard` watches (SIGKILL) and returns whether its view
