@@ -99,6 +99,31 @@ class DirectoryModeTest : public TempDirTest {
 
   std::string In(const std::string& name) const { return mountpoint_ + "/" + name; }
 
+  // image_ (made by the caller) gets, for each of `names` in turn, `step`
+  // bytes of its own pattern after the last's, then a snapshot so named:
+  // snapshot ID n holds the first n writes.
+  void WriteAndSnapshot(const std::vector<std::string>& names, uint64_t step) {
+    for (size_t i = 0; i < names.size(); ++i) {
+      ASSERT_OK(QemuIo(image_, "qcow2", {W(0x10 + i, i * step, step)}));
+      ASSERT_OK(QemuImg({"snapshot", "-c", names[i], image_}).status());
+    }
+  }
+
+  // snapshots/ holds exactly `files` (file name to snapshot ID), each
+  // reading as qemu-img convert -l snapshot.id=ID.
+  void ExpectSnapshotFiles(const std::map<std::string, std::string>& files) {
+    std::vector<std::string> expected_names;
+    for (const auto& [file, id] : files) expected_names.push_back(file);
+    std::sort(expected_names.begin(), expected_names.end());
+    EXPECT_EQ(DirectoryNames(In("snapshots")), expected_names);
+    for (const auto& [file, id] : files) {
+      SCOPED_TRACE(file);
+      const std::string raw = Path("snapshot-" + id + ".raw");
+      ASSERT_OK(ConvertImage(image_, "qcow2", raw, "raw", {"-U", "-l", "snapshot.id=" + id}));
+      ASSERT_OK(CompareFiles(In("snapshots/" + file), raw));
+    }
+  }
+
   // Each partition file holds its range of `reference`, by default the
   // image as QEMU reads it (which a read-write mount's lock forbids: pass
   // the raw twin there).
@@ -315,26 +340,11 @@ TEST_F(DirectoryModeTest, ConcurrentPartialWritesThroughDiskAndPartitionNeverHan
 TEST_F(DirectoryModeTest, SnapshotFileNamesNeverCollide) {
   image_ = Path("disk.qcow2");
   ASSERT_OK(CreateImage(image_, "qcow2", 4 * kMiB));
-  const std::vector<std::string> names = {"snapshot-2", "3", "dup", "dup"};
-  for (size_t i = 0; i < names.size(); ++i) {
-    ASSERT_OK(QemuIo(image_, "qcow2", {W(0x10 + i, i * kMiB, kMiB)}));
-    ASSERT_OK(QemuImg({"snapshot", "-c", names[i], image_}).status());
-  }
+  ASSERT_NO_FATAL_FAILURE(WriteAndSnapshot({"snapshot-2", "3", "dup", "dup"}, kMiB));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(/*read_only=*/true)));
   // ID 1 keeps its name; ID 2's name "3" is free; ID 3's "3.raw" is taken,
   // and so is snapshot-2.raw; ID 4 is by its ID.
-  const std::map<std::string, std::string> files = {
-      {"snapshot-2.raw", "1"}, {"3.raw", "2"}, {"snapshot-2~1.raw", "3"}, {"4.raw", "4"}};
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(/*read_only=*/true)));
-  std::vector<std::string> expected_names;
-  for (const auto& [file, id] : files) expected_names.push_back(file);
-  std::sort(expected_names.begin(), expected_names.end());
-  EXPECT_EQ(DirectoryNames(In("snapshots")), expected_names);
-  for (const auto& [file, id] : files) {
-    SCOPED_TRACE(file);
-    const std::string raw = Path("snapshot-" + id + ".raw");
-    ASSERT_OK(ConvertImage(image_, "qcow2", raw, "raw", {"-U", "-l", "snapshot.id=" + id}));
-    ASSERT_OK(CompareFiles(In("snapshots/" + file), raw));
-  }
+  ExpectSnapshotFiles({{"snapshot-2.raw", "1"}, {"3.raw", "2"}, {"snapshot-2~1.raw", "3"}, {"4.raw", "4"}});
   ASSERT_OK(view->Unmount());
   EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
 }
@@ -348,28 +358,17 @@ TEST_F(DirectoryModeTest, SnapshotsWithoutAFileNameAreByTheirId) {
   constexpr uint64_t kSize = 4 * kMiB;
   ASSERT_OK(CreateImage(image_, "qcow2", kSize));
   const std::string longest(251, 'n');  // 251 + ".raw" = 255 bytes
-  const std::vector<std::string> names = {"a/b", ".", "..", std::string(252, 'l'), longest};
-  for (size_t i = 0; i < names.size(); ++i) {
-    ASSERT_OK(QemuIo(image_, "qcow2", {W(0x10 + i, i * 512 * kKiB, 512 * kKiB)}));
-    ASSERT_OK(QemuImg({"snapshot", "-c", names[i], image_}).status());
-  }
+  ASSERT_NO_FATAL_FAILURE(WriteAndSnapshot({"a/b", ".", "..", std::string(252, 'l'), longest}, 512 * kKiB));
   const std::map<std::string, std::string> files = {
       {"1.raw", "1"}, {"2.raw", "2"}, {"3.raw", "3"}, {"4.raw", "4"}, {longest + ".raw", "5"}};
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(/*read_only=*/true)));
-  std::vector<std::string> expected_names;
-  for (const auto& [file, id] : files) expected_names.push_back(file);
-  std::sort(expected_names.begin(), expected_names.end());
-  EXPECT_EQ(DirectoryNames(In("snapshots")), expected_names);
   for (const auto& [file, id] : files) {
     SCOPED_TRACE(file);
-    const std::string path = In("snapshots/" + file);
     struct stat st;
-    ASSERT_EQ(stat(path.c_str(), &st), 0) << strerror(errno);
+    ASSERT_EQ(stat(In("snapshots/" + file).c_str(), &st), 0) << strerror(errno);
     EXPECT_EQ(static_cast<uint64_t>(st.st_blocks) * 512, kSize) << "a snapshot not yet opened";
-    const std::string raw = Path("snapshot-" + id + ".raw");
-    ASSERT_OK(ConvertImage(image_, "qcow2", raw, "raw", {"-U", "-l", "snapshot.id=" + id}));
-    ASSERT_OK(CompareFiles(path, raw));
   }
+  ExpectSnapshotFiles(files);  // opens each
   // Once the kernel's cached attributes (1 s) are stale: snapshot ID n
   // holds the first n writes of 512 KiB.
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));
