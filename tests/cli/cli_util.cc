@@ -355,7 +355,9 @@ absl::StatusOr<uint64_t> L2EntryOffset(const std::string& image,
                                     newlines, " newlines)"));
   }
   if (!keywords.empty()) {
-    const std::string lower = absl::AsciiStrToLower(err);
+    // The words after the "qcow2fuse: " prefix, which would match "qcow2".
+    const std::string lower = absl::AsciiStrToLower(
+        absl::StartsWith(err, "qcow2fuse: ") ? err.substr(sizeof "qcow2fuse: " - 1) : err);
     bool found = false;
     for (const std::string& keyword : keywords) {
       if (absl::StrContains(lower, absl::AsciiStrToLower(keyword))) found = true;
@@ -422,7 +424,9 @@ absl::StatusOr<RunResult> RunUnmount(const std::string& path) {
   if (std::count(err.begin(), err.end(), '\n') != 1 || !absl::EndsWith(err, "\n")) {
     problems.push_back("stderr is not exactly one line");
   }
-  const std::string lower = absl::AsciiStrToLower(err);
+  // The words after the prefix, which holds "qcow2" and "qcow2fuse".
+  const std::string lower = absl::AsciiStrToLower(
+      absl::StartsWith(err, "qcow2fuse: ") ? err.substr(sizeof "qcow2fuse: " - 1) : err);
   for (const std::string& word : words) {
     if (!absl::StrContains(lower, absl::AsciiStrToLower(word))) {
       problems.push_back(absl::StrCat("stderr does not say \"", word, "\""));

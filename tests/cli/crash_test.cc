@@ -109,6 +109,9 @@ TEST_P(CrashTest, KillDuringWritesLeavesConsistentImageWithFsyncedData) {
     (void)view->Unmount();
   }
   std::cout << "writes " << ledger.writes << ", fsyncs " << ledger.fsyncs << "\n";
+  // Killed with fsync'd data behind it, or the test shows nothing.
+  ASSERT_GT(ledger.writes, 0u) << "the writer never wrote (could it open the view?)";
+  ASSERT_GE(ledger.fsyncs, 3u) << "the daemon was killed before the writes were fsync'd";
 
   EXPECT_OK(CheckImage(image, /*allow_leaks=*/true));
   const std::string raw = dir.Join("after.raw");

@@ -553,6 +553,57 @@ TEST_F(FaultMountTest, EveryFallocateFailingWithEnospc) { Walk(kFaultOnce, kFaul
 TEST_F(FaultMountTest, EveryFdatasyncFailingWithEio) { Walk(kFaultOnce, kFaultSync, EIO); }
 TEST_F(FaultMountTest, DiskFullAtEveryPwriteUntilCleared) { Walk(kFaultFull, kFaultPwrite, ENOSPC); }
 
+// What makes writes durable reaches the disk: fsync and the close of a
+// writable descriptor each make the daemon fdatasync the image (not only
+// write it, which a killed daemon would leave in the host's page cache);
+// with flush_interval=0 nothing else does; with flush_interval=1 the
+// daemon syncs a write by itself while the descriptor stays open.
+TEST_F(FaultMountTest, FsyncCloseAndTheFlushIntervalSyncTheImage) {
+  MakeImage();
+  ASSERT_FALSE(HasFatalFailure());
+  const std::vector<uint8_t> data = Pattern(64 * kKiB, 3);
+  for (const bool periodic : {false, true}) {
+    SCOPED_TRACE(periodic ? "flush_interval=1" : "flush_interval=0");
+    const std::string image = Path(periodic ? "periodic.qcow2" : "requested.qcow2");
+    ASSERT_OK(WriteFileAt(image, 0, image_));
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
+    std::vector<std::string> extra;
+    if (periodic) extra.push_back("flush_interval=1");  // after StartWithShim's 0
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
+                         StartWithShim(image, Path("view.raw"), *control, extra));
+    const int fd = open(mounted->path().c_str(), O_WRONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    ASSERT_EQ(pwrite(fd, data.data(), data.size(), 2 * kMiB), static_cast<ssize_t>(data.size())) << strerror(errno);
+    const uint64_t after_write = control->calls(kFaultSync);
+    // Waits up to `limit` for an fdatasync after `since` calls.
+    auto synced_within = [&](uint64_t since, std::chrono::milliseconds limit) {
+      const auto end = std::chrono::steady_clock::now() + limit;
+      while (control->calls(kFaultSync) == since && std::chrono::steady_clock::now() < end) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      return control->calls(kFaultSync) > since;
+    };
+    if (periodic) {
+      EXPECT_TRUE(synced_within(after_write, std::chrono::seconds(10))) << "no sync while the view stayed open";
+    } else {
+      EXPECT_FALSE(synced_within(after_write, std::chrono::milliseconds(1500)))
+          << "a sync nobody asked for (flush_interval=0)";
+      ASSERT_EQ(fsync(fd), 0) << strerror(errno);
+      EXPECT_GT(control->calls(kFaultSync), after_write) << "fsync returned without an fdatasync of the image";
+      ASSERT_EQ(pwrite(fd, data.data(), data.size(), 3 * kMiB), static_cast<ssize_t>(data.size()))
+          << strerror(errno);
+    }
+    const uint64_t before_close = control->calls(kFaultSync);
+    ASSERT_EQ(close(fd), 0) << strerror(errno);
+    if (!periodic) {
+      EXPECT_GT(control->calls(kFaultSync), before_close) << "close returned without an fdatasync of the image";
+    }
+    ASSERT_OK(mounted->Unmount());
+    EXPECT_TRUE(mounted->exit_status()->success()) << mounted->ReadLog();
+    EXPECT_OK(CheckImage(image));
+  }
+}
+
 // `qcow2fuse -u` says when the daemon's final flush failed: a failed
 // fdatasync fails the close that asked for it, the daemon then refuses
 // every later flush (its final one too), and -u exits 1 with one line

@@ -131,7 +131,16 @@ TEST_F(HostileMountTest, FreeingAClusterFarPastTheEnd) {
   const std::string image = MakeImage("free.qcow2", {"cluster_size=512", "refcount_bits=64"});
   ASSERT_OK_AND_ASSIGN(uint64_t entry, L2EntryOffset(image, 0));
   ASSERT_OK(WriteBE64At(image, entry, uint64_t{1} << 50));  // shared (no COPIED): copied on write, then freed
+  ASSERT_OK_AND_ASSIGN(uint64_t refcount_table, ReadBE64At(image, hdr::kRefcountTableOffset));
+  ASSERT_OK_AND_ASSIGN(std::string before, ReadFile(image));
   ExpectWriteFailsAndDaemonLives(image);
+  // Nothing was laid out for the cluster 1 PiB out: the file did not grow
+  // past the one copy the write may have allocated, and the refcount table
+  // is where it was.
+  ASSERT_OK_AND_ASSIGN(std::string after, ReadFile(image));
+  EXPECT_LE(after.size(), before.size() + (1 << 20));
+  ASSERT_OK_AND_ASSIGN(uint64_t refcount_table_after, ReadBE64At(image, hdr::kRefcountTableOffset));
+  EXPECT_EQ(refcount_table_after, refcount_table);
 }
 
 TEST_F(HostileMountTest, HugeBitmapDirectoryIsRefused) {

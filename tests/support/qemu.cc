@@ -189,6 +189,14 @@ absl::StatusOr<QemuCheckReport> QemuCheck(
         CommandLine(argv), "\n", report.output));
   }
   report.exit_code = result->status.code();
+  // QEMU always prints "check-errors"; without it qemu-img could not open
+  // the image at all (exit code 1, a message on stderr): that is no report
+  // of a clean image.
+  if (!FieldText(result->stdout_text, "check-errors")) {
+    return absl::InternalError(absl::StrCat("qemu-img check gave no report (",
+                                            result->status.ToString(), "): ",
+                                            CommandLine(argv), "\n", report.output));
+  }
   for (auto [key, count] : {std::pair{"corruptions", &report.corruptions},
                             std::pair{"leaks", &report.leaks},
                             std::pair{"check-errors", &report.check_errors}}) {

@@ -179,6 +179,19 @@ class FileUtilTest : public ::testing::Test {
   std::unique_ptr<TempDir> dir_;
 };
 
+// An image qemu-img cannot open is no clean report: QemuCheck fails.
+TEST(QemuTest, CheckOfAnImageQemuCannotOpenIsAnError) {
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("qemu-check"));
+  const std::string bad = dir.Join("bad.qcow2");
+  ASSERT_OK(WriteFileAt(bad, 0, "not an image\n"));
+  EXPECT_FALSE(QemuCheck(bad).ok());
+  const std::string good = dir.Join("good.qcow2");
+  ASSERT_OK(CreateImage(good, "qcow2", kMiB));
+  ASSERT_OK_AND_ASSIGN(QemuCheckReport report, QemuCheck(good));
+  EXPECT_EQ(report.exit_code, 0);
+  EXPECT_EQ(report.corruptions + report.leaks + report.check_errors, 0u);
+}
+
 TEST_F(FileUtilTest, CompareFilesNamesFirstMismatch) {
   const std::string a = dir_->Join("a"), b = dir_->Join("b");
   std::string data(3 << 20, 'x');

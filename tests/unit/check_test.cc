@@ -814,7 +814,7 @@ TEST(CheckTest, PassesCountWhatOnePassCounts) {
   const std::string img = dir.Join("dirty.qcow2");
   // 64 refcounts per block: a pass is 32 KiB of the file.
   ASSERT_OK(MakeDirtyImage(img, 16 * kMiB, {"cluster_size=512", "refcount_bits=64"},
-                           {"write -P 1 0 300k", "write -P 2 5M 200k", "write -P 3 15M 64k"}));
+                           {"write -P 1 0 300k", "write -P 2 5M 200k", "write -P 4 8M 4M", "write -P 3 15M 64k"}));
   ASSERT_OK_AND_ASSIGN(ImageFile f, ImageFile::Open(img));
   ASSERT_OK_AND_ASSIGN(uint64_t size, f.FileSize());
   // Leaked clusters past everything referenced, as far as the last
@@ -846,14 +846,20 @@ TEST(CheckTest, PassesCountWhatOnePassCounts) {
     EXPECT_EQ(passes.leaks, one.leaks) << absl::StrJoin(passes.messages, "\n");
     EXPECT_TRUE(passes.expected_refcounts.empty());
   }
-  // A budget that holds a tenth of the counts: passes, the same result.
-  MemoryBudget budget(f.header().size / 512 / 2);
+  // A budget that holds the counts (5 bytes a cluster, kCheckBytesPerCluster)
+  // of half the file, with room beside them: passes, the same result.
+  ASSERT_OK_AND_ASSIGN(uint64_t file_size, f.FileSize());
+  const uint64_t file_clusters = file_size / 512;
+  MemoryBudget budget(file_clusters * 5);
   CheckOptions options;
   options.budget = &budget;
   ASSERT_OK_AND_ASSIGN(CheckResult budgeted, OurCheck(img, "", options));
   EXPECT_EQ(budgeted.corruptions, one.corruptions);
   EXPECT_EQ(budgeted.leaks, one.leaks);
   EXPECT_EQ(budget.used(), 0u);
+  // It did count in passes (one pass would need the whole budget for its
+  // counts alone): only a check of one pass keeps its counts.
+  EXPECT_TRUE(budgeted.expected_refcounts.empty());
 }
 
 // The rebuild counts in passes when the budget cannot hold all counts at

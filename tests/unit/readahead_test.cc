@@ -65,7 +65,7 @@ TEST_F(DeviceReadaheadTest, AHugeNumberSaturates) {
 TEST_F(DeviceReadaheadTest, APartitionReadsAheadAsItsDisk) {
   Put("devices/pci0/nvme0n1/queue/read_ahead_kb", "2048\n");
   Put("devices/pci0/nvme0n1/nvme0n1p2/partition", "2\n");
-  Put("class/bdi/259:0/read_ahead_kb", "2048\n");
+  Put("class/bdi/259:0/read_ahead_kb", "4096\n");  // the disk's bdi: another number, not read
   fs::create_directories(fs::path(sysfs_) / "dev/block");
   fs::create_directory_symlink("../../devices/pci0/nvme0n1/nvme0n1p2", fs::path(sysfs_) / "dev/block/259:2");
   ASSERT_OK_AND_ASSIGN(uint64_t bytes, DeviceReadahead(makedev(259, 2), sysfs_));
