@@ -1292,8 +1292,10 @@ TEST_F(MountOptionsTest, LoopDevicesReadAheadAsFarAsTheDiskUnderTheImage) {
   ASSERT_OK(ext4.mounted->Unmount());
 }
 
-// Bytes of `path` in the host's page cache.
-absl::StatusOr<uint64_t> ResidentBytes(const std::string& path) {
+// Bytes of `path` in the host's page cache: of the whole file, or of the
+// pages of [offset, offset + length).
+absl::StatusOr<uint64_t> ResidentBytes(const std::string& path, uint64_t offset = 0,
+                                       uint64_t length = UINT64_MAX) {
   const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return absl::ErrnoToStatus(errno, path);
   struct stat st;
@@ -1305,12 +1307,52 @@ absl::StatusOr<uint64_t> ResidentBytes(const std::string& path) {
   close(fd);
   if (map == MAP_FAILED) return absl::ErrnoToStatus(errno, absl::StrCat("mmap of ", path));
   const size_t page = sysconf(_SC_PAGESIZE);
-  std::vector<unsigned char> in_core((st.st_size + page - 1) / page);
-  const int rc = mincore(map, st.st_size, in_core.data());
+  const uint64_t size = st.st_size;
+  const uint64_t first = std::min<uint64_t>(offset, size) / page * page;
+  const uint64_t end = length >= size - std::min(offset, size) ? size : offset + length;
+  std::vector<unsigned char> in_core((end - first + page - 1) / page);
+  const int rc = mincore(static_cast<char*>(map) + first, end - first, in_core.data());
   const int error = errno;
   munmap(map, st.st_size);
   if (rc != 0) return absl::ErrnoToStatus(error, absl::StrCat("mincore of ", path));
   return std::count_if(in_core.begin(), in_core.end(), [](unsigned char c) { return c & 1; }) * page;
+}
+
+// A SEEK_DATA that finds data has the host read that data ahead, as the
+// caller (cp --sparse, qemu-img convert) reads it next: after an lseek
+// alone, the image's bytes of the data found are in the host's page cache.
+TEST_F(MountOptionsTest, SeekDataReadsTheDataFoundAhead) {
+  const std::string image = Path("disk.qcow2");
+  const std::string view = Path("view.raw");
+  ASSERT_OK(CreateImage(image, "qcow2", 64 * kMiB));
+  // 8 MiB first, so the data at 32 MiB lies far from the metadata the
+  // mount reads (and what the host reads ahead of that).
+  ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x11 0 8M", "write -P 0x22 32M 1M"}));
+  ASSERT_OK_AND_ASSIGN(std::vector<MapExtent> map, MapImage(image));
+  std::optional<uint64_t> host;
+  for (const MapExtent& e : map) {
+    if (e.start == 32 * kMiB && e.data && e.offset) host = *e.offset;
+  }
+  ASSERT_TRUE(host.has_value()) << "no data extent at 32 MiB";
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, MountedView::Start(ViewOptions(image, view, {})));
+  {
+    ScopedFd image_fd(open(image.c_str(), O_RDONLY | O_CLOEXEC));
+    ASSERT_GE(image_fd.get(), 0) << strerror(errno);
+    ASSERT_EQ(posix_fadvise(image_fd.get(), 0, 0, POSIX_FADV_DONTNEED), 0);
+  }
+  ASSERT_OK_AND_ASSIGN(uint64_t before, ResidentBytes(image, *host, kMiB));
+  if (before != 0) GTEST_SKIP() << "the image's file system keeps it in memory (tmpfs?)";
+  ScopedFd fd(open(view.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_GE(fd.get(), 0) << strerror(errno);
+  ASSERT_EQ(lseek(fd.get(), 16 * kMiB, SEEK_DATA), static_cast<off_t>(32 * kMiB));
+  uint64_t resident = 0;
+  for (int i = 0; i < 300 && resident < kMiB; ++i) {
+    ASSERT_OK_AND_ASSIGN(resident, ResidentBytes(image, *host, kMiB));
+    if (resident < kMiB) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(resident, kMiB) << "the data SEEK_DATA found was not read ahead";
+  fd.Reset();
+  ASSERT_OK(mounted->Unmount());
 }
 
 // The host reads the image ahead of a sequential reader of the view: here
