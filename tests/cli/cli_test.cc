@@ -33,6 +33,7 @@
 #include "support/file_util.h"
 #include "support/mount.h"
 #include "support/qemu.h"
+#include "support/scoped_env.h"
 #include "support/status_testing.h"
 #include "support/temp_dir.h"
 
@@ -507,7 +508,11 @@ TEST_F(CliTest, StopGivesUpOnAStuckRequestAfterTheDrainTimeout) {
   MountOptions outer_options = ViewOptions(overlay, overlay_view);
   outer_options.extra_options = {absl::StrCat("drain_timeout=", kDrainTimeoutSeconds)};
   outer_options.stop_timeout = std::chrono::seconds(20);
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> outer, MountedView::Start(outer_options));
+  std::unique_ptr<MountedView> outer;
+  {
+    ScopedThreadLeaksAllowed leaves_a_thread;  // the stuck one
+    ASSERT_OK_AND_ASSIGN(outer, MountedView::Start(outer_options));
+  }
 
   ASSERT_EQ(kill(inner->pid(), SIGSTOP), 0);
   // The backing file's daemon answers nothing now: a direct read of the

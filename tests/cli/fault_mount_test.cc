@@ -720,7 +720,11 @@ TEST_F(FaultMountTest, DrainTimeoutLeavesTheImageWithoutTheStuckWrite) {
   const std::string view = Path("view.raw");
   ASSERT_OK(WriteFileAt(image, 0, image_));
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, StartWithShim(image, view, *control, {"drain_timeout=2"}));
+  std::unique_ptr<MountedView> mounted;
+  {
+    ScopedThreadLeaksAllowed leaves_a_thread;  // the stuck one
+    ASSERT_OK_AND_ASSIGN(mounted, StartWithShim(image, view, *control, {"drain_timeout=2"}));
+  }
   const int fd = open(view.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
   ASSERT_GE(fd, 0) << strerror(errno);
   AlignedBuffer owned = AllocAligned(64 * kKiB);

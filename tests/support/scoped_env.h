@@ -35,6 +35,23 @@ class ScopedEnv {
   std::optional<std::string> old_;
 };
 
+// For a daemon that is meant to exit with threads still running (its
+// drain_timeout gave up on a stuck request): ThreadSanitizer would report
+// the threads it leaves as leaks, and exit with its own code. Other reports
+// stay on.
+class ScopedThreadLeaksAllowed {
+ public:
+  ScopedThreadLeaksAllowed() : tsan_options_("TSAN_OPTIONS", WithLeaksAllowed()) {}
+
+ private:
+  static std::string WithLeaksAllowed() {
+    const char* options = getenv("TSAN_OPTIONS");
+    return options == nullptr ? "report_thread_leaks=0" : std::string(options) + ":report_thread_leaks=0";
+  }
+
+  ScopedEnv tsan_options_;
+};
+
 // Preloads `library` (LD_PRELOAD) into the processes started during the
 // object's life, such as a daemon under test with a shim. The library then
 // comes before a sanitizer's runtime in the library list, which
