@@ -297,6 +297,23 @@ TEST_F(CliTest, WriteThatWouldOverwriteMetadataMarksImageCorrupt) {
   EXPECT_EQ(after.substr(32 << 20, 4096), std::string(4096, '\0'));
 }
 
+// Without /dev/fuse (the module not loaded) the mount is refused with one
+// line saying so. The test hides /dev/fuse in a mount namespace of its own
+// (a tmpfs over /dev), where qcow2fuse runs.
+TEST_F(CliTest, MissingDevFuseIsRefusedWithWhatToDo) {
+  if (geteuid() != 0) GTEST_SKIP() << "a mount namespace needs root";
+  const std::string image = Path("disk.qcow2");
+  ASSERT_OK(CreateImage(image, "qcow2", kSampleSize));
+  const std::string script = "mount -t tmpfs none /dev && exec \"$0\" -f -o ro \"$1\" \"$2\"";
+  ASSERT_OK_AND_ASSIGN(RunResult run, RunBounded({"unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                                  script, Binary(), image, Path("view.raw")}));
+  if (absl::StartsWith(run.stderr_text, "unshare:") || absl::StartsWith(run.stderr_text, "mount:")) {
+    GTEST_SKIP() << "no mount namespace here: " << run.stderr_text;
+  }
+  EXPECT_TRUE(FailsWithOneLine(run, {"there is no /dev/fuse", "modprobe fuse"}));
+  EXPECT_FALSE(IsMounted(Path("view.raw")));
+}
+
 // A mountpoint must be a regular file (single-file mode) or a directory
 // (directory mode): a FIFO is refused in one line and left alone.
 TEST_F(CliTest, SpecialFileMountpointIsRefused) {

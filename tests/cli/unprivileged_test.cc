@@ -747,6 +747,35 @@ TEST_F(UnprivilegedTest, AllowOtherNeedsUserAllowOtherInFuseConf) {
   }
 }
 
+// What makes a user's mount fail for certain is refused before trying,
+// with one line saying what to do: /dev/fuse closed to the user (no udev
+// rule), and a mountpoint file the user may not write.
+TEST_F(UnprivilegedTest, StartUpRefusalsSayWhatToDo) {
+  const std::string image = Path("disk.qcow2");
+  const std::string reference = Path("reference.raw");
+  ASSERT_NO_FATAL_FAILURE(MakeImage(image, reference));
+  const std::string view = Path("refused.raw");
+  const std::string pidfile = Path("refused.pid");
+  {
+    SCOPED_TRACE("/dev/fuse 0600");
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<ScopedMode> closed, ScopedMode::Set(kDevFuse, 0600));
+    DaemonGuard guard(view, pidfile);  // in case it mounts after all
+    ASSERT_OK_AND_ASSIGN(RunResult run, MountAsUser(image, view, pidfile, "ro", /*watch=*/view));
+    EXPECT_TRUE(FailsWithOneLine(run, {"/dev/fuse is not open to this user", "chmod 0666 /dev/fuse"}));
+    EXPECT_FALSE(run.mounted_during_run) << run.Describe();
+  }
+  {
+    SCOPED_TRACE("a mountpoint of root's");
+    ASSERT_OK(WriteFileAt(view, 0, ""));  // made by root, 0644
+    ASSERT_EQ(chmod(view.c_str(), 0644), 0) << strerror(errno);
+    DaemonGuard guard(view, pidfile);
+    ASSERT_OK_AND_ASSIGN(RunResult run, MountAsUser(image, view, pidfile, "ro", /*watch=*/view));
+    EXPECT_TRUE(FailsWithOneLine(run, {"cannot mount on " + view, "you may not write to it"}));
+    EXPECT_FALSE(run.mounted_during_run) << run.Describe();
+    EXPECT_TRUE(Exists(view)) << "the user's refused mount removed root's file";
+  }
+}
+
 // What stays root's: without allow_other even root cannot open a user's
 // view (the kernel's FUSE access check does not exempt root), and a plain
 // user cannot attach a loop device to their view.
