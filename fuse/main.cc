@@ -364,6 +364,7 @@ int Serve(const MountOptions& options, StartupReport& report) {
   MountState state;
   state.disk = image->get();
   state.image_fd = image_fds.at(0);
+  state.chain_fds = image_fds;
   state.parallel_direct_writes = options.parallel_direct_writes;
   state.uncached_writes = options.uncached_writes;
   state.uncached_loops = options.uncached_loops;

@@ -26,6 +26,7 @@
 #include <atomic>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/scheduler.h"
@@ -47,6 +48,11 @@ struct MountState {
   // The image file's descriptor, for statfs and timestamps. Never a path:
   // the image may lie under a mount this very process serves.
   int image_fd = -1;
+  // Every file of the image's chain (Image::FileDescriptors: the image, its
+  // external data file, the backing files). A view's bytes live in all of
+  // them, so its mtime and ctime are the newest of theirs: an overwrite
+  // that goes to a data file alone changes no time of the image file.
+  std::vector<int> chain_fds;
   struct stat mountpoint_stat {};  // owner and permissions of the view
   // -o parallel_direct_writes: writes of one file through a descriptor in
   // direct-I/O mode run in parallel (the kernel serialises them

@@ -633,7 +633,7 @@ Task<void> Qcow2Layer::CountEntryChange(uint64_t guest_cluster, const L2Entry& o
 
 uint64_t Qcow2Layer::HostFileBytes() const {
   struct stat st;
-  if (file_->fd() < 0 || fstat(file_->fd(), &st) != 0) return 0;
+  if (file_->fd() < 0 || fstat(file_->fd(), &st) != 0 || st.st_blocks == 0) return file_->size();
   return static_cast<uint64_t>(st.st_blocks) * kStatBlockBytes;
 }
 

@@ -108,8 +108,11 @@ class Qcow2Layer final : public Layer {
   std::string Describe() const override;
   void AppendFileDescriptors(std::vector<int>& fds) const override;
 
-  // Bytes the image file occupies on its file system (st_blocks), 0 when
-  // that is unknown.
+  // Bytes the image file occupies on its file system (st_blocks). A file
+  // that reports no blocks, a block device above all, counts its size:
+  // 0 is for an empty file only, since this is the estimate behind
+  // st_blocks until the count is made, and a file of no blocks reads as
+  // one without data (GNU tar --sparse then archives zeros).
   uint64_t HostFileBytes() const;
 
   // The count of data bytes behind st_blocks (bytes of the disk that are

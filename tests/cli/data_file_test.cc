@@ -21,6 +21,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
+#include <utility>
 #include <memory>
 #include <optional>
 #include <string>
@@ -149,6 +151,34 @@ class DataFileTest : public TempDirTest {
 
   int refusals_ = 0;
 };
+
+// An overwrite of an image with a raw external data file changes only the
+// data file: the view's mtime follows it all the same, so rsync, backup
+// tools and make see that the disk changed.
+TEST_F(DataFileTest, AnOverwriteInTheDataFileMovesTheViewsMtime) {
+  const std::string image = Path("ext.qcow2");
+  const std::string data = Path("ext.data");
+  ASSERT_OK(CreateImage(image, "qcow2", 16 * kMiB, {"data_file=" + data, "data_file_raw=on"}));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(WritableView(image, Path("view.raw"))));
+  const std::string block(64 * 1024, 'w');
+  ASSERT_OK(WriteFileAt(view->path(), 0, block));  // the first write may mark the image in use
+  auto mtime_of = [](const std::string& path) {
+    struct stat st = {};
+    EXPECT_EQ(stat(path.c_str(), &st), 0) << path << ": " << strerror(errno);
+    return std::pair{st.st_mtim.tv_sec, st.st_mtim.tv_nsec};
+  };
+  // Past the kernel's attribute cache (1 s) and any coarse clock tick.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  const auto view_before = mtime_of(view->path());
+  const auto image_before = mtime_of(image);
+  ASSERT_OK(WriteFileAt(view->path(), 8 * 1024 * 1024, block));
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  ASSERT_EQ(mtime_of(image), image_before) << "the image file was written too: the test shows nothing";
+  EXPECT_GT(mtime_of(view->path()), view_before) << "the view's mtime stayed";
+  EXPECT_EQ(mtime_of(view->path()), mtime_of(data));
+  ASSERT_OK(view->Unmount());
+  EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
+}
 
 // The header names the image itself as its data file: a write at guest
 // offset 0 would overwrite the header. QEMU refuses it; so do we, read-write

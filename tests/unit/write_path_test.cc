@@ -47,6 +47,7 @@
 #include "qcow2fuse/task.h"
 #include "support/command.h"
 #include "support/file_util.h"
+#include "support/loop_device.h"
 #include "support/qemu.h"
 #include "support/seed.h"
 #include "support/status_testing.h"
@@ -958,6 +959,32 @@ TEST(AllocatedBytesTest, LargeImageIsCountedInTheBackground) {
   ASSERT_OK(SyncWait(image->Write(20 * kMiB, Pattern(4096, 1))));
   ASSERT_OK_AND_ASSIGN(uint64_t now, SyncWait(image->AllocatedBytes()));
   EXPECT_EQ(now, kMiB + 2 * k64K);
+}
+
+// An image on a block device (an LVM volume, here a loop device): fstat
+// gives it no blocks, so the estimate until the count is made is its size,
+// never the 0 that tools take for a file without data.
+TEST(AllocatedBytesTest, AnImageOnABlockDeviceIsNeverEstimatedEmpty) {
+  if (const std::string why = LoopUnavailableReason(); !why.empty()) GTEST_SKIP() << why;
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("count-blockdev"));
+  ASSERT_OK_AND_ASSIGN(Pair p, MakePair(dir, 64 * kMiB, {}, {"write 0 1M", "write 10M 64k"}));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<LoopDevice> loop, LoopDevice::Attach(p.image, /*read_only=*/false));
+  struct stat st;
+  ASSERT_EQ(stat(loop->device().c_str(), &st), 0) << strerror(errno);
+  ASSERT_TRUE(S_ISBLK(st.st_mode));
+  ASSERT_EQ(st.st_blocks, 0) << "the block device counts blocks: the test shows nothing";
+  ASSERT_OK_AND_ASSIGN(Bytes file, ReadBytes(p.image));
+  {
+    ASSERT_OK_AND_ASSIGN(auto layer, OpenWritable(loop->device()));
+    EXPECT_EQ(layer->HostFileBytes(), file.size());
+  }
+  ImageOptions options = Writable();
+  options.sync_count_limit = 0;  // counted in the background
+  ASSERT_OK_AND_ASSIGN(auto image, SyncWait(Image::Open(loop->device(), options)));
+  ASSERT_OK_AND_ASSIGN(uint64_t first, SyncWait(image->AllocatedBytes()));
+  EXPECT_GT(first, 0u);
+  EXPECT_EQ(WaitForCount(*image, kMiB + k64K), kMiB + k64K);
+  ASSERT_OK(SyncWait(image->Close()));
 }
 
 // Data bytes of the whole disk by a walk of Image::BlockStatus: what the

@@ -210,7 +210,8 @@ class Image {
   // the tables exceed ImageOptions::sync_count_limit, in the background;
   // every write, zeroing, discard and resize then keeps it exact. Until
   // the walk is done this is an estimate: the bytes the image file
-  // occupies on its file system, at most the disk's size.
+  // occupies on its file system (a block device: its size), at most the
+  // disk's size.
   Task<absl::StatusOr<uint64_t>> AllocatedBytes();
 
   // One line per image of the chain, top first, for logs.
