@@ -74,14 +74,16 @@ Task<absl::StatusOr<uint64_t>> View::AllocatedBytes() {
 
   // A window: its count changes only where data comes or goes on the disk,
   // and each of those changes the disk's count or its bytes written. While
-  // neither moved, the last count holds; one walk runs at a time, and a
-  // stat meanwhile takes the last count.
+  // neither moved, the last count holds; while a walk runs, a stat meanwhile
+  // takes the last count, unless that is 0: a file of no blocks reads as one
+  // without data (GNU tar --sparse archives zeros), so that stat walks
+  // itself rather than say 0 for a window that may have data by now.
   absl::StatusOr<uint64_t> disk_data = co_await disk_->AllocatedBytes();
   if (!disk_data.ok()) co_return disk_data.status();
   const CountKey key{*disk_data, disk_->counters().data_bytes_written, size()};
   {
     std::lock_guard lock(count_mu_);
-    if (counted_ && (counted_key_ == key || counting_)) co_return *counted_;
+    if (counted_ && (counted_key_ == key || (counting_ && *counted_ > 0))) co_return *counted_;
     counting_ = true;
   }
   const uint64_t end = start_ + key.size;
