@@ -250,6 +250,14 @@ absl::StatusOr<Qcow2Header> ReadQcow2Header(const std::string& path) {
   return h;
 }
 
+size_t TracedRequests(const std::string& log, const std::string& opcode) {
+  // libfuse prints "unique: N, opcode: NAME (CODE), ..." for each request.
+  const std::string word = "opcode: " + opcode + " ";
+  size_t n = 0;
+  for (size_t at = log.find(word); at != std::string::npos; at = log.find(word, at + 1)) ++n;
+  return n;
+}
+
 absl::Status HideHeaderExtension(const std::string& path, uint32_t type) {
   // A type no QEMU defines; readers skip extensions they do not know.
   constexpr uint32_t kUnknownExtension = 0x71667573;

@@ -153,6 +153,10 @@ inline constexpr uint32_t kExtBackingFormat = 0xe2792aca;
 inline constexpr uint32_t kExtExternalDataFile = 0x44415441;
 }  // namespace hdr
 
+// How many requests of `opcode` ("READ", "FLUSH", ...) libfuse's trace
+// (-o debug) in the daemon's log `log` shows.
+size_t TracedRequests(const std::string& log, const std::string& opcode);
+
 // Gives header extension `type` of the version 3 image at `path` a type
 // no reader knows, so that readers skip it (docs/interop/qcow2.txt,
 // "Header extensions"): the image reads as one that never recorded it, as

@@ -99,12 +99,7 @@ TEST_F(ViewDurabilityTest, ReadOnlyOpensOfAWritableViewCloseCleanly) {
     ASSERT_EQ(pread(fd.get(), &byte, 1, kMiB), 1) << strerror(errno);
     ASSERT_EQ(byte, 0x3c);
   }
-  auto flushes = [&] {
-    const std::string log = view->ReadLog();
-    size_t n = 0;
-    for (size_t at = log.find("opcode: FLUSH"); at != std::string::npos; at = log.find("opcode: FLUSH", at + 1)) ++n;
-    return n;
-  };
+  auto flushes = [&] { return TracedRequests(view->ReadLog(), "FLUSH"); };
   EXPECT_EQ(flushes(), 0u) << "a read-only close sent a FLUSH";
   const int fd = open(view->path().c_str(), O_WRONLY | O_CLOEXEC);
   ASSERT_GE(fd, 0) << strerror(errno);
