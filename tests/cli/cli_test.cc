@@ -76,6 +76,18 @@ class CliTest : public ::testing::Test {
     return options;
   }
 
+  // Mounts `image` with -o data_file=`data_file`, expects the view to read
+  // as `reference`, and unmounts it cleanly.
+  void ExpectViewWithDataFile(const std::string& image, const std::string& mountpoint,
+                              const std::string& data_file, const std::string& reference) {
+    MountOptions options = ViewOptions(image, mountpoint);
+    options.extra_options = {"data_file=" + data_file};
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
+    EXPECT_OK(CompareFiles(mountpoint, reference));
+    ASSERT_OK(view->Unmount());
+    EXPECT_TRUE(view->exit_status() && view->exit_status()->success()) << view->ReadLog();
+  }
+
   // Declared first among the members a test body uses, destroyed last:
   // after every guard that mounts inside it.
   std::unique_ptr<TempDir> dir_;
@@ -644,12 +656,7 @@ TEST_F(CliTest, DataFileOptionOverridesMovedExternalDataFile) {
   MakeSample(image, reference, {"data_file=" + data});
   ASSERT_EQ(rename(data.c_str(), moved.c_str()), 0) << strerror(errno);
 
-  MountOptions options = ViewOptions(image, mountpoint);
-  options.extra_options = {"data_file=" + moved};
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
-  EXPECT_OK(CompareFiles(mountpoint, reference));
-  ASSERT_OK(view->Unmount());
-  EXPECT_TRUE(view->exit_status() && view->exit_status()->success()) << view->ReadLog();
+  ExpectViewWithDataFile(image, mountpoint, moved, reference);
 }
 
 // An image that keeps its data in an external data file without naming it
@@ -670,12 +677,7 @@ TEST_F(CliTest, DataFileOptionNamesAnUnnamedExternalDataFile) {
   EXPECT_TRUE(FailsWithOneLine(refused, {"does not record its name", "-o data_file=PATH"}));
   EXPECT_FALSE(refused.mounted_during_run || IsMounted(mountpoint)) << refused.Describe();
 
-  MountOptions options = ViewOptions(image, mountpoint);
-  options.extra_options = {"data_file=" + data};
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(options));
-  EXPECT_OK(CompareFiles(mountpoint, reference));
-  ASSERT_OK(view->Unmount());
-  EXPECT_TRUE(view->exit_status() && view->exit_status()->success()) << view->ReadLog();
+  ExpectViewWithDataFile(image, mountpoint, data, reference);
 }
 
 TEST_F(CliTest, RelativeDataFileOptionIsResolvedAgainstWorkingDirectory) {
