@@ -58,6 +58,8 @@
 #include "unmount.h"
 #include "unmount_watcher.h"
 #include "uring_channel.h"
+#include "worker_gate.h"
+#include "qcow2fuse/blocking.h"
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/scheduler.h"
 #include "qcow2fuse/status.h"
@@ -585,7 +587,19 @@ int Serve(const MountOptions& options, StartupReport& report) {
               },
               served);
         }
+        // Over /dev/fuse, only as many workers as CPUs take requests while
+        // the others are not needed (worker_gate.h). Never freed: a thread
+        // may still be in a call it announced to the gate when main returns.
+        if (uring == nullptr && options.park_workers) {
+          static WorkerGate* const gate = new WorkerGate(WorkerGate::UsableCpus());
+          state.gate = gate;
+          SetBlockingObserver(gate);
+        }
         loop_result = fuse_session_loop_mt(session, loop_config);
+        if (state.gate != nullptr) {
+          Log(LogLevel::kInfo, absl::StrFormat("workers parked %d times while %d others took the requests",
+                                               state.gate->parks(), state.gate->active()));
+        }
         watchdog.Begin();  // a ring thread may still hold a stuck request
         if (uring && uring->active()) {
           uring->Stop();

@@ -504,7 +504,9 @@ void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t
   // `buf` is libfuse's and dies when this callback returns. Rather than
   // copy it, the callback waits for the write: if the write must wait for
   // a lock, this thread sleeps and the other workers take other requests.
+  WorkerGate* gate = State(req).gate;  // `req` is gone once answered
   State(req).scheduler->Run(Write(req, ino, *view, std::span(reinterpret_cast<const uint8_t*>(buf), size), offset));
+  if (gate != nullptr) gate->Leave();
 }
 
 void OnFsync(fuse_req_t req, fuse_ino_t, int /*datasync*/, struct fuse_file_info*) {
@@ -522,7 +524,9 @@ void OnOpen(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
 void OnRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, struct fuse_file_info*) {
   View* view = FileView(req, ino);
   if (view == nullptr) return (void)fuse_reply_err(req, EISDIR);
+  WorkerGate* gate = State(req).gate;  // `req` is gone once answered
   State(req).scheduler->Start(Read(req, *view, size, offset, UringChannel::ReplySpace()));
+  if (gate != nullptr) gate->Leave();
 }
 
 void OnLseek(fuse_req_t req, fuse_ino_t ino, off_t offset, int whence, struct fuse_file_info*) {

@@ -34,6 +34,7 @@
 #include "loop_direct_io.h"
 #include "readahead.h"
 #include "view_table.h"
+#include "worker_gate.h"
 
 namespace qcow2fuse {
 
@@ -45,6 +46,9 @@ struct MountState {
   // before the loop starts, in directory mode).
   Invalidator* invalidator = nullptr;
   Scheduler* scheduler = nullptr;
+  // Parks workers that return from READ and WRITE while enough others take
+  // requests (worker_gate.h); null when requests come over io_uring.
+  WorkerGate* gate = nullptr;
   // The image file's descriptor, for statfs and timestamps. Never a path:
   // the image may lie under a mount this very process serves.
   int image_fd = -1;

@@ -58,6 +58,9 @@ struct MountOptions {
   // mode (O_DIRECT, or any writer under uncached_writes) reach the daemon
   // in parallel.
   bool parallel_direct_writes = true;
+  // -o park_workers: only as many workers as CPUs take requests from
+  // /dev/fuse while the others are not needed (worker_gate.h).
+  bool park_workers = true;
   // -o uncached_writes: descriptors opened for writing bypass the kernel's
   // page cache of the view (FUSE's direct-I/O mode).
   bool uncached_writes = true;

@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "absl/strings/str_format.h"
+#include "qcow2fuse/blocking.h"
 #include "qcow2fuse/status.h"
 
 namespace qcow2fuse {
@@ -93,6 +94,7 @@ absl::StatusOr<bool> ReplySpliced(fuse_req_t req, int fd, uint64_t file_offset, 
   if (thread_pipe == nullptr) return false;
   loff_t in = static_cast<loff_t>(file_offset);
   size_t moved = 0;
+  ScopedBlockingCall blocking;  // the bytes may have to come from the disk
   while (moved < length) {
     // No SPLICE_F_MOVE: the pages stay the image file's page cache.
     const ssize_t n = splice(fd, &in, thread_pipe->write_end(), nullptr, length - moved, 0);

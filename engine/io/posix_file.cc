@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 
 #include "absl/strings/str_format.h"
 #include "io/block_file.h"
+#include "qcow2fuse/blocking.h"
 #include "qcow2fuse/status.h"
 
 namespace qcow2fuse {
@@ -67,6 +69,26 @@ class PosixFile final : public BlockFile {
 
   absl::Status ReadSync(uint64_t offset, std::span<uint8_t> out) {
     size_t done = 0;
+    // When someone listens for calls that sleep, the page cache is asked
+    // first (RWF_NOWAIT): a read it answers whole is not announced.
+    if (ScopedBlockingCall::Observed() && nowait_reads_.load(std::memory_order_relaxed)) {
+      while (done < out.size()) {
+        iovec iov{out.data() + done, out.size() - done};
+        ssize_t n = preadv2(fd_, &iov, 1, offset + done, RWF_NOWAIT);
+        if (n > 0) {
+          done += n;
+          continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        // Not cached (EAGAIN), at the end of the file (0), or a file that
+        // cannot tell (EOPNOTSUPP: never asked again): the plain read below
+        // decides.
+        if (n < 0 && errno == EOPNOTSUPP) nowait_reads_.store(false, std::memory_order_relaxed);
+        break;
+      }
+      if (done == out.size()) return absl::OkStatus();
+    }
+    ScopedBlockingCall blocking;
     while (done < out.size()) {
       ssize_t n = pread(fd_, out.data() + done, out.size() - done, offset + done);
       if (n < 0) {
@@ -91,6 +113,7 @@ class PosixFile final : public BlockFile {
     }
     size_t done = 0;
     absl::Status status;
+    ScopedBlockingCall blocking;
     while (done < data.size()) {
       ssize_t n = pwrite(fd_, data.data() + done, data.size() - done, offset + done);
       if (n < 0) {
@@ -114,6 +137,7 @@ class PosixFile final : public BlockFile {
     // Not retried on EINTR alone: any other error means the kernel may have
     // dropped the dirty pages, so the data is in doubt and the caller must
     // know (see BlockFile::Flush).
+    ScopedBlockingCall blocking;
     while (fdatasync(fd_) != 0) {
       if (errno != EINTR) return ErrnoStatus(errno, absl::StrFormat("flush %s", name_));
     }
@@ -128,6 +152,7 @@ class PosixFile final : public BlockFile {
     if (offset >= size) return absl::OkStatus();
     length = std::min(length, size - offset);
     if (length == 0) return absl::OkStatus();  // fallocate says EINVAL for 0
+    ScopedBlockingCall blocking;
     while (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0) {
       if (errno == EINTR) continue;
       // A filesystem that cannot punch holes keeps the old bytes, which the
@@ -144,6 +169,7 @@ class PosixFile final : public BlockFile {
     if (!writable_) return RefuseReadOnly(What("allocate", offset, length));
     if (length == 0) return true;
     if (offset + length > kMaxOffset) return ErrnoStatus(EFBIG, What("allocate", offset, length));
+    ScopedBlockingCall blocking;
     while (fallocate(fd_, 0, offset, length) != 0) {
       if (errno == EINTR) continue;
       if (errno == EOPNOTSUPP || errno == ENOSYS) return false;
@@ -157,6 +183,7 @@ class PosixFile final : public BlockFile {
     const std::string what = absl::StrFormat("truncate %s to %u bytes", name_, size);
     if (!writable_) return RefuseReadOnly(what);
     if (size > kMaxOffset) return ErrnoStatus(EFBIG, what);
+    ScopedBlockingCall blocking;
     while (ftruncate(fd_, size) != 0) {
       if (errno != EINTR) return ErrnoStatus(errno, what);
     }
@@ -187,6 +214,8 @@ class PosixFile final : public BlockFile {
   const std::string name_;
   const int fd_;
   const bool writable_;
+  // Whether preadv2 takes RWF_NOWAIT for this file.
+  std::atomic<bool> nowait_reads_{true};
   // Read by any thread (the FUSE front end asks for the size while writes
   // run); grows with writes past the end, set by Truncate.
   std::atomic<uint64_t> size_;

@@ -1,5 +1,7 @@
 #include "qcow2fuse/scheduler.h"
 
+#include "qcow2fuse/blocking.h"
+
 namespace qcow2fuse {
 
 Scheduler::Scheduler(int threads) {
@@ -30,6 +32,9 @@ void Scheduler::Run(Task<void> task) {
   TaskBegun();
   internal::Event done;
   RunAndSignal(this, std::move(task), &done).handle.resume();
+  if (done.IsSet()) return;
+  // The task waits for another request (a lock): this thread sleeps.
+  ScopedBlockingCall blocking;
   done.Wait();
 }
 

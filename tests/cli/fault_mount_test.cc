@@ -26,6 +26,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -33,6 +34,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <bit>
 #include <cstdint>
 #include <cstring>
@@ -706,6 +709,94 @@ TEST_F(FaultMountTest, DirectWritesReachTheImageInParallel) {
     EXPECT_EQ(after.substr(0, 4096), std::string(4096, '\x77'));
     EXPECT_EQ(after.substr(64 * kKiB, 4096), std::string(4096, '\x77'));
     EXPECT_EQ(after.substr(4096, 4096), std::string(4096, '\x11'));
+  }
+}
+
+// Workers park while others take the requests (fuse/worker_gate.h), and
+// a write stuck in its pwrite of the image (a hung disk) leaves no request
+// behind it: threads reading cached 4 KiB blocks keep being answered while
+// it hangs, and it completes once the disk goes on. The daemon's log says
+// that workers parked.
+TEST_F(FaultMountTest, ReadsGoOnWhileAWriteHangsAndWorkersPark) {
+  MakeImage();  // 0x11 in the first 128 KiB
+  ASSERT_FALSE(HasFatalFailure());
+  cpu_set_t affinity;
+  ASSERT_EQ(sched_getaffinity(0, sizeof affinity, &affinity), 0) << strerror(errno);
+  const int cpus = CPU_COUNT(&affinity);  // the daemon's too: it inherits the mask
+  for (const bool park : {true, false}) {
+    SCOPED_TRACE(park ? "park_workers=on" : "park_workers=off");
+    const std::string image = Path(park ? "on.qcow2" : "off.qcow2");
+    const std::string view = Path(park ? "on.raw" : "off.raw");
+    const std::string log = Path(park ? "on.log" : "off.log");
+    ASSERT_OK(WriteFileAt(image, 0, image_));
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
+                         StartWithShim(image, view, *control,
+                                       {"log=" + log, "threads=64", park ? "park_workers=on" : "park_workers=off"}));
+    const int writer = open(view.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
+    ASSERT_GE(writer, 0) << strerror(errno);
+    const int reader = open(view.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+    ASSERT_GE(reader, 0) << strerror(errno);
+    AlignedBuffer owned = AllocAligned(4096);
+    uint8_t* const block = owned.get();
+    std::memset(block, 0x77, 4096);
+    ASSERT_EQ(pwrite(writer, block, 4096, 64 * kKiB), 4096) << strerror(errno);  // marks the image in use
+    ASSERT_EQ(fsync(writer), 0) << strerror(errno);
+
+    // More readers than CPUs: more workers than are kept at work.
+    std::atomic<bool> stop{false};
+    std::atomic<uint64_t> reads{0};
+    std::atomic<uint64_t> wrong{0};
+    std::vector<std::thread> readers;
+    for (int t = 0; t < cpus + 4; ++t) {
+      readers.emplace_back([&, t] {
+        AlignedBuffer buffer = AllocAligned(4096);
+        for (uint64_t i = t; !stop; i += 7) {
+          // The first 64 KiB: 0x11, in the image file's page cache.
+          if (pread(reader, buffer.get(), 4096, (i % 16) * 4096) != 4096 || buffer.get()[0] != 0x11) ++wrong;
+          ++reads;
+        }
+      });
+    }
+    const auto wait_for_reads = [&](uint64_t n) {
+      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      while (reads < n && std::chrono::steady_clock::now() < give_up) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+      return reads >= n;
+    };
+    EXPECT_TRUE(wait_for_reads(20000));
+    const uint64_t before = control->calls(kFaultPwrite);
+    control->Arm(kFaultPause, kFaultPwrite, before + 1, 0);
+    ssize_t written = -1;
+    std::thread hung([&] { written = pwrite(writer, block, 4096, 68 * kKiB); });
+    for (int i = 0; i < 1000 && !control->fired(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    EXPECT_TRUE(control->fired()) << "the write never reached the image";
+    EXPECT_TRUE(wait_for_reads(reads + 20000)) << "the reads stopped behind the hung write";
+    EXPECT_EQ(control->calls(kFaultPwrite), before + 1) << "the hung write went on by itself";
+    control->Arm(kFaultNone, kFaultPwrite, 0, 0);  // the disk goes on
+    hung.join();
+    stop = true;
+    for (std::thread& t : readers) t.join();
+    EXPECT_EQ(written, 4096) << strerror(errno);
+    EXPECT_EQ(wrong, 0u);
+    close(reader);
+    EXPECT_EQ(fsync(writer), 0) << strerror(errno);
+    close(writer);
+    ASSERT_OK_AND_ASSIGN(std::string after, UnmountCheckAndConvert(*mounted, image, Path("after.raw")));
+    EXPECT_EQ(after.substr(0, 64 * kKiB), std::string(64 * kKiB, '\x11'));
+    EXPECT_EQ(after.substr(64 * kKiB, 8 * kKiB), std::string(8 * kKiB, '\x77'));
+    ASSERT_OK_AND_ASSIGN(std::string messages, ReadFile(log));
+    const size_t at = messages.find("workers parked ");
+    if (!park) {
+      EXPECT_EQ(at, std::string::npos) << messages;
+      continue;
+    }
+    ASSERT_NE(at, std::string::npos) << messages;
+    long parks = 0;
+    ASSERT_TRUE(absl::SimpleAtoi(messages.substr(at + 15, messages.find(' ', at + 15) - at - 15), &parks)) << messages;
+    EXPECT_GT(parks, 0) << messages;
+    EXPECT_TRUE(absl::StrContains(messages, absl::StrFormat("while %d others took the requests", cpus))) << messages;
   }
 }
 

@@ -207,6 +207,7 @@ TEST_F(MountOptionsTest, UsageErrorsAreOneLineNamingTheArgument) {
       {{"-o", "loop_direct_io=yes"}, {"loop_direct_io must be on or off", "'yes'"}},
       {{"-o", "splice_reads=1"}, {"splice_reads must be on or off", "'1'"}},
       {{"-o", "io_uring=yes"}, {"io_uring must be on or off", "'yes'"}},
+      {{"-o", "park_workers=2"}, {"park_workers must be on or off", "'2'"}},
       {{"-o", "readahead=5000"}, {"readahead must be a multiple of 4K from 0 to 16M", "'5000'"}},
       {{"-o", "readahead=32M"}, {"readahead must be a multiple of 4K from 0 to 16M", "'32M'"}},
       {{"-o", "readahead=lots"}, {"readahead must be a size", "'lots'"}},

@@ -452,6 +452,8 @@ TEST_F(UringTest, ThreadsAreSharedOutOverTheQueues) {
     const int queues = std::stoi(m[1]);
     EXPECT_GE(queues, 1);
     EXPECT_EQ(std::stoi(m[2]), std::max(1, threads / queues)) << log;
+    // The ring threads never park (fuse/worker_gate.h): no gate at all.
+    EXPECT_FALSE(absl::StrContains(log, "workers parked")) << log;
   }
 }
 
@@ -459,6 +461,7 @@ TEST_F(UringTest, ThreadsAreSharedOutOverTheQueues) {
 TEST_F(UringTest, OffKeepsDevFuse) {
   const std::string log = ReadWholeImageWith("io_uring=off");
   EXPECT_FALSE(absl::StrContains(log, "io_uring")) << log;
+  EXPECT_TRUE(absl::StrContains(log, "workers parked")) << log;
 }
 
 // With auto_unmount requests stay on /dev/fuse: its watcher, fusermount3,

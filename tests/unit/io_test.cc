@@ -29,6 +29,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "io/block_file.h"
+#include "qcow2fuse/blocking.h"
 #include "qcow2fuse/status.h"
 #include "qcow2fuse/task.h"
 
@@ -314,6 +315,46 @@ TEST(IoTest, PosixDiscardFreesBlocks) {
   EXPECT_EQ(hole, 256u << 10);
   ASSERT_OK_AND_ASSIGN(uint64_t data, s.file->NextData(256 << 10));
   EXPECT_EQ(data, 768u << 10);
+}
+
+// Counts what PosixFile announces (qcow2fuse/blocking.h).
+class CountingObserver final : public BlockingObserver {
+ public:
+  void WillBlock() override { ++announced; }
+  void DoneBlocking() override { ++ended; }
+  std::atomic<int> announced{0};
+  std::atomic<int> ended{0};
+};
+
+// A read the page cache answers is not announced; one it cannot answer,
+// and every call that changes or syncs the file, is.
+TEST(IoTest, PosixAnnouncesTheCallsThatMaySleep) {
+  const Bytes all = Pattern(1 << 20, 1);
+  Subject s = MakePosix(all);
+  ASSERT_NE(s.file, nullptr);
+  ASSERT_OK(SyncWait(s.file->Flush()));
+  CountingObserver observer;
+  SetBlockingObserver(&observer);
+  struct Reset {
+    ~Reset() { SetBlockingObserver(nullptr); }
+  } reset;
+  // Cached: the file was just written.
+  EXPECT_EQ(ReadAt(*s.file, 4096, 8192), Bytes(all.begin() + 4096, all.begin() + 12288));
+  EXPECT_EQ(observer.announced, 0);
+  // Dropped from the page cache (clean pages go at once): the read sleeps.
+  ASSERT_EQ(posix_fadvise(s.file->fd(), 0, 0, POSIX_FADV_DONTNEED), 0);
+  EXPECT_EQ(ReadAt(*s.file, 512 << 10, 4096), Bytes(all.begin() + (512 << 10), all.begin() + (516 << 10)));
+  EXPECT_EQ(observer.announced, 1);
+  const Bytes data = Pattern(4096, 7);
+  ASSERT_OK(SyncWait(s.file->Write(0, data)));
+  EXPECT_EQ(observer.announced, 2);
+  ASSERT_OK(SyncWait(s.file->Flush()));
+  EXPECT_EQ(observer.announced, 3);
+  ASSERT_OK(SyncWait(s.file->Allocate(2 << 20, 4096)));
+  ASSERT_OK(SyncWait(s.file->Discard(0, 4096)));
+  ASSERT_OK(SyncWait(s.file->Truncate(1 << 20)));
+  EXPECT_EQ(observer.announced, 6);
+  EXPECT_EQ(observer.ended, observer.announced);
 }
 
 TEST(IoTest, PosixOpensReadOnlyByDefault) {

@@ -175,6 +175,10 @@ class Event {
     std::unique_lock lock(mu_);
     cv_.wait(lock, [this] { return set_; });
   }
+  bool IsSet() {
+    std::lock_guard lock(mu_);
+    return set_;
+  }
 
  private:
   std::mutex mu_;
