@@ -7,8 +7,8 @@
 // the queue empty (another was woken for the next one) and sleeps again:
 // two context switches per request besides the reader's own. With as many
 // workers at work as CPUs, a worker that answers finds the next request
-// waiting and takes it without sleeping, and cached 4 KiB reads run about
-// 20% faster. But a worker that waits for the disk then leaves requests
+// waiting and takes it without sleeping, and cached 4 KiB reads run 15-20%
+// faster. But a worker that waits for the disk then leaves requests
 // unreceived, so the workers stay many (-o threads) and only park here:
 //
 // - A worker returning from a READ or WRITE (Leave) parks while `active`
