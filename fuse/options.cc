@@ -35,8 +35,8 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
     "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes",
-    "uncached_writes", "uncached_loops", "loop_direct_io", "splice_reads", "io_uring", "park_workers", "readahead", "image_readahead",
-    "backing", "backing_format", "overlay", "volatile",
+    "uncached_writes", "uncached_loops", "loop_direct_io", "splice_reads", "io_uring", "park_workers", "readahead",
+    "image_readahead", "backing", "backing_format", "overlay", "volatile",
 };
 
 // Standard mount options that mean nothing to a FUSE file system, or that
@@ -411,7 +411,8 @@ const char* UsageText() {
          "  -o detect_zeroes=MODE  off (default), on: all-zero writes become zero\n"
          "                         clusters; unmap: and free their space\n"
          "  -o log=FILE            also append the daemon's messages to FILE\n"
-         "  -o park_workers=on|off  while requests are answered from memory, only\n"
+         "  -o park_workers=on|off\n"
+         "                         while requests are answered from memory, only\n"
          "                         as many threads as CPUs take them, the others\n"
          "                         wait until one sleeps in the disk (default on)\n"
          "  -o parallel_direct_writes=on|off\n"
