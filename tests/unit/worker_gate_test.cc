@@ -75,6 +75,14 @@ bool ParkedReaches(WorkerGate& gate, int n) {
   return false;
 }
 
+// `worker` makes a call that sleeps, and is back from it.
+void Sleeps(Worker& worker, WorkerGate& gate) {
+  worker.Do([&] {
+    gate.WillBlock();
+    gate.DoneBlocking();
+  });
+}
+
 bool Returned(std::future<void>& f) { return f.wait_for(milliseconds(0)) == std::future_status::ready; }
 
 TEST(WorkerGateTest, AWorkerParksOnlyWhileEnoughOthersAreAtWork) {
@@ -87,10 +95,7 @@ TEST(WorkerGateTest, AWorkerParksOnlyWhileEnoughOthersAreAtWork) {
   ASSERT_TRUE(ParkedReaches(gate, 1));
   EXPECT_FALSE(Returned(c_left));
   EXPECT_EQ(gate.parks(), 1);
-  a.Do([&] {
-    gate.WillBlock();  // only b would be left at work: c is woken
-    gate.DoneBlocking();
-  });
+  Sleeps(a, gate);  // only b would be left at work: c is woken
   c_left.get();
   EXPECT_EQ(gate.parked(), 0);
 }
@@ -108,10 +113,7 @@ TEST(WorkerGateTest, ACallThatSleepsWakesOneWorkerOnlyWhenFewerThanActiveAreLeft
   EXPECT_TRUE(ParkedReaches(gate, 1));
   // While a still sleeps, the woken worker is at work: a second call that
   // sleeps (another thread's, nested on a's) wakes nobody.
-  a.Do([&] {
-    gate.WillBlock();
-    gate.DoneBlocking();
-  });
+  Sleeps(a, gate);
   EXPECT_EQ(gate.parked(), 1);
   a.Do([&] { gate.DoneBlocking(); });
   // Exactly one of b and c returned.
@@ -132,16 +134,10 @@ TEST(WorkerGateTest, AWorkerWhoseRequestSleptGoesBackToWork) {
   WorkerGate gate(/*active=*/1, kForever);
   Worker a, b;
   a.Do([&] { gate.Leave(); });
-  b.Do([&] {
-    gate.WillBlock();  // not counted yet: b has never left the gate
-    gate.DoneBlocking();
-  });
+  Sleeps(b, gate);  // not counted yet: b has never left the gate
   std::future<void> b_left = b.Post([&] { gate.Leave(); });
   ASSERT_TRUE(ParkedReaches(gate, 1));
-  a.Do([&] {
-    gate.WillBlock();
-    gate.DoneBlocking();
-  });
+  Sleeps(a, gate);
   b_left.get();
   // a's request slept: a does not park, though b is at work.
   a.Do([&] { gate.Leave(); });
@@ -150,10 +146,7 @@ TEST(WorkerGateTest, AWorkerWhoseRequestSleptGoesBackToWork) {
   std::future<void> a_left = a.Post([&] { gate.Leave(); });
   ASSERT_TRUE(ParkedReaches(gate, 1));
   EXPECT_EQ(gate.parks(), 2);
-  b.Do([&] {
-    gate.WillBlock();
-    gate.DoneBlocking();
-  });
+  Sleeps(b, gate);
   a_left.get();
 }
 
@@ -182,10 +175,7 @@ TEST(WorkerGateTest, AParkedWorkerGoesBackByItself) {
   // Counted right afterwards: the next park and wake-up work as before.
   std::future<void> b_left = b.Post([&] { gate.Leave(); });
   ASSERT_TRUE(ParkedReaches(gate, 1));
-  a.Do([&] {
-    gate.WillBlock();
-    gate.DoneBlocking();
-  });
+  Sleeps(a, gate);
   b_left.get();
   EXPECT_EQ(gate.parks(), 2);
 }
@@ -201,10 +191,7 @@ TEST(WorkerGateTest, CallsOfThreadsThatNeverLeftAreNotCounted) {
   EXPECT_EQ(gate.parked(), 1);
   EXPECT_FALSE(Returned(b_left));
   other.Do([&] { gate.DoneBlocking(); });
-  a.Do([&] {
-    gate.WillBlock();
-    gate.DoneBlocking();
-  });
+  Sleeps(a, gate);
   b_left.get();
 }
 
