@@ -109,6 +109,11 @@ class Control {
   uint64_t calls(FaultCall call) const { return __atomic_load_n(&c_->calls[call], __ATOMIC_SEQ_CST); }
   uint64_t after(FaultCall call) const { return __atomic_load_n(&c_->after[call], __ATOMIC_SEQ_CST); }
   bool fired() const { return __atomic_load_n(&c_->fired, __ATOMIC_SEQ_CST) != 0; }
+  // Waits up to 10 s for the chosen call to come; whether it came.
+  bool WaitFired() const {
+    for (int i = 0; i < 1000 && !fired(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return fired();
+  }
   bool full() const { return __atomic_load_n(&c_->full, __ATOMIC_SEQ_CST) != 0; }
   void SetFull(bool full) { __atomic_store_n(&c_->full, full ? 1u : 0u, __ATOMIC_SEQ_CST); }
 
@@ -683,8 +688,7 @@ TEST_F(FaultMountTest, DirectWritesReachTheImageInParallel) {
     ssize_t first = -1;
     ssize_t second = -1;
     std::thread first_writer([&] { first = pwrite(fd, block, 4096, 0); });
-    for (int i = 0; i < 1000 && !control->fired(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    EXPECT_TRUE(control->fired()) << "the first write never reached the image";
+    EXPECT_TRUE(control->WaitFired()) << "the first write never reached the image";
     std::thread second_writer([&] { second = pwrite(fd, block, 4096, 64 * kKiB); });
     // In parallel: the second write's pwrite arrives while the first is
     // parked. Serialised: it never does, however long we wait.
@@ -771,8 +775,7 @@ TEST_F(FaultMountTest, ReadsGoOnWhileAWriteHangsAndWorkersPark) {
     control->Arm(kFaultPause, kFaultPwrite, before + 1, 0);
     ssize_t written = -1;
     std::thread hung([&] { written = pwrite(writer, block, 4096, 68 * kKiB); });
-    for (int i = 0; i < 1000 && !control->fired(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    EXPECT_TRUE(control->fired()) << "the write never reached the image";
+    EXPECT_TRUE(control->WaitFired()) << "the write never reached the image";
     EXPECT_TRUE(wait_for_reads(reads + 20000)) << "the reads stopped behind the hung write";
     EXPECT_EQ(control->calls(kFaultPwrite), before + 1) << "the hung write went on by itself";
     control->Arm(kFaultNone, kFaultPwrite, 0, 0);  // the disk goes on
@@ -844,8 +847,7 @@ TEST_F(FaultMountTest, DrainTimeoutLeavesTheImageWithoutTheStuckWrite) {
     stuck = pwrite(fd, buffer, 4096, 0);
     stuck_errno = errno;
   });
-  for (int i = 0; i < 1000 && !control->fired(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  if (!control->fired()) {
+  if (!control->WaitFired()) {
     control->Arm(kFaultNone, kFaultPwrite, 0, 0);
     writer.join();
     close(fd);
@@ -997,8 +999,7 @@ TEST_F(FaultMountTest, ParkedSplicedReadNeverSeesItsClustersReused) {
   control->Arm(kFaultPause, kFaultSplice, control->calls(kFaultSplice) + 1, 0);
   ssize_t got = -1;
   std::thread parked([&] { got = pread(reader, read_block, kRead, 0); });
-  for (int i = 0; i < 1000 && !control->fired(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  const bool fired = control->fired();
+  const bool fired = control->WaitFired();
   if (fired) {
     EXPECT_EQ(fallocate(writer, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, kRead), 0) << strerror(errno);
     EXPECT_EQ(fsync(writer), 0) << strerror(errno);
