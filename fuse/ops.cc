@@ -102,14 +102,13 @@ Task<absl::StatusOr<struct stat>> Attributes(MountState& m, Node& node) {
     if (!allocated.ok()) co_return allocated.status();
     st.st_blocks = (*allocated + kStatBlockSize - 1) / kStatBlockSize;
   }
-  struct stat image_st;
-  if (fstat(m.image_fd, &image_st) == 0) st.st_atim = image_st.st_atim;
   auto later = [](const timespec& a, const timespec& b) {
     return a.tv_sec != b.tv_sec ? a.tv_sec > b.tv_sec : a.tv_nsec > b.tv_nsec;
   };
-  for (const int fd : m.chain_fds) {
+  for (const int fd : m.chain_fds) {  // the image file first: its atime is the view's
     struct stat file_st;
     if (fstat(fd, &file_st) != 0) continue;
+    if (fd == m.image_fd) st.st_atim = file_st.st_atim;
     if (later(file_st.st_mtim, st.st_mtim)) st.st_mtim = file_st.st_mtim;
     if (later(file_st.st_ctim, st.st_ctim)) st.st_ctim = file_st.st_ctim;
   }
