@@ -530,6 +530,10 @@ int Serve(const MountOptions& options, StartupReport& report) {
     // threads (Scheduler::Start), so the scheduler needs none of its own.
     Scheduler scheduler(/*threads=*/0);
     state.scheduler = &scheduler;
+    // A store may wait for a READ that only another worker can answer
+    // (prefill.h).
+    std::optional<Prefill> prefill;
+    if (options.prefill_runs && uring == nullptr && options.threads >= 2) state.prefill = &prefill.emplace(session);
     // Only directory mode has files that overlap; gone before the session.
     std::optional<Invalidator> invalidator;
     if (directory_mode) {
@@ -599,6 +603,11 @@ int Serve(const MountOptions& options, StartupReport& report) {
         if (state.gate != nullptr) {
           Log(LogLevel::kInfo, absl::StrFormat("workers parked %d times while %d others took the requests",
                                                state.gate->parks(), state.gate->active()));
+        }
+        if (state.prefill != nullptr && state.prefill->runs() > 0) {
+          Log(LogLevel::kInfo, absl::StrFormat("runs of data put in the view's page cache ahead of their reader: "
+                                               "%u (%u KiB)",
+                                               state.prefill->runs(), state.prefill->bytes() >> 10));
         }
         watchdog.Begin();  // a ring thread may still hold a stuck request
         if (uring && uring->active()) {

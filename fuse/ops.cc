@@ -403,7 +403,7 @@ Task<void> Fallocate(fuse_req_t req, fuse_ino_t ino, View& view, int mode, off_t
 // SEEK_DATA and SEEK_HOLE, with a regular file's semantics: ENXIO at or past
 // the end, and for SEEK_DATA when no data follows; the end of the file is
 // the last hole.
-Task<void> Lseek(fuse_req_t req, View& view, off_t offset, int whence) {
+Task<void> Lseek(fuse_req_t req, fuse_ino_t ino, View& view, off_t offset, int whence) {
   absl::StatusOr<Image*> opened = view.image();
   if (!opened.ok()) co_return ReplyError(req, opened.status(), "lseek");
   Image& image = **opened;
@@ -420,12 +420,24 @@ Task<void> Lseek(fuse_req_t req, View& view, off_t offset, int whence) {
       // Whoever looks for data reads it next (cp --sparse, qemu-img
       // convert): the host starts reading it now, in the background.
       if (data) co_await image.WillNeed(view.start() + pos, e->length, kSeekDataPrefetchBytes);
-      co_return (void)fuse_reply_lseek(req, pos);
+      break;
     }
     pos += e->length;
   }
-  if (whence == SEEK_DATA) co_return (void)fuse_reply_err(req, ENXIO);
-  fuse_reply_lseek(req, size);
+  if (whence == SEEK_DATA) {
+    if (pos == size) co_return (void)fuse_reply_err(req, ENXIO);
+    co_return (void)fuse_reply_lseek(req, pos);
+  }
+  // Whoever asks where the data it stands on ends reads that data next:
+  // where no byte of the view can change, it finds the run, and then the
+  // next one, in the view's page cache (prefill.h).
+  Prefill* prefill = State(req).prefill;
+  if (prefill == nullptr || view.writable() || pos == static_cast<uint64_t>(offset)) {
+    co_return (void)fuse_reply_lseek(req, pos);
+  }
+  co_await prefill->Run(ino, view, image, offset, pos);
+  fuse_reply_lseek(req, pos);
+  co_await prefill->Next(ino, view, image, pos);
 }
 
 Task<void> Lookup(fuse_req_t req, Node& node) {
@@ -531,7 +543,7 @@ void OnRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, struct fu
 void OnLseek(fuse_req_t req, fuse_ino_t ino, off_t offset, int whence, struct fuse_file_info*) {
   View* view = FileView(req, ino);
   if (view == nullptr) return (void)fuse_reply_err(req, EISDIR);
-  State(req).scheduler->Start(Lseek(req, *view, offset, whence));
+  State(req).scheduler->Start(Lseek(req, ino, *view, offset, whence));
 }
 
 void OnFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length, struct fuse_file_info*) {

@@ -32,6 +32,7 @@
 #include "qcow2fuse/scheduler.h"
 #include "invalidator.h"
 #include "loop_direct_io.h"
+#include "prefill.h"
 #include "readahead.h"
 #include "view_table.h"
 #include "worker_gate.h"
@@ -94,6 +95,10 @@ struct MountState {
   // its page cache (readahead.h); null where -o readahead fixed it, where
   // the daemon cannot set it, or where it would not be deeper.
   LoopReadahead* loop_readahead = nullptr;
+  // Stores the run of data a SEEK_HOLE starts in, and the next one, in the
+  // page cache of a view that cannot change (prefill.h); null under
+  // -o prefill_runs=off, over io_uring, or with a single thread.
+  Prefill* prefill = nullptr;
   // How far ahead of a sequential reader of a view the host is to read
   // the image (-o image_readahead, sequential_reads.h); 0: not at all.
   uint64_t image_readahead = 0;

@@ -35,8 +35,8 @@ absl::StatusOr<std::string> AbsolutePath(const std::string& path) {
 const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
     "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes",
-    "uncached_writes", "uncached_loops", "loop_direct_io", "splice_reads", "io_uring", "park_workers", "readahead",
-    "image_readahead", "backing", "backing_format", "overlay", "volatile",
+    "uncached_writes", "uncached_loops", "loop_direct_io", "splice_reads", "io_uring", "park_workers", "prefill_runs",
+    "readahead", "image_readahead", "backing", "backing_format", "overlay", "volatile",
 };
 
 // Standard mount options that mean nothing to a FUSE file system, or that
@@ -91,6 +91,7 @@ bool MountOptions::*SwitchField(std::string_view key) {
       {"splice_reads", &MountOptions::splice_reads},
       {"io_uring", &MountOptions::io_uring},
       {"park_workers", &MountOptions::park_workers},
+      {"prefill_runs", &MountOptions::prefill_runs},
   };
   for (const auto& [name, field] : kSwitches) {
     if (name == key) return field;
@@ -415,6 +416,11 @@ const char* UsageText() {
          "                         while requests are answered from memory, only\n"
          "                         as many threads as CPUs take them, the others\n"
          "                         wait until one sleeps in the disk (default on)\n"
+         "  -o prefill_runs=on|off\n"
+         "                         on a read-only mount, a SEEK_HOLE that starts in\n"
+         "                         data puts that run and the next in the view's\n"
+         "                         page cache, ahead of cp --sparse's reads\n"
+         "                         (default on)\n"
          "  -o parallel_direct_writes=on|off\n"
          "                         let writes through O_DIRECT or uncached\n"
          "                         descriptors run in parallel (default on; the\n"

@@ -61,6 +61,10 @@ struct MountOptions {
   // -o park_workers: only as many workers as CPUs take requests from
   // /dev/fuse while the others are not needed (worker_gate.h).
   bool park_workers = true;
+  // -o prefill_runs: a SEEK_HOLE from data of a view that cannot change
+  // puts that run of data, and the next, in the view's page cache
+  // (prefill.h).
+  bool prefill_runs = true;
   // -o uncached_writes: descriptors opened for writing bypass the kernel's
   // page cache of the view (FUSE's direct-I/O mode).
   bool uncached_writes = true;

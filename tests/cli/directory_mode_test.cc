@@ -11,6 +11,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -401,6 +402,34 @@ TEST_F(DirectoryModeTest, TarSparseOfSnapshotsKeepsTheirData) {
   ASSERT_EQ(mkdir(out.c_str(), 0755), 0);
   ASSERT_OK(RunChecked({"tar", "-xf", archive, "-C", out}).status());
   EXPECT_OK(CompareFiles(out + "/first.raw", expected));
+}
+
+// On a writable mount, only a snapshot's file, whose bytes never change,
+// gets the run of data a SEEK_HOLE starts in put in its page cache
+// (prefill.h); disk.raw, which can be written, does not.
+TEST_F(DirectoryModeTest, OnAWritableMountOnlySnapshotsArePrefilled) {
+  image_ = Path("disk.qcow2");
+  ASSERT_OK(CreateImage(image_, "qcow2", 4 * kMiB));
+  ASSERT_OK(QemuIo(image_, "qcow2", {W(0x41, 0, 256 * kKiB)}));
+  ASSERT_OK(QemuImg({"snapshot", "-c", "first", image_}).status());
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> view, MountedView::Start(DirectoryView(/*read_only=*/false)));
+  for (const auto& [file, prefilled] : {std::pair{"disk.raw", false}, std::pair{"snapshots/first.raw", true}}) {
+    SCOPED_TRACE(file);
+    const int fd = open(In(file).c_str(), O_RDONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    void* map = mmap(nullptr, 256 * kKiB, PROT_READ, MAP_SHARED, fd, 0);
+    EXPECT_NE(map, MAP_FAILED) << strerror(errno);
+    EXPECT_EQ(lseek(fd, 0, SEEK_HOLE), static_cast<off_t>(256 * kKiB));
+    std::vector<unsigned char> resident(64);
+    if (map != MAP_FAILED) {
+      EXPECT_EQ(mincore(map, 256 * kKiB, resident.data()), 0) << strerror(errno);
+      munmap(map, 256 * kKiB);
+    }
+    close(fd);
+    EXPECT_EQ(std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; }),
+              prefilled ? 64 : 0);
+  }
+  ASSERT_OK(view->Unmount());
 }
 
 // Creating, removing or renaming a file of the mount is refused plainly:

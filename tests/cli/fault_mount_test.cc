@@ -139,8 +139,10 @@ const char* CallName(FaultCall call) {
 // Starts the view of `image` with the shim preloaded, reporting to `control`.
 absl::StatusOr<std::unique_ptr<MountedView>> StartWithShim(const std::string& image, const std::string& mountpoint,
                                                            const Control& control,
-                                                           const std::vector<std::string>& extra = {}) {
+                                                           const std::vector<std::string>& extra = {},
+                                                           bool read_only = false) {
   MountOptions options = WritableView(image, mountpoint);
+  options.read_only = read_only;
   // No periodic flush: the test alone decides when the daemon syncs.
   options.extra_options = {"flush_interval=0"};
   options.extra_options.insert(options.extra_options.end(), extra.begin(), extra.end());
@@ -1019,6 +1021,63 @@ TEST_F(FaultMountTest, ParkedSplicedReadNeverSeesItsClustersReused) {
   ASSERT_OK_AND_ASSIGN(std::string after, UnmountCheckAndConvert(*mounted, image, Path("after.raw")));
   EXPECT_EQ(after.substr(0, kRead), std::string(kRead, '\0'));
   EXPECT_EQ(after.substr(4 * kMiB, kRead), std::string(kRead, '\x22'));
+}
+
+// A store into the view's page cache (prefill.h) waits for the lock of
+// each page it fills, and a page being read stays locked until its READ is
+// answered. Here a READ of a run is parked in its splice from the image
+// when a SEEK_HOLE from that run comes: the seek waits for the READ, since
+// its store cannot go on; a third thread serves other requests meanwhile;
+// once the READ goes on, both end with the image's bytes and the run is in
+// the page cache.
+TEST_F(FaultMountTest, ASeekHoleWhoseRunIsBeingReadWaitsForThatRead) {
+  const std::string image = Path("disk.qcow2");
+  ASSERT_OK(CreateImage(image, "qcow2", kDiskSize));
+  ASSERT_OK(QemuIo(image, "qcow2", {"write -P 0x11 4M 256k"}));
+  const std::string view = Path("view.raw");
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
+                       StartWithShim(image, view, *control, {"io_uring=off", "threads=3"}, /*read_only=*/true));
+  ScopedFd reader(open(view.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_GE(reader.get(), 0) << strerror(errno);
+  ScopedFd seeker(open(view.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_GE(seeker.get(), 0) << strerror(errno);
+  std::string read(128 * kKiB, '\0');
+  ssize_t got = -1;
+  std::atomic<off_t> hole{-2};
+  control->Arm(kFaultPause, kFaultSplice, control->calls(kFaultSplice) + 1, 0);
+  std::thread parked([&] { got = pread(reader.get(), read.data(), read.size(), 4 * kMiB); });
+  const bool fired = control->WaitFired();
+  std::thread seek([&] { hole = lseek(seeker.get(), 4 * kMiB, SEEK_HOLE); });
+  if (fired) {
+    // The other requests go on: an uncached read elsewhere.
+    ScopedFd direct(open(view.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC));
+    EXPECT_GE(direct.get(), 0) << strerror(errno);
+    AlignedBuffer zeros = AllocAligned(64 * kKiB);
+    EXPECT_EQ(pread(direct.get(), zeros.get(), 64 * kKiB, 0), static_cast<ssize_t>(64 * kKiB)) << strerror(errno);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    EXPECT_EQ(hole.load(), -2) << "the seek did not wait for the parked read of its run";
+  }
+  control->Arm(kFaultNone, kFaultSplice, 0, 0);  // lets the read go on
+  parked.join();
+  seek.join();
+  ASSERT_TRUE(fired) << "the read never spliced from the image";
+  EXPECT_EQ(got, static_cast<ssize_t>(read.size())) << strerror(errno);
+  EXPECT_TRUE(read == std::string(read.size(), '\x11')) << "the parked read returned other bytes";
+  EXPECT_EQ(hole.load(), static_cast<off_t>(4 * kMiB + 256 * kKiB));
+  void* map = mmap(nullptr, kDiskSize, PROT_READ, MAP_SHARED, seeker.get(), 0);
+  ASSERT_NE(map, MAP_FAILED) << strerror(errno);
+  std::vector<unsigned char> resident(64);
+  ASSERT_EQ(mincore(static_cast<char*>(map) + 4 * kMiB, 256 * kKiB, resident.data()), 0) << strerror(errno);
+  munmap(map, kDiskSize);
+  EXPECT_EQ(std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; }), 64)
+      << "the run is not in the view's page cache";
+  reader.Reset();
+  seeker.Reset();
+  ASSERT_OK(mounted->Unmount());
+  EXPECT_TRUE(absl::StrContains(mounted->ReadLog(), "runs of data put in the view's page cache ahead of their "
+                                                    "reader: 1 (256 KiB)"))
+      << mounted->ReadLog();
 }
 
 }  // namespace
