@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -16,6 +17,7 @@
 #include <fstream>
 #include <iostream>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -256,6 +258,17 @@ size_t TracedRequests(const std::string& log, const std::string& opcode) {
   size_t n = 0;
   for (size_t at = log.find(word); at != std::string::npos; at = log.find(word, at + 1)) ++n;
   return n;
+}
+
+absl::StatusOr<size_t> PagesInCache(int fd, uint64_t offset, uint64_t length) {
+  void* map = mmap(nullptr, length, PROT_READ, MAP_SHARED, fd, static_cast<off_t>(offset));
+  if (map == MAP_FAILED) return absl::ErrnoToStatus(errno, "mmap");
+  std::vector<unsigned char> resident((length + 4095) / 4096);
+  const int result = mincore(map, length, resident.data());
+  const int error = errno;
+  munmap(map, length);
+  if (result != 0) return absl::ErrnoToStatus(error, "mincore");
+  return std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; });
 }
 
 absl::Status HideHeaderExtension(const std::string& path, uint32_t type) {

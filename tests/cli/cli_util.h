@@ -157,6 +157,11 @@ inline constexpr uint32_t kExtExternalDataFile = 0x44415441;
 // (-o debug) in the daemon's log `log` shows.
 size_t TracedRequests(const std::string& log, const std::string& opcode);
 
+// How many pages of [offset, offset + length) of the file open at `fd`
+// (offset a multiple of 4 KiB) are in its page cache: mincore of a shared
+// mapping, which reads nothing.
+absl::StatusOr<size_t> PagesInCache(int fd, uint64_t offset, uint64_t length);
+
 // Gives header extension `type` of the version 3 image at `path` a type
 // no reader knows, so that readers skip it (docs/interop/qcow2.txt,
 // "Header extensions"): the image reads as one that never recorded it, as
