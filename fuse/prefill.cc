@@ -4,6 +4,7 @@
 #include <span>
 
 #include "qcow2fuse/blocking.h"
+#include "qcow2fuse/scheduler.h"
 
 namespace qcow2fuse {
 namespace {
@@ -34,17 +35,30 @@ void Prefill::Release(bool stored) {
 
 Task<void> Prefill::Run(fuse_ino_t ino, View& view, Image& image, uint64_t offset, uint64_t hole) {
   const uint64_t end = std::min(hole, offset + kMaxRunBytes);
-  if (offset >= end || !Claim(ino, offset, end)) co_return;
+  // Stores wait on page locks: never from a thread that the READ holding
+  // them may need (see the read below).
+  if (Scheduler::OnOwnThread() || offset >= end || !Claim(ino, offset, end)) co_return;
   if (buffer_ == nullptr) buffer_.reset(new uint8_t[kMaxRunBytes]);
   const std::span<uint8_t> bytes(buffer_.get(), end - offset);
   bool stored = false;
-  if ((co_await image.Read(view.start() + offset, bytes)).ok()) {
+  absl::Status read;
+  {
+    // A compressed run is inflated on the image's own threads, and an
+    // awaiting coroutine goes on there (Scheduler::OnOwnThread): a store
+    // from one of them could wait for a READ of the same pages that waits
+    // for that very thread to inflate. So this worker waits for the read
+    // and stores itself.
+    ScopedBlockingCall blocking;
+    read = SyncWait(image.Read(view.start() + offset, bytes));
+  }
+  if (read.ok()) {
     fuse_bufvec data = FUSE_BUFVEC_INIT(bytes.size());
     data.buf[0].mem = bytes.data();
-    // Waits for the locks of pages that READs in flight hold.
+    // Waits for the locks of pages that READs in flight hold. Written to
+    // /dev/fuse from the buffer: spliced, libfuse would keep a pipe for
+    // each thread that ever stored.
     ScopedBlockingCall blocking;
-    stored = fuse_lowlevel_notify_store(session_, ino, static_cast<off_t>(offset), &data,
-                                        static_cast<fuse_buf_copy_flags>(0)) == 0;
+    stored = fuse_lowlevel_notify_store(session_, ino, static_cast<off_t>(offset), &data, FUSE_BUF_NO_SPLICE) == 0;
   }
   if (stored) {
     runs_.fetch_add(1, std::memory_order_relaxed);

@@ -25,8 +25,11 @@
 // for another worker to answer that READ. So stores run only where another
 // worker can take it (at least two threads, requests over /dev/fuse rather
 // than a ring thread's queue), one at a time, so that at most one worker
-// waits like that; and the store is announced as a call that may sleep,
-// which puts a parked worker back to work (worker_gate.h).
+// waits like that, and only from a libfuse worker: a READ of compressed
+// data needs the image's inflating threads, so the worker that stores
+// waits for its own read of the run rather than going on there. The store
+// is announced as a call that may sleep, which puts a parked worker back
+// to work (worker_gate.h).
 //
 // One per mount; thread-safe.
 

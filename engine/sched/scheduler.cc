@@ -3,6 +3,11 @@
 #include "qcow2fuse/blocking.h"
 
 namespace qcow2fuse {
+namespace {
+thread_local bool own_thread = false;
+}  // namespace
+
+bool Scheduler::OnOwnThread() { return own_thread; }
 
 Scheduler::Scheduler(int threads) {
   for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { RunThread(); });
@@ -79,6 +84,7 @@ void Scheduler::TaskDone() {
 }
 
 void Scheduler::RunThread() {
+  own_thread = true;
   for (;;) {
     std::coroutine_handle<> h;
     {

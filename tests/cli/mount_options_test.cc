@@ -1415,6 +1415,23 @@ TEST_F(MountOptionsTest, SeekHoleFromDataPutsTheRunAndTheNextInThePageCache) {
     EXPECT_EQ(absl::StrContains(log, "runs of data put in the view's page cache"), c.prefills) << log;
     EXPECT_EQ(absl::StrContains(log, "page cache ahead of their reader: 2 (768 KiB)"), c.prefills) << log;
   }
+  // Compressed runs too: the worker that stores waits for their inflating.
+  const std::string compressed = Path("compressed.qcow2");
+  ASSERT_OK(ConvertImage(image, "qcow2", compressed, "qcow2", {"-c"}));
+  {
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
+                         MountedView::Start(ViewOptions(compressed, view, {})));
+    ScopedFd fd(open(view.c_str(), O_RDONLY | O_CLOEXEC));
+    ASSERT_GE(fd.get(), 0) << strerror(errno);
+    ASSERT_EQ(lseek(fd.get(), 20 * kMiB, SEEK_HOLE), static_cast<off_t>(20 * kMiB + 512 * kKiB));
+    ASSERT_OK_AND_ASSIGN(const size_t cached, PagesInCache(fd.get(), 20 * kMiB, 512 * kKiB));
+    EXPECT_EQ(cached, 128u) << "the compressed run was not put in the page cache";
+    std::string got(512 * kKiB, '\0');
+    ASSERT_EQ(pread(fd.get(), got.data(), got.size(), 20 * kMiB), static_cast<ssize_t>(got.size())) << strerror(errno);
+    EXPECT_TRUE(got == expected.substr(20 * kMiB, got.size())) << "the compressed run's bytes are not the image's";
+    fd.Reset();
+    ASSERT_OK(mounted->Unmount());
+  }
   // The whole view, as cp --sparse reads it, is the image's.
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, MountedView::Start(ViewOptions(image, view, {})));
   const std::string copy = Path("copy.raw");

@@ -53,6 +53,12 @@ class Scheduler {
   // Tasks started or spawned and not yet finished.
   size_t in_flight() const;
 
+  // Whether the calling thread is one of some Scheduler's own threads (the
+  // ones Spawn() runs tasks on), where a coroutine may go on after an
+  // await without its caller's say: an image inflates compressed clusters
+  // on such threads, and the reader goes on there.
+  static bool OnOwnThread();
+
   // Blocks until every task spawned so far (and any they spawned) is done.
   void Drain();
 
