@@ -114,6 +114,25 @@ TEST(SchedulerTest, ScheduleMovesCoroutineToSchedulerThread) {
   EXPECT_NE(where, std::this_thread::get_id());
 }
 
+Task<void> HopAndTell(Scheduler* scheduler, bool* before, bool* after) {
+  *before = Scheduler::OnOwnThread();
+  co_await scheduler->Schedule();
+  *after = Scheduler::OnOwnThread();
+}
+
+// OnOwnThread tells a scheduler's threads from the threads that start or
+// wait for its tasks.
+TEST(SchedulerTest, OnOwnThreadIsTrueOnlyOnASchedulersThreads) {
+  EXPECT_FALSE(Scheduler::OnOwnThread());
+  Scheduler scheduler(1);
+  bool before = true;
+  bool after = false;
+  SyncWait(HopAndTell(&scheduler, &before, &after));
+  EXPECT_FALSE(before);
+  EXPECT_TRUE(after);
+  EXPECT_FALSE(Scheduler::OnOwnThread());
+}
+
 Task<void> Count(std::atomic<int>* done) {
   done->fetch_add(1);
   co_return;
