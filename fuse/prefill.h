@@ -1,9 +1,9 @@
 // Prefill: puts a run of a view's data into the kernel's page cache of the
 // view before its reader asks for it (FUSE_NOTIFY_STORE).
 //
-// A program that copies only the data of a sparse file (cp --sparse, tar
-// --sparse) asks SEEK_HOLE where the run of data it stands on ends, reads
-// the run, and asks SEEK_DATA where the next one starts. Each of these is a
+// A program that copies only the data of a sparse file (cp --sparse) asks
+// SEEK_HOLE where the run of data it stands on ends, reads the run, and
+// asks SEEK_DATA where the next one starts. Each of these is a
 // round trip to the daemon, and so is each READ of the run: the kernel
 // reads a lone read at a new place as it is (cp's 128 KiB) and reads ahead
 // only from the second one on, so a run of 256 KiB costs two READs on top
