@@ -31,7 +31,6 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -801,13 +800,8 @@ TEST_F(FaultMountTest, ReadsGoOnWhileAWriteHangsAndWorkersPark) {
     ASSERT_NE(at, std::string::npos) << messages;
     // Where the image's file system cannot say whether a read would sleep
     // (RWF_NOWAIT), every read counts as one that may, and nobody parks.
-    const int probe = open(image.c_str(), O_RDONLY | O_CLOEXEC);
-    ASSERT_GE(probe, 0) << strerror(errno);
-    uint8_t byte;
-    iovec one{&byte, 1};
-    const bool tells = preadv2(probe, &one, 1, 0, RWF_NOWAIT) >= 0 || errno != EOPNOTSUPP;
-    close(probe);
-    if (!tells) continue;
+    ASSERT_OK_AND_ASSIGN(ScopedFd probe, OpenReadOnly(image));
+    if (!TellsWhetherAReadWouldSleep(probe.get())) continue;
     long parks = 0;
     ASSERT_TRUE(absl::SimpleAtoi(messages.substr(at + 15, messages.find(' ', at + 15) - at - 15), &parks)) << messages;
     EXPECT_GT(parks, 0) << messages;

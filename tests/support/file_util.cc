@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -92,6 +93,12 @@ absl::StatusOr<uint64_t> FileSize(int fd) {
   struct stat st;
   if (fstat(fd, &st) != 0) return ErrnoError("fstat", errno);
   return static_cast<uint64_t>(st.st_size);
+}
+
+bool TellsWhetherAReadWouldSleep(int fd) {
+  uint8_t byte;
+  iovec one{&byte, 1};
+  return preadv2(fd, &one, 1, 0, RWF_NOWAIT) >= 0 || errno != EOPNOTSUPP;
 }
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {

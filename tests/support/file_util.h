@@ -72,6 +72,11 @@ absl::StatusOr<ScopedFd> OpenReadOnly(const std::string& path);
 // The size of an open file (fstat).
 absl::StatusOr<uint64_t> FileSize(int fd);
 
+// Whether the file system of the open file `fd` can say that a read would
+// have to wait for the disk (preadv2 with RWF_NOWAIT) rather than refuse
+// the flag (EOPNOTSUPP). Reads one byte at offset 0.
+bool TellsWhetherAReadWouldSleep(int fd);
+
 // The whole contents of `path`.
 absl::StatusOr<std::string> ReadFile(const std::string& path);
 

@@ -9,7 +9,6 @@
 #include <linux/magic.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -26,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "../support/file_util.h"  // TellsWhetherAReadWouldSleep
 #include "../support/status_testing.h"  // ASSERT_OK, ASSERT_OK_AND_ASSIGN
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -339,9 +339,7 @@ TEST(IoTest, PosixAnnouncesTheCallsThatMaySleep) {
   struct statfs fs;
   ASSERT_EQ(fstatfs(s.file->fd(), &fs), 0);
   if (fs.f_type == TMPFS_MAGIC) GTEST_SKIP() << ::testing::TempDir() << " is a tmpfs: its pages cannot be dropped";
-  uint8_t byte;
-  iovec one{&byte, 1};
-  if (preadv2(s.file->fd(), &one, 1, 0, RWF_NOWAIT) < 0 && errno == EOPNOTSUPP) {
+  if (!test::TellsWhetherAReadWouldSleep(s.file->fd())) {
     GTEST_SKIP() << "the file system of " << ::testing::TempDir() << " cannot say whether a read would sleep";
   }
   CountingObserver observer;
