@@ -574,19 +574,31 @@ TEST_F(MountOptionsTest, DebugShowsTheRequestTrace) {
 }
 
 // A read-only view keeps its page cache from one open to the next
-// (keep_cache): reading it again, through a new descriptor, sends no READ.
+// (keep_cache): a new descriptor finds the pages the last reader left.
+// Counted with mincore just before and just after the OPEN, not by READs
+// sent on a second pass: under memory pressure (the sanitizer suites run two
+// at a time) the kernel may evict a few pages at any moment, and a pass over
+// the whole view gives it all the time it needs; the OPEN itself without
+// keep_cache drops every page at once.
 TEST_F(MountOptionsTest, ReadOnlyViewKeepsItsPageCacheAcrossOpens) {
   const std::string image = Path("disk.qcow2");
   const std::string twin = Path("twin.raw");
   const std::string view = Path("view.raw");
   MakeImage(image, twin);
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, MountedView::Start(ViewOptions(image, view, {"debug"})));
-  auto reads = [&] { return TracedRequests(mounted->ReadLog(), "READ"); };
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, MountedView::Start(ViewOptions(image, view, {})));
+  {
+    ScopedFd earlier(open(view.c_str(), O_RDONLY | O_CLOEXEC));
+    ASSERT_GE(earlier.get(), 0) << strerror(errno);
+    EXPECT_OK(CompareFiles(view, twin));  // opens, reads every byte, closes
+    ASSERT_OK_AND_ASSIGN(const size_t before, PagesInCache(earlier.get(), 0, kDiskSize));
+    EXPECT_GT(before, kDiskSize / 4096 / 2) << "the first read left little of the view in its page cache";
+    ScopedFd later(open(view.c_str(), O_RDONLY | O_CLOEXEC));
+    ASSERT_GE(later.get(), 0) << strerror(errno);
+    ASSERT_OK_AND_ASSIGN(const size_t after, PagesInCache(later.get(), 0, kDiskSize));
+    EXPECT_GE(after * 10, before * 9) << "a new open dropped the view's page cache: " << before << " pages before, "
+                                      << after << " after";
+  }
   EXPECT_OK(CompareFiles(view, twin));
-  const size_t first = reads();
-  EXPECT_GT(first, 0u);
-  EXPECT_OK(CompareFiles(view, twin));
-  EXPECT_EQ(reads(), first) << "the second read of the view was not served from its page cache";
   ASSERT_OK(mounted->Unmount());
 }
 
