@@ -606,8 +606,9 @@ int Serve(const MountOptions& options, StartupReport& report) {
         }
         if (state.prefill != nullptr && state.prefill->runs() > 0) {
           Log(LogLevel::kInfo, absl::StrFormat("runs of data put in the view's page cache ahead of their reader: "
-                                               "%u (%u KiB)",
-                                               state.prefill->runs(), state.prefill->bytes() >> 10));
+                                               "%u (%u KiB); runs the host was advised to read ahead: %u",
+                                               state.prefill->runs(), state.prefill->bytes() >> 10,
+                                               state.prefill->advised_runs()));
         }
         watchdog.Begin();  // a ring thread may still hold a stuck request
         if (uring && uring->active()) {

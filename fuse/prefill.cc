@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <span>
+#include <vector>
 
 #include "qcow2fuse/blocking.h"
 #include "qcow2fuse/scheduler.h"
@@ -13,6 +14,9 @@ namespace {
 // after it are two (BlockStatus merges runs of one kind); a reader that
 // jumps far finds it itself.
 constexpr int kMaxExtentsToNextRun = 8;
+// How many extents one advice looks at: the first reaches a few runs
+// ahead, and each later one, a run further on, tops the advice up.
+constexpr int kMaxExtentsPerAdvice = 16;
 
 }  // namespace
 
@@ -68,14 +72,66 @@ Task<void> Prefill::Run(fuse_ino_t ino, View& view, Image& image, uint64_t offse
 }
 
 Task<void> Prefill::Next(fuse_ino_t ino, View& view, Image& image, uint64_t hole) {
+  const uint64_t seq = next_seq_.fetch_add(1, std::memory_order_relaxed) + 1;
   const uint64_t size = view.size();
   uint64_t pos = hole;
   for (int i = 0; i < kMaxExtentsToNextRun && pos < size; ++i) {
     absl::StatusOr<Extent> e = co_await image.BlockStatus(view.start() + pos, size - pos);
     if (!e.ok()) co_return;  // the reader's own SEEK_DATA reports it
-    if (e->kind == ExtentKind::kData) co_return co_await Run(ino, view, image, pos, pos + e->length);
+    if (e->kind == ExtentKind::kData) {
+      co_await Run(ino, view, image, pos, pos + e->length);
+      co_return co_await AdviseAhead(ino, view, image, seq, pos, pos + e->length);
+    }
     pos += e->length;
   }
+}
+
+Task<void> Prefill::AdviseAhead(fuse_ino_t ino, View& view, Image& image, uint64_t seq, uint64_t run_start,
+                                uint64_t run_end) {
+  uint64_t pos;
+  uint64_t bytes = 0;
+  int runs;
+  {
+    std::lock_guard lock(mu_);
+    Ahead& a = ahead_;
+    // A Next that began before the last one to advise comes late: its
+    // reader is further on already.
+    if (a.walking || (ino == a.ino && seq < a.seq)) co_return;
+    // A reader one or more runs further on keeps what lies advised past
+    // it; any other reader (another file, a jump back) starts afresh.
+    if (ino != a.ino || run_start < a.reader || run_end >= a.until) {
+      a.advised.clear();
+      a.until = run_end;
+    }
+    while (!a.advised.empty() && a.advised.front().start < run_end) a.advised.pop_front();
+    for (const Range& r : a.advised) bytes += r.length;
+    runs = static_cast<int>(a.advised.size());
+    pos = a.until;
+    a.ino = ino;
+    a.seq = seq;
+    a.reader = run_end;
+    a.walking = true;
+  }
+  std::vector<Range> advised;
+  const uint64_t size = view.size();
+  for (int i = 0; i < kMaxExtentsPerAdvice && pos < size && bytes < kAheadBytes && runs < kAheadRuns; ++i) {
+    absl::StatusOr<Extent> e = co_await image.BlockStatus(view.start() + pos, size - pos);
+    if (!e.ok()) break;  // the reader's own seeks and reads report it
+    uint64_t length = e->length;
+    if (e->kind == ExtentKind::kData) {
+      length = std::min(length, kAheadBytes - bytes);  // the rest of a long run later
+      co_await image.WillNeed(view.start() + pos, length, length);
+      advised.push_back({pos, length});
+      bytes += length;
+      ++runs;
+    }
+    pos += length;
+  }
+  advised_runs_.fetch_add(advised.size(), std::memory_order_relaxed);
+  std::lock_guard lock(mu_);
+  ahead_.advised.insert(ahead_.advised.end(), advised.begin(), advised.end());
+  ahead_.until = pos;
+  ahead_.walking = false;
 }
 
 }  // namespace qcow2fuse

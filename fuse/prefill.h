@@ -14,6 +14,15 @@
 // follow find their pages cached, and the disk under the image reads the
 // next run while the reader writes out this one.
 //
+// One run ahead is one read in flight, and a disk that answers a read in
+// milliseconds then sets the pace of the copy. So once the next run is
+// stored, the host is also advised to read the runs after it
+// (Image::WillNeed): up to kAheadBytes of data or kAheadRuns runs past the
+// reader, topped up a few extents at a time as the reader moves on, so
+// that the disk always has reads to do. Advice costs the host nothing it
+// would not read anyway, and the walk that finds the runs reads the L2
+// tables the reader's own seeks need next.
+//
 // Only where no byte of the view can change while it is mounted (a
 // read-only mount, a snapshot): a store writes over the pages it finds,
 // and the page a write fills stays locked only until the write is
@@ -41,6 +50,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 
@@ -54,6 +64,10 @@ class Prefill {
  public:
   // The most stored per run: the kernel's largest request.
   static constexpr uint64_t kMaxRunBytes = uint64_t{1} << 20;
+  // How far ahead of its reader the host is advised to read: a few of the
+  // host's largest requests, or this many runs where the runs are small.
+  static constexpr uint64_t kAheadBytes = uint64_t{8} << 20;
+  static constexpr int kAheadRuns = 64;
 
   explicit Prefill(fuse_session* session) : session_(session) {}
   Prefill(const Prefill&) = delete;
@@ -65,12 +79,15 @@ class Prefill {
   // Only advice: a failure leaves the reads to the daemon, as without it.
   Task<void> Run(fuse_ino_t ino, View& view, Image& image, uint64_t offset, uint64_t hole);
   // After that SEEK_HOLE was answered: the same for the next run of data
-  // at or after `hole`, the one the reader will ask for next.
+  // at or after `hole`, the one the reader will ask for next; then advises
+  // the host to read the runs after that one.
   Task<void> Next(fuse_ino_t ino, View& view, Image& image, uint64_t hole);
 
-  // Runs stored so far, and their bytes: for the log at exit.
+  // Runs stored so far, and their bytes; runs the host was advised to read
+  // ahead: for the log at exit.
   uint64_t runs() const { return runs_.load(std::memory_order_relaxed); }
   uint64_t bytes() const { return bytes_.load(std::memory_order_relaxed); }
+  uint64_t advised_runs() const { return advised_runs_.load(std::memory_order_relaxed); }
 
  private:
   // Claims [start, end) of `ino` for a store: false when a store is under
@@ -78,6 +95,11 @@ class Prefill {
   bool Claim(fuse_ino_t ino, uint64_t start, uint64_t end);
   // The claimed store is over; `stored`: the kernel took the bytes.
   void Release(bool stored);
+  // Advises the host to read the runs after [run_start, run_end) of `ino`,
+  // the run Next found, until kAheadBytes or kAheadRuns lie advised past it.
+  // `seq` orders the calls as their Nexts began.
+  Task<void> AdviseAhead(fuse_ino_t ino, View& view, Image& image, uint64_t seq, uint64_t run_start,
+                         uint64_t run_end);
 
   fuse_session* const session_;
   std::mutex mu_;
@@ -89,8 +111,27 @@ class Prefill {
   // The bytes of the store under way; only its owner touches it. Made at
   // the first store and kept: one store runs at a time.
   std::unique_ptr<uint8_t[]> buffer_;
+  // Under mu_: the advice ahead of one reader. `seq` numbers the Next that
+  // advised last (an older one, late, is not followed), `reader` is the end
+  // of the run it found, `until` where the advice stopped, and `advised`
+  // the runs advised past the reader, in order. One walk at a time.
+  struct Range {
+    uint64_t start;
+    uint64_t length;
+  };
+  struct Ahead {
+    fuse_ino_t ino = 0;
+    uint64_t seq = 0;
+    uint64_t reader = 0;
+    uint64_t until = 0;
+    std::deque<Range> advised;
+    bool walking = false;
+  };
+  Ahead ahead_;
   std::atomic<uint64_t> runs_{0};
   std::atomic<uint64_t> bytes_{0};
+  std::atomic<uint64_t> advised_runs_{0};
+  std::atomic<uint64_t> next_seq_{0};
 };
 
 }  // namespace qcow2fuse

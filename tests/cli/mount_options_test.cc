@@ -1364,6 +1364,80 @@ TEST_F(MountOptionsTest, SeekDataReadsTheDataFoundAhead) {
   ASSERT_OK(mounted->Unmount());
 }
 
+// After storing the next run, a SEEK_HOLE from data of a read-only view has
+// the host read the runs after that one, so that the disk is busy ahead of
+// the reader (cp --sparse) rather than one run at a time; and as the reader
+// moves on, the runs further on. Not a run far past the reader, and nothing
+// under -o prefill_runs=off. The runs are written last first, so that each
+// lies before the one in front of it in the image file and the host's own
+// read-ahead behind a run never reaches the next.
+TEST_F(MountOptionsTest, SeekHoleFromDataHasTheHostReadTheRunsAfterTheNext) {
+  constexpr int kRuns = 80;
+  constexpr uint64_t kRun = 64 * kKiB;
+  auto run_at = [](int i) { return (1 + 2 * static_cast<uint64_t>(i)) * kMiB; };
+  const std::string image = Path("disk.qcow2");
+  const std::string view = Path("view.raw");
+  ASSERT_OK(CreateImage(image, "qcow2", 256 * kMiB));
+  std::vector<std::string> writes;
+  for (int i = kRuns - 1; i >= 0; --i) writes.push_back(absl::StrFormat("write -P %d %u 64k", i + 1, run_at(i)));
+  ASSERT_OK(QemuIo(image, "qcow2", writes));
+  ASSERT_OK_AND_ASSIGN(std::vector<MapExtent> map, MapImage(image));
+  std::vector<uint64_t> host(kRuns);
+  for (int i = 0; i < kRuns; ++i) {
+    auto e = std::find_if(map.begin(), map.end(), [&](const MapExtent& e) { return e.start == run_at(i); });
+    ASSERT_TRUE(e != map.end() && e->data && e->offset && e->length == kRun) << "run " << i << " is not one extent";
+    host[i] = *e->offset;
+  }
+  auto resident = [&](int i) {
+    absl::StatusOr<uint64_t> bytes = ResidentBytes(image, host[i], kRun);
+    EXPECT_OK(bytes.status());
+    return bytes.value_or(0);
+  };
+  // Waits (at most 3 s) until run i is read into the host's page cache.
+  auto comes_in = [&](int i) {
+    for (int t = 0; t < 300; ++t) {
+      if (resident(i) == kRun) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  };
+  for (const bool prefill : {true, false}) {
+    SCOPED_TRACE(prefill ? "prefill_runs=on" : "prefill_runs=off");
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
+                         MountedView::Start(ViewOptions(image, view, {prefill ? "prefill_runs=on" : "prefill_runs=off"})));
+    {
+      ScopedFd image_fd(open(image.c_str(), O_RDONLY | O_CLOEXEC));
+      ASSERT_GE(image_fd.get(), 0) << strerror(errno);
+      ASSERT_EQ(fdatasync(image_fd.get()), 0) << strerror(errno);
+      ASSERT_EQ(posix_fadvise(image_fd.get(), 0, 0, POSIX_FADV_DONTNEED), 0);
+    }
+    if (resident(2) != 0) GTEST_SKIP() << "the image's file system keeps it in memory (tmpfs?)";
+    ScopedFd fd(open(view.c_str(), O_RDONLY | O_CLOEXEC));
+    ASSERT_GE(fd.get(), 0) << strerror(errno);
+    ASSERT_EQ(lseek(fd.get(), run_at(0), SEEK_HOLE), static_cast<off_t>(run_at(0) + kRun));
+    if (!prefill) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      EXPECT_EQ(resident(2), 0u) << "the run after the next was read without prefill_runs";
+    } else {
+      EXPECT_TRUE(comes_in(2)) << "the run after the next was not read ahead";
+      EXPECT_TRUE(comes_in(4));
+      EXPECT_EQ(resident(kRuns - 1), 0u) << "a run far past the reader was read ahead";
+      // The reader goes on, run by run, as cp does (its reads are cached):
+      // the advice keeps ahead of it, to the last run.
+      for (int i = 1; i < kRuns - 1; ++i) {
+        ASSERT_EQ(lseek(fd.get(), run_at(i - 1) + kRun, SEEK_DATA), static_cast<off_t>(run_at(i)));
+        ASSERT_EQ(lseek(fd.get(), run_at(i), SEEK_HOLE), static_cast<off_t>(run_at(i) + kRun));
+      }
+      EXPECT_TRUE(comes_in(kRuns - 1)) << "the advice did not follow the reader to the last run";
+    }
+    fd.Reset();
+    ASSERT_OK(mounted->Unmount());
+    if (prefill) {
+      EXPECT_TRUE(absl::StrContains(mounted->ReadLog(), "runs the host was advised to read ahead: ")) << mounted->ReadLog();
+    }
+  }
+}
+
 // A SEEK_HOLE that starts in data of a read-only view puts that run in the
 // view's page cache before it answers, and the next run after answering:
 // reads of both (cp --sparse reads each run right after its SEEK_HOLE)
