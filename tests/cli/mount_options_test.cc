@@ -1366,74 +1366,96 @@ TEST_F(MountOptionsTest, SeekDataReadsTheDataFoundAhead) {
 
 // After storing the next run, a SEEK_HOLE from data of a read-only view has
 // the host read the runs after that one, so that the disk is busy ahead of
-// the reader (cp --sparse) rather than one run at a time; and as the reader
-// moves on, the runs further on. Not a run far past the reader, and nothing
-// under -o prefill_runs=off. The runs are written last first, so that each
-// lies before the one in front of it in the image file and the host's own
+// the reader (cp --sparse) rather than one run at a time; as the reader
+// moves on, the runs further on, up to 64 runs (small runs) or 8 MiB of
+// data (large ones) past it, and not beyond. Nothing under
+// -o prefill_runs=off. The runs are written last first, so that each lies
+// before the one in front of it in the image file and the host's own
 // read-ahead behind a run never reaches the next.
 TEST_F(MountOptionsTest, SeekHoleFromDataHasTheHostReadTheRunsAfterTheNext) {
-  constexpr int kRuns = 80;
-  constexpr uint64_t kRun = 64 * kKiB;
-  auto run_at = [](int i) { return (1 + 2 * static_cast<uint64_t>(i)) * kMiB; };
-  const std::string image = Path("disk.qcow2");
-  const std::string view = Path("view.raw");
-  ASSERT_OK(CreateImage(image, "qcow2", 256 * kMiB));
-  std::vector<std::string> writes;
-  for (int i = kRuns - 1; i >= 0; --i) writes.push_back(absl::StrFormat("write -P %d %u 64k", i + 1, run_at(i)));
-  ASSERT_OK(QemuIo(image, "qcow2", writes));
-  ASSERT_OK_AND_ASSIGN(std::vector<MapExtent> map, MapImage(image));
-  std::vector<uint64_t> host(kRuns);
-  for (int i = 0; i < kRuns; ++i) {
-    auto e = std::find_if(map.begin(), map.end(), [&](const MapExtent& e) { return e.start == run_at(i); });
-    ASSERT_TRUE(e != map.end() && e->data && e->offset && e->length == kRun) << "run " << i << " is not one extent";
-    host[i] = *e->offset;
-  }
-  auto resident = [&](int i) {
-    absl::StatusOr<uint64_t> bytes = ResidentBytes(image, host[i], kRun);
-    EXPECT_OK(bytes.status());
-    return bytes.value_or(0);
+  struct Case {
+    uint64_t run;  // bytes per run
+    int runs;
+    int ahead;  // runs the advice reaches past the run after the reader's
   };
-  // Waits (at most 3 s) until run i is read into the host's page cache.
-  auto comes_in = [&](int i) {
-    for (int t = 0; t < 300; ++t) {
-      if (resident(i) == kRun) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  for (const Case& c : {Case{64 * kKiB, 100, 64}, Case{256 * kKiB, 64, 32}}) {
+    SCOPED_TRACE(absl::StrCat(c.runs, " runs of ", c.run >> 10, " KiB"));
+    auto run_at = [](int i) { return (1 + 2 * static_cast<uint64_t>(i)) * kMiB; };
+    const std::string image = Path(absl::StrCat("disk", c.run, ".qcow2"));
+    const std::string view = Path("view.raw");
+    ASSERT_OK(CreateImage(image, "qcow2", 256 * kMiB));
+    std::vector<std::string> writes;
+    for (int i = c.runs - 1; i >= 0; --i) {
+      writes.push_back(absl::StrFormat("write -P %d %u %u", i + 1, run_at(i), c.run));
     }
-    return false;
-  };
-  for (const bool prefill : {true, false}) {
-    SCOPED_TRACE(prefill ? "prefill_runs=on" : "prefill_runs=off");
-    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
-                         MountedView::Start(ViewOptions(image, view, {prefill ? "prefill_runs=on" : "prefill_runs=off"})));
-    {
-      ScopedFd image_fd(open(image.c_str(), O_RDONLY | O_CLOEXEC));
-      ASSERT_GE(image_fd.get(), 0) << strerror(errno);
-      ASSERT_EQ(fdatasync(image_fd.get()), 0) << strerror(errno);
-      ASSERT_EQ(posix_fadvise(image_fd.get(), 0, 0, POSIX_FADV_DONTNEED), 0);
+    ASSERT_OK(QemuIo(image, "qcow2", writes));
+    ASSERT_OK_AND_ASSIGN(std::vector<MapExtent> map, MapImage(image));
+    std::vector<uint64_t> host(c.runs);
+    for (int i = 0; i < c.runs; ++i) {
+      auto e = std::find_if(map.begin(), map.end(), [&](const MapExtent& e) { return e.start == run_at(i); });
+      ASSERT_TRUE(e != map.end() && e->data && e->offset && e->length == c.run) << "run " << i << " is not one extent";
+      host[i] = *e->offset;
     }
-    if (resident(2) != 0) GTEST_SKIP() << "the image's file system keeps it in memory (tmpfs?)";
-    ScopedFd fd(open(view.c_str(), O_RDONLY | O_CLOEXEC));
-    ASSERT_GE(fd.get(), 0) << strerror(errno);
-    ASSERT_EQ(lseek(fd.get(), run_at(0), SEEK_HOLE), static_cast<off_t>(run_at(0) + kRun));
-    if (!prefill) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(300));
-      EXPECT_EQ(resident(2), 0u) << "the run after the next was read without prefill_runs";
-    } else {
-      EXPECT_TRUE(comes_in(2)) << "the run after the next was not read ahead";
-      EXPECT_TRUE(comes_in(4));
-      EXPECT_EQ(resident(kRuns - 1), 0u) << "a run far past the reader was read ahead";
-      // The reader goes on, run by run, as cp does (its reads are cached):
-      // the advice keeps ahead of it, to the last run.
-      for (int i = 1; i < kRuns - 1; ++i) {
-        ASSERT_EQ(lseek(fd.get(), run_at(i - 1) + kRun, SEEK_DATA), static_cast<off_t>(run_at(i)));
-        ASSERT_EQ(lseek(fd.get(), run_at(i), SEEK_HOLE), static_cast<off_t>(run_at(i) + kRun));
+    auto resident = [&](int i) {
+      absl::StatusOr<uint64_t> bytes = ResidentBytes(image, host[i], c.run);
+      EXPECT_OK(bytes.status());
+      return bytes.value_or(0);
+    };
+    // Waits (at most 3 s) until run i is read into the host's page cache.
+    auto comes_in = [&](int i) {
+      for (int t = 0; t < 300; ++t) {
+        if (resident(i) == c.run) return true;
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
       }
-      EXPECT_TRUE(comes_in(kRuns - 1)) << "the advice did not follow the reader to the last run";
-    }
-    fd.Reset();
-    ASSERT_OK(mounted->Unmount());
-    if (prefill) {
-      EXPECT_TRUE(absl::StrContains(mounted->ReadLog(), "runs the host was advised to read ahead: ")) << mounted->ReadLog();
+      return false;
+    };
+    for (const bool prefill : {true, false}) {
+      SCOPED_TRACE(prefill ? "prefill_runs=on" : "prefill_runs=off");
+      ASSERT_OK_AND_ASSIGN(
+          std::unique_ptr<MountedView> mounted,
+          MountedView::Start(ViewOptions(image, view, {prefill ? "prefill_runs=on" : "prefill_runs=off"})));
+      {
+        ScopedFd image_fd(open(image.c_str(), O_RDONLY | O_CLOEXEC));
+        ASSERT_GE(image_fd.get(), 0) << strerror(errno);
+        ASSERT_EQ(fdatasync(image_fd.get()), 0) << strerror(errno);
+        ASSERT_EQ(posix_fadvise(image_fd.get(), 0, 0, POSIX_FADV_DONTNEED), 0);
+      }
+      if (resident(2) != 0) GTEST_SKIP() << "the image's file system keeps it in memory (tmpfs?)";
+      ScopedFd fd(open(view.c_str(), O_RDONLY | O_CLOEXEC));
+      ASSERT_GE(fd.get(), 0) << strerror(errno);
+      ASSERT_EQ(lseek(fd.get(), run_at(0), SEEK_HOLE), static_cast<off_t>(run_at(0) + c.run));
+      if (!prefill) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+        EXPECT_EQ(resident(2), 0u) << "the run after the next was read without prefill_runs";
+      } else {
+        EXPECT_TRUE(comes_in(2)) << "the run after the next was not read ahead";
+        EXPECT_TRUE(comes_in(4));
+        EXPECT_EQ(resident(c.runs - 1), 0u) << "a run far past the reader was read ahead";
+        // The reader goes on, run by run, as cp does, taking a while over
+        // each run as cp does to write it out (the daemon tops the advice
+        // up meanwhile): the advice keeps ahead of it up to its bound.
+        constexpr int kReader = 20;
+        for (int i = 1; i <= kReader; ++i) {
+          ASSERT_EQ(lseek(fd.get(), run_at(i - 1) + c.run, SEEK_DATA), static_cast<off_t>(run_at(i)));
+          ASSERT_EQ(lseek(fd.get(), run_at(i), SEEK_HOLE), static_cast<off_t>(run_at(i) + c.run));
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+        const int bound = kReader + 1 + c.ahead;
+        EXPECT_TRUE(comes_in(bound - 2)) << "the advice did not reach " << c.ahead << " runs ahead";
+        for (int i = bound + 2; i < c.runs; ++i) EXPECT_EQ(resident(i), 0u) << "run " << i << " was read ahead";
+        // To the last run.
+        for (int i = kReader + 1; i < c.runs - 1; ++i) {
+          ASSERT_EQ(lseek(fd.get(), run_at(i - 1) + c.run, SEEK_DATA), static_cast<off_t>(run_at(i)));
+          ASSERT_EQ(lseek(fd.get(), run_at(i), SEEK_HOLE), static_cast<off_t>(run_at(i) + c.run));
+        }
+        EXPECT_TRUE(comes_in(c.runs - 1)) << "the advice did not follow the reader to the last run";
+      }
+      fd.Reset();
+      ASSERT_OK(mounted->Unmount());
+      if (prefill) {
+        EXPECT_TRUE(absl::StrContains(mounted->ReadLog(), "runs the host was advised to read ahead: "))
+            << mounted->ReadLog();
+      }
     }
   }
 }
