@@ -1327,6 +1327,18 @@ absl::StatusOr<uint64_t> ResidentBytes(const std::string& path, uint64_t offset 
   return std::count_if(in_core.begin(), in_core.end(), [](unsigned char c) { return c & 1; }) * page;
 }
 
+// Drops `path`'s pages from the host's page cache, written back first so
+// that none stays behind dirty: the next read of them goes to the disk.
+absl::Status DropFromHostCache(const std::string& path) {
+  absl::StatusOr<ScopedFd> fd = OpenReadOnly(path);
+  if (!fd.ok()) return fd.status();
+  if (fdatasync(fd->get()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fdatasync of ", path));
+  if (int err = posix_fadvise(fd->get(), 0, 0, POSIX_FADV_DONTNEED); err != 0) {
+    return absl::ErrnoToStatus(err, absl::StrCat("POSIX_FADV_DONTNEED of ", path));
+  }
+  return absl::OkStatus();
+}
+
 // A SEEK_DATA that finds data has the host read that data ahead, as the
 // caller (cp --sparse, qemu-img convert) reads it next: after an lseek
 // alone, the image's bytes of the data found are in the host's page cache.
@@ -1344,11 +1356,7 @@ TEST_F(MountOptionsTest, SeekDataReadsTheDataFoundAhead) {
   }
   ASSERT_TRUE(host.has_value()) << "no data extent at 32 MiB";
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, MountedView::Start(ViewOptions(image, view, {})));
-  {
-    ScopedFd image_fd(open(image.c_str(), O_RDONLY | O_CLOEXEC));
-    ASSERT_GE(image_fd.get(), 0) << strerror(errno);
-    ASSERT_EQ(posix_fadvise(image_fd.get(), 0, 0, POSIX_FADV_DONTNEED), 0);
-  }
+  ASSERT_OK(DropFromHostCache(image));
   ASSERT_OK_AND_ASSIGN(uint64_t before, ResidentBytes(image, *host, kMiB));
   if (before != 0) GTEST_SKIP() << "the image's file system keeps it in memory (tmpfs?)";
   ScopedFd fd(open(view.c_str(), O_RDONLY | O_CLOEXEC));
@@ -1414,12 +1422,7 @@ TEST_F(MountOptionsTest, SeekHoleFromDataHasTheHostReadTheRunsAfterTheNext) {
       ASSERT_OK_AND_ASSIGN(
           std::unique_ptr<MountedView> mounted,
           MountedView::Start(ViewOptions(image, view, {prefill ? "prefill_runs=on" : "prefill_runs=off"})));
-      {
-        ScopedFd image_fd(open(image.c_str(), O_RDONLY | O_CLOEXEC));
-        ASSERT_GE(image_fd.get(), 0) << strerror(errno);
-        ASSERT_EQ(fdatasync(image_fd.get()), 0) << strerror(errno);
-        ASSERT_EQ(posix_fadvise(image_fd.get(), 0, 0, POSIX_FADV_DONTNEED), 0);
-      }
+      ASSERT_OK(DropFromHostCache(image));
       if (resident(2) != 0) GTEST_SKIP() << "the image's file system keeps it in memory (tmpfs?)";
       ScopedFd fd(open(view.c_str(), O_RDONLY | O_CLOEXEC));
       ASSERT_GE(fd.get(), 0) << strerror(errno);
@@ -1434,20 +1437,22 @@ TEST_F(MountOptionsTest, SeekHoleFromDataHasTheHostReadTheRunsAfterTheNext) {
         // The reader goes on, run by run, as cp does, taking a while over
         // each run as cp does to write it out (the daemon tops the advice
         // up meanwhile): the advice keeps ahead of it up to its bound.
+        // cp's two seeks from the end of run i - 1: where run i starts, and
+        // where it ends.
+        auto step_to = [&](int i) {
+          EXPECT_EQ(lseek(fd.get(), run_at(i - 1) + c.run, SEEK_DATA), static_cast<off_t>(run_at(i)));
+          EXPECT_EQ(lseek(fd.get(), run_at(i), SEEK_HOLE), static_cast<off_t>(run_at(i) + c.run));
+        };
         constexpr int kReader = 20;
         for (int i = 1; i <= kReader; ++i) {
-          ASSERT_EQ(lseek(fd.get(), run_at(i - 1) + c.run, SEEK_DATA), static_cast<off_t>(run_at(i)));
-          ASSERT_EQ(lseek(fd.get(), run_at(i), SEEK_HOLE), static_cast<off_t>(run_at(i) + c.run));
+          step_to(i);
           std::this_thread::sleep_for(std::chrono::milliseconds(20));
         }
         const int bound = kReader + 1 + c.ahead;
         EXPECT_TRUE(comes_in(bound - 2)) << "the advice did not reach " << c.ahead << " runs ahead";
         for (int i = bound + 2; i < c.runs; ++i) EXPECT_EQ(resident(i), 0u) << "run " << i << " was read ahead";
         // To the last run.
-        for (int i = kReader + 1; i < c.runs - 1; ++i) {
-          ASSERT_EQ(lseek(fd.get(), run_at(i - 1) + c.run, SEEK_DATA), static_cast<off_t>(run_at(i)));
-          ASSERT_EQ(lseek(fd.get(), run_at(i), SEEK_HOLE), static_cast<off_t>(run_at(i) + c.run));
-        }
+        for (int i = kReader + 1; i < c.runs - 1; ++i) step_to(i);
         EXPECT_TRUE(comes_in(c.runs - 1)) << "the advice did not follow the reader to the last run";
       }
       fd.Reset();
