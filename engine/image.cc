@@ -154,6 +154,8 @@ Task<absl::StatusOr<std::unique_ptr<Image>>> Image::OpenSnapshot(const SnapshotI
 
 Task<absl::Status> Image::Flush() { co_return co_await top_->Flush(); }
 
+Task<absl::Status> Image::SyncData() { co_return co_await top_->SyncData(); }
+
 Task<absl::Status> Image::Close() { co_return co_await top_->Close(); }
 
 Task<absl::Status> Image::Truncate(uint64_t new_size) {

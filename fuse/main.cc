@@ -299,6 +299,7 @@ void DetachFromTerminal() {
 }
 
 Task<void> FlushInto(Image& image, absl::Status& status) { status = co_await image.Flush(); }
+Task<void> SyncDataInto(Image& image, absl::Status& status) { status = co_await image.SyncData(); }
 
 // Everything from opening the image to unmounting. Returns the exit code.
 int Serve(const MountOptions& options, StartupReport& report) {
@@ -534,6 +535,22 @@ int Serve(const MountOptions& options, StartupReport& report) {
     // (prefill.h).
     std::optional<Prefill> prefill;
     if (options.prefill_runs && uring == nullptr && options.threads >= 2) state.prefill = &prefill.emplace(session);
+    // Syncs run as scheduler tasks, like flushes; stopped before the drain.
+    std::optional<SyncAhead> sync_ahead;
+    if (!options.image_options.read_only && options.sync_ahead > 0) {
+      state.sync_ahead = &sync_ahead.emplace(
+          options.sync_ahead,
+          [&] {
+            absl::Status status;
+            scheduler.Run(SyncDataInto(**image, status));
+            return status;
+          },
+          [&](const absl::Status& status) {
+            Log(LogLevel::kError, absl::StrFormat("syncing the written data of %s ahead of a flush failed, so "
+                                                  "every flush will fail; not trying again: %s",
+                                                  served, status.message()));
+          });
+    }
     // Only directory mode has files that overlap; gone before the session.
     std::optional<Invalidator> invalidator;
     if (directory_mode) {
@@ -609,6 +626,13 @@ int Serve(const MountOptions& options, StartupReport& report) {
                                                "%u (%u KiB); runs the host was advised to read ahead: %u",
                                                state.prefill->runs(), state.prefill->bytes() >> 10,
                                                state.prefill->advised_runs()));
+        }
+        if (state.sync_ahead != nullptr) {
+          state.sync_ahead->Stop();
+          if (state.sync_ahead->syncs() > 0) {
+            Log(LogLevel::kInfo, absl::StrFormat("syncs of the written data ahead of a flush: %u",
+                                                 state.sync_ahead->syncs()));
+          }
         }
         watchdog.Begin();  // a ring thread may still hold a stuck request
         if (uring && uring->active()) {

@@ -197,6 +197,7 @@ Task<void> Write(fuse_req_t req, fuse_ino_t ino, View& view, std::span<const uin
   MountState& m = State(req);  // `req` is gone once answered
   fuse_reply_write(req, n);
   InvalidateOthers(m, ino, view.start() + offset, n);
+  if (m.sync_ahead != nullptr) m.sync_ahead->Wrote(n);
 }
 
 Task<void> Fsync(fuse_req_t req) {

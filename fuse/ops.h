@@ -33,6 +33,7 @@
 #include "invalidator.h"
 #include "loop_direct_io.h"
 #include "prefill.h"
+#include "sync_ahead.h"
 #include "readahead.h"
 #include "view_table.h"
 #include "worker_gate.h"
@@ -99,6 +100,10 @@ struct MountState {
   // page cache of a view that cannot change (prefill.h); null under
   // -o prefill_runs=off, over io_uring, or with a single thread.
   Prefill* prefill = nullptr;
+  // Told of every write answered, has the host sync the image's data ahead
+  // of the next flush (sync_ahead.h); null on a read-only mount or under
+  // -o sync_ahead=0.
+  SyncAhead* sync_ahead = nullptr;
   // How far ahead of a sequential reader of a view the host is to read
   // the image (-o image_readahead, sequential_reads.h); 0: not at all.
   uint64_t image_readahead = 0;

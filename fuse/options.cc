@@ -36,7 +36,7 @@ const absl::flat_hash_set<std::string_view> kOwnKeys = {
     "ro", "rw", "force_share", "allow_other", "l2_cache_size", "max_metadata_memory", "data_file",
     "threads", "drain_timeout", "flush_interval", "detect_zeroes", "log", "parallel_direct_writes",
     "uncached_writes", "uncached_loops", "loop_direct_io", "splice_reads", "io_uring", "park_workers", "prefill_runs",
-    "readahead", "image_readahead", "backing", "backing_format", "overlay", "volatile",
+    "readahead", "image_readahead", "sync_ahead", "backing", "backing_format", "overlay", "volatile",
 };
 
 // Standard mount options that mean nothing to a FUSE file system, or that
@@ -196,6 +196,10 @@ absl::Status ApplyOwnOption(const std::string& option, MountOptions& out) {
       out.image_readahead = *bytes;
       out.image_readahead_set = true;
     }
+  } else if (key == "sync_ahead" && has_value) {
+    absl::StatusOr<uint64_t> bytes = ParseByteSize(kv[1]);
+    if (!bytes.ok()) return NotASize(key, kv[1]);
+    out.sync_ahead = *bytes;
   } else if (key == "log" && has_value && !kv[1].empty()) {
     absl::StatusOr<std::string> path = AbsolutePath(kv[1]);
     if (!path.ok()) return path.status();
@@ -409,6 +413,10 @@ const char* UsageText() {
          "  -o flush_interval=S    make writes durable at most S seconds after they\n"
          "                         were acknowledged, also while the view stays open\n"
          "                         (default 5; 0: only at fsync, close and unmount)\n"
+         "  -o sync_ahead=SIZE     have the host sync the written data to the disk\n"
+         "                         each time SIZE more was written, so that fsync,\n"
+         "                         close and the periodic flush find little left\n"
+         "                         (default 64M; 0: only at those)\n"
          "  -o detect_zeroes=MODE  off (default), on: all-zero writes become zero\n"
          "                         clusters; unmap: and free their space\n"
          "  -o log=FILE            also append the daemon's messages to FILE\n"

@@ -24,6 +24,9 @@
 
 namespace qcow2fuse {
 
+// -o sync_ahead's default: see sync_ahead.h.
+constexpr uint64_t kDefaultSyncAhead = 64u << 20;
+
 struct MountOptions {
   std::string image;       // absolute path
   std::string mountpoint;  // absolute path
@@ -92,6 +95,9 @@ struct MountOptions {
   // far as on the disk that holds the image (ImageDiskReadahead).
   uint64_t image_readahead = 0;
   bool image_readahead_set = false;
+  // -o sync_ahead=SIZE: the host syncs the image's data each time SIZE
+  // bytes have been written since it last began to (sync_ahead.h); 0: off.
+  uint64_t sync_ahead = kDefaultSyncAhead;
   // -u: unmount `mountpoint` and wait for its daemon, instead of mounting.
   bool unmount = false;
   bool help = false;

@@ -151,6 +151,13 @@ class Qcow2Layer final : public Layer {
   Task<absl::Status> Write(uint64_t offset, std::span<const uint8_t> data);
   // Puts everything written so far on stable storage (the protocol above).
   Task<absl::Status> Flush();
+  // Brings the slow part of the next Flush forward: fdatasync of the file
+  // that holds guest data, under no lock, so requests go on meanwhile. It
+  // makes no write durable by itself (the metadata that finds the data
+  // waits for Flush); an extra barrier only narrows the orders in which
+  // writes reach the disk, which the protocol already allows. A failure
+  // latches in the file (io/latched_file.h), so the next Flush reports it.
+  Task<absl::Status> SyncData();
   // Waits for every change in flight, flushes, and stores the persistent
   // dirty bitmaps, which are consistent on disk once it returns OK. A
   // change after it marks them in use again.

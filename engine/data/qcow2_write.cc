@@ -448,6 +448,11 @@ Task<absl::Status> Qcow2Layer::Flush() {
   co_return co_await FlushChangesLocked();
 }
 
+Task<absl::Status> Qcow2Layer::SyncData() {
+  if (!writable()) co_return absl::OkStatus();
+  co_return co_await data_file_->Flush();
+}
+
 Task<absl::Status> Qcow2Layer::Close() {
   if (!writable()) co_return absl::OkStatus();
   // No change runs while the bitmaps are stored: every granule a change

@@ -39,6 +39,7 @@
 #include <bit>
 #include <cstdint>
 #include <cstring>
+#include <future>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -48,6 +49,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -135,6 +137,16 @@ const char* CallName(FaultCall call) {
   }
 }
 
+// Waits up to `limit` for an fdatasync of the image after the first `since`;
+// whether one came.
+bool SyncedWithin(const Control& control, uint64_t since, std::chrono::milliseconds limit) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (control.calls(kFaultSync) == since && std::chrono::steady_clock::now() < end) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return control.calls(kFaultSync) > since;
+}
+
 // Starts the view of `image` with the shim preloaded, reporting to `control`.
 absl::StatusOr<std::unique_ptr<MountedView>> StartWithShim(const std::string& image, const std::string& mountpoint,
                                                            const Control& control,
@@ -207,6 +219,15 @@ std::vector<uint8_t> Pattern(size_t n, int seed) {
     v = static_cast<uint8_t>(x >> 16);
   }
   return b;
+}
+
+// The first write of a mount may sync the image to mark it in use: written
+// and fsynced before a test arms a fault, so that the fault meets the call
+// the test means. 64 KiB into the disk's first cluster.
+void SettleFirstWrite(int fd) {
+  const std::vector<uint8_t> block = Pattern(64 * kKiB, 1);
+  ASSERT_EQ(pwrite(fd, block.data(), block.size(), 0), static_cast<ssize_t>(block.size())) << strerror(errno);
+  ASSERT_EQ(fsync(fd), 0) << strerror(errno);
 }
 
 // What each byte of the disk may read as (see fault_injection_test.cc for
@@ -585,18 +606,11 @@ TEST_F(FaultMountTest, FsyncCloseAndTheFlushIntervalSyncTheImage) {
     ASSERT_GE(fd, 0) << strerror(errno);
     ASSERT_EQ(pwrite(fd, data.data(), data.size(), 2 * kMiB), static_cast<ssize_t>(data.size())) << strerror(errno);
     const uint64_t after_write = control->calls(kFaultSync);
-    // Waits up to `limit` for an fdatasync after `since` calls.
-    auto synced_within = [&](uint64_t since, std::chrono::milliseconds limit) {
-      const auto end = std::chrono::steady_clock::now() + limit;
-      while (control->calls(kFaultSync) == since && std::chrono::steady_clock::now() < end) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      }
-      return control->calls(kFaultSync) > since;
-    };
     if (periodic) {
-      EXPECT_TRUE(synced_within(after_write, std::chrono::seconds(10))) << "no sync while the view stayed open";
+      EXPECT_TRUE(SyncedWithin(*control, after_write, std::chrono::seconds(10)))
+          << "no sync while the view stayed open";
     } else {
-      EXPECT_FALSE(synced_within(after_write, std::chrono::milliseconds(1500)))
+      EXPECT_FALSE(SyncedWithin(*control, after_write, std::chrono::milliseconds(1500)))
           << "a sync nobody asked for (flush_interval=0)";
       ASSERT_EQ(fsync(fd), 0) << strerror(errno);
       EXPECT_GT(control->calls(kFaultSync), after_write) << "fsync returned without an fdatasync of the image";
@@ -612,6 +626,143 @@ TEST_F(FaultMountTest, FsyncCloseAndTheFlushIntervalSyncTheImage) {
     EXPECT_TRUE(mounted->exit_status()->success()) << mounted->ReadLog();
     EXPECT_OK(CheckImage(image));
   }
+}
+
+// -o sync_ahead=SIZE: once SIZE bytes have been written through the view
+// (64 MiB by default), the daemon fdatasyncs the image by itself while the
+// descriptor stays open and nobody asked (no fsync, flush_interval=0); not
+// below SIZE, and never with sync_ahead=0. The exit log counts the syncs.
+TEST_F(FaultMountTest, SyncAheadSyncsTheImageOnceEnoughIsWritten) {
+  struct Case {
+    std::vector<std::string> options;
+    uint64_t threshold;  // 0: never
+  };
+  const std::vector<uint8_t> data = Pattern(256 * kKiB, 7);
+  const std::string written(data.begin(), data.end());
+  for (const Case& c : {Case{{"sync_ahead=1M"}, kMiB}, Case{{}, 64 * kMiB}, Case{{"sync_ahead=0"}, 0}}) {
+    SCOPED_TRACE(c.options.empty() ? "default" : c.options[0]);
+    const std::string image = Path(absl::StrCat("disk", c.threshold, ".qcow2"));
+    ASSERT_OK(CreateImage(image, "qcow2", 80 * kMiB));
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
+                         StartWithShim(image, Path("view.raw"), *control, c.options));
+    const int fd = open(mounted->path().c_str(), O_WRONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    // Up to 256 KiB below the threshold (of the default where there is none).
+    const uint64_t below = (c.threshold != 0 ? c.threshold : 64 * kMiB) - data.size();
+    uint64_t at = 0;
+    auto write_next = [&] {
+      ASSERT_EQ(pwrite(fd, data.data(), data.size(), at), static_cast<ssize_t>(data.size())) << strerror(errno);
+      at += data.size();
+    };
+    while (at < below) {
+      write_next();
+      ASSERT_FALSE(HasFatalFailure());
+    }
+    const uint64_t before = control->calls(kFaultSync);
+    EXPECT_FALSE(SyncedWithin(*control, before, std::chrono::milliseconds(1500))) << "a sync below the threshold";
+    write_next();  // at the threshold now
+    ASSERT_FALSE(HasFatalFailure());
+    const uint64_t reached = control->calls(kFaultSync);
+    if (c.threshold != 0) {
+      EXPECT_TRUE(SyncedWithin(*control, reached, std::chrono::seconds(10))) << "no sync ahead at the threshold";
+    } else {
+      EXPECT_FALSE(SyncedWithin(*control, reached, std::chrono::milliseconds(1500)))
+          << "a sync nobody asked for (sync_ahead=0)";
+    }
+    ASSERT_EQ(close(fd), 0) << strerror(errno);
+    ASSERT_OK_AND_ASSIGN(std::string after, UnmountCheckAndConvert(*mounted, image, Path("after.raw")));
+    EXPECT_TRUE(mounted->exit_status()->success()) << mounted->ReadLog();
+    EXPECT_EQ(absl::StrContains(mounted->ReadLog(), "syncs of the written data ahead of a flush: 1\n"),
+              c.threshold != 0)
+        << mounted->ReadLog();
+    EXPECT_EQ(after.substr(0, data.size()), written);
+    EXPECT_EQ(after.substr(at - data.size(), data.size()), written);
+  }
+}
+
+// A sync ahead holds up no request: its fdatasync is parked in the shim,
+// and meanwhile a write that allocates clusters, a read of it and an fsync
+// through the view all finish. Once it goes on, the image is whole.
+TEST_F(FaultMountTest, RequestsGoOnWhileASyncAheadIsParked) {
+  MakeImage();
+  ASSERT_FALSE(HasFatalFailure());
+  const std::string image = Path("disk.qcow2");
+  ASSERT_OK(WriteFileAt(image, 0, image_));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
+                       StartWithShim(image, Path("view.raw"), *control, {"sync_ahead=1M"}));
+  const int fd = open(mounted->path().c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  SettleFirstWrite(fd);
+  ASSERT_FALSE(HasFatalFailure());
+  const std::vector<uint8_t> first = Pattern(kMiB, 8);
+  const std::vector<uint8_t> second = Pattern(256 * kKiB, 9);
+  control->Arm(kFaultPause, kFaultSync, control->calls(kFaultSync) + 1, 0);
+  // However the test ends, the parked call goes on (else the close and the
+  // unmount would wait for it forever).
+  absl::Cleanup release = [&] { control->Arm(kFaultNone, kFaultSync, 0, 0); };
+  ASSERT_EQ(pwrite(fd, first.data(), first.size(), kMiB), static_cast<ssize_t>(first.size())) << strerror(errno);
+  ASSERT_TRUE(control->WaitFired()) << "no sync ahead after 1 MiB";
+  std::future<std::string> meanwhile = std::async(std::launch::async, [&]() -> std::string {
+    if (pwrite(fd, second.data(), second.size(), 8 * kMiB) != static_cast<ssize_t>(second.size())) {
+      return absl::StrCat("write: ", strerror(errno));
+    }
+    std::vector<uint8_t> back(second.size());
+    if (pread(fd, back.data(), back.size(), 8 * kMiB) != static_cast<ssize_t>(back.size())) {
+      return absl::StrCat("read: ", strerror(errno));
+    }
+    if (back != second) return "the read does not return the write";
+    if (fsync(fd) != 0) return absl::StrCat("fsync: ", strerror(errno));
+    return "";
+  });
+  EXPECT_EQ(meanwhile.wait_for(std::chrono::seconds(20)), std::future_status::ready)
+      << "requests waited for the parked sync";
+  std::move(release).Invoke();  // lets the sync go on
+  EXPECT_EQ(meanwhile.get(), "");
+  ASSERT_EQ(close(fd), 0) << strerror(errno);
+  ASSERT_OK_AND_ASSIGN(std::string after, UnmountCheckAndConvert(*mounted, image, Path("after.raw")));
+  EXPECT_TRUE(mounted->exit_status()->success()) << mounted->ReadLog();
+  EXPECT_EQ(after.substr(kMiB, kMiB), std::string(first.begin(), first.end()));
+  EXPECT_EQ(after.substr(8 * kMiB, second.size()), std::string(second.begin(), second.end()));
+}
+
+// A sync ahead that fails is not retried and not forgotten: the daemon logs
+// it, every later fsync and the close fail with EIO (the latch), the final
+// flush is refused, and the image stays consistent.
+TEST_F(FaultMountTest, AFailedSyncAheadFailsTheFsyncsAfterIt) {
+  MakeImage();
+  ASSERT_FALSE(HasFatalFailure());
+  const std::string image = Path("disk.qcow2");
+  ASSERT_OK(WriteFileAt(image, 0, image_));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
+                       StartWithShim(image, Path("view.raw"), *control, {"sync_ahead=1M"}));
+  const int fd = open(mounted->path().c_str(), O_WRONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  SettleFirstWrite(fd);
+  ASSERT_FALSE(HasFatalFailure());
+  const std::vector<uint8_t> data = Pattern(kMiB, 10);
+  control->Arm(kFaultOnce, kFaultSync, control->calls(kFaultSync) + 1, EIO);
+  ASSERT_EQ(pwrite(fd, data.data(), data.size(), kMiB), static_cast<ssize_t>(data.size())) << strerror(errno);
+  ASSERT_TRUE(control->WaitFired()) << "no sync ahead after 1 MiB";
+  // Written after the failure, and more than the threshold again.
+  ASSERT_EQ(pwrite(fd, data.data(), data.size(), 4 * kMiB), static_cast<ssize_t>(data.size())) << strerror(errno);
+  errno = 0;
+  EXPECT_NE(fsync(fd), 0) << "an fsync after the failed sync succeeded";
+  EXPECT_EQ(errno, EIO) << strerror(errno);
+  errno = 0;
+  EXPECT_NE(close(fd), 0) << "the close after the failed sync succeeded";
+  EXPECT_EQ(errno, EIO) << strerror(errno);
+  ASSERT_OK(mounted->Unmount());
+  ASSERT_TRUE(mounted->exit_status().has_value());
+  EXPECT_EQ(mounted->exit_status()->code(), 1) << mounted->ReadLog();
+  const std::string log = mounted->ReadLog();
+  EXPECT_TRUE(absl::StrContains(log, "ahead of a flush failed")) << log;
+  EXPECT_TRUE(absl::StrContains(log, "syncs of the written data ahead of a flush: 1")) << log;
+  absl::StatusOr<QemuCheckReport> check = QemuCheck(image);
+  ASSERT_OK(check.status());
+  EXPECT_EQ(check->corruptions, 0u) << check->output;
 }
 
 // `qcow2fuse -u` says when the daemon's final flush failed: a failed

@@ -215,6 +215,8 @@ TEST_F(MountOptionsTest, UsageErrorsAreOneLineNamingTheArgument) {
       {{"-o", "image_readahead=5000"}, {"image_readahead must be a multiple of 4K from 0 to 16M", "'5000'"}},
       {{"-o", "image_readahead=17M"}, {"image_readahead must be a multiple of 4K from 0 to 16M", "'17M'"}},
       {{"-o", "image_readahead"}, {"mount option 'image_readahead' needs a value"}},
+      {{"-o", "sync_ahead=lots"}, {"sync_ahead must be a size", "'lots'"}},
+      {{"-o", "sync_ahead"}, {"mount option 'sync_ahead' needs a value"}},
       {{"-o", "log="}, {"'log='", "needs a value"}},
       {{"-o", "threads=0"}, {"threads must be a number from 1 to 64", "not '0'"}},
       {{"-o", "threads=65"}, {"threads must be a number from 1 to 64", "not '65'"}},

@@ -73,7 +73,7 @@ expect 'qcow2fuse a.qcow2 view -' -f -d -o -u --pidfile -h --help -V --version
 
 # -o: option names, and the word after the last comma of a list.
 expect 'qcow2fuse -o ' ro rw force_share allow_other l2_cache_size= max_metadata_memory= \
-  data_file= backing= backing_format= overlay= volatile threads= drain_timeout= flush_interval= detect_zeroes= parallel_direct_writes= uncached_writes= uncached_loops= loop_direct_io= splice_reads= io_uring= park_workers= prefill_runs= readahead= image_readahead= log=
+  data_file= backing= backing_format= overlay= volatile threads= drain_timeout= flush_interval= detect_zeroes= parallel_direct_writes= uncached_writes= uncached_loops= loop_direct_io= splice_reads= io_uring= park_workers= prefill_runs= readahead= image_readahead= sync_ahead= log=
 expect 'qcow2fuse -o r' ro rw readahead=
 expect 'qcow2fuse -o ro,im' ro,image_readahead=
 expect 'qcow2fuse -o ro,th' ro,threads=

@@ -163,6 +163,13 @@ class Image {
   // Makes every write completed before it durable.
   Task<absl::Status> Flush();
 
+  // Has the host write the guest data written so far to stable storage
+  // now (fdatasync of the file that holds it), without holding up other
+  // requests, so that the next Flush, which must wait for that, is short.
+  // It makes nothing durable by itself: only Flush does, with the
+  // metadata. A failure is reported again by every later Flush.
+  Task<absl::Status> SyncData();
+
   // The final flush: waits for the changes in flight, makes every write
   // durable, and stores the persistent dirty bitmaps with their in-use
   // flags cleared, as QEMU does when it closes an image (bitmaps it could
