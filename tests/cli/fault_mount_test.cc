@@ -560,6 +560,21 @@ class FaultMountTest : public TempDirTest {
               << " (the call " << Fault{mode, call, 0, error}.What() << "); runs with problems: " << failed << "\n";
   }
 
+  // The test's image copied to `image`, mounted through the shim with
+  // sync_ahead=1M, and opened for reading and writing in `fd`, its first
+  // write settled.
+  void StartSyncAheadView(const std::string& image, std::unique_ptr<Control>& control,
+                          std::unique_ptr<MountedView>& mounted, int& fd) {
+    MakeImage();
+    ASSERT_FALSE(HasFatalFailure());
+    ASSERT_OK(WriteFileAt(image, 0, image_));
+    ASSERT_OK_AND_ASSIGN(control, Control::Create(Path("control")));
+    ASSERT_OK_AND_ASSIGN(mounted, StartWithShim(image, Path("view.raw"), *control, {"sync_ahead=1M"}));
+    fd = open(mounted->path().c_str(), O_RDWR | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    SettleFirstWrite(fd);
+  }
+
   std::string image_;
 };
 
@@ -685,16 +700,11 @@ TEST_F(FaultMountTest, SyncAheadSyncsTheImageOnceEnoughIsWritten) {
 // and meanwhile a write that allocates clusters, a read of it and an fsync
 // through the view all finish. Once it goes on, the image is whole.
 TEST_F(FaultMountTest, RequestsGoOnWhileASyncAheadIsParked) {
-  MakeImage();
-  ASSERT_FALSE(HasFatalFailure());
   const std::string image = Path("disk.qcow2");
-  ASSERT_OK(WriteFileAt(image, 0, image_));
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
-                       StartWithShim(image, Path("view.raw"), *control, {"sync_ahead=1M"}));
-  const int fd = open(mounted->path().c_str(), O_RDWR | O_CLOEXEC);
-  ASSERT_GE(fd, 0) << strerror(errno);
-  SettleFirstWrite(fd);
+  std::unique_ptr<Control> control;
+  std::unique_ptr<MountedView> mounted;
+  int fd = -1;
+  StartSyncAheadView(image, control, mounted, fd);
   ASSERT_FALSE(HasFatalFailure());
   const std::vector<uint8_t> first = Pattern(kMiB, 8);
   const std::vector<uint8_t> second = Pattern(256 * kKiB, 9);
@@ -731,16 +741,11 @@ TEST_F(FaultMountTest, RequestsGoOnWhileASyncAheadIsParked) {
 // it, every later fsync and the close fail with EIO (the latch), the final
 // flush is refused, and the image stays consistent.
 TEST_F(FaultMountTest, AFailedSyncAheadFailsTheFsyncsAfterIt) {
-  MakeImage();
-  ASSERT_FALSE(HasFatalFailure());
   const std::string image = Path("disk.qcow2");
-  ASSERT_OK(WriteFileAt(image, 0, image_));
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted,
-                       StartWithShim(image, Path("view.raw"), *control, {"sync_ahead=1M"}));
-  const int fd = open(mounted->path().c_str(), O_WRONLY | O_CLOEXEC);
-  ASSERT_GE(fd, 0) << strerror(errno);
-  SettleFirstWrite(fd);
+  std::unique_ptr<Control> control;
+  std::unique_ptr<MountedView> mounted;
+  int fd = -1;
+  StartSyncAheadView(image, control, mounted, fd);
   ASSERT_FALSE(HasFatalFailure());
   const std::vector<uint8_t> data = Pattern(kMiB, 10);
   control->Arm(kFaultOnce, kFaultSync, control->calls(kFaultSync) + 1, EIO);
