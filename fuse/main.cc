@@ -627,14 +627,14 @@ int Serve(const MountOptions& options, StartupReport& report) {
                                                state.prefill->runs(), state.prefill->bytes() >> 10,
                                                state.prefill->advised_runs()));
         }
+        watchdog.Begin();  // a ring thread may still hold a stuck request
         if (state.sync_ahead != nullptr) {
-          state.sync_ahead->Stop();
+          state.sync_ahead->Stop();  // a sync stuck in the disk is the watchdog's
           if (state.sync_ahead->syncs() > 0) {
             Log(LogLevel::kInfo, absl::StrFormat("syncs of the written data ahead of a flush: %u",
                                                  state.sync_ahead->syncs()));
           }
         }
-        watchdog.Begin();  // a ring thread may still hold a stuck request
         if (uring && uring->active()) {
           uring->Stop();
           Log(LogLevel::kInfo, absl::StrFormat("%u requests came over io_uring", uring->served()));

@@ -1031,6 +1031,49 @@ TEST_F(FaultMountTest, DrainTimeoutLeavesTheImageWithoutTheStuckWrite) {
   EXPECT_EQ(after.substr(12288, 128 * kKiB - 12288), std::string(128 * kKiB - 12288, '\x11'));
 }
 
+// A sync ahead stuck in the disk does not hold up the stop forever: its
+// fdatasync is parked in the shim, the close of the view (whose own flush
+// goes through) returns, and at SIGTERM the daemon waits drain_timeout for
+// it, then exits with status 1, the image consistent and the closed write
+// in it.
+TEST_F(FaultMountTest, DrainTimeoutEndsAStuckSyncAhead) {
+  MakeImage();
+  ASSERT_FALSE(HasFatalFailure());
+  const std::string image = Path("disk.qcow2");
+  ASSERT_OK(WriteFileAt(image, 0, image_));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Control> control, Control::Create(Path("control")));
+  std::unique_ptr<MountedView> mounted;
+  {
+    ScopedThreadLeaksAllowed leaves_a_thread;  // the stuck one
+    ASSERT_OK_AND_ASSIGN(mounted,
+                         StartWithShim(image, Path("view.raw"), *control, {"drain_timeout=2", "sync_ahead=1M"}));
+  }
+  const int fd = open(mounted->path().c_str(), O_WRONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  SettleFirstWrite(fd);
+  ASSERT_FALSE(HasFatalFailure());
+  const std::vector<uint8_t> data = Pattern(kMiB, 11);
+  control->Arm(kFaultPause, kFaultSync, control->calls(kFaultSync) + 1, 0);
+  ASSERT_EQ(pwrite(fd, data.data(), data.size(), kMiB), static_cast<ssize_t>(data.size())) << strerror(errno);
+  if (!control->WaitFired()) {
+    control->Arm(kFaultNone, kFaultSync, 0, 0);
+    close(fd);
+    FAIL() << "no sync ahead after 1 MiB: the test proves nothing";
+  }
+  EXPECT_EQ(close(fd), 0) << strerror(errno);
+  ASSERT_EQ(kill(mounted->pid(), SIGTERM), 0) << strerror(errno);
+  EXPECT_OK(mounted->Unmount());  // waits for the exit
+  ASSERT_TRUE(mounted->exit_status().has_value()) << mounted->ReadLog();
+  EXPECT_EQ(mounted->exit_status()->code(), 1) << mounted->ReadLog();
+  EXPECT_TRUE(absl::StrContains(mounted->ReadLog(), "still running")) << mounted->ReadLog();
+  absl::StatusOr<QemuCheckReport> check = QemuCheck(image);
+  ASSERT_OK(check.status());
+  EXPECT_EQ(check->corruptions, 0u) << check->output;
+  ASSERT_OK(ConvertToRaw(image, Path("after.raw")));
+  ASSERT_OK_AND_ASSIGN(std::string after, ReadFile(Path("after.raw")));
+  EXPECT_EQ(after.substr(kMiB, kMiB), std::string(data.begin(), data.end()));
+}
+
 // Whether this process may size a pipe to hold a 1 MiB reply and its
 // header: past /proc/sys/fs/pipe-max-size (1 MiB by default) only with
 // CAP_SYS_RESOURCE or a larger maximum.
