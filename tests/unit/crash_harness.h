@@ -54,7 +54,7 @@
 #include "gtest/gtest.h"
 #include "io/block_file.h"
 #include "io/recording_file.h"
-#include "qcow2_builder.h"  // Bytes, GetBE, ReadBytes, WriteBytes
+#include "qcow2_builder.h"  // Bytes, GetBE, ReadBytes, ReadBytesInto, WriteBytes
 #include "qcow2fuse/image.h"
 #include "qcow2fuse/task.h"
 #include "support/command.h"
@@ -273,7 +273,8 @@ class CrashChecker {
     summary_.max_leaks = std::max(summary_.max_leaks, c.leaks);
     ASSERT_OK(conv);
     if (!conv->ok()) return fail("qemu-img convert: " + conv->stderr_text);
-    ASSERT_OK_AND_ASSIGN(Bytes disk, ReadBytes(raw_path));
+    ASSERT_OK(ReadBytesInto(raw_path, disk_));
+    const Bytes& disk = disk_;
 
     const size_t segment_end = barrier < barrier_index_.size() ? barrier_index_[barrier] : log_.size();
     // The size: the durable one, or one a resize issued since asked for.
@@ -368,6 +369,7 @@ class CrashChecker {
   uint64_t cluster_size_ = 0;
   size_t base_barrier_ = SIZE_MAX;
   Bytes base_;
+  Bytes disk_;  // the state's disk as qemu-img converts it, kept to reuse its pages
   CrashSummary summary_;
 };
 
