@@ -96,13 +96,12 @@ class ImageFile {
   uint64_t cluster_size() const { return header_.cluster_size(); }
 
   absl::StatusOr<uint64_t> FileSize() const {
-    ASSIGN_OR_RETURN(std::string bytes, ReadFile(path_));
-    return bytes.size();
+    ASSIGN_OR_RETURN(ScopedFd fd, OpenReadOnly(path_));
+    return test::FileSize(fd.get());
   }
   absl::StatusOr<uint64_t> Read64(uint64_t offset) const {
-    ASSIGN_OR_RETURN(std::string bytes, ReadFile(path_));
-    if (offset + 8 > bytes.size()) return absl::OutOfRangeError("read past the end");
-    return GetBE64(bytes, offset);
+    ASSIGN_OR_RETURN(std::string bytes, ReadAt(offset, 8));
+    return GetBE64(bytes, 0);
   }
   absl::Status Write64(uint64_t offset, uint64_t value) const {
     return WriteFileAt(path_, offset, BE64(value));
@@ -185,11 +184,19 @@ class ImageFile {
                      Read64(header_.refcount_table_offset + 8 * (cluster / entries)));
     const uint64_t offset = table_entry & ~uint64_t{0x1ff};
     if (offset == 0) return absl::NotFoundError("no refcount block for the cluster");
-    ASSIGN_OR_RETURN(std::string bytes, ReadFile(path_));
-    if (offset + cluster_size() > bytes.size()) return absl::OutOfRangeError("block past the end");
-    Block b{offset, cluster % entries,
-            std::vector<uint8_t>(bytes.begin() + offset, bytes.begin() + offset + cluster_size())};
-    return b;
+    ASSIGN_OR_RETURN(std::string bytes, ReadAt(offset, cluster_size()));
+    return Block{offset, cluster % entries, std::vector<uint8_t>(bytes.begin(), bytes.end())};
+  }
+
+  // `length` bytes at `offset`: only those, since some tests' images are
+  // large and a helper may be called for each of many entries.
+  absl::StatusOr<std::string> ReadAt(uint64_t offset, size_t length) const {
+    ASSIGN_OR_RETURN(ScopedFd fd, OpenReadOnly(path_));
+    std::string bytes(length, '\0');
+    const ssize_t n = pread(fd.get(), bytes.data(), length, static_cast<off_t>(offset));
+    if (n < 0) return absl::ErrnoToStatus(errno, absl::StrCat("pread ", path_));
+    if (static_cast<size_t>(n) != length) return absl::OutOfRangeError("read past the end");
+    return bytes;
   }
 
   std::string path_;
