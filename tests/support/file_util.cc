@@ -24,8 +24,17 @@ absl::Status ErrnoError(absl::string_view what, int error_number) {
   return absl::InternalError(absl::StrCat(what, ": ", strerror(error_number)));
 }
 
-// Reads up to `length` bytes at `offset`, retrying short reads; returns
-// fewer only at end of file.
+std::string HexBytes(const char* data, size_t length) {
+  std::string hex;
+  for (size_t i = 0; i < length; ++i) {
+    absl::StrAppendFormat(&hex, "%s%02x", i == 0 ? "" : " ",
+                          static_cast<unsigned char>(data[i]));
+  }
+  return hex;
+}
+
+}  // namespace
+
 absl::StatusOr<size_t> ReadFully(int fd, uint64_t offset, char* buffer,
                                  size_t length) {
   size_t done = 0;
@@ -40,17 +49,6 @@ absl::StatusOr<size_t> ReadFully(int fd, uint64_t offset, char* buffer,
   }
   return done;
 }
-
-std::string HexBytes(const char* data, size_t length) {
-  std::string hex;
-  for (size_t i = 0; i < length; ++i) {
-    absl::StrAppendFormat(&hex, "%s%02x", i == 0 ? "" : " ",
-                          static_cast<unsigned char>(data[i]));
-  }
-  return hex;
-}
-
-}  // namespace
 
 std::ostream& operator<<(std::ostream& out, const ByteRange& range) {
   return out << "[" << range.offset << ", " << range.end() << ")";

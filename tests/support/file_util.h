@@ -72,6 +72,11 @@ absl::StatusOr<ScopedFd> OpenReadOnly(const std::string& path);
 // The size of an open file (fstat).
 absl::StatusOr<uint64_t> FileSize(int fd);
 
+// Reads up to `length` bytes at `offset` of `fd` into `buffer`, retrying
+// short reads; returns fewer only at the end of the file.
+absl::StatusOr<size_t> ReadFully(int fd, uint64_t offset, char* buffer,
+                                 size_t length);
+
 // Whether the file system of the open file `fd` can say that a read would
 // have to wait for the disk (preadv2 with RWF_NOWAIT) rather than refuse
 // the flag (EOPNOTSUPP). Reads one byte at offset 0.

@@ -193,9 +193,8 @@ class ImageFile {
   absl::StatusOr<std::string> ReadAt(uint64_t offset, size_t length) const {
     ASSIGN_OR_RETURN(ScopedFd fd, OpenReadOnly(path_));
     std::string bytes(length, '\0');
-    const ssize_t n = pread(fd.get(), bytes.data(), length, static_cast<off_t>(offset));
-    if (n < 0) return absl::ErrnoToStatus(errno, absl::StrCat("pread ", path_));
-    if (static_cast<size_t>(n) != length) return absl::OutOfRangeError("read past the end");
+    ASSIGN_OR_RETURN(size_t n, ReadFully(fd.get(), offset, bytes.data(), length));
+    if (n != length) return absl::OutOfRangeError("read past the end");
     return bytes;
   }
 

@@ -15,7 +15,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -50,13 +49,9 @@ inline absl::Status ReadBytesInto(const std::string& path, Bytes& out) {
   absl::StatusOr<uint64_t> size = FileSize(fd->get());
   if (!size.ok()) return size.status();
   out.resize(*size);
-  for (size_t done = 0; done < out.size();) {
-    const ssize_t n = pread(fd->get(), out.data() + done, out.size() - done, static_cast<off_t>(done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return absl::ErrnoToStatus(errno, "pread " + path);
-    if (n == 0) return absl::DataLossError(path + " shrank while it was read");
-    done += static_cast<size_t>(n);
-  }
+  absl::StatusOr<size_t> n = ReadFully(fd->get(), 0, reinterpret_cast<char*>(out.data()), out.size());
+  if (!n.ok()) return n.status();
+  if (*n != out.size()) return absl::DataLossError(path + " shrank while it was read");
   return absl::OkStatus();
 }
 
