@@ -45,7 +45,8 @@ TEST(TaskTest, IsLazy) {
 }
 
 // A loop awaiting many tasks that finish without suspending must not grow
-// the stack, at any optimisation level (sanitizer builds run at -O0).
+// the stack, at any optimisation level (this file is built at -O0, see
+// CMakeLists.txt).
 Task<int> SumOfOnes(int n) {
   int sum = 0;
   for (int i = 0; i < n; ++i) sum += co_await Value(1);
