@@ -45,6 +45,7 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -299,7 +300,18 @@ absl::StatusOr<std::unique_ptr<Image>> OpenImage(const std::string& path, ImageO
   return SyncWait(Image::Open(path, std::move(options)));
 }
 
+// What a zeroing does to the raw twin. A range inside the file is punched
+// (writing the 1 GiB of zeros of ZeroBigRangeTest took 5 s, 15 s under
+// ThreadSanitizer); one past its end, or on a file system that cannot
+// punch, is written.
 absl::Status ZeroRaw(const std::string& raw, uint64_t offset, uint64_t length) {
+  const int fd = open(raw.c_str(), O_RDWR | O_CLOEXEC);
+  struct stat st;
+  const bool punched = fd >= 0 && fstat(fd, &st) == 0 && offset + length <= static_cast<uint64_t>(st.st_size) &&
+                       fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                                 static_cast<off_t>(length)) == 0;
+  if (fd >= 0) close(fd);
+  if (punched) return absl::OkStatus();
   return WriteFileAt(raw, offset, std::string(length, '\0'));
 }
 
