@@ -14,7 +14,8 @@ if [[ -n "${SANITIZE:-}" ]]; then
   # -O1: on two cores the suites ran 11% (AddressSanitizer) and 17%
   # (ThreadSanitizer) faster than at -O0, for a longer build (from scratch
   # under AddressSanitizer 7.5 min against 6); -g1: line tables, all that a
-  # sanitizer's report needs.
+  # sanitizer's report needs. (The test sources of an AddressSanitizer
+  # build go to -Og: tests/CMakeLists.txt.)
   "$root/packaging/build.sh" -DBUILD_TESTING=ON -DCMAKE_BUILD_TYPE=Debug -DQCOW2FUSE_SANITIZE="$SANITIZE" \
     "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g1" "-DCMAKE_C_FLAGS_DEBUG=-O1 -g1"
   export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
