@@ -534,7 +534,9 @@ int Serve(const MountOptions& options, StartupReport& report) {
     // A store may wait for a READ that only another worker can answer
     // (prefill.h).
     std::optional<Prefill> prefill;
-    if (options.prefill_runs && uring == nullptr && options.threads >= 2) state.prefill = &prefill.emplace(session);
+    if (options.prefill_runs && uring == nullptr && options.threads >= 2) {
+      state.prefill = &prefill.emplace(session, state.spliced_reads);
+    }
     // Syncs run as scheduler tasks, like flushes; stopped before the drain.
     std::optional<SyncAhead> sync_ahead;
     if (!options.image_options.read_only && options.sync_ahead > 0) {
@@ -623,9 +625,10 @@ int Serve(const MountOptions& options, StartupReport& report) {
         }
         if (state.prefill != nullptr && state.prefill->runs() > 0) {
           Log(LogLevel::kInfo, absl::StrFormat("runs of data put in the view's page cache ahead of their reader: "
-                                               "%u (%u KiB); runs the host was advised to read ahead: %u",
+                                               "%u (%u KiB; %u spliced from the image file); runs the host was "
+                                               "advised to read ahead: %u",
                                                state.prefill->runs(), state.prefill->bytes() >> 10,
-                                               state.prefill->advised_runs()));
+                                               state.prefill->spliced_runs(), state.prefill->advised_runs()));
         }
         watchdog.Begin();  // a ring thread may still hold a stuck request
         if (state.sync_ahead != nullptr) {

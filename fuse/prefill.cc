@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <span>
+#include <thread>
 #include <vector>
 
 #include "qcow2fuse/blocking.h"
 #include "qcow2fuse/scheduler.h"
+#include "spliced_reply.h"
 
 namespace qcow2fuse {
 namespace {
@@ -40,33 +42,56 @@ void Prefill::Release(bool stored) {
 Task<void> Prefill::Run(fuse_ino_t ino, View& view, Image& image, uint64_t offset, uint64_t hole) {
   const uint64_t end = std::min(hole, offset + kMaxRunBytes);
   // Stores wait on page locks: never from a thread that the READ holding
-  // them may need (see the read below).
+  // them may need (see the reads below).
   if (Scheduler::OnOwnThread() || offset >= end || !Claim(ino, offset, end)) co_return;
-  if (buffer_ == nullptr) buffer_.reset(new uint8_t[kMaxRunBytes]);
-  const std::span<uint8_t> bytes(buffer_.get(), end - offset);
-  bool stored = false;
-  absl::Status read;
-  {
-    // A compressed run is inflated on the image's own threads, and an
-    // awaiting coroutine goes on there (Scheduler::OnOwnThread): a store
-    // from one of them could wait for a READ of the same pages that waits
-    // for that very thread to inflate. So this worker waits for the read
-    // and stores itself.
-    ScopedBlockingCall blocking;
-    read = SyncWait(image.Read(view.start() + offset, bytes));
+  const uint64_t length = end - offset;
+  SplicedStore spliced = SplicedStore::kNotSpliced;
+  if (splice_.load(std::memory_order_relaxed) && length <= MaxSplicedReply()) {
+    // A run stored in one piece of the image file goes from the host page
+    // cache to the view's without a copy here, as a spliced READ does. The
+    // store must be made inside `send` (the clusters may be reused once it
+    // returns), and only from this worker: should the mapping have waited
+    // for a lock, `send` runs on the thread that let it go, and the buffer
+    // below takes over.
+    const std::thread::id worker = std::this_thread::get_id();
+    absl::StatusOr<bool> sent;
+    {
+      ScopedBlockingCall blocking;
+      sent = SyncWait(image.SendStored(view.start() + offset, length, [&](int fd, uint64_t file_offset) {
+        if (std::this_thread::get_id() == worker) {
+          spliced = StoreSpliced(session_, ino, offset, fd, file_offset, length);
+        }
+      }));
+    }
+    if (!sent.ok()) spliced = SplicedStore::kRefused;  // the reader's own READ reports it
   }
-  if (read.ok()) {
-    fuse_bufvec data = FUSE_BUFVEC_INIT(bytes.size());
-    data.buf[0].mem = bytes.data();
-    // Waits for the locks of pages that READs in flight hold. Written to
-    // /dev/fuse from the buffer: spliced, libfuse would keep a pipe for
-    // each thread that ever stored.
-    ScopedBlockingCall blocking;
-    stored = fuse_lowlevel_notify_store(session_, ino, static_cast<off_t>(offset), &data, FUSE_BUF_NO_SPLICE) == 0;
+  bool stored = spliced == SplicedStore::kStored;
+  if (spliced == SplicedStore::kNotSpliced) {
+    if (buffer_ == nullptr) buffer_.reset(new uint8_t[kMaxRunBytes]);
+    const std::span<uint8_t> bytes(buffer_.get(), length);
+    absl::Status read;
+    {
+      // A compressed run is inflated on the image's own threads, and an
+      // awaiting coroutine goes on there (Scheduler::OnOwnThread): a store
+      // from one of them could wait for a READ of the same pages that
+      // waits for that very thread to inflate. So this worker waits for
+      // the read and stores itself.
+      ScopedBlockingCall blocking;
+      read = SyncWait(image.Read(view.start() + offset, bytes));
+    }
+    if (read.ok()) {
+      fuse_bufvec data = FUSE_BUFVEC_INIT(bytes.size());
+      data.buf[0].mem = bytes.data();
+      // Waits for the locks of pages that READs in flight hold. Not
+      // spliced from the buffer: it would be a copy into a pipe first.
+      ScopedBlockingCall blocking;
+      stored = fuse_lowlevel_notify_store(session_, ino, static_cast<off_t>(offset), &data, FUSE_BUF_NO_SPLICE) == 0;
+    }
   }
   if (stored) {
     runs_.fetch_add(1, std::memory_order_relaxed);
-    bytes_.fetch_add(bytes.size(), std::memory_order_relaxed);
+    bytes_.fetch_add(length, std::memory_order_relaxed);
+    if (spliced == SplicedStore::kStored) spliced_runs_.fetch_add(1, std::memory_order_relaxed);
   }
   Release(stored);
 }

@@ -69,7 +69,9 @@ class Prefill {
   static constexpr uint64_t kAheadBytes = uint64_t{8} << 20;
   static constexpr int kAheadRuns = 64;
 
-  explicit Prefill(fuse_session* session) : session_(session) {}
+  // `splice`: whether stores may be spliced from the image file
+  // (spliced_reply.h); read at each store, since INIT decides it.
+  Prefill(fuse_session* session, const std::atomic<bool>& splice) : session_(session), splice_(splice) {}
   Prefill(const Prefill&) = delete;
   Prefill& operator=(const Prefill&) = delete;
 
@@ -83,10 +85,11 @@ class Prefill {
   // the host to read the runs after that one.
   Task<void> Next(fuse_ino_t ino, View& view, Image& image, uint64_t hole);
 
-  // Runs stored so far, and their bytes; runs the host was advised to read
-  // ahead: for the log at exit.
+  // Runs stored so far, and their bytes, and how many of those runs were
+  // spliced; runs the host was advised to read ahead: for the log at exit.
   uint64_t runs() const { return runs_.load(std::memory_order_relaxed); }
   uint64_t bytes() const { return bytes_.load(std::memory_order_relaxed); }
+  uint64_t spliced_runs() const { return spliced_runs_.load(std::memory_order_relaxed); }
   uint64_t advised_runs() const { return advised_runs_.load(std::memory_order_relaxed); }
 
  private:
@@ -102,14 +105,16 @@ class Prefill {
                          uint64_t run_end);
 
   fuse_session* const session_;
+  const std::atomic<bool>& splice_;
   std::mutex mu_;
   bool busy_ = false;  // under mu_: a store is under way
   // Under mu_: the range of the store under way, or of the last one.
   fuse_ino_t ino_ = 0;
   uint64_t start_ = 0;
   uint64_t end_ = 0;
-  // The bytes of the store under way; only its owner touches it. Made at
-  // the first store and kept: one store runs at a time.
+  // The bytes of a store under way that is not spliced; only its owner
+  // touches it. Made at the first such store and kept: one store runs at a
+  // time.
   std::unique_ptr<uint8_t[]> buffer_;
   // Under mu_: the advice ahead of one reader. `seq` numbers the Next that
   // advised last (an older one, late, is not followed), `reader` is the end
@@ -130,6 +135,7 @@ class Prefill {
   Ahead ahead_;
   std::atomic<uint64_t> runs_{0};
   std::atomic<uint64_t> bytes_{0};
+  std::atomic<uint64_t> spliced_runs_{0};
   std::atomic<uint64_t> advised_runs_{0};
   std::atomic<uint64_t> next_seq_{0};
 };

@@ -82,14 +82,10 @@ size_t ProbeMaxSplicedReply() {
 // dropped when a failed reply leaves bytes in it.
 thread_local std::unique_ptr<Pipe> thread_pipe;
 
-}  // namespace
-
-size_t MaxSplicedReply() {
-  static const size_t limit = ProbeMaxSplicedReply();
-  return limit;
-}
-
-absl::StatusOr<bool> ReplySpliced(fuse_req_t req, int fd, uint64_t file_offset, size_t length) {
+// Moves `length` bytes of `fd` from `file_offset` into this thread's pipe.
+// False, with the pipe empty, when there is no pipe or it took less than it
+// should; an error reading `fd` as ReplySpliced says.
+absl::StatusOr<bool> FillThreadPipe(int fd, uint64_t file_offset, size_t length) {
   if (thread_pipe == nullptr) thread_pipe = Pipe::Make(MaxSplicedReply() + kPageSize);
   if (thread_pipe == nullptr) return false;
   loff_t in = static_cast<loff_t>(file_offset);
@@ -115,15 +111,54 @@ absl::StatusOr<bool> ReplySpliced(fuse_req_t req, int fd, uint64_t file_offset, 
     if (error == EAGAIN) return false;
     return ErrnoStatus(error, absl::StrFormat("splicing %u bytes at host offset %u", length, file_offset));
   }
+  return true;
+}
+
+// The thread's pipe, filled by FillThreadPipe, as the data of a reply or
+// notification. libfuse splices it on to /dev/fuse (or, where its own pipe
+// is too small, reads it into a buffer).
+fuse_bufvec ThreadPipeData(size_t length) {
   fuse_bufvec data = FUSE_BUFVEC_INIT(length);
   data.buf[0].flags = FUSE_BUF_IS_FD;
   data.buf[0].fd = thread_pipe->read_end();
-  // libfuse splices the pipe on to /dev/fuse (or, where its own pipe is too
-  // small, reads it into a buffer). A reply the kernel refuses (the read
-  // was interrupted) is gone either way.
-  fuse_reply_data(req, &data, static_cast<fuse_buf_copy_flags>(0));
+  return data;
+}
+
+// What the kernel did not take is gone with the pipe: the next reply must
+// not start with it.
+void DropThreadPipeUnlessEmpty() {
   if (!thread_pipe->empty()) thread_pipe.reset();
+}
+
+}  // namespace
+
+size_t MaxSplicedReply() {
+  static const size_t limit = ProbeMaxSplicedReply();
+  return limit;
+}
+
+absl::StatusOr<bool> ReplySpliced(fuse_req_t req, int fd, uint64_t file_offset, size_t length) {
+  absl::StatusOr<bool> filled = FillThreadPipe(fd, file_offset, length);
+  if (!filled.ok() || !*filled) return filled;
+  fuse_bufvec data = ThreadPipeData(length);
+  // A reply the kernel refuses (the read was interrupted) is gone either way.
+  fuse_reply_data(req, &data, static_cast<fuse_buf_copy_flags>(0));
+  DropThreadPipeUnlessEmpty();
   return true;
+}
+
+SplicedStore StoreSpliced(fuse_session* session, fuse_ino_t ino, uint64_t offset, int fd, uint64_t file_offset,
+                          size_t length) {
+  absl::StatusOr<bool> filled = FillThreadPipe(fd, file_offset, length);
+  if (!filled.ok()) return SplicedStore::kRefused;  // the reader's own READ reports it
+  if (!*filled) return SplicedStore::kNotSpliced;
+  fuse_bufvec data = ThreadPipeData(length);
+  // Waits for the locks of pages that READs in flight hold.
+  ScopedBlockingCall blocking;
+  const auto splice = static_cast<fuse_buf_copy_flags>(0);
+  const bool stored = fuse_lowlevel_notify_store(session, ino, static_cast<off_t>(offset), &data, splice) == 0;
+  DropThreadPipeUnlessEmpty();
+  return stored ? SplicedStore::kStored : SplicedStore::kRefused;
 }
 
 }  // namespace qcow2fuse

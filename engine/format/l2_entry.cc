@@ -1,5 +1,7 @@
 #include "format/l2_entry.h"
 
+#include <cstring>
+
 #include "base/endian.h"
 #include "format/spec.h"
 
@@ -27,6 +29,20 @@ L2Entry DecodeL2Entry(const uint8_t* p, const L2Format& format) {
 void EncodeL2Entry(const L2Entry& entry, uint8_t* p, const L2Format& format) {
   StoreBE64(p, entry.descriptor);
   if (format.extended_l2) StoreBE64(p + spec::kL2EntrySize, entry.bitmap);
+}
+
+uint64_t CountZeroL2Entries(const uint8_t* p, uint64_t count, const L2Format& format) {
+  // Whole words, compared in memory order: a zero entry is zero in any byte
+  // order, so there is nothing to decode.
+  const uint64_t words_per_entry = format.entry_size() / sizeof(uint64_t);
+  const uint64_t words = count * words_per_entry;
+  uint64_t i = 0;
+  for (; i < words; ++i) {
+    uint64_t word;
+    std::memcpy(&word, p + i * sizeof word, sizeof word);
+    if (word != 0) break;
+  }
+  return i / words_per_entry;
 }
 
 uint64_t L2EntryHostOffset(const L2Entry& entry) { return entry.descriptor & spec::kL2OffsetMask; }

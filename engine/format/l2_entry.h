@@ -37,6 +37,12 @@ struct L2Format {
 L2Entry DecodeL2Entry(const uint8_t* p, const L2Format& format);
 // Encodes `entry` at `p`, the inverse of DecodeL2Entry.
 void EncodeL2Entry(const L2Entry& entry, uint8_t* p, const L2Format& format);
+// How many of the `count` entries from `p` on, before the first that is
+// not, are all zero bytes: an all-zero entry, standard or extended, is an
+// unallocated cluster that reads from the backing file. A sparse image's
+// L2 tables are mostly such entries, and a walk over a large hole skips
+// them here without decoding each one.
+uint64_t CountZeroL2Entries(const uint8_t* p, uint64_t count, const L2Format& format);
 
 // What reading one subcluster must do. Standard L2 entries have one
 // subcluster per cluster. Names follow QEMU's, since the spec describes

@@ -1265,7 +1265,7 @@ TEST_F(FaultMountTest, ASeekHoleWhoseRunIsBeingReadWaitsForThatRead) {
   seeker.Reset();
   ASSERT_OK(mounted->Unmount());
   EXPECT_TRUE(absl::StrContains(mounted->ReadLog(), "runs of data put in the view's page cache ahead of their "
-                                                    "reader: 1 (256 KiB)"))
+                                                    "reader: 1 (256 KiB; 1 spliced from the image file)"))
       << mounted->ReadLog();
 }
 

@@ -1473,7 +1473,9 @@ TEST_F(MountOptionsTest, SeekHoleFromDataHasTheHostReadTheRunsAfterTheNext) {
 // reach no daemon, no READ in libfuse's trace. Not the run after those,
 // and nothing where the view can change, under -o prefill_runs=off, or
 // with a single thread (a store may wait for a READ that another thread
-// answers).
+// answers). Runs stored in one piece of the image file are spliced from it
+// (spliced_reply.h), and stored from a buffer under -o splice_reads=off;
+// compressed runs always are.
 TEST_F(MountOptionsTest, SeekHoleFromDataPutsTheRunAndTheNextInThePageCache) {
   constexpr uint64_t kDisk = 64 * kMiB;
   const std::string image = Path("disk.qcow2");
@@ -1487,8 +1489,10 @@ TEST_F(MountOptionsTest, SeekHoleFromDataPutsTheRunAndTheNextInThePageCache) {
     std::vector<std::string> options;
     bool read_only;
     bool prefills;
+    bool spliced = false;
   };
-  for (const Case& c : std::vector<Case>{{{"debug"}, true, true},
+  for (const Case& c : std::vector<Case>{{{"debug"}, true, true, true},
+                                         {{"debug", "splice_reads=off"}, true, true, false},
                                          {{"debug", "prefill_runs=off"}, true, false},
                                          {{"debug", "threads=1"}, true, false},
                                          {{"debug"}, false, false}}) {
@@ -1528,7 +1532,10 @@ TEST_F(MountOptionsTest, SeekHoleFromDataPutsTheRunAndTheNextInThePageCache) {
     ASSERT_OK(mounted->Unmount());
     const std::string log = mounted->ReadLog();
     EXPECT_EQ(absl::StrContains(log, "runs of data put in the view's page cache"), c.prefills) << log;
-    EXPECT_EQ(absl::StrContains(log, "page cache ahead of their reader: 2 (768 KiB)"), c.prefills) << log;
+    EXPECT_EQ(absl::StrContains(log, absl::StrFormat("page cache ahead of their reader: 2 (768 KiB; %d spliced from",
+                                                     c.spliced ? 2 : 0)),
+              c.prefills)
+        << log;
   }
   // Compressed runs too: the worker that stores waits for their inflating.
   const std::string compressed = Path("compressed.qcow2");
@@ -1546,6 +1553,7 @@ TEST_F(MountOptionsTest, SeekHoleFromDataPutsTheRunAndTheNextInThePageCache) {
     EXPECT_TRUE(got == expected.substr(20 * kMiB, got.size())) << "the compressed run's bytes are not the image's";
     fd.Reset();
     ASSERT_OK(mounted->Unmount());
+    EXPECT_TRUE(absl::StrContains(mounted->ReadLog(), " KiB; 0 spliced from the image file)")) << mounted->ReadLog();
   }
   // The whole view, as cp --sparse reads it, is the image's.
   ASSERT_OK_AND_ASSIGN(std::unique_ptr<MountedView> mounted, MountedView::Start(ViewOptions(image, view, {})));

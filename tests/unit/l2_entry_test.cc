@@ -1,6 +1,8 @@
 #include "format/l2_entry.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "format/spec.h"
 #include "gtest/gtest.h"
@@ -241,6 +243,30 @@ TEST(L2EntryTest, CompressedDescriptorSectorCountExcludesFlags) {
     CompressedDescriptor d = DecodeCompressedDescriptor(kCopied | kCompressed | (max_sectors << x), bits);
     EXPECT_EQ(d.host_offset, 0u);
     EXPECT_EQ(d.max_size, (max_sectors + 1) * 512);
+  }
+}
+
+// The zero entries before the first that is not, within the count: any
+// nonzero byte of an entry ends the run, the extended bitmap's included.
+TEST(L2EntryTest, CountZeroL2Entries) {
+  for (const bool extended : {false, true}) {
+    SCOPED_TRACE(extended ? "extended" : "standard");
+    L2Format format;
+    format.extended_l2 = extended;
+    const uint32_t size = format.entry_size();
+    std::vector<uint8_t> table(64 * size, 0);
+    EXPECT_EQ(CountZeroL2Entries(table.data(), 64, format), 64u);
+    EXPECT_EQ(CountZeroL2Entries(table.data(), 10, format), 10u);
+    EXPECT_EQ(CountZeroL2Entries(table.data(), 0, format), 0u);
+    for (const uint32_t byte : {0u, 7u, size - 1}) {
+      SCOPED_TRACE(byte);
+      std::fill(table.begin(), table.end(), 0);
+      table[37 * size + byte] = 1;
+      EXPECT_EQ(CountZeroL2Entries(table.data(), 64, format), 37u);
+      EXPECT_EQ(CountZeroL2Entries(table.data(), 37, format), 37u);
+      EXPECT_EQ(CountZeroL2Entries(table.data() + 37 * size, 27, format), 0u);
+      EXPECT_EQ(CountZeroL2Entries(table.data() + 38 * size, 26, format), 26u);
+    }
   }
 }
 
