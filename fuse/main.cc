@@ -651,6 +651,12 @@ int Serve(const MountOptions& options, StartupReport& report) {
     }
     fuse_loop_cfg_destroy(loop_config);
   }
+  // How much of the L2 tables the mount read: a walk reads several
+  // slices at once (table_cache.h).
+  if (const ImageCounters counters = (*image)->counters(); counters.l2_slice_reads > 0) {
+    Log(LogLevel::kInfo, absl::StrFormat("L2 table slices read: %u, in %u reads of the image file",
+                                         counters.l2_slice_reads, counters.l2_reads));
+  }
   // What was written reaches the disk before we go, and the persistent
   // bitmaps are stored consistent.
   absl::Status flushed = SyncWait((*image)->Close());

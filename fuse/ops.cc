@@ -414,7 +414,14 @@ Task<void> Lseek(fuse_req_t req, fuse_ino_t ino, View& view, off_t offset, int w
   // Positions in the view; the disk's are start() further on.
   uint64_t pos = offset;
   while (pos < size) {
-    absl::StatusOr<Extent> e = co_await image.BlockStatus(view.start() + pos, size - pos);
+    // SEEK_DATA needs a run of data only as far as the advice below reads:
+    // its end may lie a terabyte of L2 tables away. A run of anything else
+    // is then looked at again, whole.
+    const uint64_t look = whence == SEEK_DATA ? std::min(size - pos, kSeekDataPrefetchBytes) : size - pos;
+    absl::StatusOr<Extent> e = co_await image.BlockStatus(view.start() + pos, look);
+    if (e.ok() && e->kind != ExtentKind::kData && e->length == look && look < size - pos) {
+      e = co_await image.BlockStatus(view.start() + pos, size - pos);
+    }
     if (!e.ok()) co_return ReplyError(req, e.status(), absl::StrFormat("lseek at offset %u", pos));
     const bool data = e->kind == ExtentKind::kData;
     if (data == (whence == SEEK_DATA)) {

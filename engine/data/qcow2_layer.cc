@@ -33,6 +33,9 @@ constexpr size_t kInflatedCacheEntries = 4;
 // Refcount blocks cached by a writable image: one 64 KiB block describes
 // 2 GiB of 64 KiB clusters, so a few cover any working set.
 constexpr uint64_t kRefcountCacheBytes = uint64_t{1} << 20;
+// A walk through a long range reads this much of an L2 table at once (16
+// slices of 4 KiB: a 64 KiB cluster's whole table).
+constexpr uint64_t kL2PrefetchBytes = uint64_t{64} << 10;
 
 L2Format MakeL2Format(const Header& h) {
   L2Format f;
@@ -337,7 +340,11 @@ Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint6
   const uint64_t first_in_slice = l2_index - l2_index % entries_per_slice;
   const uint64_t slice_offset = l2_offset + first_in_slice * format_.entry_size();
   const uint64_t slice_guest_start = l1_index * bytes_per_l2 + (first_in_slice << cluster_bits);
+  const uint64_t wanted_end = end;
   end = std::min(end, slice_guest_start + (entries_per_slice << cluster_bits));
+  // The caller goes on past this slice (a SEEK_DATA across a hole, a
+  // zeroed range): the slices it needs next are read with this one.
+  if (wanted_end > end) co_await PrefetchL2(offset, wanted_end);
 
   absl::StatusOr<std::shared_ptr<const Table>> slice = co_await l2_cache_.Get(slice_offset);
   if (!slice.ok()) co_return Annotate(slice.status(), "reading L2 table");
@@ -414,6 +421,25 @@ Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint6
   }
   m.length = pos - offset;
   co_return m;
+}
+
+Task<void> Qcow2Layer::PrefetchL2(uint64_t offset, uint64_t end) {
+  const uint64_t cluster_bits = header_.cluster_bits;
+  const uint64_t l2_entries = header_.l2_entries();
+  const uint64_t bytes_per_l2 = l2_entries << cluster_bits;
+  const uint64_t l1_index = offset / bytes_per_l2;
+  if (l1_index >= L1Size()) co_return;
+  absl::StatusOr<uint64_t> l2_offset = L2TableOffset(l1_index);
+  if (!l2_offset.ok() || *l2_offset == 0) co_return;  // Map reports the damage
+  const uint64_t entries_per_slice = l2_cache_.table_size() / format_.entry_size();
+  const uint64_t slice_span = entries_per_slice << cluster_bits;
+  const uint64_t first_in_slice = (offset >> cluster_bits) % l2_entries / entries_per_slice * entries_per_slice;
+  const uint64_t slice_guest_start = l1_index * bytes_per_l2 + (first_in_slice << cluster_bits);
+  end = std::min(end, (l1_index + 1) * bytes_per_l2);
+  const uint64_t slices = (end - slice_guest_start + slice_span - 1) / slice_span;
+  const uint64_t most = std::max<uint64_t>(1, kL2PrefetchBytes / l2_cache_.table_size());
+  co_await l2_cache_.Prefetch(*l2_offset + first_in_slice * format_.entry_size(),
+                              static_cast<uint32_t>(std::min(slices, most)));
 }
 
 uint64_t Qcow2Layer::L1Entry(uint64_t l1_index) const {
@@ -559,18 +585,21 @@ std::optional<uint64_t> Qcow2Layer::DataBytes() const {
 Task<void> Qcow2Layer::CountDataBytes() {
   const uint64_t step = l2_cache_.table_size() / format_.entry_size() * header_.cluster_size();
   while (!closing_) {
-    uint64_t pos, end;
+    uint64_t pos, end, limit;
     {
       RangeLock::Guard meta = co_await meta_mu_.Lock();
       pos = count_end_;
-      if (pos >= count_limit_) {
+      limit = count_limit_;
+      if (pos >= limit) {
         counted_ = true;
         co_return;
       }
-      end = std::min(count_limit_, (pos / step + 1) * step);
+      end = std::min(limit, (pos / step + 1) * step);
     }
     // Bring the step's tables into the cache without holding up writers;
-    // the count that matters is taken under the lock, from the cache.
+    // the count that matters is taken under the lock, from the cache. The
+    // steps after it are read with it: the walk goes on to the limit.
+    co_await PrefetchL2(pos, limit);
     (void)co_await DataBytesIn(*this, pos, end);
     RangeLock::Guard meta = co_await meta_mu_.Lock();
     if (count_end_ != pos) continue;  // a resize moved it
@@ -748,7 +777,8 @@ ImageCounters Qcow2Layer::counters() const {
   const TableCache::Stats l2 = l2_cache_.stats();
   ImageCounters c;
   c.l2_slices_dirtied = l2.dirtied;
-  c.l2_slice_reads = l2.misses;
+  c.l2_slice_reads = l2.misses + l2.prefetched;
+  c.l2_reads = l2.misses + l2.prefetch_reads;
   c.metadata_writes = l2.writes + other_metadata_writes_.load() + (refcounts_ ? refcounts_->metadata_writes() : 0);
   c.data_bytes_written = data_bytes_written_.load();
   return c;

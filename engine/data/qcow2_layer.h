@@ -196,6 +196,11 @@ class Qcow2Layer final : public Layer {
   // one type (and, for data, contiguous host offsets). A run never crosses
   // an L2 slice, and a compressed run never crosses its cluster.
   Task<absl::StatusOr<Mapping>> Map(uint64_t offset, uint64_t max_length);
+  // A walk from `offset` is going on to `end`: the L2 slices it will need,
+  // of the table that maps `offset` and at most 64 KiB of them, are read
+  // into the cache in one read of the file, if the first is not cached
+  // (TableCache::Prefetch). Only advice.
+  Task<void> PrefetchL2(uint64_t offset, uint64_t end);
 
  private:
   // `l2_cache`: the cache to share (OpenSnapshot), or null for one of its own.

@@ -59,6 +59,50 @@ Task<absl::StatusOr<std::shared_ptr<const Table>>> TableCache::Get(uint64_t offs
   }
 }
 
+Task<void> TableCache::Prefetch(uint64_t offset, uint32_t count) {
+  // Claims the run of tables to read as Get claims its one: charged, and
+  // registered as a fill so that a change meanwhile marks it stale.
+  std::vector<uint64_t> versions;
+  {
+    std::lock_guard lock(mu_);
+    // At most half the cache: the walk's next tables must not evict each
+    // other before it gets to them.
+    count = static_cast<uint32_t>(std::min<size_t>(count, std::max<size_t>(1, capacity_ / 2)));
+    while (versions.size() < count) {
+      const uint64_t at = offset + versions.size() * uint64_t{table_size_};
+      if (index_.contains(at) || fills_.contains(at)) break;
+      if (!ChargeLocked().ok()) break;
+      Fill& fill = fills_[at];
+      ++fill.readers;
+      versions.push_back(fill.version);
+    }
+  }
+  if (versions.empty()) co_return;
+  Table bytes(versions.size() * table_size_);
+  const absl::Status status = co_await file_->Read(offset, bytes);
+  std::lock_guard lock(mu_);
+  if (status.ok()) ++stats_.prefetch_reads;
+  // Last first, so that the table the walk needs next is the most recently
+  // used (an insert may evict the coldest).
+  for (size_t i = versions.size(); i-- > 0;) {
+    const uint64_t at = offset + i * uint64_t{table_size_};
+    auto fill = fills_.find(at);
+    const bool stale = fill->second.version != versions[i];
+    if (--fill->second.readers == 0) fills_.erase(fill);
+    if (!status.ok() || stale) {  // see Get: a stale table is not installed
+      UnchargeLocked();
+      continue;
+    }
+    if (index_.contains(at)) {  // a Get read it meanwhile
+      UnchargeLocked();
+      continue;
+    }
+    auto first = bytes.begin() + i * table_size_;
+    InsertLocked(at, std::make_shared<Table>(first, first + table_size_));
+    ++stats_.prefetched;
+  }
+}
+
 void TableCache::ChangedLocked(uint64_t offset) {
   if (auto fill = fills_.find(offset); fill != fills_.end()) ++fill->second.version;
 }

@@ -68,6 +68,15 @@ class TableCache {
   // from the file on a miss.
   Task<absl::StatusOr<std::shared_ptr<const Table>>> Get(uint64_t offset);
 
+  // A walk is about to Get the tables at `offset`, `offset + table_size()`,
+  // ... (`count` of them) in that order: if the first is not cached, reads
+  // it and the uncached ones after it, up to the first that is cached or
+  // being read, with one read of the file. A SEEK_DATA across a long hole
+  // walks an L2 table slice by slice, and one read of 64 KiB costs the
+  // host about what one of 4 KiB does. Only advice: a failed read, or a
+  // budget with no room, leaves the tables to Get, which reports errors.
+  Task<void> Prefetch(uint64_t offset, uint32_t count);
+
   // The table at `offset`, for modification; marked dirty. The pointer is
   // valid until the next call into the cache.
   Task<absl::StatusOr<Table*>> GetMutable(uint64_t offset);
@@ -99,9 +108,11 @@ class TableCache {
 
   struct Stats {
     uint64_t hits = 0;
-    uint64_t misses = 0;
-    uint64_t writes = 0;   // tables written back
-    uint64_t dirtied = 0;  // times a clean (or new) table became dirty
+    uint64_t misses = 0;          // Gets that read their table
+    uint64_t prefetched = 0;      // tables read by Prefetch
+    uint64_t prefetch_reads = 0;  // reads of the file by Prefetch
+    uint64_t writes = 0;          // tables written back
+    uint64_t dirtied = 0;         // times a clean (or new) table became dirty
     size_t cached = 0;
     size_t dirty = 0;
   };

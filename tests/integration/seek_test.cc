@@ -17,6 +17,10 @@
 //     (the time each takes is printed; no timing assertion);
 //   - a 1 TiB image with 1 MiB of data near the end: SEEK_DATA from 0
 //     finds exactly its start, SEEK_HOLE from there exactly its end;
+//   - a fully allocated 64 GiB image (preallocation=metadata): opening it
+//     reads each L2 table in one read, SEEK_DATA at 0 then reads one more
+//     slice, SEEK_HOLE 16 slices per read (as the daemon's exit log counts
+//     them);
 //   - `cp --sparse=always` of the view of a 64 GiB image holding 200 MiB
 //     (50 chunks of 4 MiB, seeded offsets) gives a copy identical to
 //     `qemu-img convert -O raw` and as sparse (the times of both printed).
@@ -32,6 +36,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdint>
 #include <functional>
 #include <iostream>
@@ -39,6 +44,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -511,6 +517,61 @@ TEST(SeekLargeTest, TebibyteImageFindsDataNearTheEnd) {
   }
   ASSERT_OK(view->Unmount());
   EXPECT_TRUE(view->exit_status()->success()) << view->ReadLog();
+}
+
+// What the daemon says at exit of the L2 tables it read: slices, and reads
+// of the image file for them; {-1, -1} if it says nothing.
+std::pair<int64_t, int64_t> L2SlicesRead(const std::string& log) {
+  static const std::string kSays = "L2 table slices read: ";
+  const size_t at = log.rfind(kSays);
+  if (at == std::string::npos) return {-1, -1};
+  long long slices = -1, reads = -1;
+  if (sscanf(log.c_str() + at + kSays.size(), "%lld, in %lld reads", &slices, &reads) != 2) return {-1, -1};
+  return {slices, reads};
+}
+
+// A fully allocated disk is one run of data from 0 to its end. Opening it
+// counts its data (for st_blocks), a walk of all 2048 L2 slices that reads
+// each 64 KiB L2 table in one read rather than sixteen. SEEK_DATA at 0
+// then answers from the first slice alone, not from a walk to the end of
+// the run; SEEK_HOLE walks the run, its reads again 16 slices each.
+TEST(SeekLargeTest, SeekDataInALongRunLooksOnlyAtItsStart) {
+  constexpr uint64_t kSize = 64 * kGiB;  // 128 L2 tables of 16 slices
+  ASSERT_OK_AND_ASSIGN(TempDir dir, TempDir::Create("seek-allocated"));
+  const std::string image = dir.Join("disk.qcow2");
+  ASSERT_OK(CreateImage(image, "qcow2", kSize, {"preallocation=metadata"}));
+  ASSERT_OK_AND_ASSIGN(const std::vector<ByteRange> want, QemuDataExtents(image));
+  ASSERT_EQ(want, (std::vector<ByteRange>{{0, kSize}})) << "QEMU does not see one run of data";
+  // Mounts, opens the view and calls lseek(0, whence) unless `whence` is
+  // -1, unmounts: what the daemon read of the L2 tables.
+  auto slices_read = [&](int whence) -> std::pair<int64_t, int64_t> {
+    absl::StatusOr<std::unique_ptr<MountedView>> view = MountReadOnly(image, dir.Join("view.raw"));
+    EXPECT_OK(view.status());
+    if (!view.ok()) return {-1, -1};
+    {
+      absl::StatusOr<ScopedFd> fd = OpenReadOnly((*view)->path());
+      EXPECT_OK(fd.status());
+      if (fd.ok() && whence != -1) {
+        EXPECT_EQ(lseek(fd->get(), 0, whence), static_cast<off_t>(whence == SEEK_DATA ? 0 : kSize))
+            << strerror(errno);
+      }
+    }
+    EXPECT_OK((*view)->Unmount());
+    EXPECT_TRUE((*view)->exit_status()->success()) << (*view)->ReadLog();
+    const std::pair<int64_t, int64_t> read = L2SlicesRead((*view)->ReadLog());
+    std::cout << "lseek " << (whence == SEEK_DATA ? "SEEK_DATA" : whence == SEEK_HOLE ? "SEEK_HOLE" : "none")
+              << ": L2 slices read " << read.first << " in " << read.second << " reads\n";
+    return read;
+  };
+  const auto [opened, opened_reads] = slices_read(-1);
+  EXPECT_EQ(opened, 2048);
+  EXPECT_EQ(opened_reads, 128);
+  const auto [data, data_reads] = slices_read(SEEK_DATA);
+  EXPECT_LE(data - opened, 1) << "SEEK_DATA walked the run";
+  EXPECT_LE(data_reads - opened_reads, 1);
+  const auto [hole, hole_reads] = slices_read(SEEK_HOLE);
+  EXPECT_GE(hole - opened, 1024) << "the walk found the slices cached: the test shows nothing";
+  EXPECT_LE(hole_reads - opened_reads, (hole - opened + 15) / 16) << "the walk read slices one at a time";
 }
 
 // Both files, of the same size, hold the same bytes: compares the union of

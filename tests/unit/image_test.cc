@@ -610,6 +610,33 @@ TEST(Qcow2LayerTest, BlockStatusExtendedL2Subclusters) {
   EXPECT_EQ(e.kind, ExtentKind::kUnallocated);
 }
 
+// A walk across a long hole, as SEEK_DATA makes, reads the L2 slices it
+// crosses together: one read of the file, not one per slice. A request
+// within one slice reads only that slice.
+TEST(Qcow2LayerTest, WalkAcrossAHoleReadsTheL2SlicesTogether) {
+  // 64 KiB clusters: one L2 table of 16 slices of 4 KiB maps 512 MiB.
+  Qcow2Builder b({.cluster_bits = 16, .size = 512 * kMiB});
+  b.AddData(0, Pattern(k64K, 1));
+  b.AddData(500 * kMiB, Pattern(k64K, 2));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Qcow2Layer> layer, OpenQcow2(b.bytes()));
+  uint64_t pos = k64K;
+  for (Extent e = Status(*layer, pos); e.kind != ExtentKind::kData && e.length > 0; e = Status(*layer, pos)) {
+    pos += e.length;
+  }
+  EXPECT_EQ(pos, 500 * kMiB);
+  EXPECT_EQ(layer->counters().l2_slice_reads, 16u);
+  EXPECT_EQ(layer->counters().l2_reads, 1u);
+
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<Qcow2Layer> fresh, OpenQcow2(b.bytes()));
+  EXPECT_EQ(Read(*fresh, 300 * kMiB, kMiB), Bytes(kMiB, 0));  // slice 9 of 16
+  EXPECT_EQ(fresh->counters().l2_slice_reads, 1u);
+  // A walk from the next slice reads the rest of the table, once.
+  EXPECT_EQ(Status(*fresh, 320 * kMiB).kind, ExtentKind::kUnallocated);
+  EXPECT_EQ(Status(*fresh, 352 * kMiB).kind, ExtentKind::kUnallocated);
+  EXPECT_EQ(fresh->counters().l2_slice_reads, 7u);
+  EXPECT_EQ(fresh->counters().l2_reads, 2u);
+}
+
 // --- WillNeed() -----------------------------------------------------------
 
 // A file in memory that notes each WillNeed: the host ranges the layer

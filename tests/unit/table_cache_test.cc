@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "base/budget.h"
+#include "gated_file.h"
 #include "gtest/gtest.h"
 #include "io/block_file.h"
 #include "qcow2_builder.h"
@@ -288,6 +289,115 @@ TEST(TableCacheTest, InstalledTablesAreCountedPastTheLimit) {
     EXPECT_FALSE(SyncWait(cache.Get(4 * kSlice)).ok());
   }
   EXPECT_EQ(budget->used(), 0u);
+}
+
+
+// Prefetch as a request a test can start and see finish (gated_file.h).
+Task<absl::Status> PrefetchThen(TableCache& cache, uint64_t offset, uint32_t count) {
+  co_await cache.Prefetch(offset, count);
+  co_return absl::OkStatus();
+}
+
+TEST(TableCacheTest, PrefetchReadsTheTablesOfAWalkInOneRead) {
+  const Bytes contents = Pattern(8 * kSlice, 15);
+  CountingFile file(contents);
+  TableCache cache(&file, kSlice, kTables * kSlice);
+  SyncWait(cache.Prefetch(kSlice, 4));
+  EXPECT_EQ(file.reads(), 1);
+  for (uint64_t i = 1; i <= 4; ++i) {
+    std::shared_ptr<const Table> slice = MustGet(cache, i * kSlice);
+    ASSERT_NE(slice, nullptr);
+    EXPECT_EQ(*slice, SliceOf(contents, i * kSlice)) << "slice " << i;
+  }
+  EXPECT_EQ(file.reads(), 1) << "a prefetched slice was read again";
+  const TableCache::Stats stats = cache.stats();
+  EXPECT_EQ(stats.prefetched, 4u);
+  EXPECT_EQ(stats.prefetch_reads, 1u);
+  EXPECT_EQ(stats.misses, 0u);
+  EXPECT_EQ(stats.hits, 4u);
+  MustGet(cache, 5 * kSlice);
+  EXPECT_EQ(file.reads(), 2) << "a slice past the prefetched ones was cached";
+}
+
+// The walk reads what it lacks from where it stands: nothing when that
+// table is cached, and no further than the next table that is.
+TEST(TableCacheTest, PrefetchReadsOnlyUpToACachedTable) {
+  CountingFile file(Pattern(8 * kSlice, 16));
+  TableCache cache(&file, kSlice, kTables * kSlice);
+  MustGet(cache, 0);
+  MustGet(cache, 3 * kSlice);
+  ASSERT_EQ(file.reads(), 2);
+  SyncWait(cache.Prefetch(0, 8));
+  EXPECT_EQ(file.reads(), 2) << "the first table was cached: nothing is read";
+  SyncWait(cache.Prefetch(kSlice, 7));
+  EXPECT_EQ(file.reads(), 3);
+  EXPECT_EQ(cache.stats().prefetched, 2u) << "slices 1 and 2 only";
+  MustGet(cache, 2 * kSlice);
+  EXPECT_EQ(file.reads(), 3);
+  MustGet(cache, 4 * kSlice);
+  EXPECT_EQ(file.reads(), 4) << "read past the cached slice 3";
+}
+
+// The tables a walk needs next must not evict one another: at most half
+// the cache is read ahead.
+TEST(TableCacheTest, PrefetchFillsAtMostHalfTheCache) {
+  CountingFile file(Pattern(2 * kTables * kSlice, 17));
+  TableCache cache(&file, kSlice, kTables * kSlice);
+  SyncWait(cache.Prefetch(0, 2 * kTables));
+  EXPECT_EQ(cache.stats().prefetched, kTables / 2);
+  EXPECT_EQ(cache.stats().cached, kTables / 2);
+}
+
+// Only advice: a failed read caches nothing and keeps no charge, and Get
+// then reads (and reports) for itself.
+TEST(TableCacheTest, PrefetchThatFailsLeavesTheTablesToGet) {
+  const Bytes contents = Pattern(8 * kSlice, 18);
+  CountingFile file(contents);
+  auto budget = std::make_shared<MemoryBudget>(uint64_t{1} << 30);
+  TableCache cache(&file, kSlice, kTables * kSlice, budget.get(), "the L2 cache of counting.img");
+  file.FailNextReads(1);
+  SyncWait(cache.Prefetch(0, 4));
+  EXPECT_EQ(cache.stats().cached, 0u);
+  EXPECT_EQ(budget->used(), 0u);
+  std::shared_ptr<const Table> slice = MustGet(cache, 2 * kSlice);
+  ASSERT_NE(slice, nullptr);
+  EXPECT_EQ(*slice, SliceOf(contents, 2 * kSlice));
+  EXPECT_EQ(budget->used(), kSlice);
+}
+
+// A budget with room for fewer tables than asked: those it has room for.
+TEST(TableCacheTest, PrefetchStopsWhereTheBudgetEnds) {
+  std::unique_ptr<BlockFile> file = NewMemFile("mem.img", Pattern(8 * kSlice, 19));
+  auto budget = std::make_shared<MemoryBudget>(3 * kSlice);
+  TableCache cache(file.get(), kSlice, kTables * kSlice, budget.get(), "the L2 cache of mem.img");
+  ASSERT_OK(SyncWait(cache.Modify(0, [](Table& t) { t[0] = 1; })));  // dirty: it cannot make room
+  SyncWait(cache.Prefetch(kSlice, 6));
+  EXPECT_EQ(cache.stats().prefetched, 2u);
+  EXPECT_EQ(budget->used(), 3 * kSlice);
+}
+
+// A prefetch is slow; meanwhile a table it reads is changed, written back
+// and evicted. The prefetch must not install that table as the file held
+// it before the change (see Get), but it may install the others.
+TEST(TableCacheTest, StalePrefetchedTableIsNotInstalled) {
+  constexpr size_t kCapacity = 8;
+  auto gated = std::make_unique<GatedFile>(NewMemFile("mem.img", Pattern(16 * kSlice, 20)));
+  GatedFile& file = *gated;
+  TableCache cache(&file, kSlice, kCapacity * kSlice);
+  file.HoldNextReadResult([](uint64_t, size_t n) { return n == 4 * kSlice; });
+  Started prefetch(PrefetchThen(cache, 0, 4));
+  ASSERT_TRUE(file.holding_read()) << "the prefetch did not reach its read";
+
+  ASSERT_OK(SyncWait(cache.Modify(2 * kSlice, [](Table& t) { t[0] = 0xee; })));
+  ASSERT_OK(SyncWait(cache.WriteBack()));
+  for (uint64_t i = 8; i < 8 + kCapacity; ++i) MustGet(cache, i * kSlice);  // evicts slice 2
+
+  file.ReleaseRead();
+  ASSERT_TRUE(prefetch.done());
+  EXPECT_EQ(cache.stats().prefetched, 3u) << "slices 0, 1 and 3, not the changed one";
+  std::shared_ptr<const Table> slice = MustGet(cache, 2 * kSlice);
+  ASSERT_NE(slice, nullptr);
+  EXPECT_EQ((*slice)[0], 0xee) << "an old L2 slice was installed";
 }
 
 }  // namespace

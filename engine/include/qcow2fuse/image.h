@@ -74,7 +74,8 @@ struct ImageOptions {
 // to prove that a request that changes nothing writes nothing.
 struct ImageCounters {
   uint64_t l2_slices_dirtied = 0;   // L2 slices that went from clean to dirty
-  uint64_t l2_slice_reads = 0;      // L2 slices read from the file (cache misses)
+  uint64_t l2_slice_reads = 0;      // L2 slices read from the file
+  uint64_t l2_reads = 0;            // reads of the file for them: a walk reads several slices at once
   uint64_t metadata_writes = 0;     // writes of L1/L2 tables, refcounts, header fields
   uint64_t data_bytes_written = 0;  // guest data (and explicit zeros) written
 };
