@@ -335,18 +335,16 @@ Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint6
   if (l2_offset == 0) co_return Mapping{SubclusterType::kUnallocatedPlain, end - offset, 0, {}};
 
   // The slice of the L2 table that holds the entry, and the guest range it maps.
-  const uint64_t l2_index = (offset >> cluster_bits) % l2_entries;
-  const uint64_t entries_per_slice = l2_cache_.table_size() / format_.entry_size();
-  const uint64_t first_in_slice = l2_index - l2_index % entries_per_slice;
-  const uint64_t slice_offset = l2_offset + first_in_slice * format_.entry_size();
-  const uint64_t slice_guest_start = l1_index * bytes_per_l2 + (first_in_slice << cluster_bits);
+  const L2Slice located = SliceOf(offset, l2_offset);
+  const uint64_t first_in_slice = located.first_entry;
+  const uint64_t slice_guest_start = located.guest_start;
   const uint64_t wanted_end = end;
-  end = std::min(end, slice_guest_start + (entries_per_slice << cluster_bits));
+  end = std::min(end, located.guest_end);
   // The caller goes on past this slice (a SEEK_DATA across a hole, a
   // zeroed range): the slices it needs next are read with this one.
-  if (wanted_end > end) co_await PrefetchL2(offset, wanted_end);
+  if (wanted_end > end) co_await PrefetchL2(located, wanted_end);
 
-  absl::StatusOr<std::shared_ptr<const Table>> slice = co_await l2_cache_.Get(slice_offset);
+  absl::StatusOr<std::shared_ptr<const Table>> slice = co_await l2_cache_.Get(located.host_offset);
   if (!slice.ok()) co_return Annotate(slice.status(), "reading L2 table");
 
   const uint32_t subcluster_bits = format_.subcluster_bits();
@@ -423,23 +421,30 @@ Task<absl::StatusOr<Qcow2Layer::Mapping>> Qcow2Layer::Map(uint64_t offset, uint6
   co_return m;
 }
 
-Task<void> Qcow2Layer::PrefetchL2(uint64_t offset, uint64_t end) {
-  const uint64_t cluster_bits = header_.cluster_bits;
+Qcow2Layer::L2Slice Qcow2Layer::SliceOf(uint64_t offset, uint64_t l2_offset) const {
+  const uint32_t cluster_bits = header_.cluster_bits;
   const uint64_t l2_entries = header_.l2_entries();
-  const uint64_t bytes_per_l2 = l2_entries << cluster_bits;
-  const uint64_t l1_index = offset / bytes_per_l2;
-  if (l1_index >= L1Size()) co_return;
-  absl::StatusOr<uint64_t> l2_offset = L2TableOffset(l1_index);
-  if (!l2_offset.ok() || *l2_offset == 0) co_return;  // Map reports the damage
   const uint64_t entries_per_slice = l2_cache_.table_size() / format_.entry_size();
-  const uint64_t slice_span = entries_per_slice << cluster_bits;
-  const uint64_t first_in_slice = (offset >> cluster_bits) % l2_entries / entries_per_slice * entries_per_slice;
-  const uint64_t slice_guest_start = l1_index * bytes_per_l2 + (first_in_slice << cluster_bits);
-  end = std::min(end, (l1_index + 1) * bytes_per_l2);
-  const uint64_t slices = (end - slice_guest_start + slice_span - 1) / slice_span;
+  const uint64_t cluster = offset >> cluster_bits;
+  const uint64_t l2_index = cluster % l2_entries;
+  const uint64_t first_entry = l2_index - l2_index % entries_per_slice;
+  const uint64_t table_guest_start = (cluster - l2_index) << cluster_bits;
+  const uint64_t guest_start = table_guest_start + (first_entry << cluster_bits);
+  return L2Slice{
+      .host_offset = l2_offset + first_entry * format_.entry_size(),
+      .entry_offset = (l2_index - first_entry) * format_.entry_size(),
+      .first_entry = first_entry,
+      .guest_start = guest_start,
+      .guest_end = guest_start + (entries_per_slice << cluster_bits),
+      .table_guest_end = table_guest_start + (l2_entries << cluster_bits),
+  };
+}
+
+Task<void> Qcow2Layer::PrefetchL2(const L2Slice& slice, uint64_t end) {
+  const uint64_t span = slice.guest_end - slice.guest_start;
+  const uint64_t slices = (std::min(end, slice.table_guest_end) - slice.guest_start + span - 1) / span;
   const uint64_t most = std::max<uint64_t>(1, kL2PrefetchBytes / l2_cache_.table_size());
-  co_await l2_cache_.Prefetch(*l2_offset + first_in_slice * format_.entry_size(),
-                              static_cast<uint32_t>(std::min(slices, most)));
+  co_await l2_cache_.Prefetch(slice.host_offset, static_cast<uint32_t>(std::min(slices, most)));
 }
 
 uint64_t Qcow2Layer::L1Entry(uint64_t l1_index) const {
@@ -599,7 +604,10 @@ Task<void> Qcow2Layer::CountDataBytes() {
     // Bring the step's tables into the cache without holding up writers;
     // the count that matters is taken under the lock, from the cache. The
     // steps after it are read with it: the walk goes on to the limit.
-    co_await PrefetchL2(pos, limit);
+    const uint64_t l1_index = (pos >> header_.cluster_bits) / header_.l2_entries();
+    if (absl::StatusOr<uint64_t> l2_offset = L2TableOffset(l1_index); l2_offset.ok() && *l2_offset != 0) {
+      co_await PrefetchL2(SliceOf(pos, *l2_offset), limit);
+    }
     (void)co_await DataBytesIn(*this, pos, end);
     RangeLock::Guard meta = co_await meta_mu_.Lock();
     if (count_end_ != pos) continue;  // a resize moved it

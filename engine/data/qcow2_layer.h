@@ -196,11 +196,6 @@ class Qcow2Layer final : public Layer {
   // one type (and, for data, contiguous host offsets). A run never crosses
   // an L2 slice, and a compressed run never crosses its cluster.
   Task<absl::StatusOr<Mapping>> Map(uint64_t offset, uint64_t max_length);
-  // A walk from `offset` is going on to `end`: the L2 slices it will need,
-  // of the table that maps `offset` and at most 64 KiB of them, are read
-  // into the cache in one read of the file, if the first is not cached
-  // (TableCache::Prefetch). Only advice.
-  Task<void> PrefetchL2(uint64_t offset, uint64_t end);
 
  private:
   // `l2_cache`: the cache to share (OpenSnapshot), or null for one of its own.
@@ -236,6 +231,23 @@ class Qcow2Layer final : public Layer {
   // The offset of the L2 table for L1 entry `l1_index` after checking it,
   // or 0 when the entry is unallocated.
   absl::StatusOr<uint64_t> L2TableOffset(uint64_t l1_index) const;
+
+  // The slice of the L2 table at host offset `l2_offset` that holds the
+  // entry of guest `offset`, as the L2 cache holds it.
+  struct L2Slice {
+    uint64_t host_offset;      // of the slice in the file: the cache's key
+    uint64_t entry_offset;     // of the entry within the slice, in bytes
+    uint64_t first_entry;      // index in the table of the slice's first entry
+    uint64_t guest_start;      // the guest range the slice maps
+    uint64_t guest_end;
+    uint64_t table_guest_end;  // the end of the whole table's guest range
+  };
+  L2Slice SliceOf(uint64_t offset, uint64_t l2_offset) const;
+  // A walk from `slice` goes on to guest offset `end`: the slices of its
+  // table that it needs, at most 64 KiB of them, are read into the cache
+  // in one read of the file if `slice` is not cached (TableCache::Prefetch).
+  // Only advice.
+  Task<void> PrefetchL2(const L2Slice& slice, uint64_t end);
 
   // Write path (qcow2_write.cc).
   Task<absl::Status> PrepareFirstWrite();

@@ -369,12 +369,10 @@ Task<absl::StatusOr<L2Entry>> Qcow2Layer::LookupEntry(uint64_t guest_offset) {
   absl::StatusOr<uint64_t> l2_offset = L2TableOffset(l1_index);
   if (!l2_offset.ok()) co_return l2_offset.status();
   if (*l2_offset == 0) co_return L2Entry{};
-  const uint64_t l2_index = (guest_offset >> header_.cluster_bits) % l2_entries;
-  const uint64_t per_slice = l2_cache_.table_size() / format_.entry_size();
-  absl::StatusOr<std::shared_ptr<const Table>> slice =
-      co_await l2_cache_.Get(*l2_offset + (l2_index - l2_index % per_slice) * format_.entry_size());
+  const L2Slice located = SliceOf(guest_offset, *l2_offset);
+  absl::StatusOr<std::shared_ptr<const Table>> slice = co_await l2_cache_.Get(located.host_offset);
   if (!slice.ok()) co_return slice.status();
-  co_return DecodeL2Entry((*slice)->data() + (l2_index % per_slice) * format_.entry_size(), format_);
+  co_return DecodeL2Entry((*slice)->data() + located.entry_offset, format_);
 }
 
 Task<absl::Status> Qcow2Layer::StoreEntry(uint64_t guest_offset, const L2Entry& entry) {
@@ -386,15 +384,12 @@ Task<absl::Status> Qcow2Layer::StoreEntry(uint64_t guest_offset, const L2Entry& 
   const uint64_t l1_index = (guest_offset >> header_.cluster_bits) / l2_entries;
   absl::StatusOr<uint64_t> l2_offset = co_await WritableL2Table(l1_index);
   if (!l2_offset.ok()) co_return l2_offset.status();
-  const uint64_t l2_index = (guest_offset >> header_.cluster_bits) % l2_entries;
-  const uint64_t per_slice = l2_cache_.table_size() / format_.entry_size();
-  const uint64_t in_slice = (l2_index % per_slice) * format_.entry_size();
+  const L2Slice located = SliceOf(guest_offset, *l2_offset);
   L2Entry old;
-  CO_RETURN_IF_ERROR(co_await l2_cache_.Modify(
-      *l2_offset + (l2_index - l2_index % per_slice) * format_.entry_size(), [&](Table& slice) {
-        old = DecodeL2Entry(slice.data() + in_slice, format_);
-        EncodeL2Entry(entry, slice.data() + in_slice, format_);
-      }));
+  CO_RETURN_IF_ERROR(co_await l2_cache_.Modify(located.host_offset, [&](Table& slice) {
+    old = DecodeL2Entry(slice.data() + located.entry_offset, format_);
+    EncodeL2Entry(entry, slice.data() + located.entry_offset, format_);
+  }));
   co_await CountEntryChange(guest_cluster, old, entry);
   co_return absl::OkStatus();
 }
